@@ -1,0 +1,112 @@
+"""Where the configs live, the resolvers they use, and checks that stop a bad config before any work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from norm_experiments.errors import UserError
+
+# configs/ sits beside the package in the repository; the README's set-up installs the project in editable
+# mode, so this path holds from any working directory.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+_MAX_DIRNAME = 120
+
+
+def run_dirname(override_dirname: str) -> str:
+    """A folder name for a run from its command-line overrides: readable, filesystem-safe, unique."""
+    if not override_dirname:
+        return "default"
+    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", override_dirname)
+    if len(name) > _MAX_DIRNAME:  # keep it readable; the hash keeps distinct commands apart
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+        name = f"{name[: _MAX_DIRNAME - 9]}-{digest}"
+    return name
+
+
+def register_resolvers() -> None:
+    """Resolvers used in configs/; registering twice is harmless."""
+    if not OmegaConf.has_resolver("run_dirname"):
+        OmegaConf.register_new_resolver("run_dirname", run_dirname)
+
+
+# Keys that change where or how a run executes, not what it computes: left out of the run's identity.
+_EXECUTION_KEYS = {
+    ("trainer", "device"),
+    ("trainer", "progress"),
+    ("trainer", "num_threads"),
+    ("trainer", "overwrite"),
+    ("trainer", "force_resume"),
+    ("trainer", "log_every_steps"),
+    ("data", "cache_dir"),
+    ("data", "check_files"),
+    ("resume",),
+    ("name",),
+}
+
+
+def run_identity(cfg: DictConfig) -> str:
+    """Hash of the resolved config without output paths and execution-only keys: a run's identity."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    for path in _EXECUTION_KEYS:
+        node = plain
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    text = json.dumps(plain, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key}: {message}")
+
+
+def _positive_int(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key,
+             f"must be a whole number >= 1, got {value!r}")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check values a typo or an impossible choice would break, naming the key (types and ranges)."""
+    for key in ("data.batch_size", "data.patches_per_volume", "trainer.samples", "trainer.val_every_samples",
+                "trainer.checkpoint_every_samples", "trainer.log_every_steps", "trainer.sw_batch_size",
+                "trainer.precise_bn_samples"):
+        _positive_int(cfg, key)
+    patch = list(cfg.data.patch_size)
+    _require(len(patch) == 3 and all(isinstance(p, int) and p >= 1 for p in patch), "data.patch_size",
+             f"must be three whole numbers >= 1, got {patch}")
+    frac = cfg.data.foreground_fraction
+    _require(isinstance(frac, (int, float)) and 0 <= frac <= 1, "data.foreground_fraction",
+             f"must be between 0 and 1, got {frac!r}")
+    _require(cfg.data.intensity in ("zscore", "none"), "data.intensity",
+             f"must be zscore or none, got {cfg.data.intensity!r}")
+    _require(cfg.trainer.device in ("auto", "cpu", "cuda"), "trainer.device",
+             f"must be auto, cpu or cuda, got {cfg.trainer.device!r}")
+    _require(cfg.trainer.progress in ("auto", "bar", "log", "none"), "trainer.progress",
+             f"must be auto, bar, log or none, got {cfg.trainer.progress!r}")
+    _require(cfg.trainer.amp in ("auto", True, False), "trainer.amp",
+             f"must be auto, true or false, got {cfg.trainer.amp!r}")
+    _require(0 <= cfg.trainer.sw_overlap < 1, "trainer.sw_overlap",
+             f"must be in [0, 1), got {cfg.trainer.sw_overlap!r}")
+    _require(cfg.optim.name in ("adamw", "sgd"), "optim.name", f"must be adamw or sgd, got {cfg.optim.name!r}")
+    _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr!r}")
+    _require(cfg.optim.schedule in ("cosine", "poly", "constant"), "optim.schedule",
+             f"must be cosine, poly or constant, got {cfg.optim.schedule!r}")
+    _require(cfg.optim.lr_scaling in ("none", "linear", "sqrt"), "optim.lr_scaling",
+             f"must be none, linear or sqrt, got {cfg.optim.lr_scaling!r}")
+    _require(0 <= cfg.optim.warmup_fraction < 1, "optim.warmup_fraction",
+             f"must be in [0, 1), got {cfg.optim.warmup_fraction!r}")
+    if cfg.data.layout != "synthetic":
+        root = cfg.data.root
+        _require(root is not None and Path(str(root)).expanduser().is_dir(), "data.root",
+                 f"dataset folder does not exist: {root}")

@@ -1,0 +1,182 @@
+"""From a `data` config to cached volumes and reproducible training batches.
+
+The deterministic part (load, channel-first, RAS orientation, optional resampling, per-case intensity
+normalization, padding, foreground indices) runs once per case and is cached in memory (MONAI CacheDataset).
+The random part (patch crops with a foreground ratio, flips, rotations) is re-seeded from (seed, step) for
+every batch: the batch of a step is a pure function of the run's seed and the step number, which makes a
+resumed run draw exactly the batches an uninterrupted run would, without saving any sampler state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    FgBgToIndicesd,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandRotate90d,
+    Spacingd,
+    SpatialPadd,
+)
+from omegaconf import DictConfig, OmegaConf
+
+from norm_experiments.data.checks import check_cases
+from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, split_cases
+from norm_experiments.data.synthetic import SynthConfig, ensure_synthetic
+from norm_experiments.errors import UserError
+
+log = logging.getLogger(__name__)
+
+KEYS = ("image", "label")
+
+
+@dataclass
+class Volume:
+    """One preprocessed case held in memory: image (C, D, H, W) float32, label (1, D, H, W)."""
+
+    name: str
+    item: dict  # the cached MONAI dictionary (image, label, foreground/background indices)
+
+    @property
+    def image(self) -> torch.Tensor:
+        return plain_tensor(self.item["image"])
+
+    @property
+    def label(self) -> torch.Tensor:
+        return plain_tensor(self.item["label"])
+
+
+def plain_tensor(x) -> torch.Tensor:
+    """A plain torch.Tensor (MONAI's MetaTensor carries metadata the model does not need, at a cost per op)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+@dataclass
+class DataBundle:
+    info: DatasetInfo
+    train: list[Volume]
+    val: list[Volume]
+
+
+def synth_config(data_cfg: DictConfig) -> SynthConfig:
+    """The SynthConfig described by data.synthetic (lists become tuples, as the dataclass expects)."""
+    raw = OmegaConf.to_container(data_cfg.synthetic, resolve=True)
+    assert isinstance(raw, dict)
+    return SynthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def dataset_root(data_cfg: DictConfig) -> tuple[str, Path]:
+    """(layout, root) of the dataset; the synthetic one is generated into its cache folder on first use."""
+    if data_cfg.layout == "synthetic":
+        cache = Path(str(data_cfg.cache_dir)).expanduser()
+        return "msd", ensure_synthetic(cache, synth_config(data_cfg))
+    return str(data_cfg.layout), Path(str(data_cfg.root)).expanduser()
+
+
+def deterministic_transforms(data_cfg: DictConfig) -> Compose:
+    steps = [
+        LoadImaged(KEYS, image_only=True),
+        EnsureChannelFirstd(KEYS),
+        Orientationd(KEYS, axcodes="RAS"),
+    ]
+    if data_cfg.target_spacing is not None:
+        steps.append(Spacingd(KEYS, pixdim=list(data_cfg.target_spacing), mode=("bilinear", "nearest")))
+    if data_cfg.intensity == "zscore":
+        steps.append(NormalizeIntensityd("image", channel_wise=True))
+    if data_cfg.pad_to_patch:
+        steps.append(SpatialPadd(KEYS, spatial_size=list(data_cfg.patch_size)))
+    return Compose(steps)
+
+
+def _cache(cases: list[Case], transform: Compose) -> list[Volume]:
+    items = [{"image": [str(p) for p in c.images], "label": str(c.label), "name": c.name} for c in cases]
+    cached = CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=None, progress=False)
+    return [Volume(name=case.name, item=cached[i]) for i, case in enumerate(cases)]
+
+
+def _check_patch_fits(volumes: list[Volume], patch: list[int]) -> None:
+    for vol in volumes:
+        shape = list(vol.item["image"].shape[1:])
+        if any(s < p for s, p in zip(shape, patch)):
+            raise UserError(
+                f"data.patch_size={patch} is larger than case '{vol.name}' ({shape} after preprocessing) "
+                "and data.pad_to_patch=false; use a smaller patch or data.pad_to_patch=true"
+            )
+
+
+def load_data(data_cfg: DictConfig) -> DataBundle:
+    """Find, check, split and cache a dataset; user mistakes raise UserError naming the key or file."""
+    layout, root = dataset_root(data_cfg)
+    labels = OmegaConf.to_container(data_cfg.labels) if "labels" in data_cfg and data_cfg.labels else None
+    cases, info = find_cases(layout, root, labels=labels)
+    if data_cfg.check_files:
+        check_cases(cases, info)
+    val_cases = list(data_cfg.val_cases) if data_cfg.val_cases else None
+    train_cases, val_cases_ = split_cases(cases, data_cfg.val_fraction, data_cfg.split_seed, val_cases)
+    transform = deterministic_transforms(data_cfg)
+    train = _cache(train_cases, Compose([*transform.transforms, FgBgToIndicesd("label")]))
+    val = _cache(val_cases_, transform)
+    _check_patch_fits(train + val, list(data_cfg.patch_size))
+    log.info("data: %s (%s layout), %d training and %d validation cases", root, layout, len(train), len(val))
+    return DataBundle(info=info, train=train, val=val)
+
+
+class BatchSampler:
+    """The training batch of step t, a pure function of (seed, t).
+
+    Volumes are drawn epoch by epoch without replacement (every case once per epoch, in a per-epoch random
+    order), `batch_size` volumes per step, `patches_per_volume` random patches from each.
+    """
+
+    def __init__(self, volumes: list[Volume], data_cfg: DictConfig, seed: int) -> None:
+        self.volumes = volumes
+        self.seed = seed
+        self.batch_size = int(data_cfg.batch_size)
+        pos = float(data_cfg.foreground_fraction)
+        self.augment = Compose(
+            [
+                RandCropByPosNegLabeld(
+                    KEYS,
+                    label_key="label",
+                    spatial_size=list(data_cfg.patch_size),
+                    pos=pos,
+                    neg=1.0 - pos,
+                    num_samples=int(data_cfg.patches_per_volume),
+                    fg_indices_key="label_fg_indices",
+                    bg_indices_key="label_bg_indices",
+                ),
+                *[RandFlipd(KEYS, prob=data_cfg.augment.flip_prob, spatial_axis=a) for a in range(3)],
+                RandRotate90d(KEYS, prob=data_cfg.augment.rot90_prob, spatial_axes=(1, 2)),
+            ]
+        )
+
+    def _volume_indices(self, step: int) -> list[int]:
+        n = len(self.volumes)
+        indices = []
+        for sample in range(step * self.batch_size, (step + 1) * self.batch_size):
+            epoch, position = divmod(sample, n)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+            indices.append(int(order[position]))
+        return indices
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of shape (batch_size * patches_per_volume, C, *patch) and (..., 1, *patch)."""
+        rng = np.random.default_rng([self.seed, step, 1])
+        images, labels = [], []
+        for index in self._volume_indices(step):
+            self.augment.set_random_state(seed=int(rng.integers(2**31)))
+            for patch in self.augment(self.volumes[index].item):
+                images.append(plain_tensor(patch["image"]))
+                labels.append(plain_tensor(patch["label"]))
+        return torch.stack(images).float(), torch.stack(labels).long()

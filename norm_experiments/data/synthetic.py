@@ -1,0 +1,493 @@
+"""Synthetic 3D segmentation data that separates normalization layers.
+
+Each case is a volume of ellipsoidal objects on a textured background. The segmentation is learnable from
+*local* contrast only: an object is brighter or darker than its own surroundings, but every case then gets
+its own random "scanner" gain and offset, so absolute intensities mean nothing across cases. A network whose
+normalization uses per-volume statistics (InstanceNorm, GroupNorm, BatchNorm in training mode at batch 1)
+removes the gain and offset; BatchNorm evaluated with running statistics applies one average
+normalization to volumes whose statistics differ a lot, and loses Dice.
+
+How a case is made (all in "contrast units", where an object differs from the background by about 1):
+
+    clean  = bias_field(x) * (BACKGROUND + TEXTURE_STD * smooth_noise(x) + sum_k intensity_k * mask_k(x))
+    image  = gain * (clean + noise_std * white_noise(x)) + offset
+
+How each knob affects the normalization comparison:
+
+- intensity_scale_range (gain, log-uniform per case) and intensity_offset_range (offset, uniform per case):
+  the main lever. They make per-volume mean and standard deviation differ between cases, which is what
+  running statistics cannot follow. Set both to a single value (e.g. (1, 1) and (0, 0)) for a control
+  dataset where BatchNorm's running statistics match every case and eval-mode BN should not lose Dice.
+- noise_std (white noise, relative to the object contrast): task difficulty. Near 0 every norm reaches
+  Dice ~1 and nothing separates; around 0.25-0.5 the task is learnable but not trivial.
+- bias_field: a smooth multiplicative field (1 + bias_field * b(x), |b| <= 1, a random quadratic). It changes
+  intensities *within* a volume, so it hurts every norm alike and rewards local (convolutional) contrast
+  rather than global thresholds.
+- num_classes, objects_per_class, radius_range, class_imbalance: how much foreground there is per class.
+  Small, rare classes make Dice noisier, so more seeds are needed to separate norms.
+  class_imbalance = f: class c (1-based) has its radii multiplied by f ** (-(c - 1) / 3), so each class has
+  about 1/f of the expected volume of the class before it (f = 1: all classes alike; f < 1 is allowed and
+  makes higher classes larger).
+- shape and spacing: only the volume size and the spacing written into the NIfTI header; the objects are
+  defined in voxels.
+
+Class intensities (before gain and offset): class c gets sign (+ for odd c, - for even c) times ceil(c / 2),
+i.e. +1, -1, +2, -2, ... relative to the background, each object jittered by +-10%. Classes are therefore
+told apart by the sign and size of their local contrast, never by an absolute intensity.
+
+Per-case intensity normalization removes the effect: z-scoring each volume before the network (the
+loader's data.intensity=zscore, nnU-Net's default for MRI) undoes gain and offset, and eval-mode BatchNorm
+then matches the other norms again. A small CPU check (MONAI UNet channels 8-16-32, 500 steps at batch 1,
+24 cases of 32^3, validation Dice on 6): BatchNorm eval-mode 0.15 vs train-mode 0.69, InstanceNorm 0.69;
+with gain/offset off, BatchNorm eval-mode 0.68; with per-case z-scoring, BatchNorm eval-mode 0.71.
+
+Everything is drawn from numpy generators seeded with (seed, case index): the same SynthConfig gives
+byte-identical arrays (the .nii.gz bytes may differ only in the gzip time stamp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from norm_experiments.errors import UserError, exit_on_user_error
+
+# Bump when the generator's output changes for the same config, so old caches are not reused.
+GENERATOR_VERSION = 1
+
+LAYOUTS = ("msd", "nnunet", "folder")
+BACKGROUND = 2.0  # tissue level before gain/offset; keeps the bias field from vanishing on the background
+TEXTURE_STD = 0.3  # smooth background texture, in contrast units
+TEXTURE_SIGMA = 2.0  # voxels; the texture's correlation length
+MIN_RADIUS = 1.0  # voxels; smaller objects would vanish on the grid
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Parameters of a synthetic dataset; see the module docstring for what each one does."""
+
+    num_cases: int = 24
+    shape: tuple[int, int, int] = (48, 48, 48)
+    spacing: tuple[float, float, float] = (1.5, 1.5, 2.0)
+    num_classes: int = 2
+    objects_per_class: tuple[int, int] = (1, 3)
+    radius_range: tuple[float, float] = (4.0, 10.0)
+    class_imbalance: float = 1.0
+    noise_std: float = 0.25
+    intensity_scale_range: tuple[float, float] = (0.3, 3.0)
+    intensity_offset_range: tuple[float, float] = (-2.0, 2.0)
+    bias_field: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Configs arrive from YAML/argparse as lists: normalise so that key() and equality are stable.
+        conv = {
+            "num_cases": int,
+            "shape": lambda v: tuple(int(x) for x in v),
+            "spacing": lambda v: tuple(float(x) for x in v),
+            "num_classes": int,
+            "objects_per_class": lambda v: tuple(int(x) for x in v),
+            "radius_range": lambda v: tuple(float(x) for x in v),
+            "class_imbalance": float,
+            "noise_std": float,
+            "intensity_scale_range": lambda v: tuple(float(x) for x in v),
+            "intensity_offset_range": lambda v: tuple(float(x) for x in v),
+            "bias_field": float,
+            "seed": int,
+        }
+        for name, fn in conv.items():
+            try:
+                object.__setattr__(self, name, fn(getattr(self, name)))
+            except (TypeError, ValueError) as err:
+                raise UserError(
+                    f"synthetic data: {name}={getattr(self, name)!r} is not valid ({err})"
+                ) from None
+        self._validate()
+
+    def _validate(self) -> None:
+        def require(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise UserError(f"synthetic data: {name}={getattr(self, name)!r} {rule}")
+
+        require(self.num_cases >= 1, "num_cases", "must be >= 1")
+        require(len(self.shape) == 3 and min(self.shape) >= 8, "shape", "must be 3 sizes, each >= 8")
+        require(len(self.spacing) == 3 and min(self.spacing) > 0, "spacing", "must be 3 positive numbers")
+        require(1 <= self.num_classes <= 254, "num_classes", "must be between 1 and 254")
+        lo, hi = _pair(self.objects_per_class)
+        require(1 <= lo <= hi, "objects_per_class", "must be (min, max) with 1 <= min <= max")
+        lo, hi = _pair(self.radius_range)
+        require(0 < lo <= hi, "radius_range", "must be (min, max) with 0 < min <= max")
+        require(self.class_imbalance > 0, "class_imbalance", "must be > 0")
+        require(self.noise_std >= 0, "noise_std", "must be >= 0")
+        lo, hi = _pair(self.intensity_scale_range)
+        require(0 < lo <= hi, "intensity_scale_range", "must be (min, max) with 0 < min <= max")
+        lo, hi = _pair(self.intensity_offset_range)
+        require(lo <= hi, "intensity_offset_range", "must be (min, max) with min <= max")
+        require(0 <= self.bias_field < 1, "bias_field", "must be in [0, 1)")
+
+    def key(self) -> str:
+        """Short stable hash of every field (and the generator version): the cache folder name."""
+        fields = dataclasses.asdict(self)
+        fields["generator_version"] = GENERATOR_VERSION
+        text = json.dumps(fields, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _pair(value: tuple) -> tuple[float, float]:
+    """(lo, hi) of a range; anything but two values fails validation with (1, 0)."""
+    return (value[0], value[1]) if len(value) == 2 else (1, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One case
+
+
+def class_intensity(c: int) -> float:
+    """Contrast of class c relative to the background: +1, -1, +2, -2, ... for c = 1, 2, 3, 4, ..."""
+    return (1.0 if c % 2 == 1 else -1.0) * math.ceil(c / 2)
+
+
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """Gaussian-smoothed white noise with unit standard deviation (Fourier domain: no scipy needed)."""
+    white = rng.standard_normal(shape)
+    freqs = np.meshgrid(
+        *[np.fft.fftfreq(n) for n in shape[:-1]], np.fft.rfftfreq(shape[-1]), indexing="ij", sparse=True
+    )
+    sq = sum(f**2 for f in freqs)
+    smooth = np.fft.irfftn(
+        np.fft.rfftn(white) * np.exp(-2 * (np.pi * sigma) ** 2 * sq), s=shape, axes=range(len(shape))
+    )
+    return smooth / (smooth.std() + 1e-12)
+
+
+def bias_field(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """A random quadratic polynomial over the volume, scaled to max |b| = 1 (a slowly varying field)."""
+    axes = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij", sparse=True)
+    terms = [np.ones((1, 1, 1))] + list(axes) + [a * b for i, a in enumerate(axes) for b in axes[i:]]
+    field = sum(rng.uniform(-1, 1) * t for t in terms)
+    field = np.broadcast_to(field, shape)
+    return field / (np.abs(field).max() + 1e-12)
+
+
+@dataclass
+class _Object:
+    cls: int
+    center: np.ndarray  # voxels
+    radii: np.ndarray  # voxels, one per axis (an axis-aligned ellipsoid)
+    intensity: float
+
+
+def _draw_objects(rng: np.random.Generator, cfg: SynthConfig) -> list[_Object]:
+    shape = np.array(cfg.shape, dtype=float)
+    max_radii = (shape - 3) / 2  # keep every object inside the volume with a voxel to spare
+    objects: list[_Object] = []
+    for c in range(1, cfg.num_classes + 1):
+        count = int(rng.integers(cfg.objects_per_class[0], cfg.objects_per_class[1] + 1))
+        scale = cfg.class_imbalance ** (-(c - 1) / 3)
+        for _ in range(count):
+            r = rng.uniform(*cfg.radius_range) * scale
+            radii = np.clip(r * rng.uniform(0.75, 1.25, size=3), MIN_RADIUS, max_radii)
+            center = _place(rng, radii, shape, objects)
+            objects.append(_Object(c, center, radii, class_intensity(c) * rng.uniform(0.9, 1.1)))
+    return objects
+
+
+def _place(
+    rng: np.random.Generator, radii: np.ndarray, shape: np.ndarray, others: list[_Object]
+) -> np.ndarray:
+    """A center keeping the object inside the volume, away from other objects if that is possible."""
+    center = rng.uniform(radii + 1, shape - radii - 1)
+    for _ in range(30):
+        if all(np.linalg.norm(center - o.center) > radii.max() + o.radii.max() for o in others):
+            break
+        center = rng.uniform(radii + 1, shape - radii - 1)
+    return center
+
+
+def _paint(obj: _Object, shape: tuple[int, int, int]) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The bounding box of an object and its boolean mask inside that box."""
+    lo = np.maximum(np.floor(obj.center - obj.radii), 0).astype(int)
+    hi = np.minimum(np.ceil(obj.center + obj.radii) + 1, shape).astype(int)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    grids = np.ogrid[box]
+    dist = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, obj.center, obj.radii, strict=True))
+    return box, dist <= 1.0
+
+
+def _object_maps(objects: list[_Object], shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Label map (uint8) and contrast map; big objects first so small ones stay visible on overlap."""
+    label = np.zeros(shape, dtype=np.uint8)
+    contrast = np.zeros(shape, dtype=np.float64)
+    order = sorted(objects, key=lambda o: -float(np.prod(o.radii)))
+
+    def draw(obj: _Object) -> None:
+        box, mask = _paint(obj, shape)
+        label[box][mask] = obj.cls
+        contrast[box][mask] = obj.intensity
+
+    for obj in order:
+        draw(obj)
+    # An object may be hidden entirely under others: redraw the smallest one of each missing class.
+    for _ in range(3):
+        missing = set(range(1, max(o.cls for o in objects) + 1)) - set(np.unique(label).tolist())
+        if not missing:
+            break
+        for cls in sorted(missing):
+            draw(min((o for o in objects if o.cls == cls), key=lambda o: float(np.prod(o.radii))))
+    return label, contrast
+
+
+def make_case(cfg: SynthConfig, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Image (float32), label (uint8) and the case's drawn gain/offset; a pure function of (cfg, index)."""
+    rng = np.random.default_rng([cfg.seed, index])
+    shape = cfg.shape
+    label, contrast = _object_maps(_draw_objects(rng, cfg), shape)
+    tissue = BACKGROUND + TEXTURE_STD * smooth_noise(rng, shape, TEXTURE_SIGMA) + contrast
+    clean = (1.0 + cfg.bias_field * bias_field(rng, shape)) * tissue
+    noisy = clean + cfg.noise_std * rng.standard_normal(shape)
+    lo, hi = cfg.intensity_scale_range
+    gain = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    offset = float(rng.uniform(*cfg.intensity_offset_range))
+    image = (gain * noisy + offset).astype(np.float32)
+    return image, label, {"gain": gain, "offset": offset}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing a dataset
+
+
+def case_name(index: int) -> str:
+    return f"synth_{index:03d}"
+
+
+def _affine(spacing: tuple[float, float, float]) -> np.ndarray:
+    return np.diag([*spacing, 1.0])
+
+
+def _save_nifti(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
+    affine = _affine(spacing)
+    img = nib.Nifti1Image(array, affine)
+    # Code 1 ("scanner") on both forms: every reader (nibabel, ITK, MONAI) then agrees on the spacing.
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.set_data_dtype(array.dtype)
+    nib.save(img, str(path))
+
+
+def _label_names(cfg: SynthConfig) -> dict[int, str]:
+    return {0: "background", **{c: f"class{c}" for c in range(1, cfg.num_classes + 1)}}
+
+
+def _case_paths(layout: str, name: str) -> tuple[str, str]:
+    """(image, label) paths of a case relative to the dataset root."""
+    if layout == "msd":
+        return f"imagesTr/{name}.nii.gz", f"labelsTr/{name}.nii.gz"
+    if layout == "nnunet":
+        return f"imagesTr/{name}_0000.nii.gz", f"labelsTr/{name}.nii.gz"
+    return f"images/{name}.nii.gz", f"labels/{name}.nii.gz"
+
+
+def _provenance(cfg: SynthConfig, cases: list[dict]) -> dict:
+    """The generator's settings and each case's drawn gain/offset (to relate Dice to a case's intensity)."""
+    return {
+        "key": cfg.key(),
+        "generator_version": GENERATOR_VERSION,
+        **dataclasses.asdict(cfg),
+        "cases": cases,
+    }
+
+
+def _metadata(cfg: SynthConfig, layout: str, cases: list[dict]) -> tuple[str, dict]:
+    """(file name, content) of the JSON file written last: dataset.json, or synthetic.json for "folder"."""
+    labels = _label_names(cfg)
+    common = {"name": f"synthetic-{cfg.key()}", "description": "norm-experiments synthetic dataset"}
+    if layout == "msd":
+        training = []
+        for c in cases:
+            image, label = _case_paths("msd", c["name"])
+            training.append({"image": f"./{image}", "label": f"./{label}"})
+        return "dataset.json", {
+            **common,
+            "tensorImageSize": "3D",
+            "modality": {"0": "MRI"},
+            "labels": {str(k): v for k, v in labels.items()},
+            "numTraining": len(cases),
+            "numTest": 0,
+            "training": training,
+            "test": [],
+            "synthetic": _provenance(cfg, cases),
+        }
+    if layout == "nnunet":
+        return "dataset.json", {
+            **common,
+            "channel_names": {"0": "MRI"},
+            "labels": {v: k for k, v in labels.items()},
+            "numTraining": len(cases),
+            "file_ending": ".nii.gz",
+            "synthetic": _provenance(cfg, cases),
+        }
+    # The folder layout has no dataset.json; its labels are given in the config (data.labels).
+    return "synthetic.json", {
+        **common,
+        "labels": {str(k): v for k, v in labels.items()},
+        **_provenance(cfg, cases),
+    }
+
+
+def _write_into(folder: Path, cfg: SynthConfig, layout: str) -> None:
+    """Write every case, then the JSON metadata last."""
+    for sub in {p.split("/")[0] for p in _case_paths(layout, "x")}:
+        (folder / sub).mkdir()
+    cases = []
+    for i in range(cfg.num_cases):
+        name = case_name(i)
+        image, label, params = make_case(cfg, i)
+        image_rel, label_rel = _case_paths(layout, name)
+        _save_nifti(image, cfg.spacing, folder / image_rel)
+        _save_nifti(label, cfg.spacing, folder / label_rel)
+        cases.append({"name": name, **params})
+    filename, content = _metadata(cfg, layout, cases)
+    (folder / filename).write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _generate_temp(parent: Path, prefix: str, cfg: SynthConfig, layout: str) -> Path:
+    """Generate into a fresh hidden folder in `parent`; on any error nothing is left behind."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}.tmp-", dir=parent))
+    try:
+        _write_into(tmp, cfg, layout)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def generate_dataset(out_dir: Path, cfg: SynthConfig, layout: str = "msd") -> Path:
+    """Write a synthetic dataset at out_dir in the given layout ("msd", "nnunet" or "folder").
+
+    The files are written into a temporary folder beside out_dir and renamed into place at the end, so an
+    interrupted run never leaves a half dataset at out_dir. Refuses an existing non-empty out_dir.
+    """
+    out_dir = Path(out_dir).expanduser()
+    if layout not in LAYOUTS:
+        raise UserError(f"layout '{layout}' is not one of {', '.join(LAYOUTS)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: exists and is not a directory")
+    if _is_nonempty_dir(out_dir):
+        raise UserError(f"{out_dir}: already exists and is not empty; choose a new directory or remove it")
+    tmp = _generate_temp(out_dir.parent, out_dir.name, cfg, layout)
+    try:
+        os.rename(tmp, out_dir)  # replaces an empty out_dir atomically; fails if it filled up meanwhile
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"{out_dir}: could not move the generated dataset into place ({err.strerror})"
+        ) from None
+    return out_dir
+
+
+def ensure_synthetic(cache_root: Path, cfg: SynthConfig) -> Path:
+    """cache_root/synthetic-<key> in msd layout, generated on first use and reused afterwards.
+
+    Safe for concurrent callers: each generates into its own temporary folder and renames it into place;
+    a caller whose rename loses the race discards its copy and uses the winner's (identical) one. The
+    rename is atomic, so a folder with dataset.json is always complete.
+    """
+    cache_root = Path(cache_root).expanduser()
+    target = cache_root / f"synthetic-{cfg.key()}"
+    if (target / "dataset.json").is_file():
+        return target
+    if _is_nonempty_dir(target):
+        raise UserError(f"{target}: incomplete synthetic dataset (no dataset.json); remove the folder")
+    tmp = _generate_temp(cache_root, target.name, cfg, "msd")
+    try:
+        os.rename(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        lost_race = err.errno in (errno.ENOTEMPTY, errno.EEXIST) and (target / "dataset.json").is_file()
+        if not lost_race:
+            raise UserError(
+                f"{target}: could not move the generated dataset into place ({err.strerror})"
+            ) from None
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = SynthConfig()
+    p = argparse.ArgumentParser(
+        prog="norm-exp-synth",
+        description="Write a synthetic 3D segmentation dataset (NIfTI) with per-case intensity gain/offset.",
+    )
+    p.add_argument("out_dir", type=Path, help="folder to create (must not exist or be empty)")
+    p.add_argument("--layout", choices=LAYOUTS, default="msd", help="dataset layout (default: msd)")
+    p.add_argument("--cases", type=int, default=d.num_cases, help="number of cases")
+    p.add_argument("--shape", type=int, nargs=3, default=d.shape, metavar=("D", "H", "W"))
+    p.add_argument("--spacing", type=float, nargs=3, default=d.spacing, metavar=("SX", "SY", "SZ"), help="mm")
+    p.add_argument("--classes", type=int, default=d.num_classes, help="foreground classes")
+    p.add_argument(
+        "--objects-per-class", type=int, nargs=2, default=d.objects_per_class, metavar=("MIN", "MAX")
+    )
+    p.add_argument("--radius-range", type=float, nargs=2, default=d.radius_range, metavar=("LO", "HI"))
+    p.add_argument(
+        "--class-imbalance", type=float, default=d.class_imbalance, help=">1: higher classes smaller"
+    )
+    p.add_argument("--noise", type=float, default=d.noise_std, help="noise std relative to object contrast")
+    p.add_argument(
+        "--scale-range", type=float, nargs=2, default=d.intensity_scale_range, metavar=("LO", "HI")
+    )
+    p.add_argument(
+        "--offset-range", type=float, nargs=2, default=d.intensity_offset_range, metavar=("LO", "HI")
+    )
+    p.add_argument("--bias-field", type=float, default=d.bias_field, help="bias field strength (0 = off)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    """norm-exp-synth OUT_DIR [options]: write a synthetic dataset and say what was written."""
+    a = _parser().parse_args(argv)
+    cfg = SynthConfig(
+        num_cases=a.cases,
+        shape=a.shape,
+        spacing=a.spacing,
+        num_classes=a.classes,
+        objects_per_class=a.objects_per_class,
+        radius_range=a.radius_range,
+        class_imbalance=a.class_imbalance,
+        noise_std=a.noise,
+        intensity_scale_range=a.scale_range,
+        intensity_offset_range=a.offset_range,
+        bias_field=a.bias_field,
+        seed=a.seed,
+    )
+    out = generate_dataset(a.out_dir, cfg, a.layout)
+    shape = "x".join(map(str, cfg.shape))
+    print(
+        f"wrote {cfg.num_cases} cases ({a.layout} layout, {shape} voxels, {cfg.num_classes} classes) to {out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

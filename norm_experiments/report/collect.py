@@ -1,0 +1,186 @@
+"""Find and read the metrics.json of every run below one or more sweep directories."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from norm_experiments.errors import UserError
+
+METRICS_FILENAME = "metrics.json"
+
+# Norms whose layers keep running statistics, so that eval mode differs from train mode.
+BN_FAMILY = frozenset({"batch", "batchrenorm", "ghostbatch", "syncbatch"})
+
+# Statuses that mean "this run ended without a usable result".
+FAILED_STATUSES = frozenset({"failed", "diverged"})
+
+# Fields without which a run cannot be placed in the table.
+_REQUIRED_FIELDS = ("status", "norm", "batch_size", "seed")
+
+
+# eq=False: runs are compared and hashed by identity (data is a dict, and two files are two runs).
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One run, as written by the training code to its metrics.json."""
+
+    path: Path  # the metrics.json file
+    mtime: float  # modification time of the file: "newest" when a run_id repeats
+    data: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return str(self.data["status"])
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "completed"
+
+    @property
+    def norm(self) -> str:
+        return str(self.data["norm"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.data["batch_size"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.data["seed"])
+
+    @property
+    def run_id(self) -> str | None:
+        value = self.data.get("run_id")
+        return None if value is None else str(value)
+
+    @property
+    def name(self) -> str:
+        return str(self.data.get("run_name") or self.path.parent.name)
+
+    @property
+    def error(self) -> str | None:
+        value = self.data.get("error")
+        return None if value in (None, "") else str(value)
+
+    @property
+    def is_bn_family(self) -> bool:
+        return self.norm in BN_FAMILY or bool(self.eval_modes)
+
+    @property
+    def eval_modes(self) -> dict[str, float]:
+        """Finite eval-mode scores ({} for norms without running statistics)."""
+        modes = self.data.get("eval_modes") or {}
+        if not isinstance(modes, dict):
+            return {}
+        return {str(k): v for k, v in ((k, _finite(v)) for k, v in modes.items()) if v is not None}
+
+    def value(self, key: str) -> float | None:
+        """A top-level numeric field as a finite float, or None if absent, null, NaN or not a number."""
+        return _finite(self.data.get(key))
+
+
+@dataclass
+class Collection:
+    """Everything found below the sweep directories."""
+
+    sweep_dirs: list[Path]
+    runs: list[Run]  # after removing superseded duplicates
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (file, why)
+    warnings: list[str] = field(default_factory=list)  # duplicates and other notes for the reader
+
+
+def _finite(value: Any) -> float | None:
+    # bool is an int subclass; a True Dice would be a schema bug, not a 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _is_integral(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def find_metrics_files(sweep_dir: Path) -> list[Path]:
+    """All metrics.json files at any depth below sweep_dir (symlinked folders are not followed)."""
+    found = []
+    for root, _dirs, files in os.walk(sweep_dir):
+        if METRICS_FILENAME in files:
+            found.append(Path(root) / METRICS_FILENAME)
+    return sorted(found)
+
+
+def read_run(path: Path) -> Run:
+    """Read one metrics.json. Raises ValueError with a short reason if it is unusable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        mtime = path.stat().st_mtime
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read: {err}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    for key in _REQUIRED_FIELDS:
+        if data.get(key) is None:
+            raise ValueError(f"missing field '{key}'")
+    for key in ("batch_size", "seed"):
+        if not _is_integral(data[key]):
+            raise ValueError(f"field '{key}' is not an integer: {data[key]!r}")
+    return Run(path=path, mtime=mtime, data=data)
+
+
+def _newest_first(runs: Iterable[Run]) -> list[Run]:
+    # A completed run beats any unfinished one; among equals the most recently written file wins.
+    return sorted(runs, key=lambda r: (r.completed, r.mtime, str(r.path)), reverse=True)
+
+
+def _dedupe_by_run_id(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """Keep the newest completed run per run_id (a re-run of the same config), else the newest run."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.run_id or f"path:{run.path}"].append(run)
+    kept, notes = [], []
+    for run_id, group in groups.items():
+        ordered = _newest_first(group)
+        kept.append(ordered[0])
+        if len(group) > 1:
+            dropped = ", ".join(str(r.path) for r in ordered[1:])
+            notes.append(
+                f"run_id {run_id} appears {len(group)} times; kept {ordered[0].path} "
+                f"({ordered[0].status}), ignored {dropped}"
+            )
+    return kept, notes
+
+
+def collect(sweep_dirs: Iterable[Path]) -> Collection:
+    """Read every run below the sweep dirs. Raises UserError if a dir is missing or holds no metrics.json."""
+    sweep_dirs = [Path(d) for d in sweep_dirs]
+    if not sweep_dirs:
+        raise UserError("no sweep dir given")
+    for sweep_dir in sweep_dirs:
+        if not sweep_dir.is_dir():
+            raise UserError(f"sweep dir not found: {sweep_dir}")
+
+    # Overlapping arguments (a sweep dir and one of its subfolders) must not count a run twice.
+    files = sorted({p.resolve(): p for d in sweep_dirs for p in find_metrics_files(d)}.values())
+    if not files:
+        raise UserError(f"no {METRICS_FILENAME} found under {', '.join(str(d) for d in sweep_dirs)}")
+
+    runs, unreadable = [], []
+    for path in files:
+        try:
+            runs.append(read_run(path))
+        except ValueError as err:
+            unreadable.append((path, str(err)))
+    kept, notes = _dedupe_by_run_id(runs)
+    kept.sort(key=lambda r: (r.norm, r.batch_size, r.seed, str(r.path)))
+    return Collection(sweep_dirs=sweep_dirs, runs=kept, unreadable=unreadable, warnings=notes)

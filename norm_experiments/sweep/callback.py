@@ -1,0 +1,60 @@
+"""Hydra callback: at the end of a multirun, say what happened to each cell and write the sweep's report.
+
+Hydra cannot resume a multirun; ours resumes because every run folder is named after its overrides and the
+training code skips completed runs, continues interrupted ones and re-runs failed ones. This callback counts
+which of those happened (a run whose metrics.json predates the sweep's start was skipped) and turns the
+sweep folder into report.md, results.csv and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from norm_experiments.errors import UserError
+from norm_experiments.training.outputs import read_json
+
+log = logging.getLogger("norm_experiments.sweep")
+
+
+def sweep_status(sweep_dir: Path, started: float) -> Counter:
+    """Count runs below sweep_dir by status; completed runs untouched since `started` count as skipped."""
+    counts: Counter = Counter()
+    for path in sorted(sweep_dir.rglob("metrics.json")):
+        metrics = read_json(path) or {"status": "unreadable"}
+        status = metrics.get("status", "unknown")
+        if status == "completed" and path.stat().st_mtime < started:
+            status = "skipped (already completed)"
+        counts[status] += 1
+    return counts
+
+
+class SweepReport(Callback):
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        counts = sweep_status(sweep_dir, self.started)
+        log.info("sweep %s: %s", sweep_dir, ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+        if not self.enabled:
+            return
+        from norm_experiments.report import write_report
+
+        try:
+            report = write_report([sweep_dir])
+        except UserError as err:
+            log.error("report: %s", err)
+            return
+        print(report.table)
+        log.info("report: %s", report.path)

@@ -1,0 +1,96 @@
+"""`norm-exp-train` (also `python -m norm_experiments.train`): one training run, or a sweep with -m.
+
+    norm-exp-train norm=group data.batch_size=2 seed=3
+    norm-exp-train -m experiment=norm_sweep_quick
+    norm-exp-train resume=outputs/runs/norm=group,data.batch_size=2
+
+Exit status: 0 completed (or already completed), 2 a mistake in the config or the data (one `error:` line),
+3 interrupted by SIGTERM/SIGINT with a checkpoint saved (run the same command to continue), 4 diverged.
+In a multirun, a failing run is recorded in its metrics.json and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.errors import USER_ERROR_EXIT, UserError
+from norm_experiments.training.loop import EXIT_DIVERGED, EXIT_INTERRUPTED, RunDiverged, RunInterrupted, train
+
+log = logging.getLogger("norm_experiments.train")
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def hydra_main(cfg: DictConfig) -> float:
+    """Hydra task: returns the final validation Dice, the number a sweeper (e.g. Optuna) optimizes."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        metrics = train(cfg, run_dir)
+    except RunInterrupted:
+        sys.exit(EXIT_INTERRUPTED)  # stops a sweep too: the user or the scheduler asked to stop
+    except (UserError, RunDiverged) as err:
+        if in_sweep:  # recorded in metrics.json; the other runs of the sweep go on
+            log.error("%s: %s", run_dir.name, err)
+            return math.nan
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_DIVERGED if isinstance(err, RunDiverged) else USER_ERROR_EXIT)
+    except Exception:
+        if not in_sweep:
+            raise
+        log.exception("%s failed", run_dir.name)  # a crash, not a user mistake: keep its traceback
+        return math.nan
+    if not in_sweep:
+        _print_summary(metrics, run_dir)
+    return float(metrics.get("val_dice") or math.nan)
+
+
+def _print_summary(metrics: dict, run_dir: Path) -> None:
+    modes = metrics.get("eval_modes") or {}
+    line = f"val_dice={metrics.get('val_dice', float('nan')):.4f} (eval mode)"
+    if modes:
+        line += "  " + "  ".join(f"{mode}={dice:.4f}" for mode, dice in modes.items())
+    print(line)
+    print(f"results: {run_dir / 'metrics.json'}   tensorboard --logdir {run_dir.parent}")
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """Turn `resume=RUN_DIR` into that run's own overrides plus hydra.run.dir=RUN_DIR.
+
+    Hydra cannot resume by itself; re-running the saved command in the same folder lets the training code
+    find the checkpoint there and continue.
+    """
+    resume = [a for a in argv[1:] if a.startswith("resume=")]
+    if not resume:
+        return argv
+    run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
+    overrides = [str(o) for o in OmegaConf.load(saved) if not str(o).startswith("hydra.run.dir=")]
+    rest = [a for a in argv[1:] if not a.startswith("resume=")]
+    return [argv[0], *overrides, *rest, f"hydra.run.dir={run_dir}"]
+
+
+def main() -> None:
+    try:
+        sys.argv = resume_argv(sys.argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""check_case: every kind of bad file gives one UserError line naming the file."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from norm_experiments.data.checks import check_case, check_cases
+from norm_experiments.data.layouts import find_cases
+from norm_experiments.errors import UserError
+
+from .conftest import write_nifti
+
+IMAGE = "imagesTr/synth_001.nii.gz"
+LABEL = "labelsTr/synth_001.nii.gz"
+
+
+@pytest.fixture
+def dataset(make_dataset):
+    """(root, cases, info) of a fresh 3-case msd dataset; tests damage case 1 (synth_001)."""
+    root = make_dataset()
+    cases, info = find_cases("msd", root)
+    return root, cases, info
+
+
+def load(root: Path, rel: str) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(root / rel)
+    return np.asarray(img.dataobj), img.affine
+
+
+def expect_error(cases, info, pattern: str) -> str:
+    with pytest.raises(UserError, match=pattern) as err:
+        check_cases(cases, info)
+    message = str(err.value)
+    assert "\n" not in message, "one line"
+    return message
+
+
+def test_a_sound_dataset_passes(dataset):
+    _, cases, info = dataset
+    check_cases(cases, info)
+    check_case(cases[0], info, affine_tol=0.0)
+
+
+def test_missing_image_file(dataset):
+    root, cases, info = dataset
+    (root / IMAGE).unlink()
+    expect_error(cases, info, rf"^{IMAGE}: image file not found$")
+
+
+def test_missing_label_file(dataset):
+    root, cases, info = dataset
+    (root / LABEL).unlink()
+    expect_error(cases, info, rf"^{LABEL}: label file not found$")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 200])
+def test_truncated_gz(dataset, keep):
+    root, cases, info = dataset
+    path = root / IMAGE
+    data = path.read_bytes()
+    cut = int(len(data) * keep) if keep < 1 else keep
+    path.write_bytes(data[:cut])
+    expect_error(cases, info, rf"^{IMAGE}: (truncated or corrupt file|not a readable NIfTI file) \(")
+
+
+def test_not_gzip_at_all(dataset):
+    root, cases, info = dataset
+    (root / LABEL).write_bytes(b"this is not a NIfTI file" * 20)
+    expect_error(cases, info, rf"^{LABEL}: (not a readable NIfTI file|truncated or corrupt file)")
+
+
+def test_corrupt_payload_inside_valid_gzip(dataset):
+    root, cases, info = dataset
+    raw = gzip.decompress((root / IMAGE).read_bytes())
+    (root / IMAGE).write_bytes(gzip.compress(raw[: len(raw) // 2]))  # a valid gzip of half a volume
+    expect_error(cases, info, rf"^{IMAGE}: truncated or corrupt file")
+
+
+def test_shape_mismatch(dataset):
+    root, cases, info = dataset
+    label, affine = load(root, LABEL)
+    write_nifti(root / LABEL, label[:, :, :-2], spacing=np.diag(affine)[:3])
+    msg = expect_error(
+        cases, info, rf"^{LABEL}: spatial shape \(16, 16, 14\) differs from {IMAGE} \(16, 16, 16\)"
+    )
+    assert msg.count(":") == 1
+
+
+def test_affine_mismatch(dataset):
+    root, cases, info = dataset
+    label, _ = load(root, LABEL)
+    write_nifti(root / LABEL, label, spacing=(1.0, 1.5, 2.0))
+    expect_error(
+        cases, info, rf"^{LABEL}: affine differs from {IMAGE} by up to 0\.5 .*spacing \(1\.0, 1\.5, 2\.0\)"
+    )
+
+
+def test_affine_within_tolerance_passes(dataset):
+    root, cases, info = dataset
+    label, _ = load(root, LABEL)
+    write_nifti(root / LABEL, label, spacing=(1.5 + 1e-5, 1.5, 2.0))
+    check_cases(cases, info)
+
+
+def test_label_value_outside_declared_classes(dataset):
+    root, cases, info = dataset
+    label, affine = load(root, LABEL)
+    label[0, 0, 0] = 3
+    write_nifti(root / LABEL, label, spacing=np.diag(affine)[:3])
+    expect_error(
+        cases,
+        info,
+        rf"^{LABEL}: label values \{{3\}} are not among the declared classes \{{0, 1, 2\}} "
+        r"\(dataset\.json 'labels'\)$",
+    )
+
+
+def test_non_integer_label_values(dataset):
+    root, cases, info = dataset
+    label, affine = load(root, LABEL)
+    label = label.astype(np.float32)
+    label[1, 2, 3] = 0.5
+    write_nifti(root / LABEL, label, spacing=np.diag(affine)[:3])
+    expect_error(cases, info, rf"^{LABEL}: label has non-integer values \(e\.g\. 0\.5\)")
+
+
+def test_float_labels_with_whole_values_pass(dataset):
+    root, cases, info = dataset
+    label, affine = load(root, LABEL)
+    write_nifti(root / LABEL, label.astype(np.float32), spacing=np.diag(affine)[:3])
+    check_cases(cases, info)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_voxel(dataset, bad):
+    root, cases, info = dataset
+    image, affine = load(root, IMAGE)
+    image[3, 4, 5] = bad
+    write_nifti(root / IMAGE, image, spacing=np.diag(affine)[:3])
+    expect_error(cases, info, rf"^{IMAGE}: image has 1 NaN or infinite voxels$")
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (16, 16, 1)])
+def test_2d_image(dataset, shape):
+    root, cases, info = dataset
+    write_nifti(root / IMAGE, np.zeros(shape, np.float32), spacing=(1.5, 1.5, 2.0))
+    expect_error(cases, info, rf"^{IMAGE}: image is 2D \(shape {re_tuple(shape)}\); expected a 3D volume$")
+
+
+def re_tuple(shape: tuple[int, ...]) -> str:
+    return str(shape).replace("(", r"\(").replace(")", r"\)")
+
+
+def test_wrong_channel_count(dataset):
+    root, cases, info = dataset
+    image, affine = load(root, IMAGE)
+    write_nifti(root / IMAGE, np.stack([image, image], axis=-1), spacing=np.diag(affine)[:3])
+    expect_error(
+        cases, info, rf"^{IMAGE}: has 2 input channel\(s\) but the dataset has 1 \(dataset\.json 'modality'\)"
+    )
+
+
+def test_channel_files_with_different_shapes(tmp_path):
+    from .test_layouts import make_nnunet_two_channel
+
+    root = make_nnunet_two_channel(tmp_path)
+    cases, info = find_cases("nnunet", root)
+    bad = "imagesTr/brain_a_0001.nii.gz"
+    write_nifti(root / bad, np.zeros((12, 12, 8), np.float32))
+    expect_error(
+        cases, info, rf"^{bad}: spatial shape \(12, 12, 8\) differs from imagesTr/brain_a_0000\.nii\.gz"
+    )
+
+
+def test_folder_layout_names_data_labels(make_dataset):
+    root = make_dataset("folder")
+    cases, info = find_cases("folder", root)  # default classes {0, 1}; the synthetic data has class 2
+    expect_error(cases, info, r"^labels/synth_000\.nii\.gz: label values \{2\} .*\(data\.labels\)$")
+
+
+def test_stops_at_the_first_bad_case(dataset):
+    root, cases, info = dataset
+    (root / "imagesTr/synth_002.nii.gz").unlink()
+    (root / IMAGE).unlink()
+    expect_error(cases, info, rf"^{IMAGE}")

@@ -1,0 +1,81 @@
+"""norm-exp-synth on the command line: writes a dataset, or fails with one `error:` line and exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from norm_experiments.data import synthetic
+from norm_experiments.data.layouts import find_cases
+from norm_experiments.data.synthetic import SynthConfig
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "norm_experiments.data.synthetic", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_a_dataset(tmp_path):
+    out = tmp_path / "synth"
+    result = run_cli(
+        str(out), "--layout", "nnunet", "--cases", "2", "--shape", "16", "16", "12", "--classes", "3"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "wrote 2 cases" in lines[0] and str(out) in lines[0]
+    assert (out / "dataset.json").is_file()
+    assert (out / "imagesTr" / "synth_001_0000.nii.gz").is_file()
+    cases, info = find_cases("nnunet", out)
+    assert [c.name for c in cases] == ["synth_000", "synth_001"] and len(info.labels) == 4
+
+
+def test_cli_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "existing.txt").write_text("keep me")
+    result = run_cli(str(tmp_path), "--cases", "1", "--shape", "8", "8", "8")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path) in lines[0]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "existing.txt").read_text() == "keep me"
+
+
+def test_cli_rejects_a_bad_value_without_traceback(tmp_path):
+    result = run_cli(str(tmp_path / "x"), "--noise", "-1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: synthetic data: noise_std=-1.0 must be >= 0"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_every_config_field_is_reachable(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_generate(out_dir: Path, cfg: SynthConfig, layout: str = "msd") -> Path:
+        seen.update(out_dir=out_dir, cfg=cfg, layout=layout)
+        return out_dir
+
+    monkeypatch.setattr(synthetic, "generate_dataset", fake_generate)
+    expected = SynthConfig(
+        num_cases=5,
+        shape=(20, 24, 28),
+        spacing=(0.8, 0.9, 3.0),
+        num_classes=3,
+        objects_per_class=(2, 4),
+        radius_range=(3.0, 6.0),
+        class_imbalance=2.0,
+        noise_std=0.5,
+        intensity_scale_range=(0.5, 2.0),
+        intensity_offset_range=(-1.0, 3.0),
+        bias_field=0.1,
+        seed=11,
+    )
+    # argv lists every option: the test fails when a new SynthConfig field has no option.
+    synthetic.main(
+        [str(tmp_path / "o"), "--layout", "folder", "--cases", "5", "--shape", "20", "24", "28"]
+        + ["--spacing", "0.8", "0.9", "3", "--classes", "3", "--objects-per-class", "2", "4"]
+        + ["--radius-range", "3", "6", "--class-imbalance", "2", "--noise", "0.5"]
+        + ["--scale-range", "0.5", "2", "--offset-range", "-1", "3", "--bias-field", "0.1", "--seed", "11"]
+    )
+    assert seen["cfg"] == expected and seen["layout"] == "folder"
+    defaults = {f: getattr(SynthConfig(), f) for f in SynthConfig.__dataclass_fields__}
+    assert all(getattr(expected, f) != v for f, v in defaults.items()), "every field differs from its default"

@@ -1,0 +1,88 @@
+"""Fixtures that write hand-made metrics.json files the way the training code does."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+BN_FAMILY = {"batch", "batchrenorm", "ghostbatch", "syncbatch"}
+
+
+def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None = 0.7, **overrides) -> dict:
+    """A complete metrics.json dict; overrides replace any field."""
+    run_id = hashlib.sha1(f"{norm}-{batch_size}-{seed}".encode()).hexdigest()[:12]
+    data = {
+        "status": "completed",
+        "error": None,
+        "run_id": run_id,
+        "run_name": f"norm={norm},bs={batch_size},seed={seed}",
+        "norm": norm,
+        "model": "unet",
+        "seed": seed,
+        "batch_size": batch_size,
+        "patches_per_volume": 1,
+        "effective_batch": batch_size,
+        "samples_seen": 1200,
+        "steps": 1200 // batch_size,
+        "val_dice": val_dice,
+        "best_val_dice": None if val_dice is None else val_dice + 0.01,
+        "val_dice_per_class": {"class1": 0.8, "class2": 0.6},
+        "eval_modes": {},
+        "wall_time_s": 95.2,
+        "samples_per_s": 10.0 * batch_size,
+        "data_wait_fraction": 0.02,
+        "peak_memory_mb": 100.0 * batch_size,
+        "peak_cuda_memory_mb": None,
+        "device": "cpu",
+        "versions": {"torch": "2.13.0", "monai": "1.6.1"},
+    }
+    if norm in BN_FAMILY and val_dice is not None:
+        data["eval_modes"] = {"running": val_dice, "precise": val_dice + 0.05, "batch": val_dice + 0.1}
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture
+def write_run():
+    """write_run(sweep_dir, norm, bs, seed, val_dice=..., subdir=None, mtime=None, **overrides) -> path."""
+
+    def _write(
+        sweep_dir: Path,
+        norm: str,
+        batch_size: int,
+        seed: int,
+        val_dice: float | None = 0.7,
+        subdir: str | None = None,
+        mtime: float | None = None,
+        **overrides,
+    ) -> Path:
+        # Runs nest at different depths, like Hydra multirun folders (sweep/<job number>/...).
+        folder = sweep_dir / (subdir or f"{norm}/bs{batch_size}/seed{seed}")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "metrics.json"
+        path.write_text(json.dumps(make_metrics(norm, batch_size, seed, val_dice, **overrides)))
+        if mtime is not None:
+            os.utime(path, (mtime, mtime))
+        return path
+
+    return _write
+
+
+@pytest.fixture
+def small_sweep(tmp_path, write_run):
+    """2 norms x 2 batch sizes x 3 seeds. Means: batch bs1 0.5, bs2 0.7; group bs1 0.8, bs2 0.81."""
+    sweep = tmp_path / "sweep"
+    values = {
+        ("batch", 1): [0.4, 0.5, 0.6],
+        ("batch", 2): [0.6, 0.7, 0.8],
+        ("group", 1): [0.79, 0.80, 0.81],
+        ("group", 2): [0.80, 0.81, 0.82],
+    }
+    for (norm, bs), dice in values.items():
+        for seed, value in enumerate(dice):
+            write_run(sweep, norm, bs, seed, value)
+    return sweep

@@ -1,0 +1,37 @@
+"""The console script, run as a subprocess the way a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "norm_experiments.report.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_prints_table_and_writes_files(small_sweep, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(str(small_sweep), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "| norm | bs 1 | bs 2 |" in result.stdout
+    assert "| batch | 0.500 ± 0.100 | 0.700 ± 0.100 |" in result.stdout
+    for name in ("report.md", "results.csv", "runs.csv", "dice_vs_batch_size.png", "bn_eval_gap.png"):
+        assert (out / name).exists(), name
+
+
+def test_cli_warns_about_corrupt_file(small_sweep):
+    bad = small_sweep / "x" / "metrics.json"
+    bad.parent.mkdir()
+    bad.write_text("{")
+    result = run_cli(str(small_sweep))
+    assert result.returncode == 0, result.stderr
+    assert f"warning: unreadable metrics.json: {bad}" in result.stderr
+
+
+def test_cli_empty_dir_is_one_error_line(tmp_path):
+    result = run_cli(str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: no metrics.json found under {tmp_path}"]
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,70 @@
+"""The real entry point, end to end: a smoke run writes metrics.json, TensorBoard events and weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers import run_cli
+
+SMOKE = ["experiment=smoke", "trainer.progress=log"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One smoke run with BatchNorm at batch size 1 (the question's setting), shared by the tests below."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    result = run_cli([*SMOKE, "norm=batch", "data.batch_size=1"], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((cwd / "outputs" / "runs").iterdir())
+    assert len(runs) == 1
+    return cwd, runs[0]
+
+
+def test_smoke_run_writes_truthful_metrics(smoke_run: tuple[Path, Path]) -> None:
+    _, run_dir = smoke_run
+    assert run_dir.name == "data.batch_size=1,experiment=smoke,norm=batch"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert metrics["norm"] == "batch" and metrics["batch_size"] == 1 and metrics["seed"] == 0
+    assert metrics["patches_per_volume"] == 1 and metrics["effective_batch"] == 1
+    assert metrics["samples_seen"] == 16 and metrics["steps"] == 16  # trainer.samples=16 at batch 1
+    assert 0.0 <= metrics["val_dice"] <= 1.0
+    assert set(metrics["eval_modes"]) == {"running", "precise", "batch"}
+    assert metrics["eval_modes"]["running"] == pytest.approx(metrics["val_dice"])
+    assert set(metrics["val_dice_per_class"]) == {"class1", "class2"}
+    assert metrics["samples_per_s"] > 0 and 0 <= metrics["data_wait_fraction"] < 1
+    assert metrics["peak_memory_mb"] > 50 and metrics["device"] == "cpu"
+    assert metrics["versions"]["torch"] and metrics["wall_time_s"] > 0
+    for name in ("model.pt", "best_model.pt", "checkpoint.pt", ".hydra/config.yaml", "run_config.yaml"):
+        assert (run_dir / name).exists(), name
+
+
+def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
+    _, run_dir = smoke_run
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/lr", "train/samples_per_s", "val/dice_mean", "val/dice_class1",
+                "val/dice_class2", "val/dice_mean_running", "val/dice_mean_precise", "val/dice_mean_batch"}
+    assert expected <= scalars, expected - scalars
+    assert any(tag.startswith("bn_stats/") for tag in scalars)
+    assert "val/slice_input_truth_prediction" in events.Tags()["images"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss][-1] == 16
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert events.Scalars("val/dice_mean")[-1].value == pytest.approx(metrics["val_dice"], abs=1e-6)
+    # HParams view: the plugin's session summary is in the same run, not a separate time-stamped one
+    assert "_hparams_/session_start_info" in events.Tags()["tensors"]
+
+
+def test_same_command_again_skips_the_completed_run(smoke_run: tuple[Path, Path]) -> None:
+    cwd, run_dir = smoke_run
+    before = (run_dir / "metrics.json").read_text()
+    result = run_cli([*SMOKE, "norm=batch", "data.batch_size=1"], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already completed" in result.stdout + result.stderr
+    assert (run_dir / "metrics.json").read_text() == before
