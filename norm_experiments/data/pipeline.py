@@ -88,7 +88,7 @@ def deterministic_transforms(data_cfg: DictConfig) -> Compose:
     steps = [
         LoadImaged(KEYS, image_only=True),
         EnsureChannelFirstd(KEYS),
-        Orientationd(KEYS, axcodes="RAS"),
+        Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
     if data_cfg.target_spacing is not None:
         steps.append(Spacingd(KEYS, pixdim=list(data_cfg.target_spacing), mode=("bilinear", "nearest")))

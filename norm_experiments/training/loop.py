@@ -388,7 +388,7 @@ class Run:
             s.samples_seen += images.shape[0]
             log_now = s.step % int(self.cfg.trainer.log_every_steps) == 0 or s.step == self.total_steps
             loss_value = None
-            if log_now or progress.mode == "bar":  # reading the loss syncs with the GPU: only when shown
+            if log_now or progress.wants_loss(s.step):  # reading the loss syncs with the GPU: only when shown
                 loss_value = float(loss)
                 self._check_finite(loss_value)
             s.train_seconds += time.perf_counter() - t0

@@ -34,6 +34,10 @@ class Progress:
             self._task = self._bar.add_task("train", total=total_steps, completed=start_step, info="")
             self._bar.start()
 
+    def wants_loss(self, step: int) -> bool:
+        """Whether update() after this step will show the loss (reading it syncs with the GPU)."""
+        return self.mode == "bar" or (self.mode == "log" and (step % self.log_every == 0 or step == self.total))
+
     def update(self, step: int, loss: float | None) -> None:
         """Called after each step (1-based count of finished steps); loss may be None when not synced."""
         info = f"loss {loss:.4f}" if loss is not None else ""
@@ -41,7 +45,7 @@ class Progress:
             info += f"  val dice {self.dice:.3f}"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
-        elif self.mode == "log" and (step % self.log_every == 0 or step == self.total):
+        elif self.mode == "log" and loss is not None and self.wants_loss(step):
             done = step - self.start
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(done, 1) * (self.total - step)

@@ -43,10 +43,10 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
     [
         (["data.batch_size=0"], "data.batch_size"),
         (["data.patch_size=[64,64,64]", "data.pad_to_patch=false"], "data.patch_size"),
-        (["data.patch_size=[20,20,20]"], "divisible by 4"),
+        (["data.patch_size=[18,18,18]"], "divisible by 4"),
         (["data=msd", "data.root=/nonexistent/dataset"], "data.root"),
         (["trainer.device=tpu"], "trainer.device"),
-        (["norm=group", "norm.options.num_groups=3"], "norm.num_groups"),
+        (["norm=group", "norm.options.num_groups=3"], "norm.options.num_groups"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, overrides: list[str], needle: str) -> None:

@@ -58,7 +58,9 @@ def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert events.Scalars("val/dice_mean")[-1].value == pytest.approx(metrics["val_dice"], abs=1e-6)
     # HParams view: the plugin's session summary is in the same run, not a separate time-stamped one
-    assert "_hparams_/session_start_info" in events.Tags()["tensors"]
+    hparams = events.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
+    assert "hparam/val_dice" in scalars
 
 
 def test_same_command_again_skips_the_completed_run(smoke_run: tuple[Path, Path]) -> None:
