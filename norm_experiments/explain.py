@@ -1,0 +1,366 @@
+"""`norm-exp-explain` (also `python -m norm_experiments.explain`): why BatchNorm trains at batch size 1, and
+whether that is fine, measured on the user's own config and data.
+
+    norm-exp-explain
+    norm-exp-explain data=msd data.root=/data/Task09_Spleen data.patch_size=[64,64,64]
+
+Takes the overrides of norm-exp-train, always builds the model with BatchNorm (it is BatchNorm being
+explained), trains nothing and writes nothing (configs/explain.yaml). Prints three tables and a conclusion
+computed from them:
+1. how many values each BN channel's statistics are taken over (N×D×H×W), at the configured batch and at 1;
+2. one batch's statistics against the running averages of 20 batches (what model.eval() normalizes with);
+3. how much the batch statistics vary between batches at batch sizes 1, 2, 4, 8.
+Exit status: 0 done, 2 a mistake in the config or the data (one `error:` line).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.data.pipeline import BatchSampler
+from norm_experiments.errors import USER_ERROR_EXIT, exit_on_user_error
+from norm_experiments.norms import bn_eval_mode, is_batch_stat_layer
+from norm_experiments.norms.bn_common import reduce_dims
+from norm_experiments.training.loop import Run
+
+register_resolvers()
+
+RUNNING_BATCHES = 20  # batches averaged into the running statistics (table 2)
+SPREAD_BATCHES = 16  # batches drawn per batch size (table 3)
+SPREAD_BATCH_SIZES = (1, 2, 4, 8)  # the batch sizes the project studies
+NOISY = 0.2  # a batch-mean spread or train/eval gap (in σ) above which running averages misfit volumes
+
+Shape = tuple[int, ...]
+Stats = tuple[torch.Tensor, torch.Tensor]  # per-channel (mean, unbiased variance) of one layer's input
+
+
+@dataclass
+class Findings:
+    shapes: dict[str, Shape]  # BN layer -> its input shape at the configured batch, in forward order
+    n1: int  # N at batch_size=1: patches_per_volume
+    gaps: dict[str, dict[str, float]]  # table 2: layer -> batch vs running statistics
+    spreads: dict[int, dict[str, tuple[float, float]]]  # table 3: batch size -> layer -> (mean, var) spread
+    num_train: int
+
+    @property
+    def first(self) -> str:
+        return next(iter(self.shapes))
+
+    @property
+    def bottleneck(self) -> str:  # the first layer at the smallest spatial size
+        return min(self.shapes, key=lambda name: math.prod(self.shapes[name][2:]))
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def force_batchnorm(cfg: DictConfig) -> str:
+    """Make the config's norm BatchNorm with a cumulative running average; return the norm asked for.
+
+    momentum=None makes the running statistics the plain average over all batches seen (PyTorch's rule), so
+    after table 2's batches they are the population average, not a recency-weighted one.
+    """
+    asked = str(cfg.norm.name)
+    eps = float(OmegaConf.select(cfg, "norm.options.eps", default=1e-5))
+    with open_dict(cfg):
+        cfg.norm = OmegaConf.create({"name": "batch", "options": {"eps": eps, "momentum": None}})
+    return asked
+
+
+def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if is_batch_stat_layer(m)}
+
+
+@contextmanager
+def pre_hooks(model: nn.Module, names: list[str], record) -> Iterator[None]:
+    """Call record(name, input) before each named BN layer runs. record must return None: a pre-hook's
+    return value would replace the layer's input."""
+    layers = bn_layers(model)
+    handles = [layers[n].register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def layer_shapes(model: nn.Module, images: torch.Tensor) -> dict[str, Shape]:
+    """Input shape of every BN layer, in forward order. Eval mode: it works even where training would fail."""
+    shapes: dict[str, Shape] = {}
+    with pre_hooks(model, list(bn_layers(model)), lambda n, x: shapes.update({n: tuple(x.shape)})):
+        with bn_eval_mode(model, "running"):
+            model(images)
+    return shapes
+
+
+class _StopForward(Exception):
+    """Raised after the deepest layer measured: later layers cannot change its input."""
+
+
+def _stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    raise _StopForward
+
+
+def forward_until(model: nn.Module, images: torch.Tensor, last: nn.Module) -> None:
+    """Run the model up to `last` only: the decoder costs more than the encoder and changes nothing shown."""
+    handle = last.register_forward_hook(_stop)
+    try:
+        model(images)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
+def batch_stats(x: torch.Tensor) -> Stats:
+    """Per-channel mean and unbiased variance over N×D×H×W, as BatchNorm computes (and stores) them."""
+    var, mean = torch.var_mean(x.detach().float(), dim=reduce_dims(x), correction=1)
+    return mean.cpu(), var.cpu()
+
+
+@torch.no_grad()
+def collect(run: Run, sampler: BatchSampler, names: list[str], steps: range) -> dict[str, list[Stats]]:
+    """Batch statistics of the named layers (in forward order) over the sampler's batches of these steps,
+    normalizing with batch statistics as training does, but leaving the running statistics untouched."""
+    records: dict[str, list[Stats]] = {name: [] for name in names}
+    last = bn_layers(run.model)[names[-1]]
+    with pre_hooks(run.model, names, lambda n, x: records[n].append(batch_stats(x))):
+        with bn_eval_mode(run.model, "batch"):
+            for step in steps:
+                forward_until(run.model, sampler.batch(step)[0].to(run.device), last)
+    return records
+
+
+@torch.no_grad()
+def running_gaps(run: Run, names: list[str]) -> dict[str, dict[str, float]]:
+    """Train mode over RUNNING_BATCHES batches, then one more batch's statistics against the running ones."""
+    layers = bn_layers(run.model)
+    run.model.train()
+    for step in range(RUNNING_BATCHES):  # running stats after names[-1] are not shown: stop there
+        forward_until(run.model, run.sampler.batch(step)[0].to(run.device), layers[names[-1]])
+    batch = collect(run, run.sampler, names, range(RUNNING_BATCHES, RUNNING_BATCHES + 1))
+    rows = {}
+    for name in names:
+        (mean_b, var_b), layer = batch[name][0], layers[name]
+        mean_r, var_r = layer.running_mean.cpu(), layer.running_var.cpu()
+        rows[name] = {
+            "batch_mean": mean_b.mean().item(),
+            "running_mean": mean_r.mean().item(),
+            "batch_var": var_b.mean().item(),
+            "running_var": var_r.mean().item(),
+            "mean_gap": ((mean_b - mean_r).abs() / (var_r + layer.eps).sqrt()).mean().item(),
+            "var_gap": ((var_b - var_r).abs() / (var_r + layer.eps)).mean().item(),
+        }
+    return rows
+
+
+def spread(batches: list[Stats]) -> tuple[float, float]:
+    """(sd of μ_B / σ, sd of σ²_B / σ²) across batches, averaged over channels.
+
+    σ² is the pooled variance of everything the batches saw (law of total variance): deeper layers' inputs
+    depend on the batch size through the BN layers before them, so each batch size gets its own population.
+    """
+    means = torch.stack([m for m, _ in batches])
+    variances = torch.stack([v for _, v in batches])
+    pooled_var = variances.mean(0) + means.var(0, correction=0) + 1e-12
+    return (means.std(0) / pooled_var.sqrt()).mean().item(), (variances.std(0) / pooled_var).mean().item()
+
+
+def batch_size_spread(
+    run: Run, names: list[str], skip: set[int]
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """For each batch size b not in `skip`: the spread of the named layers' batch statistics over
+    SPREAD_BATCHES batches of b volumes, drawn as training at that batch size would draw them."""
+    result = {}
+    for b in (b for b in SPREAD_BATCH_SIZES if b not in skip):
+        sampler = BatchSampler(
+            run.data.train, OmegaConf.merge(run.cfg.data, {"batch_size": b}), int(run.cfg.seed)
+        )
+        records = collect(run, sampler, names, range(SPREAD_BATCHES))
+        result[b] = {name: spread(records[name]) for name in names}
+    return result
+
+
+def values(shape: Shape, n: int | None = None) -> int:
+    """Values per channel BatchNorm reduces over: N×D×H×W (N replaced by n if given)."""
+    return (shape[0] if n is None else n) * math.prod(shape[2:])
+
+
+def analyze(run: Run) -> Findings:
+    """All the numbers, from a built Run whose config has BatchNorm (see force_batchnorm)."""
+    n1 = int(run.cfg.data.patches_per_volume)
+    shapes = layer_shapes(run.model, run.sampler.batch(0)[0].to(run.device))
+    # Table 2 shows the first layer of each resolution, in forward order, down to the bottleneck.
+    levels: dict[Shape, str] = {}
+    for name, shape in shapes.items():
+        levels.setdefault(shape[2:], name)
+    gaps = running_gaps(run, list(levels.values()))
+    found = Findings(shapes, n1, gaps, {}, len(run.data.train))
+    skip = {b for b in SPREAD_BATCH_SIZES if min(values(s, b * n1) for s in shapes.values()) == 1}
+    found.spreads = batch_size_spread(run, [found.first, found.bottleneck], skip)
+    return found
+
+
+# ------------------------------------------------------------------------------------------ printing
+
+
+def table(title: str, header: list[str], rows: list[list[str]], note: str) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([title, note, line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def shape_table(f: Findings) -> str:
+    def at_1(s: Shape) -> str:
+        return f"{values(s, f.n1):,}" + ("  <- 1 value: error" if values(s, f.n1) == 1 else "")
+
+    rows = [[name, str(s), f"{values(s):,}", at_1(s)] for name, s in f.shapes.items()]
+    return table(
+        "1. Values each channel's statistics are computed over (BatchNorm reduces over N, D, H, W)",
+        ["BN layer", "input (N, C, D, H, W)", "N×D×H×W", f"at batch_size=1 (N={f.n1})"],
+        rows,
+        "at N=1 still D×H×W values, so the variance is not zero; only N×D×H×W = 1 fails (PyTorch raises)",
+    )
+
+
+def gap_table(f: Findings) -> str:
+    keys = ["batch_mean", "running_mean", "batch_var", "running_var"]
+    rows = [
+        [name, *(f"{g[k]:.3g}" for k in keys), f"{g['mean_gap']:.2f}", f"{g['var_gap']:.2f}"]
+        for name, g in f.gaps.items()
+    ]
+    return table(
+        f"2. One training batch (N={f.shapes[f.first][0]}) vs the running averages of {RUNNING_BATCHES} "
+        "batches, which model.eval() uses",
+        ["BN layer", "mean μ_B", "running μ", "var σ²_B", "running σ²", "|μ_B−μ|/σ", "|σ²_B−σ²|/σ²"],
+        rows,
+        "means and variances averaged over channels; gaps computed per channel, then averaged",
+    )
+
+
+def spread_table(f: Findings) -> str:
+    rows = []
+    for b in SPREAD_BATCH_SIZES:  # a skipped batch size would make some layer see one value per channel
+        spreads = (
+            [x for name in (f.first, f.bottleneck) for x in f.spreads[b][name]] if b in f.spreads else []
+        )
+        rows.append([str(b), *([f"{x:.2f}" for x in spreads] or ["error"] * 4), f"{1 / math.sqrt(b):.2f}"])
+    kinds = [
+        f"{layer} sd({stat})/{scale}"
+        for layer in ("first", "bottleneck")
+        for stat, scale in (("μ_B", "σ"), ("σ²_B", "σ²"))
+    ]
+    return table(
+        f"3. Spread of batch statistics between {SPREAD_BATCHES} batches, by batch size (volumes per batch)",
+        ["batch_size", *kinds, "1/√b"],
+        rows,
+        f"first = {f.first}, bottleneck = {f.bottleneck}; σ² pooled over the batches; averaged over channels",
+    )
+
+
+def conclusion(f: Findings, command: str) -> list[str]:
+    """A few sentences whose claims follow from the numbers above."""
+    single = [name for name, shape in f.shapes.items() if values(shape, f.n1) == 1]
+    if single:
+        lines = [
+            f"At batch size 1, {single[0]} sees ONE value per channel: BatchNorm fails there ('Expected "
+            "more than 1 value per channel'); a larger patch or a shallower model avoids it."
+        ]
+    else:
+        lines = [
+            f"At batch size 1 each channel's statistics are taken over {values(f.shapes[f.first], f.n1):,} "
+            f"values at the first layer and {values(f.shapes[f.bottleneck], f.n1):,} at the bottleneck: the "
+            "variance is not zero and nothing divides by zero (eps is not what prevents it)."
+        ]
+    worst = max(f.gaps, key=lambda name: f.gaps[name]["mean_gap"])
+    gap = f.gaps[worst]
+    lines.append(
+        f"With your batch of {f.shapes[f.first][0]}, one batch's mean is {gap['mean_gap']:.2f}σ from the "
+        f"running mean at {worst} and its variance {gap['var_gap']:.0%} off."
+    )
+    noisy = gap["mean_gap"] > NOISY
+    if 1 in f.spreads and 8 in f.spreads:
+        s1, s8 = f.spreads[1][f.first][0], f.spreads[8][f.first][0]
+        few = f"; only {f.num_train} training cases, so a batch of 8 repeats them" if f.num_train <= 8 else ""
+        lines.append(
+            f"The first layer's batch mean varies by {s1:.2f}σ between batches at batch size 1 and "
+            f"{s8:.2f}σ at 8 (1/√8 of {s1:.2f} is {s1 / math.sqrt(8):.2f}{few})."
+        )
+        noisy = noisy or s1 > NOISY
+    if noisy:
+        lines.append(
+            "So the running averages model.eval() uses describe no single volume: expect eval-mode Dice "
+            "to drop. Use norm=group or norm=instance, recompute the statistics after training "
+            "(PreciseBN), or evaluate with batch statistics."
+        )
+    else:
+        lines.append(
+            f"Both stay under {NOISY}σ: your volumes' statistics are alike, so the running averages fit "
+            "them and eval mode should stay close to training."
+        )
+    lines.append(f"Check it on real training: `{command}`, then compare eval_modes in metrics.json.")
+    return lines
+
+
+def train_command() -> str:
+    """The norm-exp-train command that checks the verdict: the user's overrides at BatchNorm, batch size 1."""
+    skip = ("norm", "data.batch_size=", "hydra", "+hydra")
+    keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
+    return " ".join(["norm-exp-train", "norm=batch", "data.batch_size=1", *keep])
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+@exit_on_user_error
+def explain(cfg: DictConfig) -> None:
+    asked = force_batchnorm(cfg)
+    run = Run(cfg, Path("."))  # validates the config and the feature-map sizes; builds, writes nothing
+    run.build()
+    print(
+        f"Explaining BatchNorm on {len(run.data.train)} training cases, patch {list(cfg.data.patch_size)}, "
+        f"batch_size {cfg.data.batch_size} × patches_per_volume {cfg.data.patches_per_volume} = "
+        f"N {run.effective_batch}; freshly initialised model, nothing trained."
+    )
+    if asked != "batch":
+        print(f"norm={asked} ignored: this analysis always uses BatchNorm (it explains BatchNorm).")
+    found = analyze(run)
+    for part in (shape_table(found), gap_table(found), spread_table(found)):
+        print("\n" + part)
+    print("\n" + "\n".join(conclusion(found, train_command())))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="explain")
+def hydra_main(cfg: DictConfig) -> None:
+    explain(cfg)
+
+
+def main() -> None:
+    # A multirun would create a sweep folder under outputs/ before any check could run; one run is enough.
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        print("error: norm-exp-explain runs once: drop -m/--multirun", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

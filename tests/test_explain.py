@@ -1,0 +1,93 @@
+"""norm-exp-explain, run as a user would: three tables and a conclusion on the smoke config, nothing written,
+and a bad data.root refused with one `error:` line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from norm_experiments.explain import spread, values
+from tests.helpers import run_cli
+
+MODULE = "norm_experiments.explain"
+
+
+def explain(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    return run_cli(args, cwd=cwd, module=MODULE, timeout=180, env={"NORM_EXP_CACHE": str(cache)})
+
+
+def section(output: str, title: str) -> list[list[str]]:
+    """Rows of the table whose title starts with `title`, split into cells (2+ spaces apart)."""
+    block = output.split(title, 1)[1].split("\n\n", 1)[0]
+    lines = block.splitlines()[4:]  # title rest, note, header, rule
+    return [re.split(r"\s{2,}", line.strip()) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> tuple[str, Path]:
+    cwd = tmp_path_factory.mktemp("explain-cwd")
+    # norm=group checks that BatchNorm is forced; one thread keeps the tiny convs fast on a shared CPU.
+    result = explain(["experiment=smoke", "norm=group", "trainer.num_threads=1"], cwd, synthetic_cache)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout, cwd
+
+
+def test_prints_three_tables_and_a_conclusion(smoke: tuple[str, Path]) -> None:
+    output, _ = smoke
+    for title in ("1. Values each channel's statistics", "2. One training batch (N=2)", "3. Spread of batch"):
+        assert title in output, output
+    assert "norm=group ignored" in output
+    assert (
+        "Check it on real training: `norm-exp-train norm=batch data.batch_size=1 experiment=smoke" in output
+    )
+
+
+def test_values_per_channel_at_level_0(smoke: tuple[str, Path]) -> None:
+    rows = {row[0]: row[1:] for row in section(smoke[0], "1. Values")}
+    # smoke: patch 16³, batch_size 2 -> 2 × 4096 values per channel at full resolution, 4096 at batch size 1
+    assert rows["encoder.0.0.1"] == ["(2, 4, 16, 16, 16)", "8,192", "4,096"]
+    assert rows["encoder.2.0.1"] == ["(2, 16, 4, 4, 4)", "128", "64"]  # the bottleneck (model.depth=2)
+    assert "taken over 4,096 values at the first layer and 64 at the bottleneck" in smoke[0]
+
+
+def test_batch_statistics_vary_less_at_larger_batches(smoke: tuple[str, Path]) -> None:
+    rows = {int(row[0]): [float(x) for x in row[1:]] for row in section(smoke[0], "3. Spread")}
+    assert sorted(rows) == [1, 2, 4, 8]
+    first_mean_spread = {b: cells[0] for b, cells in rows.items()}
+    assert first_mean_spread[1] > 0.2  # the synthetic cases differ in gain and offset
+    assert first_mean_spread[1] > 2 * first_mean_spread[8]
+    assert rows[8][-1] == pytest.approx(0.35, abs=0.01)  # the 1/√b column
+
+
+def test_writes_nothing_in_the_working_directory(smoke: tuple[str, Path]) -> None:
+    assert list(smoke[1].iterdir()) == []  # no outputs/, no .hydra/, no log file
+
+
+def test_missing_data_root_is_one_error_line(tmp_path: Path, synthetic_cache: Path) -> None:
+    result = explain(["data=msd", "data.root=/nonexistent"], tmp_path, synthetic_cache)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "data.root" in errors[0], output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help(tmp_path: Path, synthetic_cache: Path) -> None:
+    result = explain(["--help"], tmp_path, synthetic_cache)
+    assert result.returncode == 0
+    assert "norm-exp-explain" in result.stdout and "norm: batch" in result.stdout
+
+
+def test_spread_and_values() -> None:
+    assert values((2, 8, 4, 4, 4)) == 128 and values((2, 8, 4, 4, 4), n=1) == 64
+    # two channels; channel 0's batch mean alternates ±1 around a within-batch variance of 3: pooled σ² = 4
+    batches = [(torch.tensor([(-1.0) ** i, 0.0]), torch.tensor([3.0, 1.0])) for i in range(4)]
+    mean_spread, var_spread = spread(batches)
+    sd = torch.tensor([1.0, -1.0, 1.0, -1.0]).std().item()
+    assert mean_spread == pytest.approx((sd / 2 + 0.0) / 2, rel=1e-5)
+    assert var_spread == pytest.approx(0.0, abs=1e-6)
