@@ -37,7 +37,7 @@ def hydra_main(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        metrics = train(cfg, run_dir)
+        metrics = train(cfg, run_dir, job_num=hydra_cfg.job.num if in_sweep else 0)
     except RunInterrupted:
         sys.exit(EXIT_INTERRUPTED)  # stops a sweep too: the user or the scheduler asked to stop
     except (UserError, RunDiverged) as err:

@@ -24,9 +24,20 @@ def compose_config(overrides: list[str] | None = None, run_dir: Path | None = No
     return cfg
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, module: str = "norm_experiments.train",
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    timeout: float = 300,
+    module: str = "norm_experiments.train",
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, in a subprocess, from `cwd`."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

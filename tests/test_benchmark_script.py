@@ -14,7 +14,18 @@ REPO = Path(__file__).resolve().parent.parent
 def test_benchmark_smoke_writes_tables(tmp_path: Path) -> None:
     out = tmp_path / "b.md"
     result = subprocess.run(
-        [sys.executable, "scripts/benchmark.py", "--smoke", "--device", "cpu", "--out", str(out)],
+        # One torch thread: on a loaded CI machine two OpenMP threads per op can be several times slower.
+        [
+            sys.executable,
+            "scripts/benchmark.py",
+            "--smoke",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -137,12 +137,18 @@ class BatchSampler:
 
     Volumes are drawn epoch by epoch without replacement (every case once per epoch, in a per-epoch random
     order), `batch_size` volumes per step, `patches_per_volume` random patches from each.
+
+    With several processes (DDP), step t draws world_size x batch_size volumes (and their augmentation
+    seeds) as one global batch, and rank r takes the r-th slice of batch_size: the ranks together see
+    exactly the batch one process with batch_size x world_size would see.
     """
 
-    def __init__(self, volumes: list[Volume], data_cfg: DictConfig, seed: int) -> None:
+    def __init__(self, volumes: list[Volume], data_cfg: DictConfig, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.volumes = volumes
         self.seed = seed
         self.batch_size = int(data_cfg.batch_size)
+        self.rank, self.global_batch = rank, self.batch_size * world_size
         pos = float(data_cfg.foreground_fraction)
         self.augment = Compose(
             [
@@ -162,9 +168,10 @@ class BatchSampler:
         )
 
     def _volume_indices(self, step: int) -> list[int]:
+        """The volumes of the global batch of `step` (all ranks)."""
         n = len(self.volumes)
         indices = []
-        for sample in range(step * self.batch_size, (step + 1) * self.batch_size):
+        for sample in range(step * self.global_batch, (step + 1) * self.global_batch):
             epoch, position = divmod(sample, n)
             order = np.random.default_rng([self.seed, epoch]).permutation(n)
             indices.append(int(order[position]))
@@ -173,9 +180,11 @@ class BatchSampler:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, labels) of shape (batch_size * patches_per_volume, C, *patch) and (..., 1, *patch)."""
         rng = np.random.default_rng([self.seed, step, 1])
+        draws = [(index, int(rng.integers(2**31))) for index in self._volume_indices(step)]
+        mine = draws[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         images, labels = [], []
-        for index in self._volume_indices(step):
-            self.augment.set_random_state(seed=int(rng.integers(2**31)))
+        for index, augment_seed in mine:
+            self.augment.set_random_state(seed=augment_seed)
             for patch in self.augment(self.volumes[index].item):
                 images.append(plain_tensor(patch["image"]))
                 labels.append(plain_tensor(patch["label"]))

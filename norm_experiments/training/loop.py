@@ -8,6 +8,7 @@ a checkpoint plus the step number is enough to continue a run exactly.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import random
@@ -20,17 +21,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from norm_experiments.config import run_identity, validate_config
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, load_data
 from norm_experiments.errors import UserError
 from norm_experiments.models import build_model
 from norm_experiments.models.preflight import preflight
-from norm_experiments.norms import BNStatMonitor, NormSpec, make_norm_spec, renorm_diagnostics, set_renorm_progress
+from norm_experiments.norms import (
+    BNStatMonitor,
+    NormSpec,
+    bn_eval_mode,
+    make_norm_spec,
+    recompute_bn_statistics,
+    renorm_diagnostics,
+    set_renorm_progress,
+)
 from norm_experiments.training import checkpoint as ckpt
-from norm_experiments.training.evaluate import Inference, ValResult, evaluate_bn_modes, evaluate_running
+from norm_experiments.training import distributed
+from norm_experiments.training.evaluate import Inference, ValResult, evaluate
 from norm_experiments.training.outputs import library_versions, peak_rss_mb, read_json, reset_peak_rss, write_json
 from norm_experiments.training.progress import Progress
 from norm_experiments.training.tensorboard import log_hparams, open_writer, slice_panel
@@ -70,12 +81,13 @@ class State:
 # --------------------------------------------------------------------------------------------- set-up
 
 
-def select_device(name: str) -> torch.device:
+def select_device(name: str, job_num: int = 0) -> torch.device:
+    """cpu or cuda; with several GPUs, job k of a parallel sweep uses GPU k mod (number of GPUs)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device=cuda, but no CUDA device is available (use trainer.device=auto or cpu)")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", job_num % torch.cuda.device_count())
 
 
 def amp_dtype(setting: object, device: torch.device) -> torch.dtype | None:
@@ -174,17 +186,36 @@ def existing_run(run_dir: Path, run_id: str, cfg: DictConfig) -> dict | None:
 class Run:
     """Builds everything for one run, then trains it. Split into methods that read in order."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, job_num: int = 0) -> None:
         validate_config(cfg)
+        self.world_size = distributed.world_size()  # processes (GPUs) of a torchrun launch; 1 otherwise
+        if self.world_size > 1:  # 2 GPUs x batch 1 is another experiment than 1 GPU x batch 1: part of the identity
+            with open_dict(cfg):
+                cfg.trainer.world_size = self.world_size
         self.cfg, self.run_dir = cfg, run_dir
         self.run_id = run_identity(cfg)
         self.spec: NormSpec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options or {}))
+        # data.batch_size is volumes per GPU. effective_batch: patches per rank and step (what a plain BatchNorm
+        # layer sees); global_batch: patches per optimizer step over all ranks (the budget counts these).
         self.effective_batch = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
-        preflight(self.spec, cfg.model, list(cfg.data.patch_size), self.effective_batch)
-        self.total_steps = math.ceil(int(cfg.trainer.samples) / self.effective_batch)
-        self.val_every = max(1, round(int(cfg.trainer.val_every_samples) / self.effective_batch))
-        self.ckpt_every = max(1, round(int(cfg.trainer.checkpoint_every_samples) / self.effective_batch))
-        self.device = select_device(str(cfg.trainer.device))
+        self.global_batch = self.effective_batch * self.world_size
+        self.bn_batch = self._bn_batch()
+        preflight(self.spec, cfg.model, list(cfg.data.patch_size),
+                  self.global_batch if self.spec.name == "syncbatch" else self.effective_batch)
+        self.total_steps = math.ceil(int(cfg.trainer.samples) / self.global_batch)
+        self.val_every = max(1, round(int(cfg.trainer.val_every_samples) / self.global_batch))
+        self.ckpt_every = max(1, round(int(cfg.trainer.checkpoint_every_samples) / self.global_batch))
+        self.device = select_device(str(cfg.trainer.device), distributed.local_rank() if self.world_size > 1 else job_num)
+
+    def _bn_batch(self) -> int | None:
+        """Patches each training-mode BatchNorm statistic is computed over; None for batch-independent norms."""
+        if not self.spec.uses_batch_statistics:
+            return None
+        if self.spec.name == "syncbatch":
+            return self.global_batch  # statistics synchronized over all ranks
+        if self.spec.name == "ghostbatch":
+            return min(int(self.spec.options["virtual_batch"]), self.effective_batch)
+        return self.effective_batch
 
     # -- building
 
@@ -200,7 +231,12 @@ class Run:
         self.num_classes = len(self.data.info.labels)
         self.class_names = [self.data.info.labels[i] for i in sorted(self.data.info.labels) if i != 0]
         self.model = build_model(cfg.model, self.spec, self.data.info.num_channels, self.num_classes).to(self.device)
-        self.lr = scaled_lr(cfg.optim, self.effective_batch)
+        # self.net trains (DDP averages the gradients over ranks); self.model, the plain module, is what is
+        # evaluated and saved.
+        self.net: nn.Module = self.model
+        if self.world_size > 1:
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.lr = scaled_lr(cfg.optim, self.global_batch)  # the optimizer's batch: all ranks
         self.optimizer = make_optimizer(cfg.optim, self.model, self.lr)
         warmup = int(self.total_steps * float(cfg.optim.warmup_fraction))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -209,7 +245,7 @@ class Run:
         self.amp = amp_dtype(cfg.trainer.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.sampler = BatchSampler(self.data.train, cfg.data, int(cfg.seed))
+        self.sampler = BatchSampler(self.data.train, cfg.data, int(cfg.seed), distributed.rank(), self.world_size)
         self.inference = Inference(
             roi_size=list(cfg.data.patch_size),
             sw_batch_size=int(cfg.trainer.sw_batch_size),
@@ -227,6 +263,8 @@ class Run:
     # -- checkpoints
 
     def save_checkpoint(self) -> None:
+        if not distributed.is_main():  # every rank holds the same state; rank 0 writes it
+            return
         ckpt.save(
             self.run_dir / ckpt.CHECKPOINT,
             {
@@ -268,9 +306,12 @@ class Run:
             "norm_options": dict(self.spec.options),
             "model": str(self.cfg.model.name),
             "seed": int(self.cfg.seed),
-            "batch_size": int(self.cfg.data.batch_size),
+            "batch_size": int(self.cfg.data.batch_size),  # volumes per GPU (per rank)
             "patches_per_volume": int(self.cfg.data.patches_per_volume),
-            "effective_batch": self.effective_batch,
+            "effective_batch": self.effective_batch,  # patches per rank and step
+            "world_size": self.world_size,
+            "global_batch": self.global_batch,  # patches per optimizer step, all ranks
+            "bn_batch": self.bn_batch,  # patches per BatchNorm statistic in training (null: no batch statistics)
             "lr": self.lr,
             "lr_scaling": str(self.cfg.optim.lr_scaling),
             "samples_budget": int(self.cfg.trainer.samples),
@@ -293,18 +334,19 @@ class Run:
 
     def write_metrics(self, status: str, error: str | None = None, **extra: object) -> dict:
         metrics = self.metrics(status, error, **extra)
-        write_json(self.run_dir / METRICS, metrics)
+        if distributed.is_main():
+            write_json(self.run_dir / METRICS, metrics)
         return metrics
 
     # -- training
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the loss as a tensor (no host sync here)."""
-        self.model.train()
+        self.net.train()
         set_renorm_progress(self.model, self.state.step / self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            loss = self.loss_fn(self.model(images), labels)
+            loss = self.loss_fn(self.net(images), labels)
         self.scaler.scale(loss).backward()
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
@@ -314,8 +356,21 @@ class Run:
         self.scheduler.step()
         return loss.detach()
 
+    def evaluate(self, model: nn.Module, mode: str = "running") -> ValResult:
+        """Dice on the validation volumes with BatchNorm layers in `mode` (running | batch, see bn_eval_mode).
+
+        With several ranks, each evaluates its share of the volumes and the Dice sums are merged. No forward
+        communicates: sync layers use their rank's batch statistics ("batch" mode normalizes each forward with
+        its own statistics, as in one process), so ranks with different numbers of forwards never wait.
+        """
+        with bn_eval_mode(model, mode), distributed.local_batch_statistics(model):
+            if self.world_size == 1:
+                return evaluate(model, self.data.val, self.num_classes, self.inference)
+            return evaluate_shared(model, self.data.val, self.num_classes, self.inference)
+
     def validate(self, writer) -> ValResult:
-        result = evaluate_running(self.model, self.data.val, self.num_classes, self.inference)
+        distributed.broadcast_buffers(self.model)  # one model on every rank: rank 0's running statistics
+        result = self.evaluate(self.model)
         step = self.state.step
         writer.add_scalar("val/dice_mean", result.dice_mean, step)
         for name, dice in zip(self.class_names, result.dice_per_class):
@@ -325,7 +380,8 @@ class Run:
         self.state.history.append({"step": step, "samples_seen": self.state.samples_seen, "val_dice": result.dice_mean})
         if result.dice_mean > self.state.best_val_dice:
             self.state.best_val_dice, self.state.best_step = result.dice_mean, step
-            ckpt.save(self.run_dir / ckpt.BEST_WEIGHTS, self.model.state_dict())
+            if distributed.is_main():
+                ckpt.save(self.run_dir / ckpt.BEST_WEIGHTS, self.model.state_dict())
         return result
 
     def log_diagnostics(self, writer, monitor: BNStatMonitor, loss: float) -> None:
@@ -340,10 +396,31 @@ class Run:
             writer.add_scalar(f"batchrenorm/{name}", value, step)
 
     def precise_bn_batches(self):
-        """Training patches for PreciseBN, drawn from a seed stream the training batches never use."""
-        sampler = BatchSampler(self.data.train, self.cfg.data, seed=int(self.cfg.seed) + 1_000_003)
-        needed = math.ceil(int(self.cfg.trainer.precise_bn_samples) / self.effective_batch)
+        """Training patches for PreciseBN, drawn from a seed stream the training batches never use.
+
+        With several ranks, syncbatch layers synchronize as in training: each rank takes its slice of every
+        global batch (the same number of forwards on every rank) and the layers merge their statistics. Other
+        BatchNorm layers saw only their rank's batch in training: every rank runs all the batches itself, with
+        no communication, and gets the same statistics.
+        """
+        sync = self.spec.name == "syncbatch"
+        rank, world = (distributed.rank(), self.world_size) if sync else (0, 1)
+        sampler = BatchSampler(self.data.train, self.cfg.data, int(self.cfg.seed) + 1_000_003, rank, world)
+        needed = math.ceil(int(self.cfg.trainer.precise_bn_samples) / (self.effective_batch * world))
         return (sampler.batch(i)[0] for i in range(needed))
+
+    def evaluate_bn_modes(self, running: ValResult) -> dict[str, float]:
+        """Mean Dice under BatchNorm's three evaluation modes, without retraining.
+
+        running: the running averages BatchNorm kept during training (what model.eval() uses).
+        batch:   each forward pass normalizes with its own statistics (the windows of one sliding-window batch).
+        precise: population statistics recomputed over training patches after training (PreciseBN), on a copy.
+        """
+        scores = {"running": running.dice_mean, "batch": self.evaluate(self.model, "batch").dice_mean}
+        precise = copy.deepcopy(self.model)
+        recompute_bn_statistics(precise, self.precise_bn_batches(), self.device)
+        scores["precise"] = self.evaluate(precise).dice_mean
+        return scores
 
     def train(self) -> dict:
         """Train to the budget (continuing from a checkpoint if there is one) and write every output."""
@@ -351,11 +428,15 @@ class Run:
         reset_peak_rss()
         self.build()
         resumed = self.restore_checkpoint()
-        OmegaConf.save(self.cfg, self.run_dir / RUN_CONFIG, resolve=True)
+        if distributed.is_main():
+            OmegaConf.save(self.cfg, self.run_dir / RUN_CONFIG, resolve=True)
         self.write_metrics("running")
-        writer = open_writer(self.run_dir, self.state.step if resumed else None)
+        writer = open_writer(self.run_dir, self.state.step if resumed else None) if distributed.is_main() else _NoWriter()
         monitor = BNStatMonitor(self.model)
-        progress = Progress(self.total_steps, self.state.step, str(self.cfg.trainer.progress), self.run_dir.name)
+        gpus = f" x{self.world_size} ranks" if self.world_size > 1 else ""
+        label = f"[{self.spec.name} bs={self.cfg.data.batch_size}{gpus} seed={self.cfg.seed}]"
+        shown = str(self.cfg.trainer.progress) if distributed.is_main() else "none"
+        progress = Progress(self.total_steps, self.state.step, shown, label)
         stop = _StopRequest()
         try:
             with stop.installed(), ThreadPoolExecutor(max_workers=1) as prefetch:
@@ -364,7 +445,9 @@ class Run:
         except RunInterrupted:
             self.save_checkpoint()
             self.write_metrics("interrupted", "stopped by a signal; run the same command again to continue")
-            log.warning("interrupted at step %d: checkpoint saved in %s", self.state.step, self.run_dir)
+            who = f"rank {distributed.rank()}: " if self.world_size > 1 else ""
+            log.warning("%sinterrupted at step %d: checkpoint saved in %s", who, self.state.step, self.run_dir)
+            distributed.barrier()  # no rank exits before rank 0 has saved (torchrun stops the rest when one exits)
             raise
         finally:
             progress.close()
@@ -385,7 +468,7 @@ class Run:
             labels = labels.to(self.device, non_blocking=True)
             loss = self.train_step(images, labels)
             s.step += 1
-            s.samples_seen += images.shape[0]
+            s.samples_seen += images.shape[0] * self.world_size
             log_now = s.step % int(self.cfg.trainer.log_every_steps) == 0 or s.step == self.total_steps
             loss_value = None
             if log_now or progress.wants_loss(s.step):  # reading the loss syncs with the GPU: only when shown
@@ -400,7 +483,7 @@ class Run:
             if s.step % self.ckpt_every == 0 and s.step < self.total_steps:
                 self.save_checkpoint()
             progress.update(s.step, loss_value)
-            if stop.requested:
+            if distributed.any_rank(stop.requested):  # all ranks stop after the same step
                 raise RunInterrupted
 
     def _check_finite(self, loss: float) -> None:
@@ -419,15 +502,17 @@ class Run:
             "val_dice_per_class": dict(zip(self.class_names, final.dice_per_class)),
         }
         if self.spec.uses_batch_statistics and self.cfg.trainer.eval_modes:
-            modes = evaluate_bn_modes(self.model, self.data.val, self.num_classes, self.inference, self.precise_bn_batches())
+            modes = self.evaluate_bn_modes(final)
             extra["eval_modes"] = modes
             for mode, dice in modes.items():
                 writer.add_scalar(f"val/dice_mean_{mode}", dice, self.state.step)
         self.save_checkpoint()
-        ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, self.model.state_dict())
+        if distributed.is_main():
+            ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, self.model.state_dict())
         extra["wall_time_s"] = time.perf_counter() - started
         metrics = self.write_metrics("completed", **extra)
-        hparams = {k: metrics[k] for k in ("norm", "batch_size", "patches_per_volume", "effective_batch", "seed", "lr", "model")}
+        hparams = {k: metrics[k] for k in ("norm", "batch_size", "patches_per_volume", "effective_batch",
+                                           "world_size", "global_batch", "seed", "lr", "model")}
         scores = {"hparam/val_dice": final.dice_mean, "hparam/best_val_dice": self.state.best_val_dice}
         scores.update({f"hparam/val_dice_{m}": d for m, d in extra.get("eval_modes", {}).items()})  # type: ignore[union-attr]
         log_hparams(writer, hparams, scores)
@@ -436,14 +521,17 @@ class Run:
 
 class _StopRequest:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and stops.
-    A second Ctrl-C falls back to Python's default (KeyboardInterrupt) for users who want out at once."""
+    A second Ctrl-C falls back to Python's default (KeyboardInterrupt) for users who want out at once.
+    Under torchrun a second signal is expected (torchrun forwards the one it got to every rank) and ignored;
+    torchrun kills ranks that have not exited 30 s after forwarding."""
 
     def __init__(self) -> None:
         self.requested = False
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        if not distributed.is_distributed():
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     @contextlib.contextmanager
     def installed(self):
@@ -460,14 +548,15 @@ class _StopRequest:
                 signal.signal(sig, handler)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
+def train(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict:
     """Run (or skip, or continue) the experiment described by cfg in run_dir; returns its metrics.
 
     Raises UserError for configuration and data mistakes, RunInterrupted on SIGTERM/SIGINT and RunDiverged
     when the loss is no longer finite (metrics.json says so in each case).
     """
-    run = Run(cfg, run_dir)
+    run = Run(cfg, run_dir, job_num)
     previous = existing_run(run_dir, run.run_id, cfg)
+    distributed.barrier()  # every rank has read the folder before rank 0 writes to it
     if previous is not None:
         log.info("%s: already completed (val_dice=%.4f); nothing to do", run_dir, previous.get("val_dice") or 0.0)
         return {**previous, "skipped": True}
@@ -488,6 +577,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 def _record_failure(run: Run, message: str) -> None:
     """Mark the run failed; never replaces a completed result (that run would have been skipped)."""
+    if not distributed.is_main():
+        return
     try:
         if hasattr(run, "state"):
             run.write_metrics("failed", message)
@@ -497,3 +588,34 @@ def _record_failure(run: Run, message: str) -> None:
                                                 "seed": int(run.cfg.seed), "batch_size": int(run.cfg.data.batch_size)})
     except OSError:
         pass  # the folder itself may be the problem (read-only, full); the error is still reported
+
+
+
+class _NoWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name: str) -> _NoWriter:
+        return self
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
+
+
+def evaluate_shared(model: nn.Module, volumes: list, num_classes: int, inference: Inference) -> ValResult:
+    """evaluate() with the volumes shared out across ranks (every world_size-th to each), merged on all ranks.
+
+    The same numbers as evaluate() on every volume in one process: per class, the sum of the volumes' Dice
+    and the number of volumes whose ground truth holds the class (DiceMetric ignores the others), summed
+    over ranks. The example slice is rank 0's first volume, which is volume 0.
+    """
+    totals = torch.zeros(2, num_classes - 1, dtype=torch.float64)
+    example = None
+    for vol in distributed.shard(volumes):
+        result = evaluate(model, [vol], num_classes, inference)
+        present = torch.tensor([bool((vol.label == c).any()) for c in range(1, num_classes)], dtype=torch.float64)
+        totals[0] += torch.tensor(result.dice_per_class, dtype=torch.float64) * present
+        totals[1] += present
+        example = result.example if example is None else example
+    dice_sum, count = distributed.sum_across_ranks(totals)
+    per_class = torch.where(count > 0, dice_sum / count.clamp_min(1), 0.0).tolist()
+    return ValResult(sum(per_class) / len(per_class), per_class, example)

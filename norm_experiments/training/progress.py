@@ -13,7 +13,7 @@ class Progress:
     def __init__(self, total_steps: int, start_step: int, mode: str, description: str) -> None:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
-        self.mode, self.total, self.start = mode, total_steps, start_step
+        self.mode, self.total, self.start, self.description = mode, total_steps, start_step, description
         self.started = time.perf_counter()
         # Plain mode logs about 20 lines per run, enough to follow a run without flooding a sweep's log.
         self.log_every = max(1, total_steps // 20)
@@ -49,7 +49,7 @@ class Progress:
             done = step - self.start
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(done, 1) * (self.total - step)
-            log.info("step %d/%d  %s  eta %.0fs", step, self.total, info, eta)
+            log.info("%s step %d/%d  %s  eta %.0fs", self.description, step, self.total, info, eta)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -59,8 +59,16 @@ def test_dataset_without_cases(tmp_path: Path) -> None:
     root = tmp_path / "empty"
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
-    (root / "dataset.json").write_text(json.dumps(
-        {"name": "empty", "labels": {"0": "background", "1": "x"}, "modality": {"0": "MRI"}, "training": []}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "empty",
+                "labels": {"0": "background", "1": "x"},
+                "modality": {"0": "MRI"},
+                "training": [],
+            }
+        )
+    )
     result = run_cli(["experiment=smoke", "data=msd", f"data.root={root}"], cwd=tmp_path)
     assert_clean_failure(result, "error:", "no training cases")
     assert no_result_left(tmp_path)

@@ -16,9 +16,24 @@ import pytest
 from tests.helpers import run_cli
 
 # 32 steps at batch size 1, a checkpoint every 8: long enough to be killed in the middle.
-ARGS = ["experiment=smoke", "data.batch_size=1", "trainer.samples=32", "trainer.checkpoint_every_samples=8",
-        "trainer.val_every_samples=16", "trainer.progress=log", "trainer.num_threads=1"]
-COMPARED = ("val_dice", "best_val_dice", "eval_modes", "val_dice_per_class", "samples_seen", "steps", "history")
+ARGS = [
+    "experiment=smoke",
+    "data.batch_size=1",
+    "trainer.samples=32",
+    "trainer.checkpoint_every_samples=8",
+    "trainer.val_every_samples=16",
+    "trainer.progress=log",
+    "trainer.num_threads=1",
+]
+COMPARED = (
+    "val_dice",
+    "best_val_dice",
+    "eval_modes",
+    "val_dice_per_class",
+    "samples_seen",
+    "steps",
+    "history",
+)
 
 
 def metrics_of(run_dir: Path) -> dict:
@@ -35,7 +50,9 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def assert_same_results(a: dict, b: dict) -> None:
     for key in COMPARED:
-        assert a[key] == pytest.approx(b[key], abs=1e-6) if isinstance(a[key], float) else a[key] == b[key], key
+        assert a[key] == pytest.approx(b[key], abs=1e-6) if isinstance(a[key], float) else a[key] == b[key], (
+            key
+        )
 
 
 def test_same_seed_same_metrics(uninterrupted: dict, tmp_path: Path) -> None:
@@ -48,8 +65,13 @@ def test_same_seed_same_metrics(uninterrupted: dict, tmp_path: Path) -> None:
 def test_kill_9_then_same_command_continues_with_same_metrics(uninterrupted: dict, tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "norm_experiments.train", *ARGS, f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     checkpoint = run_dir / "checkpoint.pt"
     deadline = time.time() + 120
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
@@ -69,9 +91,17 @@ def test_kill_9_then_same_command_continues_with_same_metrics(uninterrupted: dic
 
 def test_sigterm_saves_checkpoint_and_exits_3(tmp_path: Path) -> None:
     run_dir = tmp_path / "term"
-    command = [sys.executable, "-m", "norm_experiments.train", *ARGS, "trainer.samples=400",
-               f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "norm_experiments.train",
+        *ARGS,
+        "trainer.samples=400",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 120
     while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

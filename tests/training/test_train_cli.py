@@ -48,8 +48,17 @@ def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/lr", "train/samples_per_s", "val/dice_mean", "val/dice_class1",
-                "val/dice_class2", "val/dice_mean_running", "val/dice_mean_precise", "val/dice_mean_batch"}
+    expected = {
+        "train/loss",
+        "train/lr",
+        "train/samples_per_s",
+        "val/dice_mean",
+        "val/dice_class1",
+        "val/dice_class2",
+        "val/dice_mean_running",
+        "val/dice_mean_precise",
+        "val/dice_mean_batch",
+    }
     assert expected <= scalars, expected - scalars
     assert any(tag.startswith("bn_stats/") for tag in scalars)
     assert "val/slice_input_truth_prediction" in events.Tags()["images"]
@@ -59,7 +68,9 @@ def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
     assert events.Scalars("val/dice_mean")[-1].value == pytest.approx(metrics["val_dice"], abs=1e-6)
     # HParams view: the plugin's session summary is in the same run, not a separate time-stamped one
     hparams = events.PluginTagToContent("hparams")
-    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(
+        hparams
+    )
     assert "hparam/val_dice" in scalars
 
 

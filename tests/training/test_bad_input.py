@@ -1,0 +1,169 @@
+"""Every bad input through the real CLI: one clear line naming the file or key, a non-zero exit, no
+traceback, and nothing left behind that a resume or the report could take for a result."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from norm_experiments.data.synthetic import SynthConfig, generate_dataset
+from tests.helpers import run_cli
+
+SMOKE = ["experiment=smoke", "trainer.num_threads=1", "data=msd"]
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = SynthConfig(num_cases=6, shape=(24, 24, 24), radius_range=(3.0, 6.0), seed=3)
+    return generate_dataset(tmp_path_factory.mktemp("pristine") / "msd", cfg, "msd")
+
+
+def _image(root: Path, i: int = 1) -> Path:
+    return root / "imagesTr" / f"synth_{i:03d}.nii.gz"
+
+
+def _label(root: Path, i: int = 1) -> Path:
+    return root / "labelsTr" / f"synth_{i:03d}.nii.gz"
+
+
+def _resave(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> None:
+    old = nib.load(str(path))
+    nib.save(nib.Nifti1Image(array, old.affine if affine is None else affine), str(path))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _shape_mismatch(root: Path) -> None:
+    _resave(_label(root), np.zeros((24, 24, 20), np.uint8))
+
+
+def _affine_mismatch(root: Path) -> None:
+    label = nib.load(str(_label(root)))
+    _resave(_label(root), np.asarray(label.dataobj), np.diag([3.0, 3.0, 3.0, 1.0]))
+
+
+def _label_out_of_range(root: Path) -> None:
+    label = np.asarray(nib.load(str(_label(root))).dataobj).copy()
+    label[0, 0, 0] = 7
+    _resave(_label(root), label)
+
+
+def _non_integer_label(root: Path) -> None:
+    label = np.asarray(nib.load(str(_label(root))).dataobj).astype(np.float32)
+    label[0, 0, 0] = 0.5
+    _resave(_label(root), label)
+
+
+def _nan_voxel(root: Path) -> None:
+    image = np.asarray(nib.load(str(_image(root))).dataobj).copy()
+    image[3, 3, 3] = np.nan
+    _resave(_image(root), image)
+
+
+def _image_2d(root: Path) -> None:
+    _resave(_image(root), np.zeros((24, 24), np.float32))
+
+
+def _json_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        meta = json.loads((root / "dataset.json").read_text())
+        edit(meta)
+        (root / "dataset.json").write_text(json.dumps(meta))
+
+    return apply
+
+
+def _malformed_json(root: Path) -> None:
+    (root / "dataset.json").write_text('{"training": [')
+
+
+def _duplicate(meta: dict) -> None:
+    meta["training"].append(dict(meta["training"][0]))
+
+
+CASES = [
+    ("missing image", lambda r: _image(r).unlink(), [], "imagesTr/synth_001.nii.gz"),
+    ("missing label", lambda r: _label(r).unlink(), [], "labelsTr/synth_001.nii.gz"),
+    ("truncated gz", lambda r: _truncate(_image(r)), [], "imagesTr/synth_001.nii.gz"),
+    ("shape mismatch", _shape_mismatch, [], "synth_001"),
+    ("affine mismatch", _affine_mismatch, [], "synth_001"),
+    ("label outside classes", _label_out_of_range, [], "labelsTr/synth_001.nii.gz"),
+    ("non-integer label", _non_integer_label, [], "labelsTr/synth_001.nii.gz"),
+    ("NaN voxel", _nan_voxel, [], "imagesTr/synth_001.nii.gz"),
+    ("2D image", _image_2d, [], "imagesTr/synth_001.nii.gz"),
+    ("malformed dataset.json", _malformed_json, [], "dataset.json"),
+    ("missing labels key", _json_edit(lambda m: m.pop("labels")), [], "labels"),
+    ("duplicate case", _json_edit(_duplicate), [], "synth_000"),
+    ("empty validation split", lambda r: None, ["data.val_fraction=0.01"], "data.val_fraction"),
+    ("impossible group count", lambda r: None, ["norm=group", "norm.options.num_groups=5"], "num_groups"),
+]
+
+
+@pytest.mark.parametrize(("what", "corrupt", "overrides", "needle"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(
+    pristine: Path, tmp_path: Path, what, corrupt, overrides, needle
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(pristine, root)
+    corrupt(root)
+    result = run_cli([*SMOKE, f"data.root={root}", *overrides, "hydra.run.dir=run"], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], output[-2000:]
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "model.pt").exists() and not (run_dir / "checkpoint.pt").exists()
+    if (run_dir / "metrics.json").exists():  # allowed only as an honest failure record
+        assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_unwritable_output_dir(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    result = run_cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-2000:]
+    assert "a_file" in result.stderr
+
+
+def test_full_disk_while_saving_a_checkpoint(pristine: Path, tmp_path: Path) -> None:
+    """A full disk is simulated with a file-size limit (RLIMIT_FSIZE): small files still fit, the
+    checkpoint does not. The run must fail cleanly and leave no partial checkpoint behind."""
+    run_dir = tmp_path / "run"
+
+    def small_files_only() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "norm_experiments.train",
+            *SMOKE,
+            f"data.root={pristine}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files_only,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert "could not write" in result.stderr and ".pt" in result.stderr
+    assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "model.pt").exists()
+    assert not list(run_dir.glob(".*.tmp"))  # the temporary file was removed
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
