@@ -3,6 +3,7 @@
     norm-exp-train norm=group data.batch_size=2 seed=3
     norm-exp-train -m experiment=norm_sweep_quick
     norm-exp-train resume=outputs/runs/norm=group,data.batch_size=2
+    torchrun --nproc_per_node=4 -m norm_experiments.train norm=syncbatch data.batch_size=1   # DDP, 4 GPUs
 
 Exit status: 0 completed (or already completed), 2 a mistake in the config or the data (one `error:` line),
 3 interrupted by SIGTERM/SIGINT with a checkpoint saved (run the same command to continue), 4 diverged.
@@ -23,11 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments.config import CONFIG_DIR, register_resolvers
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
+from norm_experiments.training import distributed
 from norm_experiments.training.loop import EXIT_DIVERGED, EXIT_INTERRUPTED, RunDiverged, RunInterrupted, train
 
 log = logging.getLogger("norm_experiments.train")
 
 register_resolvers()
+
+# Ranks other than 0 of a torchrun launch leave the run dir to rank 0: no .hydra/ copy, no log file, warnings
+# only (on stdout). These are Hydra overrides: they change neither the run dir's name nor the run's identity.
+OTHER_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=stdout",
+                        "hydra.job_logging.root.level=WARNING"]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -36,6 +43,7 @@ def hydra_main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    _check_distributed_launch(in_sweep, run_dir)
     try:
         metrics = train(cfg, run_dir, job_num=hydra_cfg.job.num if in_sweep else 0)
     except RunInterrupted:
@@ -51,9 +59,25 @@ def hydra_main(cfg: DictConfig) -> float:
             raise
         log.exception("%s failed", run_dir.name)  # a crash, not a user mistake: keep its traceback
         return math.nan
-    if not in_sweep:
+    if not in_sweep and distributed.is_main():
         _print_summary(metrics, run_dir)
     return float(metrics.get("val_dice") or math.nan)
+
+
+def _check_distributed_launch(in_sweep: bool, run_dir: Path) -> None:
+    """Under torchrun: one run (no sweep) in the same folder on every rank; otherwise exit 2."""
+    if not distributed.is_distributed():
+        return
+    problem = None
+    if in_sweep:
+        problem = ("a torchrun launch trains one run, not a sweep (-m): start one torchrun per run "
+                   "(e.g. one SLURM job each, see scripts/slurm_torchrun.sbatch)")
+    elif not distributed.same_on_all_ranks(str(run_dir)):
+        problem = (f"ranks resolved different run folders (rank {distributed.rank()}: {run_dir}); "
+                   "set hydra.run.dir")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
 
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:
@@ -85,11 +109,18 @@ def resume_argv(argv: list[str]) -> list[str]:
 
 def main() -> None:
     try:
+        distributed.setup()  # under torchrun: join the other ranks (one process per GPU); else nothing
         sys.argv = resume_argv(sys.argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
-    hydra_main()
+    try:
+        distributed.barrier()  # all ranks have read resume='s overrides before rank 0's Hydra rewrites them
+        if not distributed.is_main():
+            sys.argv += OTHER_RANK_OVERRIDES
+        hydra_main()
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

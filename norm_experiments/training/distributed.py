@@ -18,8 +18,10 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from norm_experiments.errors import UserError
+from norm_experiments.norms import PortableSyncBatchNorm
 
 # One single-rank group per process, for evaluating with local batch statistics (see local_batch_statistics).
 _local_group: dist.ProcessGroup | None = None
@@ -37,10 +39,9 @@ def setup() -> None:
     backend = "gloo"
     if torch.cuda.is_available() and dist.is_nccl_available():
         if local_rank() >= torch.cuda.device_count():
-            raise UserError(
-                f"torchrun started more processes on this node than the {torch.cuda.device_count()} visible GPUs "
-                f"(LOCAL_RANK={local_rank()}); use --nproc_per_node={torch.cuda.device_count()} or fewer"
-            )
+            count = torch.cuda.device_count()
+            raise UserError(f"torchrun started more processes on this node than the {count} visible GPUs "
+                            f"(LOCAL_RANK={local_rank()}); use --nproc_per_node={count} or fewer")
         torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend)
@@ -118,6 +119,28 @@ def broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
+class _DDP(DistributedDataParallel):
+    """DistributedDataParallel that accepts PortableSyncBatchNorm in a CPU module.
+
+    DDP refuses every SyncBatchNorm on CPU because torch's kernels are CUDA-only; our layer has a CPU (gloo)
+    path. On GPUs torch's own check runs unchanged.
+    """
+
+    def _passing_sync_batchnorm_handle(self, module: nn.Module) -> None:
+        if self.device_type != "cpu":
+            return super()._passing_sync_batchnorm_handle(module)
+        for layer in module.modules():
+            if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, PortableSyncBatchNorm):
+                raise ValueError("torch.nn.SyncBatchNorm runs on GPUs only; norm=syncbatch also runs on CPU")
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` wrapped for training under DDP (gradients averaged over ranks); `model` itself when alone."""
+    if not is_distributed():
+        return model
+    return _DDP(model, device_ids=[device] if device.type == "cuda" else None)  # CPU (gloo): no device_ids
+
+
 def shard(items: list) -> list:
     """This rank's share of `items`: every world_size-th one, starting at its rank."""
     return items[rank() :: world_size()]
@@ -138,5 +161,5 @@ def local_batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
             layer.process_group = _local_group  # world size 1: the layer behaves as BatchNorm
         yield model
     finally:
-        for layer, group in zip(layers, groups):
+        for layer, group in zip(layers, groups, strict=True):
             layer.process_group = group

@@ -23,7 +23,6 @@ import torch
 from monai.losses import DiceCELoss
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from norm_experiments.config import run_identity, validate_config
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, load_data
@@ -189,14 +188,14 @@ class Run:
     def __init__(self, cfg: DictConfig, run_dir: Path, job_num: int = 0) -> None:
         validate_config(cfg)
         self.world_size = distributed.world_size()  # processes (GPUs) of a torchrun launch; 1 otherwise
-        if self.world_size > 1:  # 2 GPUs x batch 1 is another experiment than 1 GPU x batch 1: part of the identity
+        if self.world_size > 1:  # 2 GPUs x batch 1 is not the run 1 GPU x batch 1: part of the run's identity
             with open_dict(cfg):
                 cfg.trainer.world_size = self.world_size
         self.cfg, self.run_dir = cfg, run_dir
         self.run_id = run_identity(cfg)
-        self.spec: NormSpec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options or {}))
-        # data.batch_size is volumes per GPU. effective_batch: patches per rank and step (what a plain BatchNorm
-        # layer sees); global_batch: patches per optimizer step over all ranks (the budget counts these).
+        self.spec: NormSpec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options))
+        # data.batch_size is volumes per GPU. effective_batch: patches per rank and step (what a plain
+        # BatchNorm layer sees); global_batch: patches per optimizer step, all ranks (what the budget counts).
         self.effective_batch = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
         self.global_batch = self.effective_batch * self.world_size
         self.bn_batch = self._bn_batch()
@@ -205,10 +204,11 @@ class Run:
         self.total_steps = math.ceil(int(cfg.trainer.samples) / self.global_batch)
         self.val_every = max(1, round(int(cfg.trainer.val_every_samples) / self.global_batch))
         self.ckpt_every = max(1, round(int(cfg.trainer.checkpoint_every_samples) / self.global_batch))
-        self.device = select_device(str(cfg.trainer.device), distributed.local_rank() if self.world_size > 1 else job_num)
+        gpu_index = distributed.local_rank() if self.world_size > 1 else job_num
+        self.device = select_device(str(cfg.trainer.device), gpu_index)
 
     def _bn_batch(self) -> int | None:
-        """Patches each training-mode BatchNorm statistic is computed over; None for batch-independent norms."""
+        """Patches each training-mode BatchNorm statistic is computed over; None: no batch statistics."""
         if not self.spec.uses_batch_statistics:
             return None
         if self.spec.name == "syncbatch":
@@ -231,11 +231,9 @@ class Run:
         self.num_classes = len(self.data.info.labels)
         self.class_names = [self.data.info.labels[i] for i in sorted(self.data.info.labels) if i != 0]
         self.model = build_model(cfg.model, self.spec, self.data.info.num_channels, self.num_classes).to(self.device)
-        # self.net trains (DDP averages the gradients over ranks); self.model, the plain module, is what is
-        # evaluated and saved.
-        self.net: nn.Module = self.model
-        if self.world_size > 1:
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        # self.net trains (under DDP it averages the gradients over ranks); self.model, the plain module, is
+        # what is evaluated and saved.
+        self.net = distributed.wrap_ddp(self.model, self.device)
         self.lr = scaled_lr(cfg.optim, self.global_batch)  # the optimizer's batch: all ranks
         self.optimizer = make_optimizer(cfg.optim, self.model, self.lr)
         warmup = int(self.total_steps * float(cfg.optim.warmup_fraction))
@@ -245,7 +243,8 @@ class Run:
         self.amp = amp_dtype(cfg.trainer.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.sampler = BatchSampler(self.data.train, cfg.data, int(cfg.seed), distributed.rank(), self.world_size)
+        self.sampler = BatchSampler(self.data.train, cfg.data, int(cfg.seed), distributed.rank(),
+                                    self.world_size)
         self.inference = Inference(
             roi_size=list(cfg.data.patch_size),
             sw_batch_size=int(cfg.trainer.sw_batch_size),
@@ -311,7 +310,7 @@ class Run:
             "effective_batch": self.effective_batch,  # patches per rank and step
             "world_size": self.world_size,
             "global_batch": self.global_batch,  # patches per optimizer step, all ranks
-            "bn_batch": self.bn_batch,  # patches per BatchNorm statistic in training (null: no batch statistics)
+            "bn_batch": self.bn_batch,  # patches per BatchNorm statistic in training (None: not batch-based)
             "lr": self.lr,
             "lr_scaling": str(self.cfg.optim.lr_scaling),
             "samples_budget": int(self.cfg.trainer.samples),
@@ -413,7 +412,7 @@ class Run:
         """Mean Dice under BatchNorm's three evaluation modes, without retraining.
 
         running: the running averages BatchNorm kept during training (what model.eval() uses).
-        batch:   each forward pass normalizes with its own statistics (the windows of one sliding-window batch).
+        batch:   each forward normalizes with its own statistics (the windows of one sliding-window batch).
         precise: population statistics recomputed over training patches after training (PreciseBN), on a copy.
         """
         scores = {"running": running.dice_mean, "batch": self.evaluate(self.model, "batch").dice_mean}
@@ -431,7 +430,9 @@ class Run:
         if distributed.is_main():
             OmegaConf.save(self.cfg, self.run_dir / RUN_CONFIG, resolve=True)
         self.write_metrics("running")
-        writer = open_writer(self.run_dir, self.state.step if resumed else None) if distributed.is_main() else _NoWriter()
+        writer = _NoWriter()
+        if distributed.is_main():
+            writer = open_writer(self.run_dir, self.state.step if resumed else None)
         monitor = BNStatMonitor(self.model)
         gpus = f" x{self.world_size} ranks" if self.world_size > 1 else ""
         label = f"[{self.spec.name} bs={self.cfg.data.batch_size}{gpus} seed={self.cfg.seed}]"
@@ -446,8 +447,8 @@ class Run:
             self.save_checkpoint()
             self.write_metrics("interrupted", "stopped by a signal; run the same command again to continue")
             who = f"rank {distributed.rank()}: " if self.world_size > 1 else ""
-            log.warning("%sinterrupted at step %d: checkpoint saved in %s", who, self.state.step, self.run_dir)
-            distributed.barrier()  # no rank exits before rank 0 has saved (torchrun stops the rest when one exits)
+            log.warning("%sinterrupted at step %d: checkpoint in %s", who, self.state.step, self.run_dir)
+            distributed.barrier()  # no rank exits before rank 0 saved: torchrun stops the rest when one exits
             raise
         finally:
             progress.close()
@@ -612,7 +613,8 @@ def evaluate_shared(model: nn.Module, volumes: list, num_classes: int, inference
     example = None
     for vol in distributed.shard(volumes):
         result = evaluate(model, [vol], num_classes, inference)
-        present = torch.tensor([bool((vol.label == c).any()) for c in range(1, num_classes)], dtype=torch.float64)
+        present = torch.tensor([bool((vol.label == c).any()) for c in range(1, num_classes)],
+                               dtype=torch.float64)
         totals[0] += torch.tensor(result.dice_per_class, dtype=torch.float64) * present
         totals[1] += present
         example = result.example if example is None else example

@@ -1,0 +1,47 @@
+"""Every norm trains a smoke run at batch sizes 1 and 2 (the real config, composed as the CLI would),
+MONAI's BasicUNet trains with our norms, and the pre-flight check catches one-value-per-channel layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from norm_experiments.errors import UserError
+from norm_experiments.models.preflight import preflight
+from norm_experiments.norms import NORM_NAMES, make_norm_spec
+from norm_experiments.training.loop import train
+from tests.helpers import compose_config
+
+FAST = ["experiment=smoke", "trainer.samples=4", "trainer.val_every_samples=4", "trainer.num_threads=1"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("norm", NORM_NAMES)
+def test_every_norm_trains_at_batch_1_and_2(norm: str, batch_size: int, tmp_path: Path) -> None:
+    cfg = compose_config([*FAST, f"norm={norm}", f"data.batch_size={batch_size}"])
+    metrics = train(cfg, tmp_path)
+    assert metrics["status"] == "completed"
+    assert metrics["norm"] == norm and metrics["effective_batch"] == batch_size
+    assert 0.0 <= metrics["val_dice"] <= 1.0
+    assert ("eval_modes" in metrics) == (norm in {"batch", "batchrenorm", "ghostbatch", "syncbatch"})
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("norm", ["group", "frn", "batchrenorm"])
+def test_monai_basic_unet_trains_with_our_norms(norm: str, tmp_path: Path) -> None:
+    overrides = [*FAST, "model=basic_unet", f"norm={norm}", "data.batch_size=2"]
+    metrics = train(compose_config(overrides), tmp_path)
+    assert metrics["status"] == "completed" and metrics["model"] == "basic_unet"
+
+
+def test_preflight_one_by_one_by_one_bottleneck() -> None:
+    model = compose_config(["experiment=smoke"]).model  # depth 2: an 4^3 patch has a 1^3 bottleneck
+    for norm in ("batch", "instance"):
+        with pytest.raises(UserError, match="level 2"):
+            preflight(make_norm_spec(norm), model, [4, 4, 4], effective_batch=1)
+    preflight(make_norm_spec("group"), model, [4, 4, 4], effective_batch=2)  # accepted
+    preflight(make_norm_spec("batch"), model, [4, 4, 4], effective_batch=2)  # 2 values per channel: fine
+    with pytest.raises(UserError, match="data.patch_size"):
+        preflight(make_norm_spec("group"), model, [6, 6, 6], effective_batch=2)  # not divisible by 4
