@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import re
 from pathlib import Path
@@ -110,3 +111,21 @@ def validate_config(cfg: DictConfig) -> None:
         root = cfg.data.root
         _require(root is not None and Path(str(root)).expanduser().is_dir(), "data.root",
                  f"dataset folder does not exist: {root}")
+
+
+def output_dir_problem(argv: list[str]) -> str | None:
+    """Why the run/sweep folder named on the command line (default outputs/) cannot be created, or None.
+
+    Checked before Hydra starts, because Hydra creates the folder first and would fail with a traceback.
+    """
+    keys = ("hydra.run.dir=", "hydra.sweep.dir=")
+    named = [(a.split("=", 1)[0], a.split("=", 1)[1]) for a in argv if a.startswith(keys)]
+    for key, value in named or [("output folder", "outputs")]:
+        path = Path(value).expanduser().absolute()
+        while not path.exists():
+            path = path.parent
+        if not path.is_dir():
+            return f"{key}={value}: cannot create the folder, {path} is a file"
+        if not os.access(path, os.W_OK):
+            return f"{key}={value}: cannot create the folder, {path} is not writable"
+    return None

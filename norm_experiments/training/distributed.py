@@ -131,7 +131,8 @@ class _DDP(DistributedDataParallel):
             return super()._passing_sync_batchnorm_handle(module)
         for layer in module.modules():
             if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, PortableSyncBatchNorm):
-                raise ValueError("torch.nn.SyncBatchNorm runs on GPUs only; norm=syncbatch also runs on CPU")
+                raise UserError("torch.nn.SyncBatchNorm (MONAI networks' norm=syncbatch) runs on GPUs only; "
+                                "on CPU use model=unet, whose syncbatch layers also run there")
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:

@@ -418,6 +418,9 @@ class Run:
         scores = {"running": running.dice_mean, "batch": self.evaluate(self.model, "batch").dice_mean}
         precise = copy.deepcopy(self.model)
         recompute_bn_statistics(precise, self.precise_bn_batches(), self.device)
+        # Already equal on every rank, except torch's own SyncBatchNorm (MONAI nets), whose statistics
+        # recompute_bn_statistics does not merge: then rank 0's share of the patches decides.
+        distributed.broadcast_buffers(precise)
         scores["precise"] = self.evaluate(precise).dice_mean
         return scores
 

@@ -1,4 +1,4 @@
-"""Several processes (torchrun, DistributedDataParallel) on CPU with gloo: what a multi-GPU run does, minus NCCL.
+"""Several processes (torchrun, DistributedDataParallel) on CPU with gloo: a multi-GPU run, minus NCCL.
 
 A 2-rank syncbatch run at batch size 1 is the 1-process BatchNorm run at batch size 2 (same volumes per step,
 statistics over the global batch); rank 0 alone writes the outputs; metrics.json records per-GPU and global
@@ -25,9 +25,12 @@ import torch.nn.functional as F
 from norm_experiments.models.unet import UNet3D
 from norm_experiments.norms import make_norm_spec
 from norm_experiments.training import distributed
-from tests.helpers import run_cli
+from norm_experiments.training.loop import Run
+from tests.helpers import compose_config, run_cli
 
 SMOKE = ["experiment=smoke", "trainer.num_threads=1", "trainer.progress=log"]
+# 16 steps at a global batch of 2, a checkpoint every 2 steps: time to be stopped in the middle.
+BUDGET = ["trainer.samples=32", "trainer.checkpoint_every_samples=4"]
 BN_STATS = ("running_mean", "running_var")
 
 
@@ -42,70 +45,87 @@ def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
             str(free_port()), "-m", "norm_experiments.train", *SMOKE, *args]
 
 
-def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(args), cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
 def metrics_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def sync_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    """2 ranks x batch size 1 with SyncBatchNorm: BatchNorm sees the global batch of 2."""
+def sync_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, subprocess.CompletedProcess]:
+    """2 ranks x batch size 1 with SyncBatchNorm, stopped by SIGTERM after its first checkpoint, then
+    continued by the same command: (run dir, output of the stopped launch, the continuing launch)."""
     cwd = tmp_path_factory.mktemp("ddp")
-    result = torchrun(["norm=syncbatch", "data.batch_size=1", f"hydra.run.dir={cwd / 'run'}"], cwd)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return cwd / "run", result
+    run_dir = cwd / "run"
+    command = torchrun_command(["norm=syncbatch", "data.batch_size=1", *BUDGET, f"hydra.run.dir={run_dir}"])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=env)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM and Ctrl-C do: torchrun and every rank get it
+    stopped, _ = proc.communicate(timeout=120)
+    resumed = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    return run_dir, stopped, resumed
 
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """1 process x batch size 2 with BatchNorm, the same seed: the run sync_run should reproduce."""
     cwd = tmp_path_factory.mktemp("single")
-    result = run_cli([*SMOKE, "norm=batch", "data.batch_size=2", f"hydra.run.dir={cwd / 'run'}"], cwd=cwd)
+    args = [*SMOKE, "norm=batch", "data.batch_size=2", *BUDGET, f"hydra.run.dir={cwd / 'run'}"]
+    result = run_cli(args, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "run"
 
 
+def test_sigterm_stops_every_rank_after_the_same_step_and_the_same_command_continues(sync_run) -> None:
+    run_dir, stopped, resumed = sync_run
+    at_step = dict(re.findall(r"rank (\d): interrupted at step (\d+)", stopped))
+    assert set(at_step) == {"0", "1"} and len(set(at_step.values())) == 1, stopped[-3000:]
+    assert 0 < int(at_step["0"]) < 16
+    assert "resuming" in (run_dir / "train.log").read_text()
+    assert "Traceback" not in resumed.stdout + resumed.stderr
+
+
 def test_ddp_run_records_batch_sizes_and_rank_0_alone_writes(sync_run) -> None:
-    run_dir, result = sync_run
+    run_dir, _, resumed = sync_run
     metrics = metrics_of(run_dir)
     assert metrics["status"] == "completed" and metrics["world_size"] == 2
     assert metrics["batch_size"] == 1 and metrics["effective_batch"] == 1  # per GPU
     assert metrics["global_batch"] == 2 and metrics["bn_batch"] == 2  # syncbatch: statistics over both ranks
-    assert metrics["samples_seen"] == 16 and metrics["steps"] == 8  # trainer.samples counts global patches
+    assert metrics["samples_seen"] == 32 and metrics["steps"] == 16  # trainer.samples counts global patches
     assert set(metrics["eval_modes"]) == {"running", "precise", "batch"}
-    # one set of outputs: one metrics.json, one TensorBoard event file, one log, Hydra's files once
+    # one set of outputs: one metrics.json, an event file and a log block per launch, Hydra's files once
     assert [p.name for p in run_dir.parent.rglob("metrics.json")] == ["metrics.json"]
-    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 2
+    assert (run_dir / "train.log").read_text().count(" data: ") == 2
     for name in ("model.pt", "best_model.pt", "checkpoint.pt", "run_config.yaml", ".hydra/overrides.yaml"):
         assert (run_dir / name).exists(), name
-    assert (run_dir / "train.log").read_text().count(" data: ") == 1
     assert "world_size: 2" in (run_dir / "run_config.yaml").read_text()  # part of the run's identity
-    assert result.stdout.count("val_dice=") + result.stderr.count("val_dice=") == 1  # summary from rank 0 only
+    assert (resumed.stdout + resumed.stderr).count("val_dice=") == 1  # the summary, from rank 0 only
 
 
 def test_two_syncbatch_ranks_at_batch_1_train_as_batchnorm_at_batch_2(sync_run, single_run) -> None:
-    """Same volumes per step, same statistics, same gradients: the same run up to float rounding.
+    """Same volumes per step, same statistics, same gradients: the same run up to float rounding, although
+    the 2-rank run was stopped and continued.
 
     Rounding differences (sums in another order) are ~1e-7 after one step (see the next test), but AdamW's
     first steps are nearly sign(gradient) steps, so a gradient component near zero can flip and move a
-    weight by ~2 lr; after 8 steps the running statistics agree to ~2e-4, not 1e-5.
+    weight by ~2 lr; after 16 steps the running statistics agree to ~5e-4 (values ~0.2-1.4), not 1e-5.
     """
     ddp, single = metrics_of(sync_run[0]), metrics_of(single_run)
-    assert ddp["global_batch"] == single["global_batch"] == single["bn_batch"] == 2
+    assert single["world_size"] == 1 and single["global_batch"] == single["bn_batch"] == 2
     for a, b in zip(ddp["history"], single["history"], strict=True):
         assert a["step"] == b["step"] and a["samples_seen"] == b["samples_seen"]
-        assert a["val_dice"] == pytest.approx(b["val_dice"], abs=1e-4)
+        assert a["val_dice"] == pytest.approx(b["val_dice"], abs=1e-3)
     for mode in ("running", "precise", "batch"):
-        assert ddp["eval_modes"][mode] == pytest.approx(single["eval_modes"][mode], abs=1e-4), mode
+        assert ddp["eval_modes"][mode] == pytest.approx(single["eval_modes"][mode], abs=1e-3), mode
     a, b = torch.load(sync_run[0] / "model.pt"), torch.load(single_run / "model.pt")
     assert a.keys() == b.keys()
     for key in a:
         if key.endswith(BN_STATS):
-            torch.testing.assert_close(a[key], b[key], atol=1e-3, rtol=0, msg=key)
+            torch.testing.assert_close(a[key], b[key], atol=5e-3, rtol=0, msg=key)
 
 
 def _one_step_on_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -121,9 +141,20 @@ def _one_step_on_rank(rank: int, world: int, port: int, out: str) -> None:
         F.cross_entropy(net(images[rank : rank + 1]), labels[rank : rank + 1]).backward()
         if rank == 0:
             grads = {name: p.grad for name, p in model.named_parameters()}
-            torch.save({"state": model.state_dict(), "grads": grads}, out)
+            torch.save({"state": model.state_dict(), "grads": grads, "sizes": _batch_sizes()}, out)
     finally:
         distributed.teardown()
+
+
+def _batch_sizes() -> dict[str, tuple]:
+    """(world_size, effective, global, bn batch, steps) a run of each norm records at data.batch_size=2."""
+    sizes = {}
+    for norm in ("group", "batch", "syncbatch", "ghostbatch"):
+        cfg = compose_config(["experiment=smoke", f"norm={norm}", "data.batch_size=2", "trainer.samples=16"]
+                             + (["norm.options.virtual_batch=1"] if norm == "ghostbatch" else []))
+        run = Run(cfg, Path("never-written"))
+        sizes[norm] = (run.world_size, run.effective_batch, run.global_batch, run.bn_batch, run.total_steps)
+    return sizes
 
 
 def _model(norm: str) -> torch.nn.Module:
@@ -141,7 +172,8 @@ def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_one_synchronized_step_equals_batchnorm_on_the_global_batch(tmp_path: Path) -> None:
     """DDP + syncbatch over 2 ranks (1 volume each) vs BatchNorm on both volumes in one process: running
-    statistics after the forward and every gradient after the backward agree to 1e-5."""
+    statistics after the forward and every gradient after the backward agree to 1e-5. Also the batch sizes
+    a 2-rank run records at data.batch_size=2 with a budget of 16 patches."""
     out = tmp_path / "rank0.pt"
     mp.spawn(_one_step_on_rank, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp = torch.load(out)
@@ -153,27 +185,9 @@ def test_one_synchronized_step_equals_batchnorm_on_the_global_batch(tmp_path: Pa
             torch.testing.assert_close(ddp["state"][key], value, atol=1e-5, rtol=0, msg=key)
     for name, p in reference.named_parameters():
         torch.testing.assert_close(ddp["grads"][name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_sigterm_stops_all_ranks_at_one_step_and_the_same_command_continues(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    args = ["norm=group", "data.batch_size=2", "trainer.samples=96", "trainer.val_every_samples=96",
-            f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(torchrun_command(args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 120
-    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)  # as SLURM or Ctrl-C does: torchrun and every rank get it
-    output, _ = proc.communicate(timeout=120)
-    stopped = dict(re.findall(r"rank (\d): interrupted at step (\d+)", output))
-    assert set(stopped) == {"0", "1"} and len(set(stopped.values())) == 1, output[-3000:]
-    metrics = metrics_of(run_dir)
-    assert metrics["status"] == "interrupted" and metrics["steps"] == int(stopped["0"]) < 24
-
-    result = torchrun(args, tmp_path)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "resuming" in (run_dir / "train.log").read_text()
-    metrics = metrics_of(run_dir)
-    assert metrics["status"] == "completed" and metrics["steps"] == 24 and metrics["samples_seen"] == 96
-    assert metrics["world_size"] == 2 and metrics["global_batch"] == 4 and metrics["bn_batch"] is None
+    assert ddp["sizes"] == {
+        "group": (2, 2, 4, None, 4),  # batch-independent: no BatchNorm batch
+        "batch": (2, 2, 4, 2, 4),  # BatchNorm sees its rank's 2 patches
+        "syncbatch": (2, 2, 4, 4, 4),  # ... or all 4 when synchronized
+        "ghostbatch": (2, 2, 4, 1, 4),  # ... or its virtual batch
+    }
