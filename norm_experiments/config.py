@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import re
 from pathlib import Path
 
@@ -73,44 +73,89 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 def _positive_int(cfg: DictConfig, key: str) -> None:
     value = OmegaConf.select(cfg, key)
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key,
-             f"must be a whole number >= 1, got {value!r}")
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        key,
+        f"must be a whole number >= 1, got {value!r}",
+    )
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Check values a typo or an impossible choice would break, naming the key (types and ranges)."""
-    for key in ("data.batch_size", "data.patches_per_volume", "trainer.samples", "trainer.val_every_samples",
-                "trainer.checkpoint_every_samples", "trainer.log_every_steps", "trainer.sw_batch_size",
-                "trainer.precise_bn_samples"):
+    for key in (
+        "data.batch_size",
+        "data.patches_per_volume",
+        "trainer.samples",
+        "trainer.val_every_samples",
+        "trainer.checkpoint_every_samples",
+        "trainer.log_every_steps",
+        "trainer.sw_batch_size",
+        "trainer.precise_bn_samples",
+    ):
         _positive_int(cfg, key)
     patch = list(cfg.data.patch_size)
-    _require(len(patch) == 3 and all(isinstance(p, int) and p >= 1 for p in patch), "data.patch_size",
-             f"must be three whole numbers >= 1, got {patch}")
+    _require(
+        len(patch) == 3 and all(isinstance(p, int) and p >= 1 for p in patch),
+        "data.patch_size",
+        f"must be three whole numbers >= 1, got {patch}",
+    )
     frac = cfg.data.foreground_fraction
-    _require(isinstance(frac, (int, float)) and 0 <= frac <= 1, "data.foreground_fraction",
-             f"must be between 0 and 1, got {frac!r}")
-    _require(cfg.data.intensity in ("zscore", "none"), "data.intensity",
-             f"must be zscore or none, got {cfg.data.intensity!r}")
-    _require(cfg.trainer.device in ("auto", "cpu", "cuda"), "trainer.device",
-             f"must be auto, cpu or cuda, got {cfg.trainer.device!r}")
-    _require(cfg.trainer.progress in ("auto", "bar", "log", "none"), "trainer.progress",
-             f"must be auto, bar, log or none, got {cfg.trainer.progress!r}")
-    _require(cfg.trainer.amp in ("auto", True, False), "trainer.amp",
-             f"must be auto, true or false, got {cfg.trainer.amp!r}")
-    _require(0 <= cfg.trainer.sw_overlap < 1, "trainer.sw_overlap",
-             f"must be in [0, 1), got {cfg.trainer.sw_overlap!r}")
-    _require(cfg.optim.name in ("adamw", "sgd"), "optim.name", f"must be adamw or sgd, got {cfg.optim.name!r}")
+    _require(
+        isinstance(frac, (int, float)) and 0 <= frac <= 1,
+        "data.foreground_fraction",
+        f"must be between 0 and 1, got {frac!r}",
+    )
+    _require(
+        cfg.data.intensity in ("zscore", "none"),
+        "data.intensity",
+        f"must be zscore or none, got {cfg.data.intensity!r}",
+    )
+    _require(
+        cfg.trainer.device in ("auto", "cpu", "cuda"),
+        "trainer.device",
+        f"must be auto, cpu or cuda, got {cfg.trainer.device!r}",
+    )
+    _require(
+        cfg.trainer.progress in ("auto", "bar", "log", "none"),
+        "trainer.progress",
+        f"must be auto, bar, log or none, got {cfg.trainer.progress!r}",
+    )
+    _require(
+        cfg.trainer.amp in ("auto", True, False),
+        "trainer.amp",
+        f"must be auto, true or false, got {cfg.trainer.amp!r}",
+    )
+    _require(
+        0 <= cfg.trainer.sw_overlap < 1,
+        "trainer.sw_overlap",
+        f"must be in [0, 1), got {cfg.trainer.sw_overlap!r}",
+    )
+    _require(
+        cfg.optim.name in ("adamw", "sgd"), "optim.name", f"must be adamw or sgd, got {cfg.optim.name!r}"
+    )
     _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr!r}")
-    _require(cfg.optim.schedule in ("cosine", "poly", "constant"), "optim.schedule",
-             f"must be cosine, poly or constant, got {cfg.optim.schedule!r}")
-    _require(cfg.optim.lr_scaling in ("none", "linear", "sqrt"), "optim.lr_scaling",
-             f"must be none, linear or sqrt, got {cfg.optim.lr_scaling!r}")
-    _require(0 <= cfg.optim.warmup_fraction < 1, "optim.warmup_fraction",
-             f"must be in [0, 1), got {cfg.optim.warmup_fraction!r}")
+    _require(
+        cfg.optim.schedule in ("cosine", "poly", "constant"),
+        "optim.schedule",
+        f"must be cosine, poly or constant, got {cfg.optim.schedule!r}",
+    )
+    _require(
+        cfg.optim.lr_scaling in ("none", "linear", "sqrt"),
+        "optim.lr_scaling",
+        f"must be none, linear or sqrt, got {cfg.optim.lr_scaling!r}",
+    )
+    _require(
+        0 <= cfg.optim.warmup_fraction < 1,
+        "optim.warmup_fraction",
+        f"must be in [0, 1), got {cfg.optim.warmup_fraction!r}",
+    )
     if cfg.data.layout != "synthetic":
         root = cfg.data.root
-        _require(root is not None and Path(str(root)).expanduser().is_dir(), "data.root",
-                 f"dataset folder does not exist: {root}")
+        _require(
+            root is not None and Path(str(root)).expanduser().is_dir(),
+            "data.root",
+            f"dataset folder does not exist: {root}",
+        )
 
 
 def output_dir_problem(argv: list[str]) -> str | None:

@@ -22,10 +22,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.config import CONFIG_DIR, output_dir_problem, register_resolvers
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
 from norm_experiments.training import distributed
-from norm_experiments.training.loop import EXIT_DIVERGED, EXIT_INTERRUPTED, RunDiverged, RunInterrupted, train
+from norm_experiments.training.loop import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    RunDiverged,
+    RunInterrupted,
+    record_failure,
+    train,
+)
 
 log = logging.getLogger("norm_experiments.train")
 
@@ -33,8 +40,11 @@ register_resolvers()
 
 # Ranks other than 0 of a torchrun launch leave the run dir to rank 0: no .hydra/ copy, no log file, warnings
 # only (on stdout). These are Hydra overrides: they change neither the run dir's name nor the run's identity.
-OTHER_RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=stdout",
-                        "hydra.job_logging.root.level=WARNING"]
+OTHER_RANK_OVERRIDES = [
+    "hydra.output_subdir=null",
+    "hydra/job_logging=stdout",
+    "hydra.job_logging.root.level=WARNING",
+]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
@@ -51,6 +61,7 @@ def hydra_main(cfg: DictConfig) -> float:
     except (UserError, RunDiverged) as err:
         if in_sweep:  # recorded in metrics.json; the other runs of the sweep go on
             log.error("%s: %s", run_dir.name, err)
+            record_failure(cfg, run_dir, str(err))
             return math.nan
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED if isinstance(err, RunDiverged) else USER_ERROR_EXIT)
@@ -58,6 +69,7 @@ def hydra_main(cfg: DictConfig) -> float:
         if not in_sweep:
             raise
         log.exception("%s failed", run_dir.name)  # a crash, not a user mistake: keep its traceback
+        record_failure(cfg, run_dir, f"{sys.exc_info()[0].__name__}: {sys.exc_info()[1]}")
         return math.nan
     if not in_sweep and distributed.is_main():
         _print_summary(metrics, run_dir)
@@ -70,11 +82,14 @@ def _check_distributed_launch(in_sweep: bool, run_dir: Path) -> None:
         return
     problem = None
     if in_sweep:
-        problem = ("a torchrun launch trains one run, not a sweep (-m): start one torchrun per run "
-                   "(e.g. one SLURM job each, see scripts/slurm_torchrun.sbatch)")
+        problem = (
+            "a torchrun launch trains one run, not a sweep (-m): start one torchrun per run "
+            "(e.g. one SLURM job each, see scripts/slurm_torchrun.sbatch)"
+        )
     elif not distributed.same_on_all_ranks(str(run_dir)):
-        problem = (f"ranks resolved different run folders (rank {distributed.rank()}: {run_dir}); "
-                   "set hydra.run.dir")
+        problem = (
+            f"ranks resolved different run folders (rank {distributed.rank()}: {run_dir}); set hydra.run.dir"
+        )
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
@@ -111,6 +126,9 @@ def main() -> None:
     try:
         distributed.setup()  # under torchrun: join the other ranks (one process per GPU); else nothing
         sys.argv = resume_argv(sys.argv)
+        problem = output_dir_problem(sys.argv[1:])
+        if problem:
+            raise UserError(problem)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)

@@ -49,8 +49,8 @@ def test_prints_three_tables_and_a_conclusion(smoke: tuple[str, Path]) -> None:
 def test_values_per_channel_at_level_0(smoke: tuple[str, Path]) -> None:
     rows = {row[0]: row[1:] for row in section(smoke[0], "1. Values")}
     # smoke: patch 16³, batch_size 2 -> 2 × 4096 values per channel at full resolution, 4096 at batch size 1
-    assert rows["encoder.0.0.1"] == ["(2, 4, 16, 16, 16)", "8,192", "4,096"]
-    assert rows["encoder.2.0.1"] == ["(2, 16, 4, 4, 4)", "128", "64"]  # the bottleneck (model.depth=2)
+    assert rows["encoder.0.0.1"] == ["(2, 8, 16, 16, 16)", "8,192", "4,096"]
+    assert rows["encoder.2.0.1"] == ["(2, 32, 4, 4, 4)", "128", "64"]  # the bottleneck (model.depth=2)
     assert "taken over 4,096 values at the first layer and 64 at the bottleneck" in smoke[0]
 
 

@@ -45,7 +45,10 @@ def level_layout(model_cfg: DictConfig) -> tuple[int, list[int]]:
         from norm_experiments.models.unet import level_channels
 
         channels = level_channels(
-            int(model_cfg.base_channels), int(model_cfg.depth), float(model_cfg.growth), int(model_cfg.max_channels)
+            int(model_cfg.base_channels),
+            int(model_cfg.depth),
+            float(model_cfg.growth),
+            int(model_cfg.max_channels),
         )
         return int(model_cfg.depth), channels
     features = list(model_cfg.features)

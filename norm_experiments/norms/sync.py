@@ -31,7 +31,7 @@ def distributed_world_size(group: dist.ProcessGroup | None = None) -> int:
 
 def _log_single_process_once() -> None:
     global _single_process_logged
-    if not _single_process_logged:
+    if not _single_process_logged and not (dist.is_available() and dist.is_initialized()):
         _single_process_logged = True
         logger.info("syncbatch: no process group with more than one rank; behaving exactly as BatchNorm")
 

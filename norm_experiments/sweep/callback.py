@@ -46,7 +46,9 @@ class SweepReport(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         counts = sweep_status(sweep_dir, self.started)
-        log.info("sweep %s: %s", sweep_dir, ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+        log.info(
+            "sweep %s: %s", sweep_dir, ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        )
         if not self.enabled:
             return
         from norm_experiments.report import write_report

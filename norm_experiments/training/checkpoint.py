@@ -52,4 +52,6 @@ def load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file: say which, never guess
-        raise UserError(f"{path}: not a readable checkpoint ({err.__class__.__name__}); move it away to restart") from err
+        raise UserError(
+            f"{path}: not a readable checkpoint ({err.__class__.__name__}); move it away to restart"
+        ) from err

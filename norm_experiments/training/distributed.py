@@ -40,8 +40,10 @@ def setup() -> None:
     if torch.cuda.is_available() and dist.is_nccl_available():
         if local_rank() >= torch.cuda.device_count():
             count = torch.cuda.device_count()
-            raise UserError(f"torchrun started more processes on this node than the {count} visible GPUs "
-                            f"(LOCAL_RANK={local_rank()}); use --nproc_per_node={count} or fewer")
+            raise UserError(
+                f"torchrun started more processes on this node than the {count} visible GPUs "
+                f"(LOCAL_RANK={local_rank()}); use --nproc_per_node={count} or fewer"
+            )
         torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend)
@@ -131,8 +133,10 @@ class _DDP(DistributedDataParallel):
             return super()._passing_sync_batchnorm_handle(module)
         for layer in module.modules():
             if isinstance(layer, nn.SyncBatchNorm) and not isinstance(layer, PortableSyncBatchNorm):
-                raise UserError("torch.nn.SyncBatchNorm (MONAI networks' norm=syncbatch) runs on GPUs only; "
-                                "on CPU use model=unet, whose syncbatch layers also run there")
+                raise UserError(
+                    "torch.nn.SyncBatchNorm (MONAI networks' norm=syncbatch) runs on GPUs only; "
+                    "on CPU use model=unet, whose syncbatch layers also run there"
+                )
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:

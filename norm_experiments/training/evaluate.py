@@ -19,7 +19,9 @@ from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 class ValResult:
     dice_mean: float  # mean over foreground classes of the per-class Dice (averaged over volumes)
     dice_per_class: list[float]  # foreground classes 1..K
-    example: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (image, label, prediction) of one volume
+    example: (
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    )  # (image, label, prediction) of one volume
 
 
 @dataclass

@@ -41,14 +41,22 @@ from norm_experiments.norms import (
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
 from norm_experiments.training.evaluate import Inference, ValResult, evaluate
-from norm_experiments.training.outputs import library_versions, peak_rss_mb, read_json, reset_peak_rss, write_json
+from norm_experiments.training.outputs import (
+    library_versions,
+    peak_rss_mb,
+    read_json,
+    reset_peak_rss,
+    write_json,
+)
 from norm_experiments.training.progress import Progress
 from norm_experiments.training.tensorboard import log_hparams, open_writer, slice_panel
 
 log = logging.getLogger("norm_experiments.train")
 
 METRICS = "metrics.json"
-RUN_CONFIG = "run_config.yaml"  # the resolved config this run's checkpoint belongs to (Hydra rewrites .hydra/)
+RUN_CONFIG = (
+    "run_config.yaml"  # the resolved config this run's checkpoint belongs to (Hydra rewrites .hydra/)
+)
 
 # Exit statuses of `norm-exp-train`, for scripts and launchers that requeue (see README).
 EXIT_INTERRUPTED = 3  # SIGTERM/SIGINT: checkpoint saved, run the same command again to continue
@@ -83,7 +91,9 @@ class State:
 def select_device(name: str, job_num: int = 0) -> torch.device:
     """cpu or cuda; with several GPUs, job k of a parallel sweep uses GPU k mod (number of GPUs)."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda, but no CUDA device is available (use trainer.device=auto or cpu)")
+        raise UserError(
+            "trainer.device=cuda, but no CUDA device is available (use trainer.device=auto or cpu)"
+        )
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", job_num % torch.cuda.device_count())
@@ -112,9 +122,15 @@ def scaled_lr(optim_cfg: DictConfig, effective_batch: int) -> float:
 def make_optimizer(optim_cfg: DictConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     if optim_cfg.name == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=optim_cfg.momentum, nesterov=True, weight_decay=optim_cfg.weight_decay
+            model.parameters(),
+            lr=lr,
+            momentum=optim_cfg.momentum,
+            nesterov=True,
+            weight_decay=optim_cfg.weight_decay,
         )
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
+    return torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay
+    )
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -144,7 +160,11 @@ def _flatten(node: object, prefix: str = "") -> dict[str, object]:
 def config_diff(old: dict, new: dict) -> list[str]:
     """Human-readable differences between two resolved configs, as 'key: old -> new'."""
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
 
 
 def existing_run(run_dir: Path, run_id: str, cfg: DictConfig) -> dict | None:
@@ -199,8 +219,12 @@ class Run:
         self.effective_batch = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
         self.global_batch = self.effective_batch * self.world_size
         self.bn_batch = self._bn_batch()
-        preflight(self.spec, cfg.model, list(cfg.data.patch_size),
-                  self.global_batch if self.spec.name == "syncbatch" else self.effective_batch)
+        preflight(
+            self.spec,
+            cfg.model,
+            list(cfg.data.patch_size),
+            self.global_batch if self.spec.name == "syncbatch" else self.effective_batch,
+        )
         self.total_steps = math.ceil(int(cfg.trainer.samples) / self.global_batch)
         self.val_every = max(1, round(int(cfg.trainer.val_every_samples) / self.global_batch))
         self.ckpt_every = max(1, round(int(cfg.trainer.checkpoint_every_samples) / self.global_batch))
@@ -230,7 +254,9 @@ class Run:
         self.data: DataBundle = load_data(cfg.data)
         self.num_classes = len(self.data.info.labels)
         self.class_names = [self.data.info.labels[i] for i in sorted(self.data.info.labels) if i != 0]
-        self.model = build_model(cfg.model, self.spec, self.data.info.num_channels, self.num_classes).to(self.device)
+        self.model = build_model(cfg.model, self.spec, self.data.info.num_channels, self.num_classes).to(
+            self.device
+        )
         # self.net trains (under DDP it averages the gradients over ranks); self.model, the plain module, is
         # what is evaluated and saved.
         self.net = distributed.wrap_ddp(self.model, self.device)
@@ -243,8 +269,14 @@ class Run:
         self.amp = amp_dtype(cfg.trainer.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        self.sampler = BatchSampler(self.data.train, cfg.data, int(cfg.seed), distributed.rank(),
-                                    self.world_size)
+        self.sampler = BatchSampler(
+            self.data.train,
+            cfg.data,
+            int(cfg.seed),
+            distributed.rank(),
+            self.world_size,
+            pin_memory=self.device.type == "cuda",
+        )
         self.inference = Inference(
             roi_size=list(cfg.data.patch_size),
             sw_batch_size=int(cfg.trainer.sw_batch_size),
@@ -324,7 +356,9 @@ class Run:
             "amp": str(self.amp).replace("torch.", "") if self.amp else "off",
             "amp_skipped_steps": s.amp_skipped_steps,
             "peak_memory_mb": peak_rss_mb(),
-            "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else None,
+            "peak_cuda_memory_mb": torch.cuda.max_memory_allocated() / 2**20
+            if self.device.type == "cuda"
+            else None,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "versions": library_versions(),
             "history": s.history,
@@ -375,8 +409,12 @@ class Run:
         for name, dice in zip(self.class_names, result.dice_per_class):
             writer.add_scalar(f"val/dice_{name}", dice, step)
         if result.example is not None:
-            writer.add_image("val/slice_input_truth_prediction", slice_panel(*result.example, self.num_classes), step)
-        self.state.history.append({"step": step, "samples_seen": self.state.samples_seen, "val_dice": result.dice_mean})
+            writer.add_image(
+                "val/slice_input_truth_prediction", slice_panel(*result.example, self.num_classes), step
+            )
+        self.state.history.append(
+            {"step": step, "samples_seen": self.state.samples_seen, "val_dice": result.dice_mean}
+        )
         if result.dice_mean > self.state.best_val_dice:
             self.state.best_val_dice, self.state.best_step = result.dice_mean, step
             if distributed.is_main():
@@ -459,7 +497,9 @@ class Run:
             writer.close()
         return final
 
-    def _loop(self, writer, monitor, progress: Progress, stop: _StopRequest, prefetch: ThreadPoolExecutor) -> None:
+    def _loop(
+        self, writer, monitor, progress: Progress, stop: _StopRequest, prefetch: ThreadPoolExecutor
+    ) -> None:
         s = self.state
         next_batch = prefetch.submit(self.sampler.batch, s.step)
         while s.step < self.total_steps:
@@ -470,12 +510,20 @@ class Run:
                 next_batch = prefetch.submit(self.sampler.batch, s.step + 1)
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
+            # BN diagnostics cost extra reductions: measure only the steps that are logged.
+            next_step = s.step + 1
+            monitor.enabled = (
+                next_step % int(self.cfg.trainer.log_every_steps) == 0 or next_step == self.total_steps
+            )
             loss = self.train_step(images, labels)
             s.step += 1
             s.samples_seen += images.shape[0] * self.world_size
             log_now = s.step % int(self.cfg.trainer.log_every_steps) == 0 or s.step == self.total_steps
+            checkpoint_now = s.step % self.ckpt_every == 0 and s.step < self.total_steps
             loss_value = None
-            if log_now or progress.wants_loss(s.step):  # reading the loss syncs with the GPU: only when shown
+            # Reading the loss syncs with the GPU: only when it is shown, and before a checkpoint, so that a
+            # checkpoint never holds a diverged state.
+            if log_now or checkpoint_now or progress.wants_loss(s.step):
                 loss_value = float(loss)
                 self._check_finite(loss_value)
             s.train_seconds += time.perf_counter() - t0
@@ -484,7 +532,7 @@ class Run:
                 self.log_diagnostics(writer, monitor, loss_value)
             if s.step % self.val_every == 0 and s.step < self.total_steps:
                 progress.dice = self.validate(writer).dice_mean
-            if s.step % self.ckpt_every == 0 and s.step < self.total_steps:
+            if checkpoint_now:
                 self.save_checkpoint()
             progress.update(s.step, loss_value)
             if distributed.any_rank(stop.requested):  # all ranks stop after the same step
@@ -515,8 +563,20 @@ class Run:
             ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, self.model.state_dict())
         extra["wall_time_s"] = time.perf_counter() - started
         metrics = self.write_metrics("completed", **extra)
-        hparams = {k: metrics[k] for k in ("norm", "batch_size", "patches_per_volume", "effective_batch",
-                                           "world_size", "global_batch", "seed", "lr", "model")}
+        hparams = {
+            k: metrics[k]
+            for k in (
+                "norm",
+                "batch_size",
+                "patches_per_volume",
+                "effective_batch",
+                "world_size",
+                "global_batch",
+                "seed",
+                "lr",
+                "model",
+            )
+        }
         scores = {"hparam/val_dice": final.dice_mean, "hparam/best_val_dice": self.state.best_val_dice}
         scores.update({f"hparam/val_dice_{m}": d for m, d in extra.get("eval_modes", {}).items()})  # type: ignore[union-attr]
         log_hparams(writer, hparams, scores)
@@ -562,7 +622,9 @@ def train(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict:
     previous = existing_run(run_dir, run.run_id, cfg)
     distributed.barrier()  # every rank has read the folder before rank 0 writes to it
     if previous is not None:
-        log.info("%s: already completed (val_dice=%.4f); nothing to do", run_dir, previous.get("val_dice") or 0.0)
+        log.info(
+            "%s: already completed (val_dice=%.4f); nothing to do", run_dir, previous.get("val_dice") or 0.0
+        )
         return {**previous, "skipped": True}
     try:
         return run.train()
@@ -587,12 +649,31 @@ def _record_failure(run: Run, message: str) -> None:
         if hasattr(run, "state"):
             run.write_metrics("failed", message)
         else:
-            write_json(run.run_dir / METRICS, {"status": "failed", "error": message, "run_id": run.run_id,
-                                                "run_name": run.run_dir.name, "norm": run.spec.name,
-                                                "seed": int(run.cfg.seed), "batch_size": int(run.cfg.data.batch_size)})
+            record_failure(run.cfg, run.run_dir, message)
     except OSError:
         pass  # the folder itself may be the problem (read-only, full); the error is still reported
 
+
+def record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
+    """Leave an honest record of a run that failed before it started (e.g. an impossible config in a
+    sweep), so the sweep and its report show the cell as failed. Never touches an existing metrics.json."""
+    if not distributed.is_main() or (run_dir / METRICS).exists():
+        return
+    record = {
+        "status": "failed",
+        "error": message,
+        "run_name": run_dir.name,
+        "norm": str(cfg.norm.name),
+        "model": str(cfg.model.name),
+        "seed": int(cfg.seed),
+        "batch_size": int(cfg.data.batch_size),
+        "patches_per_volume": int(cfg.data.patches_per_volume),
+    }
+    try:
+        record["run_id"] = run_identity(cfg)
+        write_json(run_dir / METRICS, record)
+    except (OSError, ValueError):
+        pass  # an unwritable folder or an unresolvable config: the error is still reported
 
 
 class _NoWriter:
@@ -616,8 +697,9 @@ def evaluate_shared(model: nn.Module, volumes: list, num_classes: int, inference
     example = None
     for vol in distributed.shard(volumes):
         result = evaluate(model, [vol], num_classes, inference)
-        present = torch.tensor([bool((vol.label == c).any()) for c in range(1, num_classes)],
-                               dtype=torch.float64)
+        present = torch.tensor(
+            [bool((vol.label == c).any()) for c in range(1, num_classes)], dtype=torch.float64
+        )
         totals[0] += torch.tensor(result.dice_per_class, dtype=torch.float64) * present
         totals[1] += present
         example = result.example if example is None else example

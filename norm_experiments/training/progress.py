@@ -20,8 +20,8 @@ class Progress:
         self.dice: float | None = None
         self._bar = None
         if mode == "bar":
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
-            from rich.progress import TimeRemainingColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
             self._bar = RichProgress(
                 TextColumn(description),
@@ -36,7 +36,9 @@ class Progress:
 
     def wants_loss(self, step: int) -> bool:
         """Whether update() after this step will show the loss (reading it syncs with the GPU)."""
-        return self.mode == "bar" or (self.mode == "log" and (step % self.log_every == 0 or step == self.total))
+        return self.mode == "bar" or (
+            self.mode == "log" and (step % self.log_every == 0 or step == self.total)
+        )
 
     def update(self, step: int, loss: float | None) -> None:
         """Called after each step (1-based count of finished steps); loss may be None when not synced."""

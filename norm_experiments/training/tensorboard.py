@@ -28,7 +28,9 @@ def log_hparams(writer: SummaryWriter, params: dict, metrics: dict[str, float]) 
         writer.add_scalar(name, value)
 
 
-def slice_panel(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+def slice_panel(
+    image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, num_classes: int
+) -> torch.Tensor:
     """One axial slice as a (3, H, 3W) image: input | ground truth | prediction (classes as gray levels).
 
     The slice is the one with the most foreground, so the panel shows the structures being segmented.

@@ -41,8 +41,18 @@ def free_port() -> int:
 
 
 def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-            str(free_port()), "-m", "norm_experiments.train", *SMOKE, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "norm_experiments.train",
+        *SMOKE,
+        *args,
+    ]
 
 
 def metrics_of(run_dir: Path) -> dict:
@@ -57,8 +67,15 @@ def sync_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, subpr
     run_dir = cwd / "run"
     command = torchrun_command(["norm=syncbatch", "data.batch_size=1", *BUDGET, f"hydra.run.dir={run_dir}"])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
     deadline = time.time() + 120
     while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -130,8 +147,13 @@ def test_two_syncbatch_ranks_at_batch_1_train_as_batchnorm_at_batch_2(sync_run, 
 
 def _one_step_on_rank(rank: int, world: int, port: int, out: str) -> None:
     """One training forward/backward of rank `rank`'s slice of the global batch (spawned process)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     distributed.setup()
     try:
@@ -150,8 +172,10 @@ def _batch_sizes() -> dict[str, tuple]:
     """(world_size, effective, global, bn batch, steps) a run of each norm records at data.batch_size=2."""
     sizes = {}
     for norm in ("group", "batch", "syncbatch", "ghostbatch"):
-        cfg = compose_config(["experiment=smoke", f"norm={norm}", "data.batch_size=2", "trainer.samples=16"]
-                             + (["norm.options.virtual_batch=1"] if norm == "ghostbatch" else []))
+        cfg = compose_config(
+            ["experiment=smoke", f"norm={norm}", "data.batch_size=2", "trainer.samples=16"]
+            + (["norm.options.virtual_batch=1"] if norm == "ghostbatch" else [])
+        )
         run = Run(cfg, Path("never-written"))
         sizes[norm] = (run.world_size, run.effective_batch, run.global_batch, run.bn_batch, run.total_steps)
     return sizes

@@ -12,8 +12,15 @@ from tests.helpers import run_cli
 def test_nan_loss_is_reported_as_diverged(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # An absurd learning rate blows the weights up within a few steps (no norm to absorb it).
-    args = ["experiment=smoke", "norm=none", "optim.lr=1e8", "optim.warmup_fraction=0", "trainer.samples=64",
-            "trainer.num_threads=1", f"hydra.run.dir={run_dir}"]
+    args = [
+        "experiment=smoke",
+        "norm=none",
+        "optim.lr=1e8",
+        "optim.warmup_fraction=0",
+        "trainer.samples=64",
+        "trainer.num_threads=1",
+        f"hydra.run.dir={run_dir}",
+    ]
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 4, result.stderr[-2000:]
     assert "Traceback" not in result.stdout + result.stderr
