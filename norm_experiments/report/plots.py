@@ -18,7 +18,7 @@ from norm_experiments.report.stats import Interval
 
 MARKERS = "osD^vP*Xh<>p"
 MODE_COLORS = {"running": "tab:red", "precise": "tab:orange", "batch": "tab:green"}
-ERRORBAR_NOTE = "error bars: 95% t-interval over seeds"
+ERRORBAR_NOTE = "error bars: 95% t-interval over seeds, clipped to [0, 1]"
 
 # Lines at the same batch size are shifted by this fraction of an octave so their error bars don't overlap.
 _DODGE = 0.04
@@ -36,13 +36,16 @@ def _log2_batch_axis(ax: Axes, batch_sizes: list[int]) -> None:
 
 
 def _plot_line(ax: Axes, points: list[tuple[int, Interval]], offset: float, **style) -> bool:
-    """One line with error bars; returns whether any point has n=1 (drawn without an error bar)."""
+    """One line with error bars; returns whether any point has n=1 (drawn without an error bar).
+
+    Dice lies in [0, 1]: with 2-3 seeds a t-interval reaches far beyond, so bars are clipped to that range
+    (the numbers in results.csv are not)."""
     if not points:
         return False
     xs = [bs * 2.0**offset for bs, _ in points]
     ys = [iv.mean for _, iv in points]
-    lower = [iv.mean - iv.low for _, iv in points]
-    upper = [iv.high - iv.mean for _, iv in points]
+    lower = [iv.mean - max(iv.low, 0.0) for _, iv in points]
+    upper = [min(iv.high, 1.0) - iv.mean for _, iv in points]
     ax.errorbar(xs, ys, yerr=[lower, upper], capsize=3, linewidth=1.8, markersize=6, **style)
     return any(not iv.has_spread for _, iv in points)
 
@@ -71,6 +74,7 @@ def plot_metric_vs_batch_size(summary: Summary, path: Path) -> Path:
         style = {"marker": MARKERS[i % len(MARKERS)], "label": row}
         any_single |= _plot_line(ax, points, _offset(i, len(summary.rows)), **style)
     _log2_batch_axis(ax, summary.batch_sizes)
+    ax.set_ylim(0.0, 1.02)
     ax.set_ylabel("val Dice (eval mode)" if summary.metric == "val_dice" else summary.metric)
     note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
     ax.set_title(f"{summary.metric} vs batch size (mean over seeds; {note})", fontsize=10)

@@ -59,4 +59,4 @@ class SweepReport(Callback):
             log.error("report: %s", err)
             return
         print(report.table)
-        log.info("report: %s", report.path)
+        print(f"report: {sweep_dir / 'report.md'} (results.csv, runs.csv and plots beside it)")

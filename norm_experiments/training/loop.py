@@ -259,7 +259,13 @@ class Run:
         )
         # self.net trains (under DDP it averages the gradients over ranks); self.model, the plain module, is
         # what is evaluated and saved.
+        self.memory_format = torch.contiguous_format
+        if cfg.trainer.channels_last:  # measured per norm in scripts/benchmark.py: IN/GN lose channels_last
+            self.memory_format = torch.channels_last_3d
+            self.model.to(memory_format=self.memory_format)
         self.net = distributed.wrap_ddp(self.model, self.device)
+        if cfg.trainer.compile:  # the training forward only; evaluation and saving use the plain module
+            self.net = torch.compile(self.net)
         self.lr = scaled_lr(cfg.optim, self.global_batch)  # the optimizer's batch: all ranks
         self.optimizer = make_optimizer(cfg.optim, self.model, self.lr)
         warmup = int(self.total_steps * float(cfg.optim.warmup_fraction))
@@ -508,7 +514,7 @@ class Run:
             waited = time.perf_counter() - t0
             if s.step + 1 < self.total_steps:  # load the next batch while this one trains
                 next_batch = prefetch.submit(self.sampler.batch, s.step + 1)
-            images = images.to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             # BN diagnostics cost extra reductions: measure only the steps that are logged.
             next_step = s.step + 1
