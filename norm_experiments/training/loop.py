@@ -472,6 +472,7 @@ class Run:
         """Train to the budget (continuing from a checkpoint if there is one) and write every output."""
         started = time.perf_counter()
         reset_peak_rss()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.build()
         resumed = self.restore_checkpoint()
         if distributed.is_main():
