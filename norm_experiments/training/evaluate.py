@@ -1,9 +1,9 @@
-"""Validation: sliding-window inference on whole volumes, per-class Dice, and BatchNorm's evaluation modes."""
+"""Validation: sliding-window inference on whole volumes and per-class Dice (the BatchNorm evaluation modes
+and the split across ranks are in training.loop.Run)."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,6 @@ from monai.metrics import DiceMetric
 from torch import nn
 
 from norm_experiments.data.pipeline import Volume
-from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 
 
 @dataclass
@@ -57,32 +56,3 @@ def evaluate(model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inf
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels[:, 0], num_classes).permute(0, 4, 1, 2, 3)
-
-
-def evaluate_running(model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference) -> ValResult:
-    """Standard evaluation: model.eval(), so BatchNorm uses its running statistics."""
-    with bn_eval_mode(model, "running"):
-        return evaluate(model, volumes, num_classes, inf)
-
-
-def evaluate_bn_modes(
-    model: nn.Module,
-    volumes: list[Volume],
-    num_classes: int,
-    inf: Inference,
-    precise_batches: Iterable[torch.Tensor],
-) -> dict[str, float]:
-    """Mean foreground Dice under BatchNorm's three evaluation modes, without retraining.
-
-    running: the running averages BatchNorm kept during training (what model.eval() uses).
-    precise: population statistics recomputed over training patches after training (PreciseBN), on a copy.
-    batch:   each forward pass normalizes with its own statistics (the windows of one sliding-window batch).
-    """
-    scores = {"running": evaluate_running(model, volumes, num_classes, inf).dice_mean}
-    with bn_eval_mode(model, "batch"):
-        scores["batch"] = evaluate(model, volumes, num_classes, inf).dice_mean
-    precise = copy.deepcopy(model)
-    recompute_bn_statistics(precise, precise_batches, inf.device)
-    with bn_eval_mode(precise, "running"):
-        scores["precise"] = evaluate(precise, volumes, num_classes, inf).dice_mean
-    return scores
