@@ -119,7 +119,10 @@ def resume_argv(argv: list[str]) -> list[str]:
         raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
     overrides = [str(o) for o in OmegaConf.load(saved) if not str(o).startswith("hydra.run.dir=")]
     rest = [a for a in argv[1:] if not a.startswith("resume=")]
-    return [argv[0], *overrides, *rest, f"hydra.run.dir={run_dir}"]
+    # hydra.mode=RUN: a run of a sweep preset is resumed alone, not its whole sweep.
+    # Quoted: run folder names hold '=' and ',' that Hydra's override grammar would otherwise parse.
+    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
+    return [argv[0], *overrides, *rest, "hydra.mode=RUN", f"hydra.run.dir='{quoted}'"]
 
 
 def main() -> None:

@@ -81,3 +81,18 @@ def test_same_command_again_skips_the_completed_run(smoke_run: tuple[Path, Path]
     assert result.returncode == 0, result.stderr[-2000:]
     assert "already completed" in result.stdout + result.stderr
     assert (run_dir / "metrics.json").read_text() == before
+
+
+def test_resume_names_a_run_folder(smoke_run: tuple[Path, Path]) -> None:
+    """`resume=RUN_DIR` re-runs that folder's own command in it (folder names hold '=' and ',')."""
+    cwd, run_dir = smoke_run
+    result = run_cli([f"resume={run_dir.relative_to(cwd)}"], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "already completed" in result.stdout + result.stderr
+    assert sorted(p.name for p in (cwd / "outputs" / "runs").iterdir()) == [run_dir.name]  # no new folder
+
+
+def test_resume_of_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    result = run_cli(["resume=outputs/runs/nothing-here"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: resume=outputs/runs/nothing-here: not a run folder")
