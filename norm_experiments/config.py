@@ -111,6 +111,11 @@ def validate_config(cfg: DictConfig) -> None:
         f"must be zscore or none, got {cfg.data.intensity!r}",
     )
     _require(
+        isinstance(cfg.data.cache_on_device, bool),
+        "data.cache_on_device",
+        f"must be true or false, got {cfg.data.cache_on_device!r}",
+    )
+    _require(
         cfg.trainer.device in ("auto", "cpu", "cuda"),
         "trainer.device",
         f"must be auto, cpu or cuda, got {cfg.trainer.device!r}",

@@ -10,7 +10,8 @@ Everything runs in this one process on this one machine, and the tables are prin
   b. one epoch of our pipeline (the real Run._loop: cached volumes, prefetch thread) vs a MONAI-tutorial
      pipeline (Dataset without cache, DataLoader, NIfTI read every step) (target >= 2x), and our data wait
   c. step time and peak memory per norm and batch size
-  d. CUDA only: AMP (bf16) vs fp32, torch.compile on/off, channels_last_3d on/off per norm
+  d. CUDA only: AMP (bf16) vs fp32, torch.compile on/off, channels_last_3d on/off per norm, volumes cached
+     on the device (data.cache_on_device) vs in host memory
 Timing: warm-up steps first, then `repeats` blocks of `steps` steps, synchronized on CUDA at the end of each
 block; the median block gives the time per step. Torch's thread count stays at its default unless --threads.
 """
@@ -88,6 +89,9 @@ EPOCH_SPEEDUP_TARGET = 2.0
 DATA_WAIT_TARGET = 0.05
 AMP_SPEEDUP_TARGET = 1.5
 AMP_MEMORY_TARGET = 0.7
+# Section b is repeated on larger synthetic volumes (still about 1/7 of a 512x512x90 CT): reading and
+# cropping a volume costs more with its size, a training patch does not. Cases of that size: 6 train, 2 val.
+LARGE_VOLUME_CASES = 8
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class Profile:
     cuda_norms: tuple[str, ...]  # (d): compile and channels_last
     amp_batch_sizes: tuple[int, ...]  # (d): AMP vs fp32
     amp_patches: tuple[tuple[int, ...] | None, ...]  # (d): None = the config's patch
+    epoch_volume_shapes: tuple[tuple[int, ...], ...] = ()  # (b) again on synthetic volumes of these shapes
 
 
 PROFILES = {
@@ -139,6 +144,7 @@ PROFILES = {
         cuda_norms=("batch", "instance", "group", "frn"),
         amp_batch_sizes=(2, 8),
         amp_patches=(None,),
+        epoch_volume_shapes=((96, 192, 192),),
     ),
     "full": Profile(
         "full",
@@ -154,6 +160,7 @@ PROFILES = {
         cuda_norms=ALL_NORMS,
         amp_batch_sizes=(2, 8),
         amp_patches=(None, (96, 96, 96)),
+        epoch_volume_shapes=((96, 192, 192),),
     ),
 }
 
@@ -558,10 +565,16 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> tuple[float, ob
     return time.perf_counter() - start, result
 
 
-def measure_epoch(ctx: Context) -> str:
+def measure_epoch(ctx: Context, volume_shape: tuple[int, ...] | None = None) -> str:
+    """Section b on the config's volumes, or on synthetic volumes of `volume_shape` (8 cases)."""
     p = ctx.profile
+    overrides: list[str] = []
+    if volume_shape is not None:
+        shape = ",".join(map(str, volume_shape))
+        overrides = [f"data.synthetic.shape=[{shape}]", f"data.synthetic.num_cases={LARGE_VOLUME_CASES}"]
+        ctx.log(f"epoch: synthetic volumes of {volume_shape} (generated on first use)")
     _VOLUMES.clear()  # time the cache build too: the one-off cost of our pipeline
-    build_s, prep = timed(lambda: prepare(ctx), lambda: None)
+    build_s, prep = timed(lambda: prepare(ctx, overrides), lambda: None)
     run, sync = prep.run, prep.sync
     cfg, device = run.cfg, run.device
     bs, ppv = int(cfg.data.batch_size), int(cfg.data.patches_per_volume)
@@ -588,16 +601,18 @@ def measure_epoch(ctx: Context) -> str:
         tutorial.append(timed(lambda: tutorial_epoch(loader, model, optimizer, loss_fn, device), sync)[0])
     speedup, wait = median(tutorial) / median(ours), median(waits)
     our_step = median(ours) / steps
+    volumes = "x".join(map(str, run.data.train[0].image.shape[1:]))
+    suffix = "" if volume_shape is None else f", volumes {volumes}"
     ctx.summary.append(
         (
-            "epoch speed-up vs tutorial",
+            f"epoch speed-up vs tutorial{suffix}",
             f"{speedup:.2f}x",
             f">= {EPOCH_SPEEDUP_TARGET}x",
             verdict(speedup >= EPOCH_SPEEDUP_TARGET),
         )
     )
     ctx.summary.append(
-        ("data-wait fraction", f"{wait:.1%}", f"< {DATA_WAIT_TARGET:.0%}", verdict(wait < DATA_WAIT_TARGET))
+        (f"data-wait fraction{suffix}", f"{wait:.1%}", f"< {DATA_WAIT_TARGET:.0%}", verdict(wait < DATA_WAIT_TARGET))
     )
 
     def row(name: str, patches: int, times: list[float], n_steps: int, wait_text: str) -> list[object]:
@@ -632,9 +647,9 @@ def measure_epoch(ctx: Context) -> str:
     precision = "bf16 autocast" if run.amp else "fp32"
     return "\n".join(
         [
-            "## b. One epoch: our pipeline vs a MONAI-tutorial-style pipeline",
+            f"## b. One epoch: our pipeline vs a MONAI-tutorial-style pipeline{suffix}",
             "",
-            f"{describe_cfg(cfg)}; {len(loader.dataset)} training cases, {p.epochs} epoch(s) of each "
+            f"{describe_cfg(cfg)}; volumes {volumes} after preprocessing; {len(loader.dataset)} training cases, {p.epochs} epoch(s) of each "
             f"pipeline, alternating. Ours runs at {precision}; the tutorial in fp32 with `loss.item()` "
             "every step, as the tutorials do (LoadImaged, EnsureChannelFirstd, Orientationd, "
             "RandCropByPosNegLabeld without precomputed indices, flips, rot90 on every step).",
@@ -848,8 +863,54 @@ def measure_channels_last(ctx: Context) -> str:
     return "### channels_last_3d on/off per norm (model and input)\n\n" + table(head, rows)
 
 
+def measure_device_cache(ctx: Context) -> str:
+    """Epochs of Run._loop with the cached volumes in host memory (a pinned batch copied every step) against
+    volumes kept on the GPU and cut there (data.cache_on_device=true), alternating."""
+    p = ctx.profile
+    runs = {where: prepare(ctx, [f"data.cache_on_device={where}"]).run for where in ("false", "true")}
+    bs = int(runs["false"].cfg.data.batch_size)
+    steps = math.ceil(len(runs["false"].data.train) / bs)
+    times: dict[str, list[float]] = {"false": [], "true": []}
+    waits: dict[str, list[float]] = {"false": [], "true": []}
+    for run in runs.values():
+        our_epoch(run, min(steps, max(1, p.warmup)))  # warm-up: allocator, cudnn.benchmark
+    ctx.log(f"cuda: cached volumes on the host vs on the device, {p.epochs} epochs each")
+    for _ in range(p.epochs):
+        for where, run in runs.items():
+            seconds, state = timed(lambda run=run: our_epoch(run, steps), sync_fn(run.device))
+            times[where].append(seconds)
+            waits[where].append(state.data_wait_seconds / max(state.train_seconds, 1e-9))
+    rows = []
+    for where, label in (("false", "host memory (pinned batch, async copy)"), ("true", "on the device")):
+        run = runs[where]
+        draw = median([timed(lambda run=run: run.sampler.batch(1), sync_fn(run.device))[0] for _ in range(5)])
+        rows.append(
+            [
+                label,
+                fmt(median(times[where]), 2),
+                fmt(median(times[where]) / steps * 1e3),
+                f"{median(waits[where]):.1%}",
+                fmt(draw * 1e3, 2),
+            ]
+        )
+    speed = median(times["false"]) / median(times["true"])
+    head = ["cached volumes in", "s/epoch (median)", "ms/step", "data wait / step", "ms to draw one batch"]
+    return "\n".join(
+        [
+            "### Cached volumes on the device (data.cache_on_device) vs in host memory",
+            "",
+            f"{steps} steps per epoch, {p.epochs} epochs each, alternating; the real Run._loop with its "
+            "prefetch thread.",
+            "",
+            table(head, rows),
+            "",
+            f"Epoch speed-up from keeping the volumes on the device: {speed:.2f}x.",
+        ]
+    )
+
+
 def measure_cuda(ctx: Context, device: torch.device) -> str:
-    title = "## d. CUDA only: AMP, torch.compile, channels_last_3d"
+    title = "## d. CUDA only: AMP, torch.compile, channels_last_3d, volumes cached on the device"
     if device.type != "cuda" and not ctx.cuda_sections_anyway:
         return f"{title}\n\nSkipped: measured on {device.type}. These numbers are pending a run on a GPU."
     parts = [title, ""]
@@ -866,6 +927,8 @@ def measure_cuda(ctx: Context, device: torch.device) -> str:
         measure_compile(ctx),
         "",
         measure_channels_last(ctx),
+        "",
+        measure_device_cache(ctx),
     ]
     return "\n".join(parts)
 
@@ -961,6 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(measure_overhead(ctx))
         if "epoch" in sections:
             parts.append(measure_epoch(ctx))
+            parts += [measure_epoch(ctx, shape) for shape in profile.epoch_volume_shapes]
         if "norms" in sections:
             parts.append(measure_norms(ctx))
         if "cuda" in sections:

@@ -1,9 +1,9 @@
 """From a `data` config to cached volumes and reproducible training batches.
 
 The deterministic part (load, channel-first, RAS orientation, optional resampling, per-case intensity
-normalization, padding, foreground indices) runs once per case and is cached in memory (MONAI CacheDataset).
-The random part (patch crops with a foreground ratio, flips, rotations) is re-seeded from (seed, step) for
-every batch: the batch of a step is a pure function of the run's seed and the step number, which makes a
+normalization, padding, foreground indices) runs once per case and is cached in memory (MONAI CacheDataset),
+optionally moved to the GPU (data.cache_on_device). The random part (patch crops with a foreground ratio,
+flips, rotations; data.patches) is re-seeded from (seed, step) for every batch: the batch of a step is a pure function of the run's seed and the step number, which makes a
 resumed run draw exactly the batches an uninterrupted run would, without saving any sampler state.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, get_track_meta, set_track_meta
+from monai.data import CacheDataset
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -23,9 +23,6 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensityd,
     Orientationd,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandRotate90d,
     Spacingd,
     SpatialPadd,
 )
@@ -33,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments.data.checks import check_cases
 from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, split_cases
+from norm_experiments.data.patches import Augmentation, cut_patch
 from norm_experiments.data.synthetic import SynthConfig, ensure_synthetic
 from norm_experiments.errors import UserError
 
@@ -132,11 +130,35 @@ def load_data(data_cfg: DictConfig) -> DataBundle:
     return DataBundle(info=info, train=train, val=val)
 
 
+def keep_on_device(bundle: DataBundle, device: torch.device) -> None:
+    """Hold every cached image and label on `device` (data.cache_on_device): batches are then cut there and
+    no step copies from host memory. The foreground/background indices stay on the host, where the crop
+    positions are drawn."""
+    if device.type == "cpu":
+        return
+    volumes = bundle.train + bundle.val
+    try:
+        for vol in volumes:
+            vol.item["image"], vol.item["label"] = vol.image.to(device), vol.label.to(device)
+    except torch.cuda.OutOfMemoryError:
+        size = sum(v.image.nbytes + v.label.nbytes for v in volumes) / 2**30
+        for vol in volumes:
+            vol.item["image"], vol.item["label"] = vol.image.cpu(), vol.label.cpu()
+        torch.cuda.empty_cache()
+        raise UserError(
+            f"data.cache_on_device=true: the cached dataset ({size:.1f} GiB) does not fit in the memory of "
+            f"{device}; use data.cache_on_device=false"
+        ) from None
+    log.info("data: %d cached volumes kept on %s", len(volumes), device)
+
+
 class BatchSampler:
     """The training batch of step t, a pure function of (seed, t).
 
     Volumes are drawn epoch by epoch without replacement (every case once per epoch, in a per-epoch random
-    order), `batch_size` volumes per step, `patches_per_volume` random patches from each.
+    order), `batch_size` volumes per step, `patches_per_volume` random patches from each. Patches are cut on
+    the device that holds the cached volumes (data.patches), so with data.cache_on_device the batch is
+    already on the GPU.
 
     With several processes (DDP), step t draws world_size x batch_size volumes (and their augmentation
     seeds) as one global batch, and rank r takes the r-th slice of batch_size: the ranks together see
@@ -157,22 +179,12 @@ class BatchSampler:
         self.seed = seed
         self.batch_size = int(data_cfg.batch_size)
         self.rank, self.global_batch = rank, self.batch_size * world_size
-        pos = float(data_cfg.foreground_fraction)
-        self.augment = Compose(
-            [
-                RandCropByPosNegLabeld(
-                    KEYS,
-                    label_key="label",
-                    spatial_size=list(data_cfg.patch_size),
-                    pos=pos,
-                    neg=1.0 - pos,
-                    num_samples=int(data_cfg.patches_per_volume),
-                    fg_indices_key="label_fg_indices",
-                    bg_indices_key="label_bg_indices",
-                ),
-                *[RandFlipd(KEYS, prob=data_cfg.augment.flip_prob, spatial_axis=a) for a in range(3)],
-                RandRotate90d(KEYS, prob=data_cfg.augment.rot90_prob, spatial_axes=(1, 2)),
-            ]
+        self.patches_per_volume = int(data_cfg.patches_per_volume)
+        self.augmentation = Augmentation(
+            patch_size=tuple(int(p) for p in data_cfg.patch_size),  # type: ignore[arg-type]
+            foreground_fraction=float(data_cfg.foreground_fraction),
+            flip_prob=float(data_cfg.augment.flip_prob),
+            rot90_prob=float(data_cfg.augment.rot90_prob),
         )
 
     def _volume_indices(self, step: int) -> list[int]:
@@ -190,20 +202,18 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, step, 1])
         draws = [(index, int(rng.integers(2**31))) for index in self._volume_indices(step)]
         mine = draws[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        size = self.augmentation.patch_size
         images, labels = [], []
-        # Without MONAI's metadata tracking the same crops cost about half (measured in scripts/benchmark.py);
-        # the patches need no metadata. The flag is global, so it is restored for the caller.
-        tracking = get_track_meta()
-        set_track_meta(False)
-        try:
-            for index, augment_seed in mine:
-                self.augment.set_random_state(seed=augment_seed)
-                for patch in self.augment(self.volumes[index].item):
-                    images.append(plain_tensor(patch["image"]))
-                    labels.append(plain_tensor(patch["label"]))
-        finally:
-            set_track_meta(tracking)
+        for index, augment_seed in mine:
+            vol = self.volumes[index]
+            image, label = vol.image, vol.label
+            fg, bg = vol.item["label_fg_indices"], vol.item["label_bg_indices"]
+            rand = np.random.RandomState(augment_seed)
+            for draw in self.augmentation.draw(rand, image.shape[1:], fg, bg, self.patches_per_volume):
+                images.append(cut_patch(image, draw, size))
+                labels.append(cut_patch(label, draw, size))
         images_t, labels_t = torch.stack(images).float(), torch.stack(labels).long()
-        if self.pin_memory:  # page-locked host memory lets the copy to the GPU overlap with compute
+        if self.pin_memory and images_t.device.type == "cpu":
+            # page-locked host memory lets the copy to the GPU overlap with compute
             images_t, labels_t = images_t.pin_memory(), labels_t.pin_memory()
         return images_t, labels_t

@@ -8,6 +8,7 @@ from norm_experiments.norms.batchrenorm import (
     BatchRenorm,
     RenormSchedule,
     renorm_diagnostics,
+    renorm_layers,
     set_renorm_progress,
 )
 from norm_experiments.norms.bn_common import is_batch_stat_layer
@@ -41,5 +42,6 @@ __all__ = [
     "recompute_bn_statistics",
     "register_monai_norms",
     "renorm_diagnostics",
+    "renorm_layers",
     "set_renorm_progress",
 ]

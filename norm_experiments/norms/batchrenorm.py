@@ -122,12 +122,16 @@ def make_batch_renorm(num_features: int, options: dict) -> BatchRenorm:
     return BatchRenorm(num_features, eps=options["eps"], momentum=options["momentum"], schedule=schedule)
 
 
+def renorm_layers(model: nn.Module) -> list[BatchRenorm]:
+    """Every BatchRenorm layer in `model` (a training loop finds them once instead of walking every step)."""
+    return [module for module in model.modules() if isinstance(module, BatchRenorm)]
+
+
 def set_renorm_progress(model: nn.Module, progress: float) -> None:
     """Set r_max/d_max of every BatchRenorm layer in `model`; progress = fraction of steps done (0..1)."""
     progress = min(max(float(progress), 0.0), 1.0)
-    for module in model.modules():
-        if isinstance(module, BatchRenorm):
-            module.set_progress(progress)
+    for layer in renorm_layers(model):
+        layer.set_progress(progress)
 
 
 def renorm_diagnostics(model: nn.Module) -> dict[str, float]:

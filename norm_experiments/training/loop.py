@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from norm_experiments.config import run_identity, validate_config
-from norm_experiments.data.pipeline import BatchSampler, DataBundle, load_data
+from norm_experiments.data.pipeline import BatchSampler, DataBundle, keep_on_device, load_data
 from norm_experiments.errors import UserError
 from norm_experiments.models import build_model
 from norm_experiments.models.preflight import preflight
@@ -36,7 +36,7 @@ from norm_experiments.norms import (
     make_norm_spec,
     recompute_bn_statistics,
     renorm_diagnostics,
-    set_renorm_progress,
+    renorm_layers,
 )
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
@@ -252,6 +252,8 @@ class Run:
             torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic), warn_only=True)
         seed_everything(int(cfg.seed))
         self.data: DataBundle = load_data(cfg.data)
+        if cfg.data.cache_on_device:
+            keep_on_device(self.data, self.device)
         self.num_classes = len(self.data.info.labels)
         self.class_names = [self.data.info.labels[i] for i in sorted(self.data.info.labels) if i != 0]
         self.model = build_model(cfg.model, self.spec, self.data.info.num_channels, self.num_classes).to(
@@ -263,6 +265,7 @@ class Run:
         if cfg.trainer.channels_last:  # measured per norm in scripts/benchmark.py: IN/GN lose channels_last
             self.memory_format = torch.channels_last_3d
             self.model.to(memory_format=self.memory_format)
+        self.renorm_layers = renorm_layers(self.model)  # found once: walking every module costs per step
         self.net = distributed.wrap_ddp(self.model, self.device)
         if cfg.trainer.compile:  # the training forward only; evaluation and saving use the plain module
             self.net = torch.compile(self.net)
@@ -381,8 +384,10 @@ class Run:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimizer step; returns the loss as a tensor (no host sync here)."""
-        self.net.train()
-        set_renorm_progress(self.model, self.state.step / self.total_steps)
+        if not self.model.training:  # evaluation restores the modes it changes; walking them costs per step
+            self.net.train()
+        for layer in self.renorm_layers:
+            layer.set_progress(self.state.step / self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             loss = self.loss_fn(self.net(images), labels)
