@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,7 +62,7 @@ from norm_experiments.models.unet import ConvNormAct
 from norm_experiments.norms import BNStatMonitor
 from norm_experiments.norms.bn_common import tracks_running_stats
 from norm_experiments.training import loop as loop_module
-from norm_experiments.training.loop import Run, State, make_optimizer
+from norm_experiments.training.loop import Run, State, make_optimizer, prefetch_pool
 from norm_experiments.training.outputs import peak_rss_mb, reset_peak_rss
 from norm_experiments.training.progress import Progress
 
@@ -550,7 +550,7 @@ def our_epoch(run: Run, steps: int, prefetch: bool = True) -> State:
     run.val_every = run.ckpt_every = 10**9
     monitor = BNStatMonitor(run.model)
     progress = Progress(steps, 0, "none", "benchmark")
-    with ThreadPoolExecutor(max_workers=1) if prefetch else _InlineExecutor() as executor:
+    with prefetch_pool() if prefetch else _InlineExecutor() as executor:
         run._loop(_NullWriter(), monitor, progress, SimpleNamespace(requested=False), executor)
     monitor.close()
     return run.state
@@ -612,7 +612,12 @@ def measure_epoch(ctx: Context, volume_shape: tuple[int, ...] | None = None) -> 
         )
     )
     ctx.summary.append(
-        (f"data-wait fraction{suffix}", f"{wait:.1%}", f"< {DATA_WAIT_TARGET:.0%}", verdict(wait < DATA_WAIT_TARGET))
+        (
+            f"data-wait fraction{suffix}",
+            f"{wait:.1%}",
+            f"< {DATA_WAIT_TARGET:.0%}",
+            verdict(wait < DATA_WAIT_TARGET),
+        )
     )
 
     def row(name: str, patches: int, times: list[float], n_steps: int, wait_text: str) -> list[object]:

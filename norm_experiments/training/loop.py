@@ -493,7 +493,7 @@ class Run:
         progress = Progress(self.total_steps, self.state.step, shown, label)
         stop = _StopRequest()
         try:
-            with stop.installed(), ThreadPoolExecutor(max_workers=1) as prefetch:
+            with stop.installed(), prefetch_pool() as prefetch:
                 self._loop(writer, monitor, progress, stop, prefetch)
             final = self._finish(writer, started)
         except RunInterrupted:
@@ -593,6 +593,20 @@ class Run:
         scores.update({f"hparam/val_dice_{m}": d for m, d in extra.get("eval_modes", {}).items()})  # type: ignore[union-attr]
         log_hparams(writer, hparams, scores)
         return metrics
+
+
+def prefetch_pool() -> ThreadPoolExecutor:
+    """The one background thread that cuts the next batch while the current one trains.
+
+    It runs torch ops with a single intra-op thread: cutting a batch is a few small copies, and a second
+    OpenMP team of torch's default size would compete with the training step's own threads for the cores
+    (epochs about 8 % slower on 2 cores, measured with scripts/benchmark.py's epoch loop).
+    """
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))
+    pool.submit(lambda: None).result()  # start the thread now, so its setting is in place before ours
+    torch.set_num_threads(threads)  # set_num_threads also sets the default of threads started later
+    return pool
 
 
 class _StopRequest:

@@ -46,6 +46,7 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
         (["data.patch_size=[18,18,18]"], "divisible by 4"),
         (["data=msd", "data.root=/nonexistent/dataset"], "data.root"),
         (["trainer.device=tpu"], "trainer.device"),
+        (["data.cache_on_device=gpu"], "data.cache_on_device"),
         (["norm=group", "norm.options.num_groups=3"], "norm.options.num_groups"),
     ],
 )
