@@ -7,8 +7,9 @@
 
 Everything runs in this one process on this one machine, and the tables are printed and written to --out:
   a. overhead ratio: Run.train_step vs a bare PyTorch step on the same model and batch (target <= 1.05)
-  b. one epoch of our pipeline (the real Run._loop: cached volumes, prefetch thread) vs a MONAI-tutorial
-     pipeline (Dataset without cache, DataLoader, NIfTI read every step) (target >= 2x), and our data wait
+  b. one epoch of our pipeline (the real Run._loop: cached volumes, patches cut with tensor ops) vs a
+     MONAI-tutorial pipeline (Dataset without cache, DataLoader, NIfTI read every step) (target >= 2x), and
+     our data wait; in quick and full also on 96x192x192 volumes
   c. step time and peak memory per norm and batch size
   d. CUDA only: AMP (bf16) vs fp32, torch.compile on/off, channels_last_3d on/off per norm, volumes cached
      on the device (data.cache_on_device) vs in host memory
@@ -32,7 +33,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -62,7 +62,7 @@ from norm_experiments.models.unet import ConvNormAct
 from norm_experiments.norms import BNStatMonitor
 from norm_experiments.norms.bn_common import tracks_running_stats
 from norm_experiments.training import loop as loop_module
-from norm_experiments.training.loop import Run, State, make_optimizer, prefetch_pool
+from norm_experiments.training.loop import InlineExecutor, Run, State, make_optimizer, prefetch_pool
 from norm_experiments.training.outputs import peak_rss_mb, reset_peak_rss
 from norm_experiments.training.progress import Progress
 
@@ -421,7 +421,10 @@ def overhead_rows(ctx: Context, norm: str) -> tuple[str, list[list[object]]]:
     monitor.close()
     bare_s = median(times["bare"])
     rows: list[list[object]] = [[norm, "bare PyTorch", fmt(bare_s * 1e3), "1.000", "1.000", "", ""]]
-    labels = {"ours": "Run.train_step", "monitored": "Run.train_step + BNStatMonitor hooks (as in Run._loop)"}
+    labels = {
+        "ours": "Run.train_step",
+        "monitored": "Run.train_step + BNStatMonitor hooks (Run._loop: logged steps only)",
+    }
     for name in [n for n in fns if n != "bare"]:
         ratio = median(times[name]) / bare_s
         paired = [a / b for a, b in zip(times[name], times["bare"], strict=True)]
@@ -461,8 +464,8 @@ def measure_overhead(ctx: Context) -> str:
             f"{'; '.join(sorted(set(setups)))}. Same initial weights, the same pre-drawn batch on the "
             "device, the same optimizer; bare = "
             "`opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()`. "
-            "For BatchNorm-family norms a third row adds the BN statistics hooks (`BNStatMonitor`) that "
-            "`Run._loop` keeps enabled on every step.",
+            "For BatchNorm-family norms a third row adds the BN statistics hooks (`BNStatMonitor`), which "
+            "`Run._loop` enables only on the steps it logs (1 in trainer.log_every_steps).",
             "",
             table(head, rows),
         ]
@@ -526,31 +529,20 @@ class _NullWriter:
     add_image = add_scalar
 
 
-class _InlineExecutor:
-    """Stands in for the prefetch thread pool: draws the batch at once, in the training thread."""
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def __enter__(self) -> _InlineExecutor:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def our_epoch(run: Run, steps: int, prefetch: bool = True) -> State:
-    """One pass of the real Run._loop (prefetch thread, BN monitor, logging every log_every_steps), without
-    validation or checkpoints; returns the loop's State (train and data-wait seconds). prefetch=False
-    draws each batch in the training thread instead, to show what the thread buys."""
+def our_epoch(run: Run, steps: int, prefetch: bool | None = None) -> State:
+    """One pass of the real Run._loop (BN monitor on logged steps, logging every log_every_steps), without
+    validation or checkpoints; returns the loop's State (train and data-wait seconds). The next batch is cut
+    where training cuts it (Run.batch_executor: a thread on CUDA, inline on a CPU) unless `prefetch` says
+    True (a thread) or False (inline), to show what the other choice would cost."""
     run.state = State()
     run.total_steps = steps
     run.val_every = run.ckpt_every = 10**9
     monitor = BNStatMonitor(run.model)
     progress = Progress(steps, 0, "none", "benchmark")
-    with prefetch_pool() if prefetch else _InlineExecutor() as executor:
+    executor = run.batch_executor()
+    if prefetch is not None:
+        executor = prefetch_pool() if prefetch else InlineExecutor()
+    with executor:
         run._loop(_NullWriter(), monitor, progress, SimpleNamespace(requested=False), executor)
     monitor.close()
     return run.state
@@ -583,7 +575,7 @@ def measure_epoch(ctx: Context, volume_shape: tuple[int, ...] | None = None) -> 
     model, optimizer = twin_model(run)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    # The sampler alone (no overlap with training): what the prefetch thread must hide behind each step.
+    # The sampler alone (no overlap with training): what each step waits for, or what a thread must hide.
     draw = [timed(lambda: run.sampler.batch(0), lambda: None)[0] for _ in range(max(3, p.steps))]
     # The tutorial's data work alone (read, transform, collate): what it adds to every training step.
     loading = timed(lambda: sum(1 for _ in loader), lambda: None)[0] / len(loader)
@@ -592,12 +584,13 @@ def measure_epoch(ctx: Context, volume_shape: tuple[int, ...] | None = None) -> 
         prep.step()()
     tutorial_epoch(loader, model, optimizer, loss_fn, device, limit=p.warmup)
 
-    ours, inline, tutorial, waits = [], [], [], []
+    threaded = device.type == "cuda"  # where Run.batch_executor cuts the next batch
+    ours, other, tutorial, waits = [], [], [], []
     for _ in range(p.epochs):  # the three pipelines alternate
         seconds, state = timed(lambda: our_epoch(run, steps), sync)
         ours.append(seconds)
         waits.append(state.data_wait_seconds / max(state.train_seconds, 1e-9))
-        inline.append(timed(lambda: our_epoch(run, steps, prefetch=False), sync)[0])
+        other.append(timed(lambda: our_epoch(run, steps, prefetch=not threaded), sync)[0])
         tutorial.append(timed(lambda: tutorial_epoch(loader, model, optimizer, loss_fn, device), sync)[0])
     speedup, wait = median(tutorial) / median(ours), median(waits)
     our_step = median(ours) / steps
@@ -633,13 +626,20 @@ def measure_epoch(ctx: Context, volume_shape: tuple[int, ...] | None = None) -> 
     ours_patches = steps * bs * ppv
     rows = [
         row(
-            "ours: cached volumes, prefetch thread, Run.train_step (Run._loop)",
+            f"ours: Run._loop, cached volumes, next batch cut {'in a thread' if threaded else 'inline'} "
+            f"(the default on {device.type})",
             ours_patches,
             ours,
             steps,
             f"{wait:.1%}",
         ),
-        row("ours without the prefetch thread (batch drawn inline)", ours_patches, inline, steps, "(inline)"),
+        row(
+            f"ours with the next batch cut {'inline' if threaded else 'in a prefetch thread'} instead",
+            ours_patches,
+            other,
+            steps,
+            "",
+        ),
         row(
             "tutorial: Dataset (no cache), DataLoader(num_workers=0)",
             len(loader.dataset) * ppv,
@@ -904,7 +904,7 @@ def measure_device_cache(ctx: Context) -> str:
         [
             "### Cached volumes on the device (data.cache_on_device) vs in host memory",
             "",
-            f"{steps} steps per epoch, {p.epochs} epochs each, alternating; the real Run._loop with its "
+            f"{steps} steps per epoch, {p.epochs} epoch(s) each, alternating; the real Run._loop with its "
             "prefetch thread.",
             "",
             table(head, rows),

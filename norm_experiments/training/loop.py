@@ -14,7 +14,7 @@ import math
 import random
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -493,7 +493,7 @@ class Run:
         progress = Progress(self.total_steps, self.state.step, shown, label)
         stop = _StopRequest()
         try:
-            with stop.installed(), prefetch_pool() as prefetch:
+            with stop.installed(), self.batch_executor() as prefetch:
                 self._loop(writer, monitor, progress, stop, prefetch)
             final = self._finish(writer, started)
         except RunInterrupted:
@@ -509,17 +509,29 @@ class Run:
             writer.close()
         return final
 
+    def batch_executor(self) -> ThreadPoolExecutor | InlineExecutor:
+        """Where the next batch is cut. On CUDA, in a background thread, while the GPU runs this step. On
+        a CPU, inline: the step itself is the bottleneck there, and a thread only competes with torch's own
+        threads for the cores (epochs about 13 % slower with 2 threads on 2 cores, for a cut that costs
+        about 1 % of a step; scripts/benchmark.py section b)."""
+        return prefetch_pool() if self.device.type == "cuda" else InlineExecutor()
+
     def _loop(
-        self, writer, monitor, progress: Progress, stop: _StopRequest, prefetch: ThreadPoolExecutor
+        self,
+        writer,
+        monitor,
+        progress: Progress,
+        stop: _StopRequest,
+        prefetch: ThreadPoolExecutor | InlineExecutor,
     ) -> None:
         s = self.state
+        t0 = time.perf_counter()
         next_batch = prefetch.submit(self.sampler.batch, s.step)
         while s.step < self.total_steps:
-            t0 = time.perf_counter()
             images, labels = next_batch.result()
-            waited = time.perf_counter() - t0
-            if s.step + 1 < self.total_steps:  # load the next batch while this one trains
+            if s.step + 1 < self.total_steps:  # in a thread: cut the next batch while this one trains
                 next_batch = prefetch.submit(self.sampler.batch, s.step + 1)
+            waited = time.perf_counter() - t0  # blocked on data (inline: the whole cut counts as waiting)
             images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
             labels = labels.to(self.device, non_blocking=True)
             # BN diagnostics cost extra reductions: measure only the steps that are logged.
@@ -549,6 +561,7 @@ class Run:
             progress.update(s.step, loss_value)
             if distributed.any_rank(stop.requested):  # all ranks stop after the same step
                 raise RunInterrupted
+            t0 = time.perf_counter()
 
     def _check_finite(self, loss: float) -> None:
         if math.isfinite(loss):
@@ -593,6 +606,21 @@ class Run:
         scores.update({f"hparam/val_dice_{m}": d for m, d in extra.get("eval_modes", {}).items()})  # type: ignore[union-attr]
         log_hparams(writer, hparams, scores)
         return metrics
+
+
+class InlineExecutor:
+    """The executor interface without a thread: submit() cuts the batch at once, in the training thread."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self) -> InlineExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def prefetch_pool() -> ThreadPoolExecutor:
