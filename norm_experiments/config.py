@@ -46,6 +46,7 @@ _EXECUTION_KEYS = {
     ("trainer", "log_every_steps"),
     ("data", "cache_dir"),
     ("data", "check_files"),
+    ("data", "cache_on_device"),  # the same batches wherever the volumes are held
     ("resume",),
     ("name",),
 }

@@ -539,8 +539,9 @@ def our_epoch(run: Run, steps: int, prefetch: bool | None = None) -> State:
     run.val_every = run.ckpt_every = 10**9
     monitor = BNStatMonitor(run.model)
     progress = Progress(steps, 0, "none", "benchmark")
-    executor = run.batch_executor()
-    if prefetch is not None:
+    if prefetch is None:
+        executor = run.batch_executor()
+    else:
         executor = prefetch_pool() if prefetch else InlineExecutor()
     with executor:
         run._loop(_NullWriter(), monitor, progress, SimpleNamespace(requested=False), executor)

@@ -1,10 +1,11 @@
 """From a `data` config to cached volumes and reproducible training batches.
 
 The deterministic part (load, channel-first, RAS orientation, optional resampling, per-case intensity
-normalization, padding, foreground indices) runs once per case and is cached in memory (MONAI CacheDataset),
-optionally moved to the GPU (data.cache_on_device). The random part (patch crops with a foreground ratio,
-flips, rotations; data.patches) is re-seeded from (seed, step) for every batch: the batch of a step is a pure function of the run's seed and the step number, which makes a
-resumed run draw exactly the batches an uninterrupted run would, without saving any sampler state.
+normalization, padding, foreground indices) runs once per case and is cached in memory (MONAI
+CacheDataset), optionally moved to the GPU (data.cache_on_device). The random part (patch crops with a
+foreground ratio, flips, rotations; see patches.py) is re-seeded from (seed, step) for every batch: the
+batch of a step is a pure function of the run's seed and the step number, which makes a resumed run draw
+exactly the batches an uninterrupted run would, without saving any sampler state.
 """
 
 from __future__ import annotations
@@ -133,13 +134,17 @@ def load_data(data_cfg: DictConfig) -> DataBundle:
 def keep_on_device(bundle: DataBundle, device: torch.device) -> None:
     """Hold every cached image and label on `device` (data.cache_on_device): batches are then cut there and
     no step copies from host memory. The foreground/background indices stay on the host, where the crop
-    positions are drawn."""
+    positions are drawn. A dataset too large to copy is a UserError; one that fits but leaves too little
+    room for training fails later with CUDA's own out-of-memory error."""
     if device.type == "cpu":
         return
     volumes = bundle.train + bundle.val
+    # Labels as uint8 (class indices < 256): a quarter of float32's memory; batches are cast to int64.
+    label_dtype = torch.uint8 if len(bundle.info.labels) <= 256 else torch.int32
     try:
         for vol in volumes:
-            vol.item["image"], vol.item["label"] = vol.image.to(device), vol.label.to(device)
+            vol.item["image"] = vol.image.to(device)
+            vol.item["label"] = vol.label.to(device, label_dtype)
     except torch.cuda.OutOfMemoryError:
         size = sum(v.image.nbytes + v.label.nbytes for v in volumes) / 2**30
         for vol in volumes:
@@ -157,7 +162,7 @@ class BatchSampler:
 
     Volumes are drawn epoch by epoch without replacement (every case once per epoch, in a per-epoch random
     order), `batch_size` volumes per step, `patches_per_volume` random patches from each. Patches are cut on
-    the device that holds the cached volumes (data.patches), so with data.cache_on_device the batch is
+    the device that holds the cached volumes (see patches.py): with data.cache_on_device the batch is
     already on the GPU.
 
     With several processes (DDP), step t draws world_size x batch_size volumes (and their augmentation

@@ -45,12 +45,12 @@ def evaluate(model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inf
             logits = sliding_window_inference(
                 image, inf.roi_size, inf.sw_batch_size, model, overlap=inf.overlap, mode="gaussian"
             )
-        # Dice on the device of the prediction: only the example slice comes back to the host.
-        pred = logits.argmax(dim=1, keepdim=True)
-        label = vol.label.unsqueeze(0).to(pred.device).long()
+        # Dice in host memory: its one-hot tensors (classes x volume, int64) could exhaust a GPU's memory.
+        pred = logits.argmax(dim=1, keepdim=True).cpu()
+        label = vol.label.unsqueeze(0).long().cpu()
         metric(_one_hot(pred, num_classes), _one_hot(label, num_classes))
         if example is None:
-            example = (vol.image[0].cpu(), vol.label[0].cpu(), pred[0, 0].cpu())
+            example = (vol.image[0].cpu(), label[0, 0], pred[0, 0])
     per_class = torch.nan_to_num(metric.aggregate(), nan=0.0).tolist()
     return ValResult(sum(per_class) / len(per_class), per_class, example)
 

@@ -631,10 +631,17 @@ def prefetch_pool() -> ThreadPoolExecutor:
     (epochs about 8 % slower on 2 cores, measured with scripts/benchmark.py's epoch loop).
     """
     threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,))
+    pool = ThreadPoolExecutor(max_workers=1, initializer=_one_intra_op_thread)
     pool.submit(lambda: None).result()  # start the thread now, so its setting is in place before ours
     torch.set_num_threads(threads)  # set_num_threads also sets the default of threads started later
     return pool
+
+
+def _one_intra_op_thread() -> None:
+    # torch sets a thread's count up lazily, from the global default, at the thread's first query or
+    # parallel op; query first, so that this setting is not replaced by that lazy set-up later.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 class _StopRequest:

@@ -86,6 +86,18 @@ def test_patch_holds_the_voxels_of_its_volume() -> None:
     assert images.dtype == torch.float32 and labels.dtype == torch.int64
 
 
+def test_image_and_label_are_cut_flipped_and_turned_alike() -> None:
+    volumes = []
+    for i in range(3):
+        vol = cube_volume(f"case{i}", seed=i)
+        vol.item["label"] = (vol.item["image"] > 0).float()  # a label that follows the image voxel by voxel
+        volumes.append(vol)
+    sampler = BatchSampler(volumes, data_cfg(batch_size=3, flip=1.0, rot90=1.0), seed=0)
+    for step in range(5):
+        images, labels = sampler.batch(step)
+        assert torch.equal(labels, (images > 0).long())
+
+
 def test_batch_is_a_function_of_seed_and_step() -> None:
     volumes = [cube_volume(f"case{i}", seed=i) for i in range(5)]
     cfg = data_cfg(flip=0.5, rot90=0.5)

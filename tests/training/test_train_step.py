@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from norm_experiments.config import run_identity
 from norm_experiments.norms import renorm_layers
-from norm_experiments.training.loop import Run
+from norm_experiments.training.loop import Run, prefetch_pool
 from tests.helpers import compose_config
 
 
@@ -19,10 +20,18 @@ def built_run(tmp_path: Path, *overrides: str) -> Run:
     return run
 
 
-def test_step_after_evaluation_trains_in_training_mode(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["running", "batch"])
+def test_evaluation_leaves_every_module_in_training_mode(tmp_path: Path, mode: str) -> None:
+    """train_step only calls train() when the model is not in training mode: evaluation must restore it."""
+    run = built_run(tmp_path, "norm=batch")
+    run.evaluate(run.model, mode)
+    assert all(module.training for module in run.model.modules())
+    assert all(m.track_running_stats for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm3d))
+
+
+def test_step_after_eval_mode_trains_in_training_mode(tmp_path: Path) -> None:
     run = built_run(tmp_path, "norm=batch")
     images, labels = run.sampler.batch(0)
-    run.evaluate(run.model)
     run.model.eval()  # whatever left the model in eval mode, the next step must train
     before = {name: buf.clone() for name, buf in run.model.named_buffers() if name.endswith("running_mean")}
     run.train_step(images, labels)
@@ -45,3 +54,32 @@ def test_batchrenorm_limits_follow_the_step_budget(tmp_path: Path) -> None:
     run.state.step = run.total_steps - 1
     run.train_step(images, labels)
     assert all((layer.r_max, layer.d_max) == (3.0, 5.0) for layer in layers)
+
+
+def test_prefetch_thread_runs_one_intra_op_thread() -> None:
+    """The thread that cuts batches on CUDA must not start a second team of torch's size on the cores."""
+    before = torch.get_num_threads()
+    with prefetch_pool() as pool:
+        assert pool.submit(torch.get_num_threads).result() == 1
+        assert pool.submit(lambda: torch.ones(10**6).flip(0).sum().item()).result() == 10**6
+        assert pool.submit(torch.get_num_threads).result() == 1  # still 1 after a real op
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI machines)")
+def test_volumes_cached_on_the_gpu_train_and_validate(tmp_path: Path) -> None:
+    cfg = compose_config(["experiment=smoke", "trainer.device=cuda", "data.cache_on_device=true"])
+    run = Run(cfg, tmp_path)
+    metrics = run.train()
+    assert run.data.train[0].image.is_cuda and run.data.val[0].label.is_cuda
+    assert metrics["status"] == "completed" and 0.0 <= metrics["val_dice"] <= 1.0
+    assert set(metrics["eval_modes"]) == {"running", "batch", "precise"}
+
+
+def test_where_volumes_are_cached_is_not_part_of_a_runs_identity() -> None:
+    """data.cache_on_device gives the same batches, so a run may resume with it switched (and keeps its folder)."""
+    base = compose_config(["experiment=smoke"])
+    assert run_identity(base) == run_identity(
+        compose_config(["experiment=smoke", "data.cache_on_device=true"])
+    )
+    assert run_identity(base) != run_identity(compose_config(["experiment=smoke", "data.batch_size=1"]))
