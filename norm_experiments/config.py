@@ -132,6 +132,11 @@ def validate_config(cfg: DictConfig) -> None:
         f"must be auto, true or false, got {cfg.trainer.amp!r}",
     )
     _require(
+        cfg.trainer.channels_last in ("auto", True, False),
+        "trainer.channels_last",
+        f"must be auto, true or false, got {cfg.trainer.channels_last!r}",
+    )
+    _require(
         0 <= cfg.trainer.sw_overlap < 1,
         "trainer.sw_overlap",
         f"must be in [0, 1), got {cfg.trainer.sw_overlap!r}",

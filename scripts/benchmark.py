@@ -10,9 +10,9 @@ Everything runs in this one process on this one machine, and the tables are prin
   b. one epoch of our pipeline (the real Run._loop: cached volumes, patches cut with tensor ops) vs a
      MONAI-tutorial pipeline (Dataset without cache, DataLoader, NIfTI read every step) (target >= 2x), and
      our data wait; in quick and full also on 96x192x192 volumes
-  c. step time and peak memory per norm and batch size
-  d. CUDA only: AMP (bf16) vs fp32, torch.compile on/off, channels_last_3d on/off per norm, volumes cached
-     on the device (data.cache_on_device) vs in host memory
+  c. step time and peak memory per norm and batch size; channels_last_3d on/off per norm
+  d. CUDA only: AMP (bf16) vs fp32, torch.compile on/off, volumes cached on the device
+     (data.cache_on_device) vs in host memory
 Timing: warm-up steps first, then `repeats` blocks of `steps` steps, synchronized on CUDA at the end of each
 block; the median block gives the time per step. Torch's thread count stays at its default unless --threads.
 """
@@ -108,7 +108,7 @@ class Profile:
     norms: tuple[str, ...]  # (c)
     batch_sizes: tuple[int, ...]  # (c)
     norm_patch: tuple[int, ...] | None  # patch of (c); None: the config's
-    cuda_norms: tuple[str, ...]  # (d): compile and channels_last
+    cuda_norms: tuple[str, ...]  # (d): compile
     amp_batch_sizes: tuple[int, ...]  # (d): AMP vs fp32
     amp_patches: tuple[tuple[int, ...] | None, ...]  # (d): None = the config's patch
     epoch_volume_shapes: tuple[tuple[int, ...], ...] = ()  # (b) again on synthetic volumes of these shapes
@@ -370,14 +370,19 @@ class Prepared:
 
 def prepare(ctx: Context, overrides: list[str] | tuple[str, ...] = ()) -> Prepared:
     run = build_run(ctx, overrides)
-    images, labels = (t.to(run.device) for t in run.sampler.batch(0))
+    images, labels = run.sampler.batch(0)
+    images = images.to(run.device, memory_format=run.memory_format)  # as Run._loop moves it
+    labels = labels.to(run.device)
     return Prepared(run, images, labels)
 
 
-def twin_model(run: Run) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The Run's model built again the same way, with the same initial weights, and the same optimizer."""
+def twin_model(run: Run, same_layout: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The Run's model built again the same way, with the same initial weights, and the same optimizer;
+    in the Run's memory format (trainer.channels_last), or the plain one a tutorial would use."""
     model = build_model(run.cfg.model, run.spec, run.data.info.num_channels, run.num_classes).to(run.device)
     model.load_state_dict(run.model.state_dict())
+    if same_layout:
+        model.to(memory_format=run.memory_format)
     return model, make_optimizer(run.cfg.optim, model, run.lr)
 
 
@@ -573,7 +578,7 @@ def measure_epoch(ctx: Context, volume_shape: tuple[int, ...] | None = None) -> 
     bs, ppv = int(cfg.data.batch_size), int(cfg.data.patches_per_volume)
     steps = math.ceil(len(run.data.train) / bs)
     loader = tutorial_loader(cfg)
-    model, optimizer = twin_model(run)
+    model, optimizer = twin_model(run, same_layout=False)  # a tutorial trains the plain layout
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     # The sampler alone (no overlap with training): what each step waits for, or what a thread must hide.
@@ -730,7 +735,8 @@ def measure_norms(ctx: Context) -> str:
         [
             "## c. Per norm: training step time and peak memory",
             "",
-            f"{setup}; `Run.train_step` on a pre-drawn batch (batch = volumes per step, one patch each). "
+            f"{setup}; `Run.train_step` on a pre-drawn batch (batch = volumes per step, one patch each), "
+            "in the memory format `trainer.channels_last=auto` picks (see the last table). "
             "The first steps (warm-up) include allocating the optimizer state.",
             "",
             "Step time (ms, median block):",
@@ -740,6 +746,8 @@ def measure_norms(ctx: Context) -> str:
             f"Peak memory (MiB): {what}.",
             "",
             table(head, [[n, *mb[n]] for n in p.norms]),
+            "",
+            measure_channels_last(ctx),
         ]
     )
 
@@ -847,8 +855,8 @@ def measure_compile(ctx: Context) -> str:
 
 def channels_last_row(ctx: Context, norm: str) -> list[object]:
     p = ctx.profile
-    ctx.log(f"cuda: channels_last_3d, norm={norm}")
-    prep = prepare(ctx, [f"norm={norm}"])
+    ctx.log(f"channels_last_3d, norm={norm}")
+    prep = prepare(ctx, [f"norm={norm}", "trainer.channels_last=false"])
     plain = median(timeit({"plain": prep.step()}, p.warmup, p.steps, p.repeats, prep.sync)["plain"])
     prep.run.model.to(memory_format=torch.channels_last_3d)
     prep.images = prep.images.contiguous(memory_format=torch.channels_last_3d)
@@ -858,7 +866,7 @@ def channels_last_row(ctx: Context, norm: str) -> list[object]:
 
 
 def measure_channels_last(ctx: Context) -> str:
-    rows = [channels_last_row(ctx, norm) for norm in ctx.profile.cuda_norms]
+    rows = [channels_last_row(ctx, norm) for norm in ctx.profile.norms]
     head = [
         "norm",
         "contiguous ms",
@@ -866,7 +874,13 @@ def measure_channels_last(ctx: Context) -> str:
         "speed-up",
         "first norm's output stays channels_last",
     ]
-    return "### channels_last_3d on/off per norm (model and input)\n\n" + table(head, rows)
+    cfg = compose_cfg(ctx)
+    return (
+        "### channels_last_3d on/off per norm (model and input)\n\n"
+        f"patch {'x'.join(map(str, cfg.data.patch_size))}, batch {cfg.data.batch_size}; "
+        "what `trainer.channels_last=auto` decides from (`use_channels_last` in training/loop.py).\n\n"
+        + table(head, rows)
+    )
 
 
 def measure_device_cache(ctx: Context) -> str:
@@ -916,7 +930,7 @@ def measure_device_cache(ctx: Context) -> str:
 
 
 def measure_cuda(ctx: Context, device: torch.device) -> str:
-    title = "## d. CUDA only: AMP, torch.compile, channels_last_3d, volumes cached on the device"
+    title = "## d. CUDA only: AMP, torch.compile, volumes cached on the device"
     if device.type != "cuda" and not ctx.cuda_sections_anyway:
         return f"{title}\n\nSkipped: measured on {device.type}. These numbers are pending a run on a GPU."
     parts = [title, ""]
@@ -931,8 +945,6 @@ def measure_cuda(ctx: Context, device: torch.device) -> str:
         measure_amp(ctx),
         "",
         measure_compile(ctx),
-        "",
-        measure_channels_last(ctx),
         "",
         measure_device_cache(ctx),
     ]

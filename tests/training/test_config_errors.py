@@ -47,6 +47,7 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
         (["data=msd", "data.root=/nonexistent/dataset"], "data.root"),
         (["trainer.device=tpu"], "trainer.device"),
         (["data.cache_on_device=gpu"], "data.cache_on_device"),
+        (["trainer.channels_last=yes_please"], "trainer.channels_last"),
         (["norm=group", "norm.options.num_groups=3"], "norm.options.num_groups"),
     ],
 )
