@@ -523,9 +523,9 @@ class Run:
 
     def batch_executor(self) -> ThreadPoolExecutor | InlineExecutor:
         """Where the next batch is cut. On CUDA, in a background thread, while the GPU runs this step. On
-        a CPU, inline: the step itself is the bottleneck there, and a thread only competes with torch's own
-        threads for the cores (epochs 8-19 % slower with 2 threads on 2 cores, for a cut that costs
-        about 1 % of a step; scripts/benchmark.py section b)."""
+        a CPU, inline: cutting costs about 1 % of a CPU step, and a thread bought nothing measurable there
+        (scripts/benchmark.py section b: within noise of inline), while it is one more thread on the cores
+        that torch's threads use."""
         return prefetch_pool() if self.device.type == "cuda" else InlineExecutor()
 
     def _loop(
