@@ -20,17 +20,23 @@ def built_run(tmp_path: Path, *overrides: str) -> Run:
     return run
 
 
+@pytest.fixture(scope="module")
+def batch_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One built BatchNorm run (smoke config) shared by the tests below: building costs seconds each time."""
+    return built_run(tmp_path_factory.mktemp("batch-run"), "norm=batch")
+
+
 @pytest.mark.parametrize("mode", ["running", "batch"])
-def test_evaluation_leaves_every_module_in_training_mode(tmp_path: Path, mode: str) -> None:
+def test_evaluation_leaves_every_module_in_training_mode(batch_run: Run, mode: str) -> None:
     """train_step only calls train() when the model is not in training mode: evaluation must restore it."""
-    run = built_run(tmp_path, "norm=batch")
+    run = batch_run
     run.evaluate(run.model, mode)
     assert all(module.training for module in run.model.modules())
     assert all(m.track_running_stats for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm3d))
 
 
-def test_step_after_eval_mode_trains_in_training_mode(tmp_path: Path) -> None:
-    run = built_run(tmp_path, "norm=batch")
+def test_step_after_eval_mode_trains_in_training_mode(batch_run: Run) -> None:
+    run = batch_run
     images, labels = run.sampler.batch(0)
     run.model.eval()  # whatever left the model in eval mode, the next step must train
     before = {name: buf.clone() for name, buf in run.model.named_buffers() if name.endswith("running_mean")}
@@ -101,8 +107,8 @@ def test_channels_last_is_on_where_it_was_measured_faster(setting, device, norm,
     assert use_channels_last(setting, torch.device(device), norm, batch) is expected
 
 
-def test_default_cpu_run_trains_channels_last(tmp_path: Path) -> None:
-    run = built_run(tmp_path, "norm=batch")
+def test_default_cpu_run_trains_channels_last(batch_run: Run) -> None:
+    run = batch_run
     assert run.memory_format == torch.channels_last_3d
     conv = next(m for m in run.model.modules() if isinstance(m, torch.nn.Conv3d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
