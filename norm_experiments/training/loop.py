@@ -109,9 +109,9 @@ def amp_dtype(setting: object, device: torch.device) -> torch.dtype | None:
 def use_channels_last(setting: object, device: torch.device, norm: str, effective_batch: int) -> bool:
     """trainer.channels_last: true, false, or auto = on only where scripts/benchmark.py measured it faster.
 
-    On a CPU (oneDNN) it made a step 1.1-1.4x faster at batch >= 2 for every norm but InstanceNorm, which
+    On a CPU (oneDNN) it made a step 1.1-1.5x faster at batch >= 2 for every norm but InstanceNorm, which
     drops the layout and was slower at batch 8; at batch 1 PyTorch's CPU conv3d takes another path, where it
-    was slower. On CUDA it stays off until the GPU section of the benchmark has measured it per norm.
+    was slower. On CUDA it stays off until the benchmark's channels_last table has been measured on a GPU.
     """
     if setting != "auto":
         return bool(setting)
