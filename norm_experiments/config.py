@@ -43,6 +43,7 @@ _EXECUTION_KEYS = {
     ("trainer", "num_threads"),
     ("trainer", "overwrite"),
     ("trainer", "force_resume"),
+    ("trainer", "trust_checkpoint"),
     ("trainer", "log_every_steps"),
     ("data", "cache_dir"),
     ("data", "check_files"),

@@ -351,7 +351,7 @@ class Run:
         path = self.run_dir / ckpt.CHECKPOINT
         if not path.exists() or self.cfg.trainer.overwrite:
             return False
-        saved = ckpt.load(path)
+        saved = ckpt.load(path, trust=bool(self.cfg.trainer.trust_checkpoint))
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
