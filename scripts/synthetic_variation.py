@@ -54,7 +54,9 @@ def main() -> None:
     for knob in ("contrast_range", "gamma_range", "noise_std", "bias_field"):
         others = {k: v for k, v in LINEAR_ONLY.items() if k != knob}
         variants[f"linear + {knob} only"] = dataclasses.replace(base, **others)
-    print(f"{args.cases} cases of {base.shape}; mean ± sd over cases of z-scored levels (case-own sd units)\n")
+    print(
+        f"{args.cases} cases of {base.shape}; mean ± sd over cases of z-scored levels (case-own sd units)\n"
+    )
     print("| generator | background | class 1 | class 2 | class 1 − class 2 |")
     print("|:---|---:|---:|---:|---:|")
     for name, cfg in variants.items():

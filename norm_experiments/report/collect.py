@@ -18,6 +18,10 @@ METRICS_FILENAME = "metrics.json"
 # Norms whose layers keep running statistics, so that eval mode differs from train mode.
 BN_FAMILY = frozenset({"batch", "batchrenorm", "ghostbatch", "syncbatch"})
 
+# Fields that define a condition of the study (raw vs z-scored input, a budget in patches vs in steps): runs
+# under different conditions are never averaged or compared with each other; each gets its own tables.
+CONDITION_FIELDS = ("intensity", "budget_unit")
+
 # Statuses that mean "this run ended without a usable result".
 FAILED_STATUSES = frozenset({"failed", "diverged"})
 
@@ -79,6 +83,24 @@ class Run:
         if not isinstance(modes, dict):
             return {}
         return {str(k): v for k, v in ((k, _finite(v)) for k, v in modes.items()) if v is not None}
+
+    @property
+    def eval_modes_hd95(self) -> dict[str, float]:
+        modes = self.data.get("eval_modes_hd95") or {}
+        if not isinstance(modes, dict):
+            return {}
+        return {str(k): v for k, v in ((k, _finite(v)) for k, v in modes.items()) if v is not None}
+
+    def condition(self, fields: Iterable[str]) -> str:
+        """'intensity=none, budget_unit=patches' for the given condition fields ('?' where not recorded)."""
+        return ", ".join(f"{f}={self.data.get(f, '?')}" for f in fields)
+
+    @property
+    def still_improving(self) -> bool | None:
+        """The run's convergence flag: validation Dice still rose at the end (None: not recorded)."""
+        convergence = self.data.get("convergence")
+        flag = convergence.get("still_improving") if isinstance(convergence, dict) else None
+        return flag if isinstance(flag, bool) else None
 
     def value(self, key: str) -> float | None:
         """A top-level numeric field as a finite float, or None if absent, null, NaN or not a number."""

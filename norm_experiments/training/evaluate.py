@@ -135,17 +135,21 @@ def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, num_classes).to(torch.uint8).permute(3, 0, 1, 2).unsqueeze(0)
 
 
-# Validation Dice that rose by more than this over the last part of a run marks it as still improving. Below
+# Validation Dice that rose by more than this over the second half of a run marks it as still improving. Below
 # it, changes between validations are within the seed-to-seed spread of short runs.
 STILL_IMPROVING_DICE = 0.01
+# The part of a run the flag looks at. Not just the last interval: with a cosine schedule the learning rate
+# is nearly 0 over the last quarter, so a flat last quarter says little about whether more steps would help.
+LATE_PART = 0.5
 
 
 def convergence(history: list[dict], total_steps: int) -> dict | None:
-    """Did validation Dice still rise over the last part of training? Compares the final validation with
-    the one before it (trainer.validations spaces them evenly). None with a single validation."""
-    if len(history) < 2:
+    """Did validation Dice still rise over the second half of training? Compares the final validation with
+    the last one at or before the middle of the run. None when there is none (a single validation)."""
+    earlier = [h for h in history[:-1] if h["step"] <= total_steps * (1 - LATE_PART)]
+    if not earlier:
         return None
-    before, final = history[-2], history[-1]
+    before, final = earlier[-1], history[-1]
     gain = final["val_dice"] - before["val_dice"]
     return {
         "since_fraction": before["step"] / total_steps,  # the comparison starts this far into the run

@@ -594,9 +594,9 @@ class Run:
             log_now = s.step % int(self.cfg.trainer.log_every_steps) == 0 or s.step == self.total_steps
             checkpoint_now = s.step % self.ckpt_every == 0 and s.step < self.total_steps
             loss_value = None
-            # Reading the loss syncs with the GPU: only when it is shown, and before a checkpoint, so that a
-            # checkpoint never holds a diverged state.
-            if log_now or checkpoint_now or progress.wants_loss(s.step):
+            # Reading the loss syncs with the GPU: only at logging steps (the progress display shows the last
+            # one read), and before a checkpoint, so that a checkpoint never holds a diverged state.
+            if log_now or checkpoint_now:
                 loss_value = float(loss)
                 self._check_finite(loss_value)
             s.train_seconds += time.perf_counter() - t0
@@ -805,4 +805,3 @@ class _NoWriter:
 
     def __call__(self, *args, **kwargs) -> None:
         return None
-

@@ -116,7 +116,9 @@ def test_optimizer_scheduler_and_enabled_scaler_load_safely(tmp_path: Path) -> N
     assert loaded["scaler"] == scaler.state_dict() and loaded["scaler"]["scale"] == 1024.0
     assert loaded["scheduler"]["last_epoch"] == 1 and loaded["state"] == state
     assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
-    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        loaded["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+    )
     fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
     fresh.load_state_dict(loaded["optimizer"])  # accepted as it is
     assert fresh.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
@@ -203,7 +205,9 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text=True,
     )
     deadline = time.time() + 120
-    while not list(cwd.glob("outputs/runs/*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+    while (
+        not list(cwd.glob("outputs/runs/*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None
+    ):
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
