@@ -78,10 +78,10 @@ def history(*dice: float, every: int = 10) -> list[dict]:
 def test_convergence_flags_a_run_whose_dice_still_rises_in_its_second_half() -> None:
     rising = convergence(history(0.3, 0.5, 0.6, 0.7), total_steps=40)  # validations at 10, 20, 30, 40
     assert rising == {"since_fraction": 0.5, "late_gain": pytest.approx(0.2), "still_improving": True}
-    flat = convergence(
-        history(0.3, 0.7, 0.705), total_steps=30
-    )  # the middle: step 15 -> compare with step 10
-    assert flat["still_improving"] is False and flat["since_fraction"] == pytest.approx(1 / 3)
+    flat = convergence(history(0.3, 0.7, 0.705, 0.708), total_steps=40)
+    assert flat["still_improving"] is False and flat["late_gain"] == pytest.approx(0.008)
+    odd = convergence(history(0.3, 0.7, 0.705), total_steps=30)  # middle: step 15 -> the one at step 10
+    assert odd["since_fraction"] == pytest.approx(1 / 3) and odd["still_improving"] is True
     falling = convergence(history(0.7, 0.6), total_steps=20)
     assert falling["still_improving"] is False and falling["late_gain"] == pytest.approx(-0.1)
     assert convergence(history(0.5), total_steps=10) is None  # one validation: nothing to compare
