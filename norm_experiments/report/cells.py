@@ -15,8 +15,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from norm_experiments.errors import UserError
-from norm_experiments.report.collect import CONDITION_FIELDS, FAILED_STATUSES, Collection, Run
+from norm_experiments.report.collect import CONDITION_FIELDS, Collection, Run
 from norm_experiments.report.stats import Interval, PairedTest, holm, mean, paired_t_test, t_interval
+from norm_experiments.run_record import NO_RESULT
 
 # Config fields that are not table axes but must not be averaged together when they differ between runs
 # of one norm (e.g. two merged sweeps with different models, or GroupNorm with 8 and 16 groups). When one
@@ -75,7 +76,7 @@ class Cell:
     @property
     def n_failed(self) -> int:
         counts = self.status_counts
-        return sum(counts[s] for s in FAILED_STATUSES)
+        return sum(counts[s] for s in NO_RESULT)
 
     @property
     def n_missing(self) -> int:
