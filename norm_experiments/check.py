@@ -1,7 +1,7 @@
 """`norm-exp-check` (also `python -m norm_experiments.check`): is a BatchNorm network trained elsewhere fine in
 eval mode, on the user's own data?
 
-    norm-exp-check weights=model.pt net=unet.yaml data=msd data.root=/data/Task09_Spleen
+    norm-exp-check weights=model.pt net=unet.yaml data=msd data.root=/data/Task09_Spleen data.batch_size=1
     norm-exp-check weights=outputs/runs/X/model.pt experiment=smoke norm=batch   # a network of ours
 
 The network is a Hydra `_target_` config (any MONAI network: a YAML file or inline) or ours (model=, norm= as
@@ -62,7 +62,7 @@ MODE_NAMES = {
 @dataclass
 class Network:
     model: nn.Module
-    description: str  # e.g. "monai.networks.nets.UNet" or "ours: model=unet, norm=batch"
+    description: str  # e.g. "monai.networks.nets.UNet" or "ours, model=unet, norm=batch"
 
 
 @dataclass
@@ -123,7 +123,7 @@ def build_network(cfg: DictConfig, num_channels: int, num_classes: int) -> Netwo
     effective_batch = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
     preflight(spec, cfg.model, list(cfg.data.patch_size), effective_batch)
     model = build_model(cfg.model, spec, num_channels, num_classes)
-    return Network(model, f"ours: model={cfg.model.name}, norm={spec.name}")
+    return Network(model, f"ours, model={cfg.model.name}, norm={spec.name}")
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -423,8 +423,8 @@ def verdict(checked: Checked, tolerance: float, repaired: str | None) -> list[st
         'norm="instance" or ("group", {"num_groups": 8}); here: norm-exp-train norm=group).'
     )
     batch_fix = (
-        'evaluate with batch statistics: norm_experiments.norms.bn_eval_mode(model, "batch") around your '
-        "inference (each sliding-window batch is then normalized with its own statistics, as training did)"
+        'run your inference inside norm_experiments.norms.bn_eval_mode(model, "batch") (each sliding-window '
+        "batch is then normalized with its own statistics, as in training)"
     )
     if p >= b - tolerance:
         lines.append(f"PreciseBN repairs it: recomputed statistics score {p:.3f} in plain model.eval().")
@@ -466,9 +466,7 @@ def handle_repaired(target: Path | None, checked: Checked, precise: nn.Module | 
     if target is None:
         return "Add write_repaired=PATH to write the weights with PreciseBN statistics." if p > r else None
     if p < r:
-        return (
-            f"{target} not written: PreciseBN statistics score lower ({p:.3f}) than the original ({r:.3f})."
-        )
+        return f"{target} not written: PreciseBN statistics score lower ({p:.4f}) than the original ({r:.4f})."
     if target.exists():  # appeared while checking: still never overwrite
         raise UserError(f"write_repaired={target}: appeared while checking; not overwritten")
     ckpt.save(target, precise.state_dict())
@@ -506,7 +504,7 @@ def check(cfg: DictConfig) -> None:
         autocast=lambda: torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext(),
     )
     print(
-        f"Checking {weights_path} in {net.description} on {data.info.root} ({data.info.layout}): "
+        f"Checking {weights_path} (network: {net.description}) on {data.info.root} ({data.info.layout}): "
         f"{len(data.train)} training and {len(data.val)} validation cases, patch {patch}."
     )
     checked, precise = run_checks(net.model, cfg, data, inf)
