@@ -34,7 +34,7 @@ from torch import nn
 from norm_experiments.config import CONFIG_DIR, register_resolvers, validate_config
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, Volume, load_data
 from norm_experiments.errors import USER_ERROR_EXIT, UserError, exit_on_user_error
-from norm_experiments.explain import Stats, bn_layers, gap, gap_table, pre_hooks, table
+from norm_experiments.explain import Stats, bn_layers, gap, gap_table, layer_shapes, pre_hooks, table
 from norm_experiments.models import build_model
 from norm_experiments.models.preflight import preflight
 from norm_experiments.norms import bn_eval_mode, make_norm_spec, recompute_bn_statistics, register_monai_norms
@@ -216,8 +216,9 @@ def load_into(net: Network, path: Path, weights: dict, data: DataBundle) -> None
 
 
 @torch.no_grad()
-def check_output_classes(model: nn.Module, data: DataBundle, patch: list[int], device: torch.device) -> None:
-    """One forward pass on one patch: the network must run on it and output one channel per class."""
+def check_forward(model: nn.Module, data: DataBundle, patch: list[int], device: torch.device) -> None:
+    """Forward passes on one patch: the network must run on it, output one channel per class, and leave
+    BatchNorm more than one value per channel."""
     num_classes = len(data.info.labels)
     image = data.val[0].image[None, :, : patch[0], : patch[1], : patch[2]].to(device)
     try:
@@ -236,6 +237,14 @@ def check_output_classes(model: nn.Module, data: DataBundle, patch: list[int], d
             f"net: the network outputs {out.shape[1]} classes (channels), the dataset {data.info.root} has "
             f"{num_classes} ({names}, background included)"
         )
+    # Batch statistics of a single value per channel do not exist (PyTorch raises): a window of one patch
+    # must leave more than one voxel at every BatchNorm layer.
+    for name, shape in layer_shapes(model, image).items():
+        if math.prod(shape[2:]) == 1:
+            raise UserError(
+                f"data.patch_size={patch}: BatchNorm layer {name} sees {tuple(shape[2:])} voxels per patch, one "
+                "value per channel, so its batch statistics cannot be computed; use the patch size of your training"
+            )
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -260,8 +269,10 @@ def score_batch_mode_with_stats(
             with pre_hooks(model, names, lambda n, x, pooled=pooled: pooled[n].add(x)):
                 volume_totals, _ = score_volumes(model, [vol], num_classes, inf, surface=True)
             totals += volume_totals
-            stats[vol.name] = {
-                n: (p.mean.float(), (p.m2 / max(p.count - 1, 1)).float()) for n, p in pooled.items()
+            stats[vol.name] = {  # a layer inference never runs (e.g. a deep-supervision head) has none
+                n: (p.mean.float(), (p.m2 / max(p.count - 1, 1)).float())
+                for n, p in pooled.items()
+                if p.mean is not None
             }
     return summarize(totals, surface=True), stats
 
@@ -293,6 +304,7 @@ def run_checks(
     gaps = {
         name: {vol: gap(per_layer[name], layer) for vol, per_layer in stats.items()}
         for name, layer in layers.items()
+        if all(name in per_layer for per_layer in stats.values())
     }
     return Checked(scores, class_names, gaps, patches), precise
 
@@ -435,8 +447,9 @@ def verdict(checked: Checked, tolerance: float, repaired: str | None) -> list[st
         )
     else:
         lines.append(
-            f"PreciseBN does not repair it ({p:.3f}): no single set of statistics fits volumes whose statistics "
-            f"differ this much. Batch statistics do ({b:.3f}): {batch_fix}. {retrain}"
+            f"PreciseBN does not repair it ({p:.3f}): one set of statistics, even recomputed over training "
+            f"patches, does not fit volumes whose statistics differ as table 2 shows. Batch statistics do "
+            f"({b:.3f}): {batch_fix}. {retrain}"
         )
     return lines + ([repaired] if repaired else [])
 
@@ -458,15 +471,22 @@ def repaired_target(cfg: DictConfig, weights_path: Path) -> Path | None:
     return target
 
 
-def handle_repaired(target: Path | None, checked: Checked, precise: nn.Module | None) -> str | None:
-    """Write the PreciseBN weights when asked and not worse than the original; the sentence that says so."""
+def handle_repaired(
+    target: Path | None, checked: Checked, precise: nn.Module | None, tol: float
+) -> str | None:
+    """Write the PreciseBN weights when asked and not worse than the original; the sentence that says so
+    (without write_repaired, a hint when PreciseBN gains more than `tol` Dice)."""
     if precise is None:
         return f"No BatchNorm: nothing to repair, {target} not written." if target else None
     r, p = checked.scores["running"].dice_mean, checked.scores["precise"].dice_mean
     if target is None:
-        return "Add write_repaired=PATH to write the weights with PreciseBN statistics." if p > r else None
+        return (
+            "Add write_repaired=PATH to write the weights with PreciseBN statistics." if p > r + tol else None
+        )
     if p < r:
-        return f"{target} not written: PreciseBN statistics score lower ({p:.4f}) than the original ({r:.4f})."
+        return (
+            f"{target} not written: PreciseBN statistics score lower ({p:.4f}) than the original ({r:.4f})."
+        )
     if target.exists():  # appeared while checking: still never overwrite
         raise UserError(f"write_repaired={target}: appeared while checking; not overwritten")
     ckpt.save(target, precise.state_dict())
@@ -494,7 +514,7 @@ def check(cfg: DictConfig) -> None:
     load_into(net, weights_path, weights, data)
     net.model.to(device)
     patch = list(cfg.data.patch_size)
-    check_output_classes(net.model, data, patch, device)
+    check_forward(net.model, data, patch, device)
     amp = amp_dtype(cfg.trainer.amp, device)
     inf = Inference(
         roi_size=patch,
@@ -517,11 +537,11 @@ def check(cfg: DictConfig) -> None:
     print("\n" + score_table(checked, len(data.val)))
     for c in first.absent:
         print(f"class {checked.class_names[c - 1]} ({c}) is absent from every validation volume: not scored")
-    repaired = handle_repaired(target, checked, precise)
+    repaired = handle_repaired(target, checked, precise, float(cfg.tolerance))
     if precise is None:
         print(
-            "\nNo BatchNorm layer with running statistics in this network: its norms normalize each input by "
-            "itself, so model.eval() normalizes as training did; there is no train/eval gap to check."
+            "\nNo BatchNorm layer with running statistics in this network: model.eval() uses no statistics "
+            "averaged during training, so there is no BatchNorm train/eval gap to check."
         )
         if repaired:
             print(repaired)

@@ -22,6 +22,7 @@ from norm_experiments.check import (
     Checked,
     channel_count_mismatch,
     check,
+    unwrap_keys,
     verdict,
 )
 from norm_experiments.config import CONFIG_DIR
@@ -338,6 +339,14 @@ def test_weights_for_other_channel_or_class_counts() -> None:
         model, four_classes, 1, 3
     )
     assert channel_count_mismatch(model, model.state_dict(), 1, 3) is None
+
+
+def test_wrapper_prefixes_are_stripped() -> None:
+    net = UNet(**{k: v for k, v in UNET.items() if k != "_target_"})
+    ddp = {f"module.{k}": v for k, v in net.state_dict().items()}
+    assert list(unwrap_keys(ddp, net)) == list(net.state_dict())
+    partly = {**net.state_dict(), "module.extra": torch.zeros(1)}  # not every key: left as it is
+    assert unwrap_keys(partly, net) is partly
 
 
 def result(dice: float, hd95: float) -> ValResult:
