@@ -270,7 +270,7 @@ def score_batch_mode_with_stats(
                 volume_totals, _ = score_volumes(model, [vol], num_classes, inf, surface=True)
             totals += volume_totals
             stats[vol.name] = {  # a layer inference never runs (e.g. a deep-supervision head) has none
-                n: (p.mean.float(), (p.m2 / max(p.count - 1, 1)).float())
+                n: (p.mean.float().cpu(), (p.m2 / max(p.count - 1, 1)).float().cpu())
                 for n, p in pooled.items()
                 if p.mean is not None
             }
@@ -501,6 +501,11 @@ def handle_repaired(
 
 @exit_on_user_error
 def check(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(
+            f"{', '.join(missing)}: required (e.g. weights=model.pt net=unet.yaml data=msd data.root=DIR)"
+        )
     validate_config(cfg)
     weights_path = Path(str(cfg.weights)).expanduser()
     target = repaired_target(cfg, weights_path)

@@ -317,6 +317,11 @@ def test_existing_repaired_target_is_refused_and_kept(
     assert "that is the input weights" in line
 
 
+def test_missing_keys_are_named(tmp_path: Path, monkeypatch, capsys) -> None:
+    line = check_error(["data=msd"], tmp_path, monkeypatch, capsys)
+    assert "data.root, weights: required" in line
+
+
 def test_unsafe_weights_name_the_opt_in(tmp_path: Path, monkeypatch, capsys) -> None:
     import argparse
 
