@@ -489,7 +489,7 @@ def handle_repaired(
         )
     if target.exists():  # appeared while checking: still never overwrite
         raise UserError(f"write_repaired={target}: appeared while checking; not overwritten")
-    ckpt.save(target, precise.state_dict())
+    ckpt.save(target, {k: v.cpu() for k, v in precise.state_dict().items()})  # loads on any machine
     return (
         f"Repaired weights written to {target} (a state dict with PreciseBN statistics): loaded into the same "
         f"network, model.eval() scores Dice {p:.3f}."
