@@ -31,6 +31,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from norm_experiments import config_schema as schema
 from norm_experiments.config import CONFIG_DIR, register_resolvers, validate_config
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, Volume, load_data
 from norm_experiments.errors import USER_ERROR_EXIT, UserError, exit_on_user_error
@@ -41,8 +42,8 @@ from norm_experiments.norms import bn_eval_mode, make_norm_spec, recompute_bn_st
 from norm_experiments.norms.bn_common import tracks_running_stats
 from norm_experiments.norms.eval_modes import _PopulationStats  # exact pooled statistics over windows
 from norm_experiments.training import checkpoint as ckpt
+from norm_experiments.training.build import amp_dtype, select_device
 from norm_experiments.training.evaluate import Inference, ValResult, score_volumes, summarize
-from norm_experiments.training.loop import amp_dtype, select_device
 
 register_resolvers()
 
@@ -498,6 +499,15 @@ def handle_repaired(
 
 # ------------------------------------------------------------------------------------------ entry point
 
+# configs/check.yaml's own keys (the rest are norm-exp-train's); `net` is a network config of any shape.
+CHECK_KEYS = {
+    "weights": schema.text,
+    "net": schema.either(schema.text, schema.mapping, schema.optional(schema.text)),
+    "write_repaired": schema.optional(schema.text),
+    "trust_weights": schema.boolean,
+    "tolerance": schema.number(0),
+}
+
 
 @exit_on_user_error
 def check(cfg: DictConfig) -> None:
@@ -506,7 +516,7 @@ def check(cfg: DictConfig) -> None:
         raise UserError(
             f"{', '.join(missing)}: required (e.g. weights=model.pt net=unet.yaml data=msd data.root=DIR)"
         )
-    validate_config(cfg)
+    validate_config(cfg, extra=CHECK_KEYS)
     weights_path = Path(str(cfg.weights)).expanduser()
     target = repaired_target(cfg, weights_path)
     if cfg.trainer.num_threads:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from norm_experiments import config_schema
 from norm_experiments.errors import UserError
 
 # configs/ sits beside the package in the repository; the README's set-up installs the project in editable
@@ -30,27 +31,33 @@ def run_dirname(override_dirname: str) -> str:
     return name
 
 
+# Keys that change where or how a run executes, not what it computes: left out of the run's identity and
+# of its folder name (configs/hydra/default.yaml reads this list through the `execution_keys` resolver), so
+# `trainer.overwrite=true` retrains in the run's own folder and `trainer.device=cpu` continues a GPU run.
+EXECUTION_KEYS = (
+    "name",
+    "resume",
+    "trainer.device",
+    "trainer.progress",
+    "trainer.num_threads",
+    "trainer.overwrite",
+    "trainer.force_resume",
+    "trainer.trust_checkpoint",
+    "trainer.log_every_steps",
+    "data.cache_dir",
+    "data.check_files",
+    "data.cache_on_device",  # the same batches wherever the volumes are held
+)
+# Command-line keys of Hydra's own that only say how a sweep executes.
+LAUNCHER_KEYS = ("hydra.launcher.n_jobs",)
+
+
 def register_resolvers() -> None:
     """Resolvers used in configs/; registering twice is harmless."""
     if not OmegaConf.has_resolver("run_dirname"):
         OmegaConf.register_new_resolver("run_dirname", run_dirname)
-
-
-# Keys that change where or how a run executes, not what it computes: left out of the run's identity.
-_EXECUTION_KEYS = {
-    ("trainer", "device"),
-    ("trainer", "progress"),
-    ("trainer", "num_threads"),
-    ("trainer", "overwrite"),
-    ("trainer", "force_resume"),
-    ("trainer", "trust_checkpoint"),
-    ("trainer", "log_every_steps"),
-    ("data", "cache_dir"),
-    ("data", "check_files"),
-    ("data", "cache_on_device"),  # the same batches wherever the volumes are held
-    ("resume",),
-    ("name",),
-}
+    if not OmegaConf.has_resolver("execution_keys"):
+        OmegaConf.register_new_resolver("execution_keys", lambda: [*EXECUTION_KEYS, *LAUNCHER_KEYS])
 
 
 def run_identity(cfg: DictConfig) -> str:
@@ -58,122 +65,25 @@ def run_identity(cfg: DictConfig) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
     plain.pop("hydra", None)
-    for path in _EXECUTION_KEYS:
+    for key in EXECUTION_KEYS:
+        *parents, leaf = key.split(".")
         node = plain
-        for key in path[:-1]:
-            node = node.get(key, {})
+        for parent in parents:
+            node = node.get(parent, {})
         if isinstance(node, dict):
-            node.pop(path[-1], None)
+            node.pop(leaf, None)
     text = json.dumps(plain, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise UserError(f"{key}: {message}")
-
-
-def _positive_int(cfg: DictConfig, key: str) -> None:
-    value = OmegaConf.select(cfg, key)
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-        key,
-        f"must be a whole number >= 1, got {value!r}",
-    )
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Check values a typo or an impossible choice would break, naming the key (types and ranges)."""
-    for key in (
-        "data.batch_size",
-        "data.patches_per_volume",
-        "trainer.samples",
-        "trainer.steps",
-        "trainer.validations",
-        "trainer.checkpoint_every_samples",
-        "trainer.log_every_steps",
-        "trainer.sw_batch_size",
-        "trainer.precise_bn_samples",
-    ):
-        _positive_int(cfg, key)
-    patch = list(cfg.data.patch_size)
-    _require(
-        len(patch) == 3 and all(isinstance(p, int) and p >= 1 for p in patch),
-        "data.patch_size",
-        f"must be three whole numbers >= 1, got {patch}",
-    )
-    frac = cfg.data.foreground_fraction
-    _require(
-        isinstance(frac, (int, float)) and 0 <= frac <= 1,
-        "data.foreground_fraction",
-        f"must be between 0 and 1, got {frac!r}",
-    )
-    _require(
-        cfg.data.intensity in ("zscore", "none"),
-        "data.intensity",
-        f"must be zscore or none, got {cfg.data.intensity!r}",
-    )
-    _require(
-        isinstance(cfg.data.cache_on_device, bool),
-        "data.cache_on_device",
-        f"must be true or false, got {cfg.data.cache_on_device!r}",
-    )
-    _require(
-        cfg.trainer.budget_unit in ("patches", "steps"),
-        "trainer.budget_unit",
-        f"must be patches or steps, got {cfg.trainer.budget_unit!r}",
-    )
-    _require(
-        cfg.trainer.device in ("auto", "cpu", "cuda"),
-        "trainer.device",
-        f"must be auto, cpu or cuda, got {cfg.trainer.device!r}",
-    )
-    _require(
-        cfg.trainer.progress in ("auto", "bar", "log", "none"),
-        "trainer.progress",
-        f"must be auto, bar, log or none, got {cfg.trainer.progress!r}",
-    )
-    _require(
-        cfg.trainer.amp in ("auto", True, False),
-        "trainer.amp",
-        f"must be auto, true or false, got {cfg.trainer.amp!r}",
-    )
-    _require(
-        cfg.trainer.channels_last in ("auto", True, False),
-        "trainer.channels_last",
-        f"must be auto, true or false, got {cfg.trainer.channels_last!r}",
-    )
-    _require(
-        0 <= cfg.trainer.sw_overlap < 1,
-        "trainer.sw_overlap",
-        f"must be in [0, 1), got {cfg.trainer.sw_overlap!r}",
-    )
-    _require(
-        cfg.optim.name in ("adamw", "sgd"), "optim.name", f"must be adamw or sgd, got {cfg.optim.name!r}"
-    )
-    _require(cfg.optim.lr > 0, "optim.lr", f"must be > 0, got {cfg.optim.lr!r}")
-    _require(
-        cfg.optim.schedule in ("cosine", "poly", "constant"),
-        "optim.schedule",
-        f"must be cosine, poly or constant, got {cfg.optim.schedule!r}",
-    )
-    _require(
-        cfg.optim.lr_scaling in ("none", "linear", "sqrt"),
-        "optim.lr_scaling",
-        f"must be none, linear or sqrt, got {cfg.optim.lr_scaling!r}",
-    )
-    _require(
-        0 <= cfg.optim.warmup_fraction < 1,
-        "optim.warmup_fraction",
-        f"must be in [0, 1), got {cfg.optim.warmup_fraction!r}",
-    )
+def validate_config(cfg: DictConfig, extra: dict | None = None) -> None:
+    """Refuse, naming the key, unknown keys, values of the wrong type or range (config_schema.SCHEMA, plus an
+    app's own root keys in `extra`) and a dataset folder that does not exist."""
+    config_schema.validate(cfg, extra)
     if cfg.data.layout != "synthetic":
         root = cfg.data.root
-        _require(
-            root is not None and Path(str(root)).expanduser().is_dir(),
-            "data.root",
-            f"dataset folder does not exist: {root}",
-        )
+        if root is None or not Path(str(root)).expanduser().is_dir():
+            raise UserError(f"data.root: dataset folder does not exist: {root}")
 
 
 def output_dir_problem(argv: list[str]) -> str | None:

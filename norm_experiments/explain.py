@@ -20,7 +20,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import hydra
 import torch
@@ -33,7 +32,7 @@ from norm_experiments.data.pipeline import BatchSampler
 from norm_experiments.errors import USER_ERROR_EXIT, exit_on_user_error
 from norm_experiments.norms import bn_eval_mode, is_batch_stat_layer
 from norm_experiments.norms.bn_common import reduce_dims
-from norm_experiments.training.loop import Run
+from norm_experiments.training.build import Built, build, make_plan
 
 register_resolvers()
 
@@ -132,7 +131,7 @@ def batch_stats(x: torch.Tensor) -> Stats:
 
 
 @torch.no_grad()
-def collect(run: Run, sampler: BatchSampler, names: list[str], steps: range) -> dict[str, list[Stats]]:
+def collect(run: Built, sampler: BatchSampler, names: list[str], steps: range) -> dict[str, list[Stats]]:
     """Batch statistics of the named layers (in forward order) over the sampler's batches of these steps,
     normalizing with batch statistics as training does, but leaving the running statistics untouched."""
     records: dict[str, list[Stats]] = {name: [] for name in names}
@@ -145,7 +144,7 @@ def collect(run: Run, sampler: BatchSampler, names: list[str], steps: range) -> 
 
 
 @torch.no_grad()
-def running_gaps(run: Run, names: list[str]) -> dict[str, dict[str, float]]:
+def running_gaps(run: Built, names: list[str]) -> dict[str, dict[str, float]]:
     """Train mode over RUNNING_BATCHES batches, then one more batch's statistics against the running ones."""
     layers = bn_layers(run.model)
     run.model.train()
@@ -183,7 +182,7 @@ def spread(batches: list[Stats]) -> tuple[float, float]:
 
 
 def batch_size_spread(
-    run: Run, names: list[str], skip: set[int]
+    run: Built, names: list[str], skip: set[int]
 ) -> dict[int, dict[str, tuple[float, float]]]:
     """For each batch size b not in `skip`: the spread of the named layers' batch statistics over
     SPREAD_BATCHES batches of b volumes, drawn as training at that batch size would draw them."""
@@ -202,8 +201,8 @@ def values(shape: Shape, n: int | None = None) -> int:
     return (shape[0] if n is None else n) * math.prod(shape[2:])
 
 
-def analyze(run: Run) -> Findings:
-    """All the numbers, from a built Run whose config has BatchNorm (see force_batchnorm)."""
+def analyze(run: Built) -> Findings:
+    """All the numbers, from a built run whose config has BatchNorm (see force_batchnorm)."""
     n1 = int(run.cfg.data.patches_per_volume)
     shapes = layer_shapes(run.model, run.sampler.batch(0)[0].to(run.device))
     # Table 2 shows the first layer of each resolution, in forward order, down to the bottleneck.
@@ -338,12 +337,11 @@ def train_command() -> str:
 @exit_on_user_error
 def explain(cfg: DictConfig) -> None:
     asked = force_batchnorm(cfg)
-    run = Run(cfg, Path("."))  # validates the config and the feature-map sizes; builds, writes nothing
-    run.build()
+    run = build(cfg, make_plan(cfg))  # validates the config and the feature-map sizes; writes nothing
     print(
         f"Explaining BatchNorm on {len(run.data.train)} training cases, patch {list(cfg.data.patch_size)}, "
         f"batch_size {cfg.data.batch_size} × patches_per_volume {cfg.data.patches_per_volume} = "
-        f"N {run.effective_batch}; freshly initialised model, nothing trained."
+        f"N {run.plan.effective_batch}; freshly initialised model, nothing trained."
     )
     if asked != "batch":
         print(f"norm={asked} ignored: this analysis always uses BatchNorm (it explains BatchNorm).")

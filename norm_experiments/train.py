@@ -25,14 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from norm_experiments.config import CONFIG_DIR, output_dir_problem, register_resolvers
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
 from norm_experiments.training import distributed
-from norm_experiments.training.loop import (
-    EXIT_DIVERGED,
-    EXIT_INTERRUPTED,
-    RunDiverged,
-    RunInterrupted,
-    record_failure,
-    train,
-)
+from norm_experiments.training.loop import EXIT_DIVERGED, EXIT_INTERRUPTED, RunDiverged, RunInterrupted, train
+from norm_experiments.training.run_folder import record_failure
 
 log = logging.getLogger("norm_experiments.train")
 

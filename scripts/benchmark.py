@@ -56,14 +56,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from norm_experiments.config import CONFIG_DIR, register_resolvers
 from norm_experiments.data.layouts import find_cases, split_cases
-from norm_experiments.data.pipeline import dataset_root
+from norm_experiments.data.pipeline import dataset_root, load_data
 from norm_experiments.models import build_model
 from norm_experiments.models.unet import ConvNormAct
 from norm_experiments.norms import BNStatMonitor
 from norm_experiments.norms.bn_common import tracks_running_stats
-from norm_experiments.training import loop as loop_module
-from norm_experiments.training.loop import InlineExecutor, Run, State, make_optimizer, prefetch_pool
+from norm_experiments.training.build import Built, build, make_optimizer, make_plan
+from norm_experiments.training.loop import Run, State
 from norm_experiments.training.outputs import peak_rss_mb, reset_peak_rss
+from norm_experiments.training.prefetch import InlineExecutor, batch_executor, prefetch_pool
 from norm_experiments.training.progress import Progress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,18 +205,14 @@ def _load_data_once(data_cfg: DictConfig):
         plain.pop(key, None)
     key = repr(sorted(plain.items()))
     if key not in _VOLUMES:
-        _VOLUMES[key] = _real_load_data(data_cfg)
+        _VOLUMES[key] = load_data(data_cfg)
     return _VOLUMES[key]
 
 
-_real_load_data = loop_module.load_data
-loop_module.load_data = _load_data_once  # benchmark process only
-
-
-def build_run(ctx: Context, overrides: list[str] | tuple[str, ...] = ()) -> Run:
-    run = Run(compose_cfg(ctx, overrides), ctx.workdir)
-    run.build()
-    return run
+def build_run(ctx: Context, overrides: list[str] | tuple[str, ...] = ()) -> Built:
+    """Everything a run of this config trains with (training/build.py), the volumes loaded once per data config."""
+    cfg = compose_cfg(ctx, overrides)
+    return build(cfg, make_plan(cfg), data=_load_data_once(cfg.data))
 
 
 def sync_fn(device: torch.device) -> Callable[[], None]:
@@ -352,16 +349,28 @@ def describe_cfg(cfg: DictConfig) -> str:
 # ------------------------------------------------------------------------------ (a) overhead ratio
 
 
+def runner(built: Built, steps: int | None = None) -> Run:
+    """A training Run around built parts, writing nothing: its train_step and loop are what training runs.
+    With `steps`, a run of that many steps without validation or checkpoints."""
+    plan = built.plan
+    if steps is not None:
+        plan = dataclasses.replace(plan, total_steps=steps, val_steps=frozenset(), ckpt_every=10**9)
+    run = Run(built.cfg, plan, Path("unused"))
+    run.built = built
+    return run
+
+
 @dataclass
 class Prepared:
-    """A built Run and one real training batch (sampler step 0), already on the Run's device."""
+    """Built parts of a run, its training Run, and one real training batch (sampler step 0) on its device."""
 
-    run: Run
+    run: Built
+    trainer: Run
     images: torch.Tensor
     labels: torch.Tensor
 
     def step(self) -> Callable[[], object]:
-        return lambda: self.run.train_step(self.images, self.labels)
+        return lambda: self.trainer.train_step(self.images, self.labels)
 
     @property
     def sync(self) -> Callable[[], None]:
@@ -373,13 +382,15 @@ def prepare(ctx: Context, overrides: list[str] | tuple[str, ...] = ()) -> Prepar
     images, labels = run.sampler.batch(0)
     images = images.to(run.device, memory_format=run.memory_format)  # as Run._loop moves it
     labels = labels.to(run.device)
-    return Prepared(run, images, labels)
+    return Prepared(run, runner(run), images, labels)
 
 
-def twin_model(run: Run, same_layout: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def twin_model(run: Built, same_layout: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The Run's model built again the same way, with the same initial weights, and the same optimizer;
     in the Run's memory format (trainer.channels_last), or the plain one a tutorial would use."""
-    model = build_model(run.cfg.model, run.spec, run.data.info.num_channels, run.num_classes).to(run.device)
+    model = build_model(run.cfg.model, run.plan.spec, run.data.info.num_channels, run.num_classes).to(
+        run.device
+    )
     model.load_state_dict(run.model.state_dict())
     if same_layout:
         model.to(memory_format=run.memory_format)
@@ -407,7 +418,7 @@ def monitored_step(prep: Prepared, monitor: BNStatMonitor) -> Callable[[], None]
 
     def step() -> None:
         monitor.enabled = True
-        prep.run.train_step(prep.images, prep.labels)
+        prep.trainer.train_step(prep.images, prep.labels)
         monitor.enabled = False
 
     return step
@@ -534,22 +545,21 @@ class _NullWriter:
     add_image = add_scalar
 
 
-def our_epoch(run: Run, steps: int, prefetch: bool | None = None) -> State:
-    """One pass of the real Run._loop (BN monitor on logged steps, logging every log_every_steps), without
-    validation or checkpoints; returns the loop's State (train and data-wait seconds). The next batch is cut
-    where training cuts it (Run.batch_executor: a thread on CUDA, inline on a CPU) unless `prefetch` says
-    True (a thread) or False (inline), to show what the other choice would cost."""
-    run.state = State()
-    run.total_steps = steps
-    run.val_steps, run.ckpt_every = set(), 10**9
-    monitor = BNStatMonitor(run.model)
+def our_epoch(built: Built, steps: int, prefetch: bool | None = None) -> State:
+    """`steps` steps of the real training loop (Run.loop: BN monitor on logged steps, logging every
+    log_every_steps), without validation or checkpoints; returns the loop's State (train and data-wait
+    seconds). The next batch is cut where training cuts it (a thread on CUDA, inline on a CPU, see
+    training/prefetch.py) unless `prefetch` says True (a thread) or False (inline), to show what the other
+    choice would cost."""
+    run = runner(built, steps)
+    monitor = BNStatMonitor(built.model)
     progress = Progress(steps, 0, "none", "benchmark")
     if prefetch is None:
-        executor = run.batch_executor()
+        executor = batch_executor(built.device)
     else:
         executor = prefetch_pool() if prefetch else InlineExecutor()
     with executor:
-        run._loop(_NullWriter(), monitor, progress, SimpleNamespace(requested=False), executor)
+        run.loop(_NullWriter(), monitor, progress, SimpleNamespace(requested=False), executor)
     monitor.close()
     return run.state
 
@@ -1034,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
             args.cuda_sections_anyway,
             bool(args.threads),
         )
-        device = Run(compose_cfg(ctx), ctx.workdir).device
+        device = make_plan(compose_cfg(ctx)).device
         header = machine_header(ctx, device)
         ctx.log(f"profile {profile.name} on {device.type}; sections: {', '.join(sections)}")
         parts = []

@@ -5,7 +5,6 @@ on real NIfTI files. Also: a full checkpoint of ours, and each bad input (one `e
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import subprocess
 from pathlib import Path
@@ -32,7 +31,7 @@ from norm_experiments.models import build_model
 from norm_experiments.norms import make_norm_spec
 from norm_experiments.training.checkpoint import load_weights
 from norm_experiments.training.evaluate import ValResult
-from tests.helpers import compose_config, run_cli
+from tests.helpers import compose_config, metrics_of, run_cli
 from tests.test_explain import section
 
 MODULE = "norm_experiments.check"
@@ -221,7 +220,7 @@ def test_full_checkpoint_of_ours_reproduces_its_eval_modes(tmp_path: Path) -> No
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "network: ours, model=unet, norm=batch" in result.stdout
     dice = {mode: float(cells[0]) for mode, cells in scores(result.stdout).items()}
-    expected = json.loads((run / "metrics.json").read_text())["eval_modes"]
+    expected = metrics_of(run)["eval_modes"]
     assert dice == pytest.approx(expected, abs=6e-4)  # the same overrides score the same numbers
 
 

@@ -24,18 +24,9 @@ def build_model(model_cfg: DictConfig, spec: NormSpec, in_channels: int, out_cha
             max_channels=int(model_cfg.max_channels),
         )
     if model_cfg.name == "basic_unet":
-        from monai.networks.nets import BasicUNet
+        from norm_experiments.models.basic_unet import basic_unet
 
-        from norm_experiments.norms import register_monai_norms
-
-        register_monai_norms()
-        return BasicUNet(
-            spatial_dims=3,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            features=tuple(model_cfg.features),
-            norm=(spec.name, dict(spec.options)),
-        )
+        return basic_unet(model_cfg, spec, in_channels, out_channels)
     raise UserError(f"model.name: unknown model {model_cfg.name!r}; valid: {', '.join(MODEL_NAMES)}")
 
 

@@ -2,6 +2,7 @@
 
 Entry point: ``spec = make_norm_spec(cfg.norm.name, **cfg.norm.options)``; a block is
 ``spec.conv(c_in, c_out)`` -> ``spec.norm(c_out)`` -> activation (skipped when spec.includes_activation).
+What each norm is (batch-dependent? running statistics? its options...) is its record in ``registry``.
 """
 
 from norm_experiments.norms.batchrenorm import (
@@ -18,19 +19,17 @@ from norm_experiments.norms.frn import FilterResponseNorm
 from norm_experiments.norms.ghost import GhostBatchNorm
 from norm_experiments.norms.monai_registry import register_monai_norms
 from norm_experiments.norms.monitor import BNStatMonitor
-from norm_experiments.norms.options import BATCH_STAT_NORMS, DEFAULT_OPTIONS, NORM_NAMES
+from norm_experiments.norms.registry import NormRecord
 from norm_experiments.norms.sync import PortableSyncBatchNorm
 from norm_experiments.norms.weight_std import WSConv3d
 
 __all__ = [
-    "BATCH_STAT_NORMS",
     "BN_EVAL_MODES",
-    "DEFAULT_OPTIONS",
-    "NORM_NAMES",
     "BNStatMonitor",
     "BatchRenorm",
     "FilterResponseNorm",
     "GhostBatchNorm",
+    "NormRecord",
     "NormSpec",
     "PortableSyncBatchNorm",
     "RenormSchedule",

@@ -25,7 +25,17 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from norm_experiments.errors import UserError
 from norm_experiments.norms.bn_common import channel_view, reduce_dims, update_running_stats
+from norm_experiments.norms.options import (
+    Option,
+    at_least,
+    eps,
+    fraction_of_budget,
+    option_key,
+    running_momentum,
+)
+from norm_experiments.norms.registry import NormRecord, register
 
 
 @dataclass(frozen=True)
@@ -153,3 +163,33 @@ def renorm_diagnostics(model: nn.Module) -> dict[str, float]:
         diagnostics[f"{prefix}/r_max"] = module.r_max
         diagnostics[f"{prefix}/d_max"] = module.d_max
     return diagnostics
+
+
+def _check_schedule(options: dict) -> None:
+    if options["warmup_fraction"] > options["relax_end_fraction"]:
+        raise UserError(
+            f"{option_key('warmup_fraction')}={options['warmup_fraction']} must not exceed "
+            f"{option_key('relax_end_fraction')}={options['relax_end_fraction']}"
+        )
+
+
+RECORD = register(
+    NormRecord(
+        name="batchrenorm",
+        summary="as batch, with the r/d correction towards running statistics",
+        build=make_batch_renorm,
+        options={
+            "eps": eps(),
+            "momentum": running_momentum(),
+            "r_max": Option(3.0, at_least(1, "1 means plain BatchNorm")),
+            "d_max": Option(5.0, at_least(0, "0 means plain BatchNorm")),
+            # Schedule fractions are of the run's step budget; see RenormSchedule.
+            "warmup_fraction": Option(0.1, fraction_of_budget),
+            "relax_end_fraction": Option(0.5, fraction_of_budget),
+        },
+        batch_dependent=True,
+        bn_family=True,
+        check=_check_schedule,
+        spellings=("batchrenormalization", "brn"),
+    )
+)

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from norm_experiments.norms.bn_common import channel_view
+from norm_experiments.norms.options import Option, eps, flag
+from norm_experiments.norms.registry import NormRecord, register
 
 
 class FilterResponseNorm(nn.Module):
@@ -42,3 +44,15 @@ class FilterResponseNorm(nn.Module):
         x_hat = x * torch.rsqrt(nu2 + eps)
         y = channel_view(self.weight, x) * x_hat + channel_view(self.bias, x)
         return torch.maximum(y, channel_view(self.tau, x)).to(x.dtype)
+
+
+RECORD = register(
+    NormRecord(
+        name="frn",
+        summary="mean(x²) over D×H×W per sample and channel, with its TLU as the activation",
+        build=lambda c, o: FilterResponseNorm(c, eps=o["eps"], learnable_eps=o["learnable_eps"]),
+        options={"eps": eps(1e-6), "learnable_eps": Option(False, flag)},
+        includes_activation=True,
+        spellings=("filterresponsenorm",),
+    )
+)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from norm_experiments.norms.bn_common import running_update_factor
+from norm_experiments.norms.options import Option, count, eps, running_momentum
+from norm_experiments.norms.registry import NormRecord, register
 
 
 class GhostBatchNorm(_BatchNorm):
@@ -49,3 +51,17 @@ class GhostBatchNorm(_BatchNorm):
         return F.batch_norm(
             chunk, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps
         )
+
+
+RECORD = register(
+    NormRecord(
+        name="ghostbatch",
+        summary="BatchNorm over virtual sub-batches of virtual_batch samples",
+        build=lambda c, o: GhostBatchNorm(c, o["virtual_batch"], eps=o["eps"], momentum=o["momentum"]),
+        options={"eps": eps(), "momentum": running_momentum(), "virtual_batch": Option(2, count)},
+        batch_dependent=True,
+        bn_family=True,
+        statistic_batch=lambda rank_patches, all_patches, o: min(o["virtual_batch"], rank_patches),
+        spellings=("ghostbatchnorm", "ghostbn"),
+    )
+)

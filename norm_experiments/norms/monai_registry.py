@@ -4,30 +4,13 @@ MONAI builds norm layers with ``get_norm_layer(("name", {...}), spatial_dims, ch
 ``Norm["name", spatial_dims]`` (case-insensitive) and calls the result with the options plus
 ``num_features=channels`` or ``num_channels=channels`` when the callable accepts those keywords.
 
-Which implementation a MONAI net gets for each of our names:
-
-==============  =====================================================================================
-name            under MONAI's Norm factory
-==============  =====================================================================================
-batch           MONAI's (nn.BatchNormNd): same as ours.
-instance        MONAI's (nn.InstanceNormNd) - note its default affine=False; ours defaults to affine=True,
-                so pass ``("instance", {"affine": True})`` to match.
-group           MONAI's (nn.GroupNorm): same as ours; pass num_groups, e.g. ``("group", {"num_groups": 8})``.
-layer           MONAI's is nn.LayerNorm (different). Our "layer" is ``("group", {"num_groups": 1})``.
-syncbatch       MONAI's (nn.SyncBatchNorm): same on GPU; ours (PortableSyncBatchNorm) also runs on CPU/gloo
-                and is what NormSpec builds.
-none            ours: nn.Identity.
-batchrenorm     ours: BatchRenorm (options as in configs/norm/batchrenorm.yaml).
-ghostbatch      ours: GhostBatchNorm (option virtual_batch).
-frn             ours: FilterResponseNorm with TLU; MONAI adds its own activation after it, so pass
-                ``act=None`` (or accept the extra activation).
-ws_group        ours, activation-norm part only: nn.GroupNorm(num_groups). MONAI builds its own plain
-                convs, so the weight standardization is missing in MONAI nets.
-weightnorm      ours, activation-norm part only: nn.Identity. The weight-normalized conv is missing in
-                MONAI nets (they become "none" with conv bias).
-==============  =====================================================================================
-
-Existing MONAI names are never replaced: other code in the process may rely on them.
+Every registered norm is added under ``monai_name(name)`` ("norm_experiments_group", ...): that name always
+builds exactly the layer our U-Net builds (model=basic_unet uses it). It is also added under its own name
+where MONAI has no norm of that name (``("frn", {})``, ``("batchrenorm", {...})``...). MONAI's own names are
+never replaced, and mean MONAI's layers: its "layer" is nn.LayerNorm (ours is GroupNorm with one group), its
+"instance" has affine=False by default (ours True), its "syncbatch" is nn.SyncBatchNorm (ours also runs on
+CPU/gloo). ws_group and weightnorm change the conv, which a norm name cannot reach: models.build_model
+replaces MONAI's convs for them (models/monai_nets.py).
 """
 
 from __future__ import annotations
@@ -37,8 +20,15 @@ from typing import Any
 
 from torch import nn
 
+from norm_experiments.norms import registry
 from norm_experiments.norms.factory import NormSpec
-from norm_experiments.norms.options import NORM_NAMES
+
+PREFIX = "norm_experiments_"
+
+
+def monai_name(name: str) -> str:
+    """The name under which MONAI's Norm factory builds exactly our norm `name`."""
+    return f"{PREFIX}{name}"
 
 
 def _layer_builder(name: str) -> Callable[..., nn.Module]:
@@ -52,13 +42,13 @@ def _layer_builder(name: str) -> Callable[..., nn.Module]:
 
 
 def register_monai_norms() -> None:
-    """Add every name of NORM_NAMES that MONAI's Norm factory lacks (idempotent; MONAI's names kept)."""
+    """Add every registered norm to MONAI's Norm factory (idempotent; MONAI's own names kept)."""
     from monai.networks.layers.factories import Norm
 
-    for name in NORM_NAMES:
-        if name.upper() in Norm.components:
-            continue
+    for name in registry.names():
         builder = _layer_builder(name)
-        # The factory is called with spatial_dims; our layers work for any number of spatial dims
-        # (ws_group/weightnorm/none are GroupNorm/Identity), so it is ignored.
-        Norm.add_factory_callable(name, lambda _dims=None, builder=builder: builder, builder.__doc__)
+        for key in (monai_name(name), name):
+            if key.upper() in Norm.components:
+                continue
+            # The factory is called with spatial_dims; our layers are built for 3D volumes and ignore it.
+            Norm.add_factory_callable(key, lambda _dims=None, builder=builder: builder, builder.__doc__)

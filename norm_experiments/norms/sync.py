@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 from norm_experiments.norms.bn_common import channel_view, reduce_dims, update_running_stats
+from norm_experiments.norms.options import eps, running_momentum
+from norm_experiments.norms.registry import NormRecord, register
 
 logger = logging.getLogger(__name__)
 
@@ -91,3 +93,18 @@ class PortableSyncBatchNorm(nn.SyncBatchNorm):
         if self.track_running_stats:
             update_running_stats(self, mean, var, int(count.item()))
         return y
+
+
+RECORD = register(
+    NormRecord(
+        name="syncbatch",
+        summary="N×D×H×W across all DDP ranks (single process: as batch)",
+        build=lambda c, o: PortableSyncBatchNorm(c, eps=o["eps"], momentum=o["momentum"]),
+        options={"eps": eps(), "momentum": running_momentum()},
+        batch_dependent=True,
+        bn_family=True,
+        syncs_ranks=True,
+        statistic_batch=lambda rank_patches, all_patches, o: all_patches,
+        spellings=("syncbatchnorm", "syncbn"),
+    )
+)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from norm_experiments.norms.group import group_norm
+from norm_experiments.norms.options import Option, count, eps
+from norm_experiments.norms.registry import NormRecord, register
+
 # Added to the filter variance. Small enough that standardized filters have unit variance to ~1e-4 for
 # default-initialized 3D filters (variance ~1e-4..1e-3), large enough to avoid 0/0 for a constant filter.
 WS_EPS = 1e-8
@@ -29,3 +33,22 @@ class WSConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)
+
+
+def weight_standardized_conv(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int, bias: bool
+) -> nn.Module:
+    return WSConv3d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=bias)
+
+
+RECORD = register(
+    NormRecord(
+        name="ws_group",
+        summary="as group, after weight-standardized convs",
+        build=group_norm,
+        options={"num_groups": Option(8, count), "eps": eps()},
+        conv=weight_standardized_conv,
+        groups_option="num_groups",
+        spellings=("wsgn", "gnws", "weightstandardization"),
+    )
+)

@@ -14,13 +14,9 @@ from typing import Any
 from norm_experiments import run_record
 from norm_experiments.errors import UserError
 
-# Norms whose layers keep running statistics, so that eval mode differs from train mode.
-BN_FAMILY = frozenset({"batch", "batchrenorm", "ghostbatch", "syncbatch"})
-
 # Fields that define a condition of the study (raw vs z-scored input, a budget in patches vs in steps): runs
 # under different conditions are never averaged or compared with each other; each gets its own tables.
 CONDITION_FIELDS = ("intensity", "budget_unit")
-
 
 
 # eq=False: runs are compared and hashed by identity (data is a dict, and two files are two runs).
@@ -68,7 +64,8 @@ class Run:
 
     @property
     def is_bn_family(self) -> bool:
-        return self.norm in BN_FAMILY or bool(self.eval_modes)
+        """Its layers keep running statistics (the record says so; older records: it has eval modes)."""
+        return self.data.get("bn_family") is True or bool(self.eval_modes)
 
     @property
     def eval_modes(self) -> dict[str, float]:

@@ -18,7 +18,7 @@ TEST = "paired t-test over seeds (two-sided)"
 
 
 def _norm_name(row: str) -> str:
-    return {"batch": "BatchNorm", "instance": "InstanceNorm", "group": "GroupNorm"}.get(row, f"`{row}`")
+    return f"`{row}`"
 
 
 def _where(condition: str) -> str:
@@ -29,17 +29,8 @@ def _sizes(sizes: list[int]) -> str:
     return ", ".join(map(str, sizes)) if sizes else "none"
 
 
-def _main_bn_row(summary: Summary) -> str | None:
-    if "batch" in summary.bn_rows:
-        return "batch"
-    return summary.bn_rows[0] if summary.bn_rows else None
-
-
-def _gap_sentence(analysis: Analysis, summary: Summary) -> str | None:
-    """Where BatchNorm's batch-statistics evaluation beats its running statistics, significantly or not."""
-    row = _main_bn_row(summary)
-    if row is None:
-        return None
+def _gap_sentence(analysis: Analysis, summary: Summary, row: str) -> str | None:
+    """Where a BN-family norm's batch-statistics evaluation beats its running statistics, significantly or not."""
     label = mode_label(row, "batch")
     gaps = [
         g.comparison
@@ -131,8 +122,8 @@ def reading(analysis: Analysis) -> list[str]:
     """Plain-language lines, each computed from the numbers and tests in the analysis."""
     lines = []
     for summary in analysis.conditions:
+        lines += [_gap_sentence(analysis, summary, row) for row in summary.bn_rows]
         lines += [
-            _gap_sentence(analysis, summary),
             _best_sentence(summary),
             _reference_sentence(summary),
             _training_sentence(summary),

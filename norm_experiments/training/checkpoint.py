@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from norm_experiments.errors import UserError
-from norm_experiments.training.outputs import write_atomic
+from norm_experiments.run_record import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,29 @@ def load(path: Path, trust: bool = False) -> dict:
     if missing:
         raise UserError(f"{path}: not a checkpoint of this project (no {', '.join(missing)}); move it away")
     return saved
+
+
+def check_fits(state: dict, model: torch.nn.Module, path: Path) -> None:
+    """Refuse, in one line, weights that do not fit `model` (a checkpoint of another norm or model, e.g.
+    trainer.force_resume=true after changing the norm), naming the first differences."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}" if unexpected else "",
+        ]
+        parts.append(f"shapes differ: {', '.join(shapes[:2])}" if shapes else "")
+        raise UserError(
+            f"{path}: its weights do not fit this model ({'; '.join(p for p in parts if p)}): it was saved by "
+            "another model or norm; use trainer.overwrite=true to train this config from scratch"
+        )
 
 
 def load_weights(path: Path, trust: bool = False, trust_flag: str = TRUST_FLAG) -> dict:

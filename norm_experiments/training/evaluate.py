@@ -1,5 +1,5 @@
-"""Validation: sliding-window inference on whole volumes, per-class Dice and HD95 (the BatchNorm evaluation
-modes and the split across ranks are in training.loop.Run).
+"""Validation: sliding-window inference on whole volumes, per-class Dice and HD95, BatchNorm's evaluation
+modes (running statistics, PreciseBN, batch statistics) and the split of the volumes across ranks.
 
 What counts, per class c and validation volume v:
 - c absent from v's ground truth: v says nothing about c (Dice and HD95 skipped for that pair), whatever
@@ -12,17 +12,24 @@ Per-class values are means over the volumes holding the class; the reported mean
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from torch import nn
 
-from norm_experiments.data.pipeline import Volume
+from norm_experiments.data.pipeline import BatchSampler, Volume
+from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
+from norm_experiments.training import distributed
+
+if TYPE_CHECKING:
+    from norm_experiments.training.build import Built
 
 # Rows of the per-class totals that validation sums over volumes (and over ranks): Dice sum, HD95 sum,
 # number of volumes holding the class.
@@ -128,6 +135,58 @@ def evaluate(
     """Dice (and HD95 in mm when `surface`) of `model` on every validation volume."""
     totals, example = score_volumes(model, volumes, num_classes, inf, surface)
     return summarize(totals, surface, example)
+
+
+def evaluate_built(built: Built, model: nn.Module, mode: str = "running", surface: bool = False) -> ValResult:
+    """Dice (and HD95 when `surface`) of a run's `model` on its validation volumes, with BatchNorm layers in
+    `mode` (running | batch, see bn_eval_mode).
+
+    With several ranks, each evaluates every world_size-th volume and the per-class sums are added: the
+    same numbers as one process. No forward communicates: sync layers use their rank's batch statistics
+    ("batch" mode normalizes each forward with its own statistics, as in one process), so ranks with
+    different numbers of forwards never wait.
+    """
+    with bn_eval_mode(model, mode), distributed.local_batch_statistics(model):
+        volumes = distributed.shard(built.data.val)
+        totals, example = score_volumes(model, volumes, built.num_classes, built.inference, surface)
+    if built.plan.world_size > 1:
+        totals = distributed.sum_across_ranks(totals)
+    return summarize(totals, surface, example)
+
+
+def precise_bn_batches(built: Built) -> Iterator[torch.Tensor]:
+    """Training patches for PreciseBN, drawn from a seed stream the training batches never use.
+
+    With several ranks, norms that synchronize over ranks do so as in training: each rank takes its slice of
+    every global batch (the same number of forwards on every rank) and the layers merge their statistics.
+    Other BatchNorm layers saw only their rank's batch in training: every rank runs all the batches itself,
+    with no communication, and gets the same statistics.
+    """
+    plan, cfg = built.plan, built.cfg
+    sync = plan.spec.record.syncs_ranks
+    rank, world = (distributed.rank(), plan.world_size) if sync else (0, 1)
+    sampler = BatchSampler(built.data.train, cfg.data, int(cfg.seed) + 1_000_003, rank, world)
+    needed = math.ceil(int(cfg.trainer.precise_bn_samples) / (plan.effective_batch * world))
+    return (sampler.batch(i)[0] for i in range(needed))
+
+
+def evaluate_bn_modes(built: Built, running: ValResult) -> dict[str, ValResult]:
+    """Scores under BatchNorm's three evaluation modes, without retraining.
+
+    running: the running averages BatchNorm kept during training (what model.eval() uses).
+    batch:   each forward normalizes with its own statistics (the windows of one sliding-window batch).
+    precise: population statistics recomputed over training patches after training (PreciseBN), on a copy,
+             with the forwards under the training precision (autocast), as the statistics were seen in training.
+    """
+    scores = {"running": running, "batch": evaluate_built(built, built.model, "batch", surface=True)}
+    precise = copy.deepcopy(built.model)
+    with built.autocast():
+        recompute_bn_statistics(precise, precise_bn_batches(built), built.device)
+    # Already equal on every rank, except torch's own SyncBatchNorm (MONAI nets), whose statistics
+    # recompute_bn_statistics does not merge: then rank 0's share of the patches decides.
+    distributed.broadcast_buffers(precise)
+    scores["precise"] = evaluate_built(built, precise, surface=True)
+    return scores
 
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

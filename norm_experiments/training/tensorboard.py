@@ -19,6 +19,13 @@ def open_writer(run_dir: Path, resume_step: int | None = None) -> SummaryWriter:
     return SummaryWriter(log_dir=str(run_dir), purge_step=resume_step)
 
 
+def remove_events(run_dir: Path) -> None:
+    """Delete the event files of an earlier attempt at this run that is starting over (killed before its
+    first checkpoint, or trainer.overwrite): TensorBoard would draw both attempts' curves over each other."""
+    for path in run_dir.glob("events.out.tfevents.*"):
+        path.unlink(missing_ok=True)
+
+
 def log_hparams(writer: SummaryWriter, params: dict, metrics: dict[str, float]) -> None:
     """Hyperparameters with final metrics, shown in TensorBoard's HParams view."""
     clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}

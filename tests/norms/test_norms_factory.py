@@ -12,8 +12,6 @@ from torch import nn
 
 from norm_experiments.errors import UserError
 from norm_experiments.norms import (
-    BATCH_STAT_NORMS,
-    NORM_NAMES,
     BatchRenorm,
     FilterResponseNorm,
     GhostBatchNorm,
@@ -22,25 +20,32 @@ from norm_experiments.norms import (
     check_channels,
     is_batch_stat_layer,
     make_norm_spec,
+    registry,
 )
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "norm"
 
-EXPECTED_NORM_TYPE = {
-    "batch": nn.BatchNorm3d,
-    "instance": nn.InstanceNorm3d,
-    "group": nn.GroupNorm,
-    "layer": nn.GroupNorm,
-    "none": nn.Identity,
-    "batchrenorm": BatchRenorm,
-    "ghostbatch": GhostBatchNorm,
-    "syncbatch": PortableSyncBatchNorm,
-    "ws_group": nn.GroupNorm,
-    "weightnorm": nn.Identity,
-    "frn": FilterResponseNorm,
+# One row per norm: what it must build and be. Adding a norm = its module, its config file and a row here
+# (test_every_registered_norm_has_a_row fails until the row exists).
+# name: (norm layer type, conv type, conv has bias, batch-dependent, keeps running stats, its own activation)
+EXPECTED = {
+    "batch": (nn.BatchNorm3d, nn.Conv3d, False, True, True, False),
+    "batchrenorm": (BatchRenorm, nn.Conv3d, False, True, True, False),
+    "frn": (FilterResponseNorm, nn.Conv3d, False, False, False, True),
+    "ghostbatch": (GhostBatchNorm, nn.Conv3d, False, True, True, False),
+    "group": (nn.GroupNorm, nn.Conv3d, False, False, False, False),
+    "instance": (nn.InstanceNorm3d, nn.Conv3d, False, False, False, False),
+    "layer": (nn.GroupNorm, nn.Conv3d, False, False, False, False),
+    "none": (nn.Identity, nn.Conv3d, True, False, False, False),
+    "syncbatch": (PortableSyncBatchNorm, nn.Conv3d, False, True, True, False),
+    "weightnorm": (nn.Identity, nn.Conv3d, True, False, False, False),
+    "ws_group": (nn.GroupNorm, WSConv3d, False, False, False, False),
 }
+NAMES = registry.names()
 
-CONV_HAS_BIAS = {name: name in {"none", "weightnorm"} for name in NORM_NAMES}
+
+def test_every_registered_norm_has_a_row() -> None:
+    assert set(NAMES) == set(EXPECTED)
 
 
 def block(name: str, **options) -> nn.Module:
@@ -52,10 +57,11 @@ def block(name: str, **options) -> nn.Module:
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
-@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_every_norm_runs_forward_and_backward(name: str, batch_size: int) -> None:
     torch.manual_seed(0)
-    model = block(name, num_groups=4) if name in {"group", "ws_group"} else block(name)
+    grouped = registry.get(name).groups_option
+    model = block(name, **{grouped: 4}) if grouped else block(name)
     x = torch.randn(batch_size, 2, 6, 5, 4, requires_grad=True)
     y = model(x)
     assert y.shape == (batch_size, 8, 6, 5, 4)
@@ -67,18 +73,18 @@ def test_every_norm_runs_forward_and_backward(name: str, batch_size: int) -> Non
         assert torch.isfinite(model(x)).all()
 
 
-@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("name", NAMES)
 def test_norm_type_conv_bias_and_flags(name: str) -> None:
+    layer, conv_type, conv_bias, batch_dependent, running_stats, activation = EXPECTED[name]
     spec = make_norm_spec(name)
-    assert isinstance(spec.norm(8), EXPECTED_NORM_TYPE[name])
+    assert type(spec.norm(8)) is layer
     conv = spec.conv(4, 8)
-    assert isinstance(conv, nn.Conv3d)
-    assert (conv.bias is not None) == CONV_HAS_BIAS[name]
+    assert isinstance(conv, conv_type) and (conv.bias is not None) == conv_bias
     assert conv.padding == (1, 1, 1)
-    assert isinstance(conv, WSConv3d) == (name == "ws_group")
-    assert spec.uses_batch_statistics == (name in BATCH_STAT_NORMS)
-    assert spec.includes_activation == (name == "frn")
-    assert is_batch_stat_layer(spec.norm(8)) == (name in BATCH_STAT_NORMS)
+    assert spec.uses_batch_statistics == batch_dependent
+    assert spec.bn_family == running_stats == is_batch_stat_layer(spec.norm(8))
+    assert spec.includes_activation == activation
+    assert (spec.bn_batch(2, 4) is not None) == batch_dependent
 
 
 def test_conv_arguments_and_instance_without_affine_keeps_bias() -> None:
@@ -146,7 +152,7 @@ def test_check_channels_names_key_level_and_divisors() -> None:
 
 def test_config_files_match_norm_names_and_build() -> None:
     files = sorted(CONFIG_DIR.glob("*.yaml"))
-    assert {f.stem for f in files} == set(NORM_NAMES)
+    assert {f.stem for f in files} == set(NAMES)
     for path in files:
         cfg = OmegaConf.load(path)
         assert cfg.name == path.stem

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-BN_FAMILY = {"batch", "batchrenorm", "ghostbatch", "syncbatch"}
+from norm_experiments.norms import registry
+
+BN_FAMILY = registry.bn_family()
 
 
 def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None = 0.7, **overrides) -> dict:
@@ -21,6 +23,7 @@ def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None =
         "run_id": run_id,
         "run_name": f"norm={norm},bs={batch_size},seed={seed}",
         "norm": norm,
+        "bn_family": norm in BN_FAMILY,
         "model": "unet",
         "seed": seed,
         "batch_size": batch_size,

@@ -198,9 +198,7 @@ def test_no_bn_plot_without_bn_family(tmp_path, write_run):
 def test_reading_is_generated_from_numbers(small_sweep):
     md = build_report([small_sweep]).markdown
     # The fixture's batch-stats evaluation is exactly running + 0.1 for every seed: no noise, p = 0.
-    assert (
-        "BatchNorm: at batch size 1 its running statistics score 0.500 and its batch statistics 0.600" in md
-    )
+    assert "`batch`: at batch size 1 its running statistics score 0.500 and its batch statistics 0.600" in md
     assert "significantly (Holm) at batch sizes 1, 2." in md
     assert "bs 1: group; bs 2: group, batch." in md
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import metrics_of, run_cli
 
 # Patch 4^3 at depth 2 gives a 1x1x1 bottleneck: BatchNorm at batch size 1 is impossible there
 # (the pre-flight check refuses it), every other cell trains. Fast, and a natural failing cell.
@@ -45,7 +45,7 @@ def test_grid_sweep_reports_four_cells_with_the_failure(grid_sweep) -> None:
     failed = [name for name, status in found.items() if status == "failed"]
     assert failed == ["data.batch_size=1,data.patch_size=_4,4,4_,experiment=smoke,norm=batch"]
     assert sorted(found.values()) == ["completed", "completed", "completed", "failed"]
-    error = json.loads((sweep_dir / failed[0] / "metrics.json").read_text())["error"]
+    error = metrics_of(sweep_dir / failed[0])["error"]
     assert "one value per channel" in error
     # the end-of-sweep report: files written and the table printed
     for name in ("report.md", "results.csv", "runs.csv", "dice_vs_batch_size.png"):

@@ -4,7 +4,6 @@ loopback, read back through its HTTP data API."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from norm_experiments.training.loop import train
-from tests.helpers import compose_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import compose_config, free_port
 
 
 def get_json(url: str) -> object:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from norm_experiments.data.synthetic import SynthConfig, generate_dataset
-from tests.helpers import run_cli
+from tests.helpers import metrics_of, run_cli
 
 SMOKE = ["experiment=smoke", "trainer.num_threads=1", "data=msd"]
 
@@ -108,6 +108,12 @@ CASES = [
     ("duplicate case", _json_edit(_duplicate), [], "synth_000"),
     ("empty validation split", lambda r: None, ["data.val_fraction=0.01"], "data.val_fraction"),
     ("impossible group count", lambda r: None, ["norm=group", "norm.options.num_groups=5"], "num_groups"),
+    (
+        "patch larger than a case",
+        lambda r: None,
+        ["data.patch_size=[64,64,64]", "data.pad_to_patch=false"],
+        "data.patch_size",
+    ),
 ]
 
 
@@ -127,7 +133,7 @@ def test_bad_input_is_one_clear_line(
     run_dir = tmp_path / "run"
     assert not (run_dir / "model.pt").exists() and not (run_dir / "checkpoint.pt").exists()
     if (run_dir / "metrics.json").exists():  # allowed only as an honest failure record
-        assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+        assert metrics_of(run_dir)["status"] == "failed"
 
 
 def test_unwritable_output_dir(tmp_path: Path) -> None:
@@ -166,4 +172,4 @@ def test_full_disk_while_saving_a_checkpoint(pristine: Path, tmp_path: Path) -> 
     assert "could not write" in result.stderr and ".pt" in result.stderr
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "model.pt").exists()
     assert not list(run_dir.glob(".*.tmp"))  # the temporary file was removed
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+    assert metrics_of(run_dir)["status"] == "failed"

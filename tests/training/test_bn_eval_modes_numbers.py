@@ -16,8 +16,9 @@ import torch
 
 from norm_experiments.norms import recompute_bn_statistics
 from norm_experiments.norms.bn_common import reduce_dims, tracks_running_stats
-from norm_experiments.training.loop import Run, train
-from tests.helpers import compose_config
+from norm_experiments.training.evaluate import precise_bn_batches
+from norm_experiments.training.loop import train
+from tests.helpers import built_run, compose_config
 
 # 150 steps at batch size 1 on 6 training and 2 validation cases of 24^3 (about 20 s on one thread).
 BN_AT_BATCH_1 = [
@@ -51,15 +52,14 @@ def test_running_statistics_are_fine_when_cases_do_not_differ(tmp_path: Path) ->
 
 
 def test_precise_bn_statistics_are_the_population_statistics_of_its_patches(tmp_path: Path) -> None:
-    run = Run(compose_config(["experiment=smoke", "norm=batch", "trainer.precise_bn_samples=6"]), tmp_path)
-    run.build()
+    run = built_run(tmp_path, ["experiment=smoke", "norm=batch", "trainer.precise_bn_samples=6"])
     for step in range(3):  # some training, so that layers differ from their initialisation
-        run.train_step(*run.sampler.batch(step))
-    batches = list(run.precise_bn_batches())
+        run.train_step(*run.b.sampler.batch(step))
+    batches = list(precise_bn_batches(run.b))
     assert sum(b.shape[0] for b in batches) == 6  # 3 batches of 2 patches
 
     # Every BN layer's input over those patches, normalizing with batch statistics as PreciseBN does.
-    reference = copy.deepcopy(run.model)
+    reference = copy.deepcopy(run.b.model)
     layers = {name: m for name, m in reference.named_modules() if tracks_running_stats(m)}
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     hooks = [
@@ -74,8 +74,8 @@ def test_precise_bn_statistics_are_the_population_statistics_of_its_patches(tmp_
     for hook in hooks:
         hook.remove()
 
-    precise = copy.deepcopy(run.model)
-    assert recompute_bn_statistics(precise, batches, run.device) == 3
+    precise = copy.deepcopy(run.b.model)
+    assert recompute_bn_statistics(precise, batches, run.b.device) == 3
     recomputed = dict(precise.named_modules())
     for name, seen in inputs.items():
         values = torch.cat(seen).double()
@@ -86,7 +86,6 @@ def test_precise_bn_statistics_are_the_population_statistics_of_its_patches(tmp_
 
 @pytest.mark.parametrize("samples", [1, 5])
 def test_precise_bn_uses_at_least_the_configured_number_of_patches(tmp_path: Path, samples: int) -> None:
-    run = Run(compose_config(["experiment=smoke", f"trainer.precise_bn_samples={samples}"]), tmp_path)
-    run.build()
-    patches = sum(b.shape[0] for b in run.precise_bn_batches())
-    assert samples <= patches < samples + run.effective_batch
+    run = built_run(tmp_path, ["experiment=smoke", f"trainer.precise_bn_samples={samples}"])
+    patches = sum(b.shape[0] for b in precise_bn_batches(run.b))
+    assert samples <= patches < samples + run.plan.effective_batch

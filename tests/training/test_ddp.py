@@ -7,11 +7,9 @@ batch sizes; SIGTERM stops every rank after the same step and the same command c
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,8 +23,8 @@ import torch.nn.functional as F
 from norm_experiments.models.unet import UNet3D
 from norm_experiments.norms import make_norm_spec
 from norm_experiments.training import distributed
-from norm_experiments.training.loop import Run
-from tests.helpers import compose_config, run_cli
+from norm_experiments.training.build import make_plan
+from tests.helpers import compose_config, free_port, metrics_of, run_cli
 
 # One memory format everywhere: channels_last=auto picks channels_last_3d for the batch-2 run on a CPU but
 # not for batch-1 ranks, and the two layouts round differently (beyond this file's tolerances after 16 steps).
@@ -36,12 +34,6 @@ SMOKE = ["experiment=smoke", "trainer.num_threads=1", "trainer.progress=log", "t
 # summation order moves a weight by ~2 lr, and 16 such steps amplify rounding to ~1e-2 in the deepest layers.
 BUDGET = ["trainer.samples=32", "trainer.checkpoint_every_samples=4", "optim=sgd"]
 BN_STATS = ("running_mean", "running_var")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
@@ -57,10 +49,6 @@ def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
         *SMOKE,
         *args,
     ]
-
-
-def metrics_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +168,14 @@ def _batch_sizes() -> dict[str, tuple]:
             ["experiment=smoke", f"norm={norm}", "data.batch_size=2", "trainer.samples=16"]
             + (["norm.options.virtual_batch=1"] if norm == "ghostbatch" else [])
         )
-        run = Run(cfg, Path("never-written"))
-        sizes[norm] = (run.world_size, run.effective_batch, run.global_batch, run.bn_batch, run.total_steps)
+        plan = make_plan(cfg)
+        sizes[norm] = (
+            plan.world_size,
+            plan.effective_batch,
+            plan.global_batch,
+            plan.bn_batch,
+            plan.total_steps,
+        )
     return sizes
 
 

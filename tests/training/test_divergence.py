@@ -3,10 +3,9 @@ weights saved before are kept."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tests.helpers import run_cli
+from tests.helpers import metrics_of, run_cli
 
 
 def test_nan_loss_is_reported_as_diverged(tmp_path: Path) -> None:
@@ -26,6 +25,6 @@ def test_nan_loss_is_reported_as_diverged(tmp_path: Path) -> None:
     assert "Traceback" not in result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "loss became nan at step" in errors[0]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics_of(run_dir)
     assert metrics["status"] == "diverged" and "at step" in metrics["error"]
     assert not (run_dir / "model.pt").exists()  # no final weights from a diverged state

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import metrics_of, run_cli
 
 
 @pytest.mark.parametrize("layout", ["msd", "nnunet", "folder"])
@@ -31,6 +30,6 @@ def test_train_on_a_synthesized_folder(layout: str, tmp_path: Path) -> None:
         args.append("data.labels={0: background, 1: class1, 2: class2}")
     result = run_cli(args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics_of(run_dir)
     assert metrics["status"] == "completed"
     assert set(metrics["val_dice_per_class"]) == {"class1", "class2"}

@@ -3,7 +3,6 @@ as an uninterrupted run; the same seed and config give identical metrics (CPU)."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import metrics_of, run_cli
 
 # 32 steps at batch size 1, a checkpoint every 8: long enough to be killed in the middle.
 ARGS = [
@@ -34,10 +33,6 @@ COMPARED = (
     "steps",
     "history",
 )
-
-
-def metrics_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ to unpickle one (a checkpoint of an earlier version)."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 import random
 import shutil
@@ -22,7 +21,7 @@ from norm_experiments.config import run_identity
 from norm_experiments.errors import UserError
 from norm_experiments.train import resume_argv
 from norm_experiments.training import checkpoint as ckpt
-from tests.helpers import compose_config, run_cli
+from tests.helpers import compose_config, metrics_of, run_cli
 
 # Long enough to be stopped by SIGTERM after the first checkpoint (step 4), short enough to finish in seconds.
 ARGS = [
@@ -240,7 +239,7 @@ def test_malicious_checkpoint_in_a_run_folder_never_runs(interrupted: Path, tmp_
     assert "checkpoint.pt: refused: it needs getattr" in errors[0]
     assert ckpt.TRUST_FLAG in errors[0]
     assert (run_dir / "checkpoint.pt").read_bytes() == planted  # evidence kept, not overwritten
-    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+    assert metrics_of(run_dir)["status"] == "failed"
     assert not (run_dir / "model.pt").exists()
 
 
@@ -261,7 +260,7 @@ def test_old_checkpoint_is_refused_then_resumes_once_trusted(interrupted: Path, 
     assert f"resuming {run_dir} from step {saved['state']['step']}/64" in output, output[-3000:]
     assert "unsafe loader" in output
     assert [p.name for p in (cwd / "outputs" / "runs").iterdir()] == [run_dir.name]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics_of(run_dir)
     assert metrics["status"] == "completed" and metrics["steps"] == 64
     # The checkpoint it leaves is in the safe form: the opt-in was needed once.
     assert ckpt.load(run_dir / "checkpoint.pt")["state"]["step"] == 64

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.helpers import run_cli
+from tests.helpers import metrics_of, run_cli
 
 SMOKE = ["experiment=smoke", "trainer.progress=log"]
 
@@ -27,7 +26,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_smoke_run_writes_truthful_metrics(smoke_run: tuple[Path, Path]) -> None:
     _, run_dir = smoke_run
     assert run_dir.name == "data.batch_size=1,experiment=smoke,norm=batch"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics_of(run_dir)
     assert metrics["status"] == "completed"
     assert metrics["norm"] == "batch" and metrics["batch_size"] == 1 and metrics["seed"] == 0
     assert metrics["patches_per_volume"] == 1 and metrics["effective_batch"] == 1
@@ -80,7 +79,7 @@ def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
     assert "val/slice_input_truth_prediction" in events.Tags()["images"]
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss][-1] == 16
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics_of(run_dir)
     assert events.Scalars("val/dice_mean")[-1].value == pytest.approx(metrics["val_dice"], abs=1e-6)
     assert events.Scalars("val/hd95_mean")[-1].value == pytest.approx(metrics["val_hd95"], rel=1e-6)
     batch_mode = events.Scalars("val/dice_mean_batch")[-1].value

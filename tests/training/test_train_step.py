@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from norm_experiments.config import run_identity
-from norm_experiments.norms import renorm_layers
-from norm_experiments.training.loop import Run, prefetch_pool, use_channels_last
+from norm_experiments.norms import make_norm_spec, renorm_layers
+from norm_experiments.training.build import make_plan, use_channels_last
+from norm_experiments.training.evaluate import evaluate_built
+from norm_experiments.training.loop import Run
+from norm_experiments.training.prefetch import prefetch_pool
+from tests.helpers import built_run as build_run
 from tests.helpers import compose_config
 
 
 def built_run(tmp_path: Path, *overrides: str) -> Run:
-    run = Run(compose_config(["experiment=smoke", "trainer.device=cpu", *overrides]), tmp_path)
-    run.build()
-    return run
+    return build_run(tmp_path, ["experiment=smoke", "trainer.device=cpu", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -30,34 +32,34 @@ def batch_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def test_evaluation_leaves_every_module_in_training_mode(batch_run: Run, mode: str) -> None:
     """train_step only calls train() when the model is not in training mode: evaluation must restore it."""
     run = batch_run
-    run.evaluate(run.model, mode)
-    assert all(module.training for module in run.model.modules())
-    assert all(m.track_running_stats for m in run.model.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    evaluate_built(run.b, run.b.model, mode)
+    assert all(module.training for module in run.b.model.modules())
+    assert all(m.track_running_stats for m in run.b.model.modules() if isinstance(m, torch.nn.BatchNorm3d))
 
 
 def test_step_after_eval_mode_trains_in_training_mode(batch_run: Run) -> None:
     run = batch_run
-    images, labels = run.sampler.batch(0)
-    run.model.eval()  # whatever left the model in eval mode, the next step must train
-    before = {name: buf.clone() for name, buf in run.model.named_buffers() if name.endswith("running_mean")}
+    images, labels = run.b.sampler.batch(0)
+    run.b.model.eval()  # whatever left the model in eval mode, the next step must train
+    before = {name: buf.clone() for name, buf in run.b.model.named_buffers() if name.endswith("running_mean")}
     run.train_step(images, labels)
-    assert all(module.training for module in run.model.modules())
-    after = dict(run.model.named_buffers())
+    assert all(module.training for module in run.b.model.modules())
+    after = dict(run.b.model.named_buffers())
     assert any(not torch.equal(before[name], after[name]) for name in before)  # BN updated its statistics
 
 
 def test_batchrenorm_limits_follow_the_step_budget(tmp_path: Path) -> None:
     run = built_run(tmp_path, "norm=batchrenorm")
-    layers = renorm_layers(run.model)
-    assert layers and run.total_steps == 8  # 16 samples at batch 2
-    images, labels = run.sampler.batch(0)
+    layers = renorm_layers(run.b.model)
+    assert layers and run.plan.total_steps == 8  # 16 samples at batch 2
+    images, labels = run.b.sampler.batch(0)
     run.train_step(images, labels)  # step 0 of 8: warm-up, plain BatchNorm
     assert all((layer.r_max, layer.d_max) == (1.0, 0.0) for layer in layers)
     run.state.step = 2  # progress 0.25: 3/8 of the way from warm-up (0.1) to relax_end (0.5)
     run.train_step(images, labels)
     expected = (1.0 + 2.0 * 0.375, 5.0 * 0.375)
     assert all((layer.r_max, layer.d_max) == pytest.approx(expected) for layer in layers)
-    run.state.step = run.total_steps - 1
+    run.state.step = run.plan.total_steps - 1
     run.train_step(images, labels)
     assert all((layer.r_max, layer.d_max) == (3.0, 5.0) for layer in layers)
 
@@ -75,10 +77,10 @@ def test_prefetch_thread_runs_one_intra_op_thread() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI machines)")
 def test_volumes_cached_on_the_gpu_train_and_validate(tmp_path: Path) -> None:
     cfg = compose_config(["experiment=smoke", "trainer.device=cuda", "data.cache_on_device=true"])
-    run = Run(cfg, tmp_path)
+    run = Run(cfg, make_plan(cfg), tmp_path)
     metrics = run.train()
-    assert run.data.train[0].image.is_cuda and run.data.val[0].label.is_cuda
-    assert metrics["status"] == "completed" and metrics["steps"] == run.total_steps
+    assert run.b.data.train[0].image.is_cuda and run.b.data.val[0].label.is_cuda
+    assert metrics["status"] == "completed" and metrics["steps"] == run.plan.total_steps
     assert set(metrics["eval_modes"]) == {"running", "batch", "precise"}
 
 
@@ -104,14 +106,14 @@ def test_where_volumes_are_cached_is_not_part_of_a_runs_identity() -> None:
     ],
 )
 def test_channels_last_is_on_where_it_was_measured_faster(setting, device, norm, batch, expected) -> None:
-    assert use_channels_last(setting, torch.device(device), norm, batch) is expected
+    assert use_channels_last(setting, torch.device(device), make_norm_spec(norm), batch) is expected
 
 
 def test_default_cpu_run_trains_channels_last(batch_run: Run) -> None:
     run = batch_run
-    assert run.memory_format == torch.channels_last_3d
-    conv = next(m for m in run.model.modules() if isinstance(m, torch.nn.Conv3d))
+    assert run.b.memory_format == torch.channels_last_3d
+    conv = next(m for m in run.b.model.modules() if isinstance(m, torch.nn.Conv3d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
-    images, labels = run.sampler.batch(0)
-    loss = run.train_step(images.contiguous(memory_format=run.memory_format), labels)
+    images, labels = run.b.sampler.batch(0)
+    loss = run.train_step(images.contiguous(memory_format=run.b.memory_format), labels)
     assert torch.isfinite(loss)

@@ -1,0 +1,216 @@
+"""Every config key the project reads, with its type and range: one table, checked before any work.
+
+A wrong type (`data.patch_size=16`, `optim.lr=abc`), an impossible value (`model.depth=-1`) or a key nobody
+reads (`+trainer.sampels=10`, a typo Hydra's own hint suggests adding) is refused with one line naming the
+key. Norm names and options are checked by the norm registry (norms/registry.py), the synthetic dataset's
+knobs by its SynthConfig; the keys of Hydra's own `hydra.*` node are Hydra's.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from norm_experiments.errors import UserError
+
+Check = Callable[[Any], str | None]  # returns what is wrong with a value, or None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer(low: int | None = None) -> Check:
+    def check(value: Any) -> str | None:
+        if not _is_int(value) or (low is not None and value < low):
+            return "a whole number" + (f" >= {low}" if low is not None else "")
+        return None
+
+    return check
+
+
+def number(
+    low: float | None = None, high: float | None = None, open_low: bool = False, open_high: bool = False
+) -> Check:
+    """A number in [low, high] (an end excluded where open_*)."""
+
+    def check(value: Any) -> str | None:
+        ok = _is_number(value)
+        ok = ok and (low is None or (value > low if open_low else value >= low))
+        ok = ok and (high is None or (value < high if open_high else value <= high))
+        if ok:
+            return None
+        lo = "" if low is None else ("(" if open_low else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if open_high else "]")
+        if low is not None and high is not None:
+            return f"a number in {lo}, {hi}"
+        return "a number" + (f" {'>' if open_low else '>='} {low:g}" if low is not None else "")
+
+    return check
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "true or false"
+
+
+def choice(*options: Any) -> Check:
+    def check(value: Any) -> str | None:
+        return (
+            None
+            if value in options and type(value) is not float
+            else "one of " + ", ".join(map(str, options))
+        )
+
+    return check
+
+
+def sequence(length: int | None, item: Check, what: str) -> Check:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
+            return f"a list of {length or 'any number of'} {what}"
+        return next((f"a list of {length or 'any number of'} {what}" for v in value if item(v)), None)
+
+    return check
+
+
+def optional(check: Check) -> Check:
+    def wrapped(value: Any) -> str | None:
+        problem = check(value)
+        return None if value is None or problem is None else f"{problem}, or null"
+
+    return wrapped
+
+
+def either(*checks: Check) -> Check:
+    def check(value: Any) -> str | None:
+        problems = [c(value) for c in checks]
+        return None if any(p is None for p in problems) else " or ".join(p for p in problems if p)
+
+    return check
+
+
+def text(value: Any) -> str | None:
+    return None if isinstance(value, str) else "a string"
+
+
+def anything(value: Any) -> str | None:
+    return None
+
+
+def mapping(value: Any) -> str | None:
+    return None if isinstance(value, dict) else "a mapping"
+
+
+POSITIVE = integer(1)
+FRACTION = number(0, 1)
+SIZES = sequence(3, integer(1), "whole numbers >= 1")
+
+# The checks of every key. Keys in `data.synthetic` and `norm.options` are checked where they are used
+# (SynthConfig, the norm registry); a key under a group below that this table lacks is refused as unknown.
+SCHEMA: dict[str, Check] = {
+    "name": text,
+    "seed": integer(),
+    "resume": optional(text),
+    # data (common to every layout)
+    "data.layout": choice("synthetic", "msd", "nnunet", "folder"),
+    "data.root": optional(text),
+    "data.labels": optional(either(mapping, sequence(None, text, "class names"))),
+    "data.cache_dir": text,
+    "data.batch_size": POSITIVE,
+    "data.patches_per_volume": POSITIVE,
+    "data.patch_size": SIZES,
+    "data.pad_to_patch": boolean,
+    "data.foreground_fraction": FRACTION,
+    "data.val_fraction": number(0, 1, open_low=True, open_high=True),
+    "data.val_cases": optional(sequence(None, text, "case names")),
+    "data.split_seed": integer(),
+    "data.target_spacing": optional(sequence(3, number(0, open_low=True), "spacings in mm > 0")),
+    "data.intensity": choice("zscore", "none"),
+    "data.augment.flip_prob": FRACTION,
+    "data.augment.rot90_prob": FRACTION,
+    "data.cache_on_device": boolean,
+    "data.check_files": boolean,
+    # model
+    "model.name": choice("unet", "basic_unet"),
+    "model.depth": POSITIVE,
+    "model.base_channels": POSITIVE,
+    "model.growth": number(0, open_low=True),
+    "model.max_channels": POSITIVE,
+    "model.features": sequence(6, integer(1), "whole numbers >= 1"),
+    # norm (name and options: the norm registry)
+    "norm.name": text,
+    # optim
+    "optim.name": choice("adamw", "sgd"),
+    "optim.lr": number(0, open_low=True),
+    "optim.weight_decay": number(0),
+    "optim.betas": sequence(2, number(0, 1, open_high=True), "numbers in [0, 1)"),
+    "optim.momentum": number(0, 1, open_high=True),
+    "optim.schedule": choice("cosine", "poly", "constant"),
+    "optim.warmup_fraction": number(0, 1, open_high=True),
+    "optim.lr_scaling": choice("none", "linear", "sqrt"),
+    "optim.reference_batch": POSITIVE,
+    # trainer
+    "trainer.budget_unit": choice("patches", "steps"),
+    "trainer.samples": POSITIVE,
+    "trainer.steps": POSITIVE,
+    "trainer.validations": POSITIVE,
+    "trainer.device": choice("auto", "cpu", "cuda"),
+    "trainer.amp": choice("auto", True, False),
+    "trainer.compile": boolean,
+    "trainer.channels_last": choice("auto", True, False),
+    "trainer.deterministic": boolean,
+    "trainer.num_threads": optional(POSITIVE),
+    "trainer.sw_batch_size": POSITIVE,
+    "trainer.sw_overlap": number(0, 1, open_high=True),
+    "trainer.eval_modes": boolean,
+    "trainer.precise_bn_samples": POSITIVE,
+    "trainer.checkpoint_every_samples": POSITIVE,
+    "trainer.log_every_steps": POSITIVE,
+    "trainer.progress": choice("auto", "bar", "log", "none"),
+    "trainer.overwrite": boolean,
+    "trainer.force_resume": boolean,
+    "trainer.trust_checkpoint": boolean,
+    "trainer.world_size": POSITIVE,  # set by the training code under torchrun
+}
+
+# Nodes whose keys are checked elsewhere, and nodes that are not ours.
+CHECKED_ELSEWHERE = ("data.synthetic", "norm.options", "hydra", "experiment")
+
+
+def leaves(node: dict, prefix: str = "") -> dict[str, Any]:
+    """Every leaf key of a plain config as 'a.b.c' -> value (lists are leaves), skipping CHECKED_ELSEWHERE."""
+    found: dict[str, Any] = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if any(path == other or path.startswith(other + ".") for other in CHECKED_ELSEWHERE):
+            continue
+        if isinstance(value, dict) and value and path not in SCHEMA:  # a mapping-valued key is one leaf
+            found.update(leaves(value, path + "."))
+        else:
+            found[path] = value
+    return found
+
+
+def validate(cfg: DictConfig, extra: dict[str, Check] | None = None) -> None:
+    """Refuse unknown keys and values of the wrong type or range, naming the key: one UserError. `extra`:
+    the keys of an app's own root config (norm-exp-check's `weights`, ...)."""
+    schema = {**SCHEMA, **(extra or {})}
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    for key, value in leaves(plain).items():  # type: ignore[arg-type]
+        check = schema.get(key)
+        if check is None:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"{key}: not a key this project reads{hint}")
+        if value == "???":
+            raise UserError(f"{key}: required; add {key}=...")
+        problem = check(value)
+        if problem:
+            raise UserError(f"{key}: must be {problem}, got {value!r}")
