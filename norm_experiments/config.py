@@ -47,6 +47,9 @@ _EXECUTION_KEYS = {
     ("data", "cache_dir"),
     ("data", "check_files"),
     ("data", "cache_on_device"),  # the same batches wherever the volumes are held
+    # The same convolution by another CPU code path (float rounding only, like num_threads); `auto` is a pure
+    # function of config, device and layer shape, so the same command resumes on the same path.
+    ("trainer", "cpu_conv"),
     ("resume",),
     ("name",),
 }
@@ -135,6 +138,13 @@ def validate_config(cfg: DictConfig) -> None:
         cfg.trainer.channels_last in ("auto", True, False),
         "trainer.channels_last",
         f"must be auto, true or false, got {cfg.trainer.channels_last!r}",
+    )
+    from norm_experiments.norms.cpu_conv import CPU_CONV_MODES  # torch: only where a run is built
+
+    _require(
+        cfg.trainer.cpu_conv in CPU_CONV_MODES,
+        "trainer.cpu_conv",
+        f"must be {', '.join(CPU_CONV_MODES[:-1])} or {CPU_CONV_MODES[-1]}, got {cfg.trainer.cpu_conv!r}",
     )
     _require(
         0 <= cfg.trainer.sw_overlap < 1,

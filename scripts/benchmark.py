@@ -13,6 +13,10 @@ Everything runs in this one process on this one machine, and the tables are prin
   c. step time and peak memory per norm and batch size; channels_last_3d on/off per norm
   d. CUDA only: AMP (bf16) vs fp32, torch.compile on/off, volumes cached on the device
      (data.cache_on_device) vs in host memory
+  e. CPU only: batch 1. Forward + backward of every conv layer shape of the default and the quick-sweep
+     U-Net at batch 1, PyTorch's path vs the depth split of norms/cpu_conv.py (trainer.cpu_conv), and the
+     per-patch training throughput of every norm at batch 1 vs batch 2 with the split on and off
+     (target: batch 1 >= 0.7x batch 2)
 Timing: warm-up steps first, then `repeats` blocks of `steps` steps, synchronized on CUDA at the end of each
 block; the median block gives the time per step. Torch's thread count stays at its default unless --threads.
 """
@@ -59,7 +63,7 @@ from norm_experiments.data.layouts import find_cases, split_cases
 from norm_experiments.data.pipeline import dataset_root
 from norm_experiments.models import build_model
 from norm_experiments.models.unet import ConvNormAct
-from norm_experiments.norms import BNStatMonitor
+from norm_experiments.norms import BNStatMonitor, cpu_conv
 from norm_experiments.norms.bn_common import tracks_running_stats
 from norm_experiments.training import loop as loop_module
 from norm_experiments.training.loop import InlineExecutor, Run, State, make_optimizer, prefetch_pool
@@ -81,7 +85,7 @@ ALL_NORMS = (
     "none",
 )
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # as the pipeline (silences MONAI's deprecation warning)
-SECTIONS = ("overhead", "epoch", "norms", "cuda")
+SECTIONS = ("overhead", "epoch", "norms", "cuda", "batch1")
 
 # Targets (docs/benchmarks.md explains each).
 OVERHEAD_TARGET = 1.05
@@ -89,6 +93,9 @@ EPOCH_SPEEDUP_TARGET = 2.0
 DATA_WAIT_TARGET = 0.05
 AMP_SPEEDUP_TARGET = 1.5
 AMP_MEMORY_TARGET = 0.7
+BATCH1_TARGET = 0.7  # per-patch training throughput at batch 1 / at batch 2, CPU
+# (e): the quick sweep's model and patch (configs/experiment/norm_sweep_quick.yaml) beside the default
+QUICK_SWEEP_MODEL = ("model.depth=2", "model.base_channels=8", "data.patch_size=[16,16,16]")
 # Section b is repeated on larger synthetic volumes (still about 1/7 of a 512x512x90 CT): reading and
 # cropping a volume costs more with its size, a training patch does not. Cases of that size: 6 train, 2 val.
 LARGE_VOLUME_CASES = 8
@@ -112,6 +119,8 @@ class Profile:
     amp_batch_sizes: tuple[int, ...]  # (d): AMP vs fp32
     amp_patches: tuple[tuple[int, ...] | None, ...]  # (d): None = the config's patch
     epoch_volume_shapes: tuple[tuple[int, ...], ...] = ()  # (b) again on synthetic volumes of these shapes
+    batch1_norms: tuple[str, ...] = ("batch",)  # (e)
+    batch1_models: tuple[tuple[str, ...], ...] = ((),)  # (e): overrides per model; () = the config's
 
 
 PROFILES = {
@@ -129,6 +138,7 @@ PROFILES = {
         cuda_norms=("batch", "instance"),
         amp_batch_sizes=(2,),
         amp_patches=(None,),
+        batch1_norms=("batch", "weightnorm"),
     ),
     "quick": Profile(
         "quick",
@@ -145,6 +155,8 @@ PROFILES = {
         amp_batch_sizes=(2, 8),
         amp_patches=(None,),
         epoch_volume_shapes=((96, 192, 192),),
+        batch1_norms=("batch", "instance", "group", "frn"),
+        batch1_models=((), QUICK_SWEEP_MODEL),
     ),
     "full": Profile(
         "full",
@@ -161,6 +173,8 @@ PROFILES = {
         amp_batch_sizes=(2, 8),
         amp_patches=(None, (96, 96, 96)),
         epoch_volume_shapes=((96, 192, 192),),
+        batch1_norms=(*ALL_NORMS, "syncbatch"),
+        batch1_models=((), QUICK_SWEEP_MODEL),
     ),
 }
 
@@ -951,6 +965,263 @@ def measure_cuda(ctx: Context, device: torch.device) -> str:
     return "\n".join(parts)
 
 
+# ------------------------------------------------------------------------------ (e) batch 1 on a CPU
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One conv of a U-Net as it runs at batch 1 (recorded by a forward hook)."""
+
+    transposed: bool
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    input_grad: bool  # False for the first layer: the image needs no gradient
+
+    def describe(self) -> str:
+        first, second = self.weight_shape[:2]  # Conv3d weights are (out, in, ...), transposed (in, out, ...)
+        c_in, c_out = (first, second) if self.transposed else (second, first)
+        size = "x".join(map(str, self.input_shape[2:]))
+        kind = "ConvTranspose3d" if self.transposed else "Conv3d"
+        return f"{kind} k{self.weight_shape[2]} s{self.stride[0]}, {c_in}->{c_out}, input {size}"
+
+    def conv(self, weight: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The layer's convolution: PyTorch's path (mode torch) or norms/cpu_conv.py's (auto, split)."""
+        if self.transposed:
+            return lambda x: torch.nn.functional.conv_transpose3d(x, weight, None, self.stride, self.padding)
+        return lambda x: cpu_conv.conv3d(x, weight, None, self.stride, self.padding, mode=mode)
+
+
+def conv_layers(run: Run) -> list[ConvLayer]:
+    """Every distinct conv of the Run's model, in forward order, with its batch-1 input shape."""
+    seen: dict[ConvLayer, None] = {}
+
+    def hook(module, args, out) -> None:
+        transposed = isinstance(module, torch.nn.ConvTranspose3d)
+        x = args[0]
+        shapes = (tuple(x.shape), tuple(module.weight.shape))
+        layer = ConvLayer(transposed, *shapes, module.stride, module.padding, x.requires_grad)
+        seen.setdefault(layer, None)
+
+    convs = [m for m in run.model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    run.model(torch.zeros(1, run.data.info.num_channels, *run.cfg.data.patch_size))  # as in training
+    for handle in handles:
+        handle.remove()
+    return list(seen)
+
+
+def aten_backend(layer: ConvLayer, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The kernel ATen picks for this call (Slow3d = slow_conv3d, Mkldnn = oneDNN); forward and backward
+    make the same choice. torch._C._select_conv_backend is private: reporting only."""
+    try:
+        backend = torch._C._select_conv_backend(
+            x,
+            weight,
+            None,
+            list(layer.stride),
+            list(layer.padding),
+            [1, 1, 1],
+            layer.transposed,
+            [0, 0, 0],
+            1,
+        )
+    except (AttributeError, RuntimeError, TypeError):
+        return "unknown"
+    return str(backend).rsplit(".", 1)[-1]
+
+
+def forward_backward(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+    grad = torch.randn_like(conv(x).detach())
+    return lambda: conv(x).backward(grad)
+
+
+def layer_variants(layer: ConvLayer) -> tuple[dict[str, Callable[[], None]], str, str]:
+    """Forward + backward of one layer each way, (PyTorch's backend at batch 1, what auto takes)."""
+    x1 = torch.randn(layer.input_shape, requires_grad=layer.input_grad)
+    x2 = torch.randn((2, *layer.input_shape[1:]), requires_grad=layer.input_grad)
+    weight = (torch.randn(layer.weight_shape) * 0.1).requires_grad_()
+    backend = aten_backend(layer, x1, weight)
+    fns = {"torch": forward_backward(layer.conv(weight, "torch"), x1)}
+    if layer.transposed:
+        return {**fns, "batch 2": forward_backward(layer.conv(weight, "torch"), x2)}, backend, "torch"
+    pad, stride = list(layer.padding), list(layer.stride)
+    onednn = lambda x: torch.ops.aten.mkldnn_convolution(x, weight, None, pad, stride, [1, 1, 1], 1)  # noqa: E731
+    fns["oneDNN op"] = forward_backward(onednn, x1)
+    out_depth = cpu_conv.split_output_depth(x1, weight, layer.stride, layer.padding, (1, 1, 1))
+    if cpu_conv.can_split(x1, weight, out_depth):
+        fns["split"] = forward_backward(layer.conv(weight, "split"), x1)
+    fns["batch 2"] = forward_backward(layer.conv(weight, "torch"), x2)
+    auto = "split" if cpu_conv.use_split("auto", x1, weight, out_depth) else "torch"
+    return fns, backend, auto
+
+
+def calls_per_block(fn: Callable[[], None], seconds: float) -> int:
+    """How many calls make a timed block of about `seconds` (single layers take 0.1-300 ms)."""
+    return max(1, min(200, round(seconds / max(timed(fn, lambda: None)[0], 1e-6))))
+
+
+def layer_row(ctx: Context, layer: ConvLayer) -> tuple[list[object], dict[str, float]]:
+    p = ctx.profile
+    fns, backend, auto = layer_variants(layer)
+    calls = calls_per_block(fns["torch"], 0.005 if p.name == "smoke" else 0.05)
+    times = timeit(fns, p.warmup, calls, p.repeats, lambda: None)
+    ms = {name: median(t) * 1e3 for name, t in times.items()}
+    ms["batch 2"] /= 2  # per sample
+    ms["auto"] = ms[auto]
+    speedup, spread = "n/a", ""
+    if "split" in times:
+        paired = [a / b for a, b in zip(times["torch"], times["split"], strict=True)]
+        speedup = f"{median(paired):.2f}x"
+        spread = f"{min(paired):.2f}-{max(paired):.2f}"
+    row = [
+        layer.describe(),
+        backend,
+        fmt(ms["torch"], 2),
+        fmt(ms.get("oneDNN op", float("nan")), 2),
+        fmt(ms.get("split", float("nan")), 2),
+        speedup,
+        spread,
+        fmt(ms["batch 2"], 2),
+        auto,
+    ]
+    return row, ms
+
+
+def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
+    run = build_run(ctx, ["norm=batch", *model_overrides])  # layer shapes do not depend on the norm
+    setup = describe_cfg(run.cfg).split(", batch")[0]
+    rows, total = [], {"torch": 0.0, "auto": 0.0, "batch 2": 0.0}
+    for layer in conv_layers(run):
+        ctx.log(f"batch 1: {layer.describe()}")
+        row, ms = layer_row(ctx, layer)
+        rows.append(row)
+        for name in total:
+            total[name] += ms[name]
+    rows.append(
+        ["every layer once (sum)", "", fmt(total["torch"], 2), "", "", "", "", fmt(total["batch 2"], 2), ""]
+    )
+    head = [
+        "layer (batch 1)",
+        "ATen backend",
+        "PyTorch ms",
+        "oneDNN op ms",
+        "depth split ms",
+        "split speed-up",
+        "paired blocks min-max",
+        "batch 2, ms per sample",
+        "auto takes",
+    ]
+    return "\n".join(
+        [
+            f"### Conv layers at batch 1: {setup}",
+            "",
+            f"Forward + backward of one call (weight grads, and input grads but for the first layer), "
+            "median block. With auto the layers "
+            f"take {fmt(total['auto'], 1)} ms in all, against {fmt(total['torch'], 1)} ms on PyTorch's "
+            f"path ({total['torch'] / total['auto']:.2f}x) and {fmt(total['batch 2'], 1)} ms per sample "
+            "at batch 2.",
+            "",
+            table(head, rows),
+        ]
+    )
+
+
+BATCH1_VARIANTS = (  # (name, batch size, overrides): blocks of all four alternate
+    ("b1 torch", 1, ("trainer.cpu_conv=torch",)),
+    ("b1 split", 1, ("trainer.cpu_conv=auto",)),
+    ("b1 split cl", 1, ("trainer.cpu_conv=auto", "trainer.channels_last=true")),
+    ("b2", 2, ()),
+)
+
+
+def batch1_norm_row(ctx: Context, norm: str, model_overrides: tuple[str, ...]) -> tuple[list[object], float]:
+    p = ctx.profile
+    ctx.log(f"batch 1: norm={norm} {' '.join(model_overrides)}")
+    preps, patches = {}, {}
+    for name, bs, overrides in BATCH1_VARIANTS:
+        prep = prepare(ctx, [f"norm={norm}", f"data.batch_size={bs}", *model_overrides, *overrides])
+        preps[name], patches[name] = prep, prep.run.effective_batch
+    times = timeit({n: prep.step() for n, prep in preps.items()}, p.warmup, p.steps, p.repeats, lambda: None)
+    per_patch = {n: [t / patches[n] for t in ts] for n, ts in times.items()}
+    ms = {n: median(ts) * 1e3 for n, ts in per_patch.items()}
+    paired = [b2 / b1 for b1, b2 in zip(per_patch["b1 split"], per_patch["b2"], strict=True)]
+    ratio = ms["b2"] / ms["b1 split"]
+    row = [
+        norm,
+        fmt(ms["b1 torch"]),
+        fmt(ms["b1 split"]),
+        fmt(ms["b1 split cl"]),
+        fmt(ms["b2"]),
+        f"{ms['b2'] / ms['b1 torch']:.2f}",
+        f"**{ratio:.2f}** ({min(paired):.2f}-{max(paired):.2f})",
+        verdict(ratio >= BATCH1_TARGET),
+        f"{ms['b1 split'] / ms['b1 split cl']:.2f}x",
+    ]
+    return row, ratio
+
+
+def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
+    rows, ratios = [], {}
+    for norm in ctx.profile.batch1_norms:
+        row, ratios[norm] = batch1_norm_row(ctx, norm, model_overrides)
+        rows.append(row)
+    cfg = compose_cfg(ctx, list(model_overrides))
+    setup = describe_cfg(cfg).split(", batch")[0]
+    worst = min(ratios, key=ratios.get)
+    ctx.summary.append(
+        (
+            f"batch 1 / batch 2 per-patch throughput, worst norm ({setup})",
+            f"{ratios[worst]:.2f} ({worst})",
+            f">= {BATCH1_TARGET}",
+            verdict(ratios[worst] >= BATCH1_TARGET),
+        )
+    )
+    head = [
+        "norm",
+        "batch 1, split off (cpu_conv=torch)",
+        "batch 1, split on (auto)",
+        "batch 1, split on + channels_last_3d",
+        "batch 2",
+        "batch 1 / batch 2, split off",
+        "batch 1 / batch 2, split on (paired blocks min-max)",
+        f">= {BATCH1_TARGET}",
+        "channels_last gain at batch 1",
+    ]
+    return "\n".join(
+        [
+            f"### Per-patch training time at batch 1 vs batch 2: {setup}",
+            "",
+            "`Run.train_step` on a pre-drawn batch, ms per training patch (median block; the blocks of the "
+            "four variants alternate). Batch 2 runs as trainer.cpu_conv=auto and trainer.channels_last=auto "
+            "train it (channels_last_3d except for instance); the split never applies at batch 2. "
+            "Throughput ratio = (ms per patch at batch 2) / (ms per patch at batch 1).",
+            "",
+            table(head, rows),
+        ]
+    )
+
+
+def measure_batch1(ctx: Context, device: torch.device) -> str:
+    title = "## e. Batch 1 on a CPU: the depth-split conv (trainer.cpu_conv)"
+    if device.type != "cpu":
+        return f"{title}\n\nSkipped: measured on {device.type}; the split is CPU-only (off on CUDA)."
+    parts = [
+        title,
+        "",
+        "PyTorch runs a conv3d of one sample on a CPU as `slow_conv3d`; `trainer.cpu_conv=auto` splits the "
+        "volume's depth into a batch of two for oneDNN where the layer tables below show it faster "
+        "(norms/cpu_conv.py). `ATen backend` is what ATen picks for the layer at batch 1; the oneDNN op "
+        "column calls `torch.ops.aten.mkldnn_convolution` directly (its backward still takes ATen's choice).",
+    ]
+    for overrides in ctx.profile.batch1_models:
+        parts += ["", measure_layers(ctx, overrides)]
+    for overrides in ctx.profile.batch1_models:
+        parts += ["", measure_batch1_norms(ctx, overrides)]
+    return "\n".join(parts)
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -1047,6 +1318,8 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(measure_norms(ctx))
         if "cuda" in sections:
             parts.append(measure_cuda(ctx, device))
+        if "batch1" in sections:
+            parts.append(measure_batch1(ctx, device))
     summary = table(["measurement", "value", "target", "verdict"], [list(s) for s in ctx.summary])
     report = (
         "\n\n".join(

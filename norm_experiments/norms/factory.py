@@ -17,6 +17,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from norm_experiments.errors import UserError
 from norm_experiments.norms.batchrenorm import make_batch_renorm
+from norm_experiments.norms.cpu_conv import CpuConv3d
 from norm_experiments.norms.frn import FilterResponseNorm
 from norm_experiments.norms.ghost import GhostBatchNorm
 from norm_experiments.norms.options import BATCH_STAT_NORMS, check_norm_name, option_key, resolve_options
@@ -120,9 +121,10 @@ class NormSpec:
         padding: int | None = None,
     ) -> nn.Module:
         """The Conv3d to put before ``norm(out_channels)``: weight-standardized for ws_group,
-        weight-normalized for weightnorm; no bias when the norm has a learnable shift."""
+        weight-normalized for weightnorm; no bias when the norm has a learnable shift. Every one is a
+        CpuConv3d (an nn.Conv3d with a faster path for one sample on a CPU, see norms/cpu_conv.py)."""
         padding = kernel_size // 2 if padding is None else padding
-        conv_type = WSConv3d if self.name == "ws_group" else nn.Conv3d
+        conv_type = WSConv3d if self.name == "ws_group" else CpuConv3d
         conv = conv_type(
             in_channels,
             out_channels,

@@ -7,7 +7,8 @@ variance before the convolution; the stored parameter stays unconstrained. Used 
 from __future__ import annotations
 
 import torch
-from torch import nn
+
+from norm_experiments.norms.cpu_conv import CpuConv3d
 
 # Added to the filter variance. Small enough that standardized filters have unit variance to ~1e-4 for
 # default-initialized 3D filters (variance ~1e-4..1e-3), large enough to avoid 0/0 for a constant filter.
@@ -21,8 +22,9 @@ def standardize_filters(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tens
     return (weight - mean) / torch.sqrt(var + eps)
 
 
-class WSConv3d(nn.Conv3d):
-    """Conv3d whose filters are weight-standardized in forward (same arguments as nn.Conv3d)."""
+class WSConv3d(CpuConv3d):
+    """Conv3d whose filters are weight-standardized in forward (same arguments as nn.Conv3d); the
+    standardized weight goes through CpuConv3d's batch-1 CPU path like any other conv's."""
 
     def standardized_weight(self) -> torch.Tensor:
         return standardize_filters(self.weight)

@@ -38,6 +38,7 @@ from norm_experiments.norms import (
     renorm_diagnostics,
     renorm_layers,
 )
+from norm_experiments.norms.cpu_conv import set_cpu_conv
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
 from norm_experiments.training.evaluate import Inference, ValResult, evaluate
@@ -271,6 +272,7 @@ class Run:
         self.model = build_model(cfg.model, self.spec, self.data.info.num_channels, self.num_classes).to(
             self.device
         )
+        set_cpu_conv(self.model, str(cfg.trainer.cpu_conv))  # batch-1 conv3d on a CPU: norms/cpu_conv.py
         # self.net trains (under DDP it averages the gradients over ranks); self.model, the plain module, is
         # what is evaluated and saved.
         self.memory_format = torch.contiguous_format

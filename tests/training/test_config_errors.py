@@ -48,6 +48,7 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
         (["trainer.device=tpu"], "trainer.device"),
         (["data.cache_on_device=gpu"], "data.cache_on_device"),
         (["trainer.channels_last=yes_please"], "trainer.channels_last"),
+        (["trainer.cpu_conv=fast"], "trainer.cpu_conv"),
         (["norm=group", "norm.options.num_groups=3"], "norm.options.num_groups"),
     ],
 )
