@@ -1049,11 +1049,11 @@ def layer_variants(layer: ConvLayer) -> tuple[dict[str, Callable[[], None]], str
     pad, stride = list(layer.padding), list(layer.stride)
     onednn = lambda x: torch.ops.aten.mkldnn_convolution(x, weight, None, pad, stride, [1, 1, 1], 1)  # noqa: E731
     fns["oneDNN op"] = forward_backward(onednn, x1)
-    out_depth = cpu_conv.split_output_depth(x1, weight, layer.stride, layer.padding, (1, 1, 1))
-    if cpu_conv.can_split(x1, weight, out_depth):
+    out_size = cpu_conv.output_size(x1, weight, layer.stride, layer.padding, (1, 1, 1))
+    if cpu_conv.can_split(x1, weight, out_size[0]):
         fns["split"] = forward_backward(layer.conv(weight, "split"), x1)
     fns["batch 2"] = forward_backward(layer.conv(weight, "torch"), x2)
-    auto = "split" if cpu_conv.use_split("auto", x1, weight, out_depth) else "torch"
+    auto = "split" if cpu_conv.use_split("auto", x1, weight, out_size) else "torch"
     return fns, backend, auto
 
 

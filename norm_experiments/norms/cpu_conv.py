@@ -2,7 +2,8 @@
 
 At batch size 1, PyTorch runs a float32 CPU conv3d on ``aten::slow_conv3d`` (vol2col + GEMM) instead of
 oneDNN: ATen's backend choice (``use_mkldnn`` in aten/src/ATen/native/Convolution.cpp) wants ``N > 1`` or
-``N*C*D*H > 20480`` for kernels of 3x3x3 and smaller, and none of our layers passes at N = 1. There is
+``N*C*D*H > 20480`` for kernels of 3x3x3 and smaller, and at N = 1 no layer of the default or the
+quick-sweep U-Net passes (the largest has C*D*H = 16*32*32 = 16384). There is
 no supported switch that forces oneDNN: a channels_last_3d input still takes ``slow_conv3d``, and calling
 the oneDNN op directly (``torch.ops.aten.mkldnn_convolution``) speeds up only the forward, because its
 backward goes through ``convolution_backward``, which makes the same choice.
@@ -22,6 +23,8 @@ at batch 1 its ``slow_conv_transpose3d`` was as fast per sample as oneDNN at bat
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,10 +33,12 @@ from torch import nn
 # shape allows it; torch = always PyTorch's own choice.
 CPU_CONV_MODES = ("auto", "split", "torch")
 
-# auto splits a layer whose output has at least this many depth rows. At 8^3 outputs and above the split
-# was 1.4-16x faster than slow_conv3d (forward + backward); at 4^3 outputs it was no faster
-# (docs/benchmarks.md, "Batch 1 on a CPU").
-MIN_SPLIT_DEPTH = 8
+# auto splits a layer where slow_conv3d's unfolded input is large. slow_conv3d copies the input into a
+# (C_in * k^3) x (output voxels) matrix (vol2col) and multiplies it with the weights; from 8192 * 27 elements
+# (0.84 MiB) up the split was 1.08-12x faster, at 4096 * 27 and below 0.47-0.95x (per-layer tables of
+# scripts/benchmark.py section e, both U-Nets; docs/benchmarks.md "Batch 1 on a CPU"). 1x1x1 convs unfold
+# nothing, and the split made the 1x1x1 head 3x slower: auto leaves them alone.
+MIN_UNFOLDED = 8192 * 27
 
 
 def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
@@ -42,16 +47,18 @@ def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
     return tuple(value)  # type: ignore[return-value]
 
 
-def split_output_depth(
+def output_size(
     x: torch.Tensor,
     weight: torch.Tensor,
     stride: tuple[int, ...],
     padding: tuple[int, ...],
     dilation: tuple[int, ...],
-) -> int:
-    """Depth of the conv's output (D_out of an (N, C, D_out, H_out, W_out) result)."""
-    span = dilation[0] * (weight.shape[2] - 1) + 1
-    return (x.shape[2] + 2 * padding[0] - span) // stride[0] + 1
+) -> tuple[int, int, int]:
+    """(D_out, H_out, W_out) of the conv's result."""
+    return tuple(  # type: ignore[return-value]
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(3)
+    )
 
 
 def can_split(x: torch.Tensor, weight: torch.Tensor, out_depth: int) -> bool:
@@ -70,13 +77,14 @@ def can_split(x: torch.Tensor, weight: torch.Tensor, out_depth: int) -> bool:
     )
 
 
-def use_split(mode: str, x: torch.Tensor, weight: torch.Tensor, out_depth: int) -> bool:
+def use_split(mode: str, x: torch.Tensor, weight: torch.Tensor, out_size: tuple[int, int, int]) -> bool:
     """Whether `mode` (a CPU_CONV_MODES value) sends this call through the depth split."""
-    if mode == "torch" or not can_split(x, weight, out_depth):
+    if mode == "torch" or not can_split(x, weight, out_size[0]):
         return False
     if mode == "split":
         return True
-    return weight.shape[2] > 1 and out_depth >= MIN_SPLIT_DEPTH  # auto; 1x1x1 kernels gained nothing
+    unfolded = weight[0].numel() * math.prod(out_size)  # C_in/groups * k^3 rows x output voxels
+    return weight.shape[2] > 1 and unfolded >= MIN_UNFOLDED
 
 
 def depth_split_conv3d(
@@ -93,8 +101,7 @@ def depth_split_conv3d(
     The slabs are handed to oneDNN in channels_last_3d, its faster layout for these shapes at batch 2
     (measured per layer: docs/benchmarks.md); the result comes back in the input's memory format.
     """
-    out_depth = split_output_depth(x, weight, stride, padding, dilation)
-    half = out_depth // 2
+    half = output_size(x, weight, stride, padding, dilation)[0] // 2
     span = dilation[0] * (weight.shape[2] - 1) + 1
     rows = (half - 1) * stride[0] + span  # padded input rows that one half of the output reads
     start = half * stride[0]  # first padded row of the second slab
@@ -126,8 +133,7 @@ def conv3d(
 ) -> torch.Tensor:
     """F.conv3d (zero padding given as numbers), through the depth split where `mode` says so."""
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
-    out_depth = split_output_depth(x, weight, stride, padding, dilation)
-    if use_split(mode, x, weight, out_depth):
+    if use_split(mode, x, weight, output_size(x, weight, stride, padding, dilation)):
         return depth_split_conv3d(x, weight, bias, stride, padding, dilation, groups)
     return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
 

@@ -111,8 +111,10 @@ def use_channels_last(setting: object, device: torch.device, norm: str, effectiv
     """trainer.channels_last: true, false, or auto = on only where scripts/benchmark.py measured it faster.
 
     On a CPU (oneDNN) it made a step 1.1-1.5x faster at batch >= 2 for every norm but InstanceNorm, which
-    drops the layout and was slower at batch 8; at batch 1 PyTorch's CPU conv3d takes another path, where it
-    was slower. On CUDA it stays off until the benchmark's channels_last table has been measured on a GPU.
+    drops the layout and was slower at batch 8. At batch 1 it stays off: with trainer.cpu_conv's depth split
+    (which runs its convs in channels_last_3d inside) a channels_last model gained 0.95-1.05x per step
+    (benchmark section e). On CUDA it stays off until the benchmark's channels_last table has been measured
+    on a GPU.
     """
     if setting != "auto":
         return bool(setting)
