@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory benchmarks of the training code; what each number means is in docs/benchmarks.md.
 
-    python scripts/benchmark.py --quick             # 1-2 minutes on an idle 2-core CPU (<= 5)
+    python scripts/benchmark.py --quick             # 1-2 minutes on an idle 2-core CPU, plus ~1.5 for section e
     python scripts/benchmark.py                     # every norm at batch 1, 2, 4, 8 (longer)
     python scripts/benchmark.py --smoke --out -     # seconds: only checks that every measurement runs
 
@@ -1233,7 +1233,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument(
         "--quick",
         action="store_true",
-        help="a subset (4 norms at batch 1, 2, 4 on 16^3 patches); 1-2 minutes on an idle 2-core CPU",
+        help="a subset (4 norms at batch 1, 2, 4 on 16^3 patches; 4 norms in e); a few minutes on a 2-core CPU",
     )
     size.add_argument(
         "--smoke",
