@@ -83,7 +83,7 @@ def use_split(mode: str, x: torch.Tensor, weight: torch.Tensor, out_size: tuple[
         return False
     if mode == "split":
         return True
-    unfolded = weight[0].numel() * math.prod(out_size)  # C_in/groups * k^3 rows x output voxels
+    unfolded = math.prod(weight.shape[1:]) * math.prod(out_size)  # C_in/groups * k^3 rows x output voxels
     return weight.shape[2] > 1 and unfolded >= MIN_UNFOLDED
 
 
@@ -115,8 +115,8 @@ def depth_split_conv3d(
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The layout F.conv3d would return for `x`: channels_last_3d for channels_last strides (checked on the
-    channel stride, which tells the two apart for one channel too), else contiguous."""
+    """The input's memory format: channels_last_3d for channels_last strides (checked on the channel stride,
+    which tells the two apart for one channel too), else contiguous."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and x.stride(1) == 1
     return torch.channels_last_3d if channels_last else torch.contiguous_format
 
