@@ -47,6 +47,9 @@ EXECUTION_KEYS = (
     "data.cache_dir",
     "data.check_files",
     "data.cache_on_device",  # the same batches wherever the volumes are held
+    # The same convolution by another CPU code path (float rounding only, like num_threads); `auto` is a pure
+    # function of config, device and layer shape, so the same command resumes on the same path.
+    "trainer.cpu_conv",
 )
 # Command-line keys of Hydra's own that only say how a sweep executes.
 LAUNCHER_KEYS = ("hydra.launcher.n_jobs",)

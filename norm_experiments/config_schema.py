@@ -165,6 +165,7 @@ SCHEMA: dict[str, Check] = {
     "trainer.amp": choice("auto", True, False),
     "trainer.compile": boolean,
     "trainer.channels_last": choice("auto", True, False),
+    "trainer.cpu_conv": choice("auto", "split", "torch"),  # norms/cpu_conv.py
     "trainer.deterministic": boolean,
     "trainer.num_threads": optional(POSITIVE),
     "trainer.sw_batch_size": POSITIVE,

@@ -1,18 +1,22 @@
 #!/usr/bin/env python
 """Speed and memory benchmarks of the training code; what each number means is in docs/benchmarks.md.
 
-    python scripts/benchmark.py --quick             # 1-2 minutes on an idle 2-core CPU (<= 5)
+    python scripts/benchmark.py --quick             # 1-2 minutes on an idle 2-core CPU, plus ~1.5 for section e
     python scripts/benchmark.py                     # every norm at batch 1, 2, 4, 8 (longer)
     python scripts/benchmark.py --smoke --out -     # seconds: only checks that every measurement runs
 
 Everything runs in this one process on this one machine, and the tables are printed and written to --out:
   a. overhead ratio: Run.train_step vs a bare PyTorch step on the same model and batch (target <= 1.05)
-  b. one epoch of our pipeline (the real Run._loop: cached volumes, patches cut with tensor ops) vs a
+  b. one epoch of our pipeline (the real Run.loop: cached volumes, patches cut with tensor ops) vs a
      MONAI-tutorial pipeline (Dataset without cache, DataLoader, NIfTI read every step) (target >= 2x), and
      our data wait; in quick and full also on 96x192x192 volumes
   c. step time and peak memory per norm and batch size; channels_last_3d on/off per norm
   d. CUDA only: AMP (bf16) vs fp32, torch.compile on/off, volumes cached on the device
      (data.cache_on_device) vs in host memory
+  e. CPU only: batch 1. Forward + backward of every conv layer shape of the default and the quick-sweep
+     U-Net at batch 1, PyTorch's path vs the depth split of norms/cpu_conv.py (trainer.cpu_conv), and the
+     per-patch training throughput of every norm at batch 1 vs batch 2 with the split on and off
+     (target: batch 1 >= 0.7x batch 2)
 Timing: warm-up steps first, then `repeats` blocks of `steps` steps, synchronized on CUDA at the end of each
 block; the median block gives the time per step. Torch's thread count stays at its default unless --threads.
 """
@@ -59,7 +63,7 @@ from norm_experiments.data.layouts import find_cases, split_cases
 from norm_experiments.data.pipeline import dataset_root, load_data
 from norm_experiments.models import build_model
 from norm_experiments.models.unet import ConvNormAct
-from norm_experiments.norms import BNStatMonitor
+from norm_experiments.norms import BNStatMonitor, cpu_conv
 from norm_experiments.norms.bn_common import tracks_running_stats
 from norm_experiments.training.build import Built, build, make_optimizer, make_plan
 from norm_experiments.training.loop import Run, State
@@ -82,7 +86,7 @@ ALL_NORMS = (
     "none",
 )
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # as the pipeline (silences MONAI's deprecation warning)
-SECTIONS = ("overhead", "epoch", "norms", "cuda")
+SECTIONS = ("overhead", "epoch", "norms", "cuda", "batch1")
 
 # Targets (docs/benchmarks.md explains each).
 OVERHEAD_TARGET = 1.05
@@ -90,6 +94,9 @@ EPOCH_SPEEDUP_TARGET = 2.0
 DATA_WAIT_TARGET = 0.05
 AMP_SPEEDUP_TARGET = 1.5
 AMP_MEMORY_TARGET = 0.7
+BATCH1_TARGET = 0.7  # per-patch training throughput at batch 1 / at batch 2, CPU
+# (e): the quick sweep's model and patch (configs/experiment/norm_sweep_quick.yaml) beside the default
+QUICK_SWEEP_MODEL = ("model.depth=2", "model.base_channels=8", "data.patch_size=[16,16,16]")
 # Section b is repeated on larger synthetic volumes (still about 1/7 of a 512x512x90 CT): reading and
 # cropping a volume costs more with its size, a training patch does not. Cases of that size: 6 train, 2 val.
 LARGE_VOLUME_CASES = 8
@@ -113,6 +120,8 @@ class Profile:
     amp_batch_sizes: tuple[int, ...]  # (d): AMP vs fp32
     amp_patches: tuple[tuple[int, ...] | None, ...]  # (d): None = the config's patch
     epoch_volume_shapes: tuple[tuple[int, ...], ...] = ()  # (b) again on synthetic volumes of these shapes
+    batch1_norms: tuple[str, ...] = ("batch",)  # (e)
+    batch1_models: tuple[tuple[str, ...], ...] = ((),)  # (e): overrides per model; () = the config's
 
 
 PROFILES = {
@@ -130,6 +139,7 @@ PROFILES = {
         cuda_norms=("batch", "instance"),
         amp_batch_sizes=(2,),
         amp_patches=(None,),
+        batch1_norms=("batch", "weightnorm"),
     ),
     "quick": Profile(
         "quick",
@@ -146,6 +156,8 @@ PROFILES = {
         amp_batch_sizes=(2, 8),
         amp_patches=(None,),
         epoch_volume_shapes=((96, 192, 192),),
+        batch1_norms=("batch", "instance", "group", "frn"),
+        batch1_models=((), QUICK_SWEEP_MODEL),
     ),
     "full": Profile(
         "full",
@@ -162,6 +174,8 @@ PROFILES = {
         amp_batch_sizes=(2, 8),
         amp_patches=(None, (96, 96, 96)),
         epoch_volume_shapes=((96, 192, 192),),
+        batch1_norms=(*ALL_NORMS, "syncbatch"),
+        batch1_models=((), QUICK_SWEEP_MODEL),
     ),
 }
 
@@ -380,7 +394,7 @@ class Prepared:
 def prepare(ctx: Context, overrides: list[str] | tuple[str, ...] = ()) -> Prepared:
     run = build_run(ctx, overrides)
     images, labels = run.sampler.batch(0)
-    images = images.to(run.device, memory_format=run.memory_format)  # as Run._loop moves it
+    images = images.to(run.device, memory_format=run.memory_format)  # as Run.loop moves it
     labels = labels.to(run.device)
     return Prepared(run, runner(run), images, labels)
 
@@ -414,7 +428,7 @@ def bare_step(prep: Prepared) -> Callable[[], None]:
 
 
 def monitored_step(prep: Prepared, monitor: BNStatMonitor) -> Callable[[], None]:
-    """Run.train_step with the BN statistics hooks on, as Run._loop runs it on every step."""
+    """Run.train_step with the BN statistics hooks on, as Run.loop runs it on every step."""
 
     def step() -> None:
         monitor.enabled = True
@@ -439,7 +453,7 @@ def overhead_rows(ctx: Context, norm: str) -> tuple[str, list[list[object]]]:
     rows: list[list[object]] = [[norm, "bare PyTorch", fmt(bare_s * 1e3), "1.000", "1.000", "", ""]]
     labels = {
         "ours": "Run.train_step",
-        "monitored": "Run.train_step + BNStatMonitor hooks (Run._loop: logged steps only)",
+        "monitored": "Run.train_step + BNStatMonitor hooks (Run.loop: logged steps only)",
     }
     for name in [n for n in fns if n != "bare"]:
         ratio = median(times[name]) / bare_s
@@ -481,7 +495,7 @@ def measure_overhead(ctx: Context) -> str:
             "device, the same optimizer; bare = "
             "`opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()`. "
             "For BatchNorm-family norms a third row adds the BN statistics hooks (`BNStatMonitor`), which "
-            "`Run._loop` enables only on the steps it logs (1 in trainer.log_every_steps).",
+            "`Run.loop` enables only on the steps it logs (1 in trainer.log_every_steps).",
             "",
             table(head, rows),
         ]
@@ -642,7 +656,7 @@ def measure_epoch(ctx: Context, volume_shape: tuple[int, ...] | None = None) -> 
     ours_patches = steps * bs * ppv
     rows = [
         row(
-            f"ours: Run._loop, cached volumes, next batch cut {'in a thread' if threaded else 'inline'} "
+            f"ours: Run.loop, cached volumes, next batch cut {'in a thread' if threaded else 'inline'} "
             f"(the default on {device.type})",
             ours_patches,
             ours,
@@ -679,7 +693,7 @@ def measure_epoch(ctx: Context, volume_shape: tuple[int, ...] | None = None) -> 
             "",
             f"Speed-up (tutorial / ours, median epochs): **{speedup:.2f}x** "
             f"(target >= {EPOCH_SPEEDUP_TARGET}x: {verdict(speedup >= EPOCH_SPEEDUP_TARGET)}). "
-            "Data-wait fraction (time blocked on the next batch / step time, from Run._loop's own counters): "
+            "Data-wait fraction (time blocked on the next batch / step time, from Run.loop's own counters): "
             f"**{wait:.1%}** (target < {DATA_WAIT_TARGET:.0%}: {verdict(wait < DATA_WAIT_TARGET)}).",
             f"Drawing one batch from the cache alone (no overlap with training): {fmt(median(draw) * 1e3)} "
             f"ms ({fmt(median(draw) / (bs * ppv) * 1e3)} ms per patch). One-off cost of building the Run "
@@ -894,7 +908,7 @@ def measure_channels_last(ctx: Context) -> str:
 
 
 def measure_device_cache(ctx: Context) -> str:
-    """Epochs of Run._loop with the cached volumes in host memory (a pinned batch copied every step) against
+    """Epochs of Run.loop with the cached volumes in host memory (a pinned batch copied every step) against
     volumes kept on the GPU and cut there (data.cache_on_device=true), alternating."""
     p = ctx.profile
     runs = {where: prepare(ctx, [f"data.cache_on_device={where}"]).run for where in ("false", "true")}
@@ -929,7 +943,7 @@ def measure_device_cache(ctx: Context) -> str:
         [
             "### Cached volumes on the device (data.cache_on_device) vs in host memory",
             "",
-            f"{steps} steps per epoch, {p.epochs} epoch(s) each, alternating; the real Run._loop with its "
+            f"{steps} steps per epoch, {p.epochs} epoch(s) each, alternating; the real Run.loop with its "
             "prefetch thread.",
             "",
             table(head, rows),
@@ -961,6 +975,263 @@ def measure_cuda(ctx: Context, device: torch.device) -> str:
     return "\n".join(parts)
 
 
+# ------------------------------------------------------------------------------ (e) batch 1 on a CPU
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One conv of a U-Net as it runs at batch 1 (recorded by a forward hook)."""
+
+    transposed: bool
+    input_shape: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    input_grad: bool  # False for the first layer: the image needs no gradient
+
+    def describe(self) -> str:
+        first, second = self.weight_shape[:2]  # Conv3d weights are (out, in, ...), transposed (in, out, ...)
+        c_in, c_out = (first, second) if self.transposed else (second, first)
+        size = "x".join(map(str, self.input_shape[2:]))
+        kind = "ConvTranspose3d" if self.transposed else "Conv3d"
+        return f"{kind} k{self.weight_shape[2]} s{self.stride[0]}, {c_in}->{c_out}, input {size}"
+
+    def conv(self, weight: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The layer's convolution: PyTorch's path (mode torch) or norms/cpu_conv.py's (auto, split)."""
+        if self.transposed:
+            return lambda x: torch.nn.functional.conv_transpose3d(x, weight, None, self.stride, self.padding)
+        return lambda x: cpu_conv.conv3d(x, weight, None, self.stride, self.padding, mode=mode)
+
+
+def conv_layers(run: Run) -> list[ConvLayer]:
+    """Every distinct conv of the Run's model, in forward order, with its batch-1 input shape."""
+    seen: dict[ConvLayer, None] = {}
+
+    def hook(module, args, out) -> None:
+        transposed = isinstance(module, torch.nn.ConvTranspose3d)
+        x = args[0]
+        shapes = (tuple(x.shape), tuple(module.weight.shape))
+        layer = ConvLayer(transposed, *shapes, module.stride, module.padding, x.requires_grad)
+        seen.setdefault(layer, None)
+
+    convs = [m for m in run.model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    run.model(torch.zeros(1, run.data.info.num_channels, *run.cfg.data.patch_size))  # as in training
+    for handle in handles:
+        handle.remove()
+    return list(seen)
+
+
+def aten_backend(layer: ConvLayer, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The kernel ATen picks for this call (Slow3d = slow_conv3d, Mkldnn = oneDNN); forward and backward
+    make the same choice. torch._C._select_conv_backend is private: reporting only."""
+    try:
+        backend = torch._C._select_conv_backend(
+            x,
+            weight,
+            None,
+            list(layer.stride),
+            list(layer.padding),
+            [1, 1, 1],
+            layer.transposed,
+            [0, 0, 0],
+            1,
+        )
+    except (AttributeError, RuntimeError, TypeError):
+        return "unknown"
+    return str(backend).rsplit(".", 1)[-1]
+
+
+def forward_backward(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+    grad = torch.randn_like(conv(x).detach())
+    return lambda: conv(x).backward(grad)
+
+
+def layer_variants(layer: ConvLayer) -> tuple[dict[str, Callable[[], None]], str, str]:
+    """Forward + backward of one layer each way, (PyTorch's backend at batch 1, what auto takes)."""
+    x1 = torch.randn(layer.input_shape, requires_grad=layer.input_grad)
+    x2 = torch.randn((2, *layer.input_shape[1:]), requires_grad=layer.input_grad)
+    weight = (torch.randn(layer.weight_shape) * 0.1).requires_grad_()
+    backend = aten_backend(layer, x1, weight)
+    fns = {"torch": forward_backward(layer.conv(weight, "torch"), x1)}
+    if layer.transposed:
+        return {**fns, "batch 2": forward_backward(layer.conv(weight, "torch"), x2)}, backend, "torch"
+    pad, stride = list(layer.padding), list(layer.stride)
+    onednn = lambda x: torch.ops.aten.mkldnn_convolution(x, weight, None, pad, stride, [1, 1, 1], 1)  # noqa: E731
+    fns["oneDNN op"] = forward_backward(onednn, x1)
+    out_size = cpu_conv.output_size(x1, weight, layer.stride, layer.padding, (1, 1, 1))
+    if cpu_conv.can_split(x1, weight, out_size[0]):
+        fns["split"] = forward_backward(layer.conv(weight, "split"), x1)
+    fns["batch 2"] = forward_backward(layer.conv(weight, "torch"), x2)
+    auto = "split" if cpu_conv.use_split("auto", x1, weight, out_size) else "torch"
+    return fns, backend, auto
+
+
+def calls_per_block(fn: Callable[[], None], seconds: float) -> int:
+    """How many calls make a timed block of about `seconds` (single layers take 0.1-300 ms)."""
+    return max(1, min(200, round(seconds / max(timed(fn, lambda: None)[0], 1e-6))))
+
+
+def layer_row(ctx: Context, layer: ConvLayer) -> tuple[list[object], dict[str, float]]:
+    p = ctx.profile
+    fns, backend, auto = layer_variants(layer)
+    calls = calls_per_block(fns["torch"], 0.005 if p.name == "smoke" else 0.05)
+    times = timeit(fns, p.warmup, calls, p.repeats, lambda: None)
+    ms = {name: median(t) * 1e3 for name, t in times.items()}
+    ms["batch 2"] /= 2  # per sample
+    ms["auto"] = ms[auto]
+    speedup, spread = "n/a", ""
+    if "split" in times:
+        paired = [a / b for a, b in zip(times["torch"], times["split"], strict=True)]
+        speedup = f"{median(paired):.2f}x"
+        spread = f"{min(paired):.2f}-{max(paired):.2f}"
+    row = [
+        layer.describe(),
+        backend,
+        fmt(ms["torch"], 2),
+        fmt(ms.get("oneDNN op", float("nan")), 2),
+        fmt(ms.get("split", float("nan")), 2),
+        speedup,
+        spread,
+        fmt(ms["batch 2"], 2),
+        auto,
+    ]
+    return row, ms
+
+
+def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
+    run = build_run(ctx, ["norm=batch", *model_overrides])  # layer shapes do not depend on the norm
+    setup = describe_cfg(run.cfg).split(", batch")[0]
+    rows, total = [], {"torch": 0.0, "auto": 0.0, "batch 2": 0.0}
+    for layer in conv_layers(run):
+        ctx.log(f"batch 1: {layer.describe()}")
+        row, ms = layer_row(ctx, layer)
+        rows.append(row)
+        for name in total:
+            total[name] += ms[name]
+    rows.append(
+        ["every layer once (sum)", "", fmt(total["torch"], 2), "", "", "", "", fmt(total["batch 2"], 2), ""]
+    )
+    head = [
+        "layer (batch 1)",
+        "ATen backend",
+        "PyTorch ms",
+        "oneDNN op ms",
+        "depth split ms",
+        "split speed-up",
+        "paired blocks min-max",
+        "batch 2, ms per sample",
+        "auto takes",
+    ]
+    return "\n".join(
+        [
+            f"### Conv layers at batch 1: {setup}",
+            "",
+            f"Forward + backward of one call (weight grads, and input grads but for the first layer), "
+            "median block. With auto the layers "
+            f"take {fmt(total['auto'], 1)} ms in all, against {fmt(total['torch'], 1)} ms on PyTorch's "
+            f"path ({total['torch'] / total['auto']:.2f}x) and {fmt(total['batch 2'], 1)} ms per sample "
+            "at batch 2.",
+            "",
+            table(head, rows),
+        ]
+    )
+
+
+BATCH1_VARIANTS = (  # (name, batch size, overrides): blocks of all four alternate
+    ("b1 torch", 1, ("trainer.cpu_conv=torch",)),
+    ("b1 split", 1, ("trainer.cpu_conv=auto",)),
+    ("b1 split cl", 1, ("trainer.cpu_conv=auto", "trainer.channels_last=true")),
+    ("b2", 2, ()),
+)
+
+
+def batch1_norm_row(ctx: Context, norm: str, model_overrides: tuple[str, ...]) -> tuple[list[object], float]:
+    p = ctx.profile
+    ctx.log(f"batch 1: norm={norm} {' '.join(model_overrides)}")
+    preps, patches = {}, {}
+    for name, bs, overrides in BATCH1_VARIANTS:
+        prep = prepare(ctx, [f"norm={norm}", f"data.batch_size={bs}", *model_overrides, *overrides])
+        preps[name], patches[name] = prep, prep.run.plan.effective_batch
+    times = timeit({n: prep.step() for n, prep in preps.items()}, p.warmup, p.steps, p.repeats, lambda: None)
+    per_patch = {n: [t / patches[n] for t in ts] for n, ts in times.items()}
+    ms = {n: median(ts) * 1e3 for n, ts in per_patch.items()}
+    paired = [b2 / b1 for b1, b2 in zip(per_patch["b1 split"], per_patch["b2"], strict=True)]
+    ratio = ms["b2"] / ms["b1 split"]
+    row = [
+        norm,
+        fmt(ms["b1 torch"]),
+        fmt(ms["b1 split"]),
+        fmt(ms["b1 split cl"]),
+        fmt(ms["b2"]),
+        f"{ms['b2'] / ms['b1 torch']:.2f}",
+        f"**{ratio:.2f}** ({min(paired):.2f}-{max(paired):.2f})",
+        verdict(ratio >= BATCH1_TARGET),
+        f"{ms['b1 split'] / ms['b1 split cl']:.2f}x",
+    ]
+    return row, ratio
+
+
+def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
+    rows, ratios = [], {}
+    for norm in ctx.profile.batch1_norms:
+        row, ratios[norm] = batch1_norm_row(ctx, norm, model_overrides)
+        rows.append(row)
+    cfg = compose_cfg(ctx, list(model_overrides))
+    setup = describe_cfg(cfg).split(", batch")[0]
+    worst = min(ratios, key=ratios.get)
+    ctx.summary.append(
+        (
+            f"batch 1 / batch 2 per-patch throughput, worst norm ({setup})",
+            f"{ratios[worst]:.2f} ({worst})",
+            f">= {BATCH1_TARGET}",
+            verdict(ratios[worst] >= BATCH1_TARGET),
+        )
+    )
+    head = [
+        "norm",
+        "batch 1, split off (cpu_conv=torch)",
+        "batch 1, split on (auto)",
+        "batch 1, split on + channels_last_3d",
+        "batch 2",
+        "batch 1 / batch 2, split off",
+        "batch 1 / batch 2, split on (paired blocks min-max)",
+        f">= {BATCH1_TARGET}",
+        "channels_last gain at batch 1",
+    ]
+    return "\n".join(
+        [
+            f"### Per-patch training time at batch 1 vs batch 2: {setup}",
+            "",
+            "`Run.train_step` on a pre-drawn batch, ms per training patch (median block; the blocks of the "
+            "four variants alternate). Batch 2 runs as trainer.cpu_conv=auto and trainer.channels_last=auto "
+            "train it (channels_last_3d except for instance); the split never applies at batch 2. "
+            "Throughput ratio = (ms per patch at batch 2) / (ms per patch at batch 1).",
+            "",
+            table(head, rows),
+        ]
+    )
+
+
+def measure_batch1(ctx: Context, device: torch.device) -> str:
+    title = "## e. Batch 1 on a CPU: the depth-split conv (trainer.cpu_conv)"
+    if device.type != "cpu":
+        return f"{title}\n\nSkipped: measured on {device.type}; the split is CPU-only (off on CUDA)."
+    parts = [
+        title,
+        "",
+        "PyTorch runs a conv3d of one sample on a CPU as `slow_conv3d`; `trainer.cpu_conv=auto` splits the "
+        "volume's depth into a batch of two for oneDNN where the layer tables below show it faster "
+        "(norms/cpu_conv.py). `ATen backend` is what ATen picks for the layer at batch 1; the oneDNN op "
+        "column calls `torch.ops.aten.mkldnn_convolution` directly (its backward still takes ATen's choice).",
+    ]
+    for overrides in ctx.profile.batch1_models:
+        parts += ["", measure_layers(ctx, overrides)]
+    for overrides in ctx.profile.batch1_models:
+        parts += ["", measure_batch1_norms(ctx, overrides)]
+    return "\n".join(parts)
+
+
 # ------------------------------------------------------------------------------------------- main
 
 
@@ -972,7 +1243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument(
         "--quick",
         action="store_true",
-        help="a subset (4 norms at batch 1, 2, 4 on 16^3 patches); 1-2 minutes on an idle 2-core CPU",
+        help="a subset (4 norms at batch 1, 2, 4 on 16^3 patches; 4 norms in e); a few minutes on a 2-core CPU",
     )
     size.add_argument(
         "--smoke",
@@ -1057,6 +1328,8 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(measure_norms(ctx))
         if "cuda" in sections:
             parts.append(measure_cuda(ctx, device))
+        if "batch1" in sections:
+            parts.append(measure_batch1(ctx, device))
     summary = table(["measurement", "value", "target", "verdict"], [list(s) for s in ctx.summary])
     report = (
         "\n\n".join(

@@ -41,6 +41,8 @@ def test_benchmark_smoke_writes_tables(tmp_path: Path) -> None:
         "## b. One epoch",
         "## c. Per norm",
         "## d. CUDA only",
+        "## e. Batch 1 on a CPU",
+        "| layer (batch 1) | ATen backend | PyTorch ms |",
         "| norm | step | ms/step (median) | ratio to bare |",
         "| pipeline | patches/epoch |",
     ):
@@ -48,3 +50,9 @@ def test_benchmark_smoke_writes_tables(tmp_path: Path) -> None:
     assert re.search(r"\| overhead ratio \(batch\) \| \d+\.\d{3} \|", text), text
     assert re.search(r"\| epoch speed-up vs tutorial \| \d+\.\d+x \|", text), text
     assert "pending a run on a GPU" in text  # CPU run: section d is skipped with a note
+    # section e: every norm of the profile gets a batch-1/batch-2 ratio and a verdict against 0.7
+    assert re.search(
+        r"\| batch 1 / batch 2 per-patch throughput, worst norm .* \| \d\.\d\d \(\w+\) \|", text
+    ), text
+    for norm in ("batch", "weightnorm"):
+        assert re.search(rf"\| {norm} \|( [\d.]+ \|){{4}} \d\.\d\d \| \*\*\d\.\d\d\*\* ", text), norm

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from norm_experiments.norms import NormSpec
+from norm_experiments.norms.cpu_conv import CpuConv3d
 
 
 class ConvNormAct(nn.Sequential):
@@ -59,7 +60,7 @@ class UNet3D(nn.Module):
             nn.ConvTranspose3d(ch[i + 1], ch[i], kernel_size=2, stride=2) for i in range(depth)
         )
         self.decoder = nn.ModuleList(DoubleConv(spec, 2 * ch[i], ch[i]) for i in range(depth))
-        self.head = nn.Conv3d(ch[0], out_channels, kernel_size=1)
+        self.head = CpuConv3d(ch[0], out_channels, kernel_size=1)
 
     @property
     def downsampling_factor(self) -> int:

@@ -13,6 +13,7 @@ from norm_experiments.norms.batchrenorm import (
     set_renorm_progress,
 )
 from norm_experiments.norms.bn_common import is_batch_stat_layer
+from norm_experiments.norms.cpu_conv import CpuConv3d, set_cpu_conv
 from norm_experiments.norms.eval_modes import BN_EVAL_MODES, bn_eval_mode, recompute_bn_statistics
 from norm_experiments.norms.factory import NormSpec, check_channels, make_norm_spec
 from norm_experiments.norms.frn import FilterResponseNorm
@@ -27,6 +28,7 @@ __all__ = [
     "BN_EVAL_MODES",
     "BNStatMonitor",
     "BatchRenorm",
+    "CpuConv3d",
     "FilterResponseNorm",
     "GhostBatchNorm",
     "NormRecord",
@@ -42,5 +44,6 @@ __all__ = [
     "register_monai_norms",
     "renorm_diagnostics",
     "renorm_layers",
+    "set_cpu_conv",
     "set_renorm_progress",
 ]

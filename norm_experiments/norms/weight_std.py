@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from norm_experiments.norms.cpu_conv import CpuConv3d
 from norm_experiments.norms.group import group_norm
 from norm_experiments.norms.options import Option, count, eps
 from norm_experiments.norms.registry import NormRecord, register
@@ -25,8 +26,9 @@ def standardize_filters(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tens
     return (weight - mean) / torch.sqrt(var + eps)
 
 
-class WSConv3d(nn.Conv3d):
-    """Conv3d whose filters are weight-standardized in forward (same arguments as nn.Conv3d)."""
+class WSConv3d(CpuConv3d):
+    """Conv3d whose filters are weight-standardized in forward (same arguments as nn.Conv3d); the
+    standardized weight goes through CpuConv3d's batch-1 CPU path like any other conv's."""
 
     def standardized_weight(self) -> torch.Tensor:
         return standardize_filters(self.weight)

@@ -28,6 +28,7 @@ from norm_experiments.errors import UserError
 from norm_experiments.models import build_model
 from norm_experiments.models.preflight import preflight
 from norm_experiments.norms import NormSpec, make_norm_spec, renorm_layers
+from norm_experiments.norms.cpu_conv import set_cpu_conv
 from norm_experiments.training import distributed
 from norm_experiments.training.evaluate import Inference
 
@@ -118,8 +119,9 @@ def use_channels_last(setting: object, device: torch.device, spec: NormSpec, eff
     """trainer.channels_last: true, false, or auto = on only where scripts/benchmark.py measured it faster.
 
     On a CPU (oneDNN) it made a step 1.1-1.5x faster at batch >= 2 for every norm whose layers keep the
-    layout (InstanceNorm drops it and was slower at batch 8); at batch 1 PyTorch's CPU conv3d takes another
-    path, where it was slower. On CUDA it stays off until the benchmark's channels_last table has been
+    layout (InstanceNorm drops it and was slower at batch 8). At batch 1 it stays off: with trainer.cpu_conv's
+    depth split (which runs its convs in channels_last_3d inside) a channels_last model gained 0.95-1.05x per
+    step (benchmark section e). On CUDA it stays off until the benchmark's channels_last table has been
     measured on a GPU.
     """
     if setting != "auto":
@@ -232,6 +234,7 @@ def build(cfg: DictConfig, plan: Plan, data: DataBundle | None = None) -> Built:
     labels = data.info.labels
     class_names = [labels[i] for i in sorted(labels) if i != 0]
     model = build_model(cfg.model, plan.spec, data.info.num_channels, len(labels)).to(device)
+    set_cpu_conv(model, str(cfg.trainer.cpu_conv))  # batch-1 conv3d on a CPU: norms/cpu_conv.py
     memory_format = torch.contiguous_format
     if use_channels_last(cfg.trainer.channels_last, device, plan.spec, plan.effective_batch):
         memory_format = torch.channels_last_3d

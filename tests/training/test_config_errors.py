@@ -37,6 +37,7 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
         (["trainer.device=tpu"], "trainer.device: must be one of auto, cpu, cuda"),
         (["data.cache_on_device=gpu"], "data.cache_on_device: must be true or false"),
         (["trainer.channels_last=yes_please"], "trainer.channels_last"),
+        (["trainer.cpu_conv=fast"], "trainer.cpu_conv"),
         (["norm=group", "norm.options.num_groups=3"], "norm.options.num_groups"),
         (["data.patch_size=16"], "data.patch_size: must be a list of 3 whole numbers >= 1, got 16"),
         (["data.patch_size=null"], "data.patch_size: must be a list of 3"),

@@ -28,7 +28,15 @@ from tests.helpers import compose_config, free_port, metrics_of, run_cli
 
 # One memory format everywhere: channels_last=auto picks channels_last_3d for the batch-2 run on a CPU but
 # not for batch-1 ranks, and the two layouts round differently (beyond this file's tolerances after 16 steps).
-SMOKE = ["experiment=smoke", "trainer.num_threads=1", "trainer.progress=log", "trainer.channels_last=false"]
+# One memory format and PyTorch's own conv path at every batch size: the ranks' batch-1 convs and the single
+# process's batch-2 convs then differ only in summation order, which the equivalence test below bounds.
+SMOKE = [
+    "experiment=smoke",
+    "trainer.num_threads=1",
+    "trainer.progress=log",
+    "trainer.channels_last=false",
+    "trainer.cpu_conv=torch",
+]
 # 16 steps at a global batch of 2, a checkpoint every 2 steps: time to be stopped in the middle. SGD, because
 # AdamW's first steps are nearly sign(gradient) steps: a gradient component near zero whose sign flips with the
 # summation order moves a weight by ~2 lr, and 16 such steps amplify rounding to ~1e-2 in the deepest layers.

@@ -99,7 +99,7 @@ def test_where_volumes_are_cached_is_not_part_of_a_runs_identity() -> None:
         ("auto", "cpu", "batch", 2, True),  # measured 1.1-1.4x faster on a CPU at batch >= 2
         ("auto", "cpu", "group", 8, True),
         ("auto", "cpu", "instance", 2, False),  # InstanceNorm drops the layout (slower at batch 8)
-        ("auto", "cpu", "batch", 1, False),  # batch 1 takes another CPU conv3d path, slower with it
+        ("auto", "cpu", "batch", 1, False),  # batch 1 (depth-split convs): 0.95-1.05x with it, section e
         ("auto", "cuda", "batch", 8, False),  # off on GPUs until measured there
         (True, "cuda", "instance", 1, True),
         (False, "cpu", "batch", 8, False),

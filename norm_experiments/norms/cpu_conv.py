@@ -1,0 +1,167 @@
+"""Fast CPU conv3d for one sample: split the volume in two along depth and convolve the halves as a batch.
+
+At batch size 1, PyTorch runs a float32 CPU conv3d on ``aten::slow_conv3d`` (vol2col + GEMM) instead of
+oneDNN: ATen's backend choice (``use_mkldnn`` in aten/src/ATen/native/Convolution.cpp) wants ``N > 1`` or
+``N*C*D*H > 20480`` for kernels of 3x3x3 and smaller, and at N = 1 no layer of the default or the
+quick-sweep U-Net passes (the largest has C*D*H = 16*32*32 = 16384). There is
+no supported switch that forces oneDNN: a channels_last_3d input still takes ``slow_conv3d``, and calling
+the oneDNN op directly (``torch.ops.aten.mkldnn_convolution``) speeds up only the forward, because its
+backward goes through ``convolution_backward``, which makes the same choice.
+
+The depth split hands ATen a batch of two without changing what is computed: the output's depth rows are
+cut into two halves, each half reads its own slab of the zero-padded input (neighbouring slabs share the
+kernel's halo rows), both slabs go through one ``F.conv3d`` as a batch of 2 (oneDNN, forward and
+backward), and the halves are joined again. No output row is computed twice; autograd differentiates the
+pad/slice/cat, so the gradients are those of the same convolution up to float rounding.
+
+scripts/benchmark.py (section e) times every layer shape of the default and quick-sweep U-Nets each way;
+docs/benchmarks.md ("Batch 1 on a CPU") has the tables the rule in `use_split` comes from. Which path a
+call takes is a pure function of the setting, device, dtype and shapes, never of timing, so a resumed run
+takes the same path as the uninterrupted one at every layer. ConvTranspose3d stays on PyTorch's path:
+at batch 1 its ``slow_conv_transpose3d`` was as fast per sample as oneDNN at batch 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# trainer.cpu_conv values: auto = split where scripts/benchmark.py measured it faster; split = wherever the
+# shape allows it; torch = always PyTorch's own choice.
+CPU_CONV_MODES = ("auto", "split", "torch")
+
+# auto splits a layer where slow_conv3d's unfolded input is large. slow_conv3d copies the input into a
+# (C_in * k^3) x (output voxels) matrix (vol2col) and multiplies it with the weights; from 8192 * 27 elements
+# (0.84 MiB) up the split was 1.08-12x faster, at 4096 * 27 and below 0.47-0.95x (per-layer tables of
+# scripts/benchmark.py section e, both U-Nets; docs/benchmarks.md "Batch 1 on a CPU"). 1x1x1 convs unfold
+# nothing, and the split made the 1x1x1 head 3x slower: auto leaves them alone.
+MIN_UNFOLDED = 8192 * 27
+
+
+def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    return tuple(value)  # type: ignore[return-value]
+
+
+def output_size(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> tuple[int, int, int]:
+    """(D_out, H_out, W_out) of the conv's result."""
+    return tuple(  # type: ignore[return-value]
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(3)
+    )
+
+
+def can_split(x: torch.Tensor, weight: torch.Tensor, out_depth: int) -> bool:
+    """The split applies: one float32 sample on a CPU (not under CPU autocast), and an output depth that
+    halves evenly. Everything else (CUDA, bf16, batches) keeps PyTorch's own path."""
+    return (
+        x.dim() == 5
+        and x.shape[0] == 1
+        and x.device.type == "cpu"
+        and x.layout == torch.strided
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and out_depth >= 2
+        and out_depth % 2 == 0
+    )
+
+
+def use_split(mode: str, x: torch.Tensor, weight: torch.Tensor, out_size: tuple[int, int, int]) -> bool:
+    """Whether `mode` (a CPU_CONV_MODES value) sends this call through the depth split."""
+    if mode == "torch" or not can_split(x, weight, out_size[0]):
+        return False
+    if mode == "split":
+        return True
+    unfolded = math.prod(weight.shape[1:]) * math.prod(out_size)  # C_in/groups * k^3 rows x output voxels
+    return weight.shape[2] > 1 and unfolded >= MIN_UNFOLDED
+
+
+def depth_split_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """F.conv3d of a (1, C, D, H, W) input computed as a batch of two depth slabs (see the module doc).
+
+    The slabs are handed to oneDNN in channels_last_3d, its faster layout for these shapes at batch 2
+    (measured per layer: docs/benchmarks.md); the result comes back in the input's memory format.
+    """
+    half = output_size(x, weight, stride, padding, dilation)[0] // 2
+    span = dilation[0] * (weight.shape[2] - 1) + 1
+    rows = (half - 1) * stride[0] + span  # padded input rows that one half of the output reads
+    start = half * stride[0]  # first padded row of the second slab
+    padded = F.pad(x, (0, 0, 0, 0, padding[0], padding[0])) if padding[0] else x
+    slabs = torch.cat([padded[:, :, :rows], padded[:, :, start : start + rows]])
+    slabs = slabs.contiguous(memory_format=torch.channels_last_3d)
+    out = F.conv3d(slabs, weight, bias, stride, (0, padding[1], padding[2]), dilation, groups)
+    # (2, C, half, H', W') -> (1, C, 2 * half, H', W'): one copy, and a view in backward.
+    joined = out.transpose(0, 1).reshape(1, out.shape[1], 2 * half, *out.shape[3:])
+    return joined.contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The input's memory format: channels_last_3d for channels_last strides (checked on the channel stride,
+    which tells the two apart for one channel too), else contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and x.stride(1) == 1
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+    mode: str = "auto",
+) -> torch.Tensor:
+    """F.conv3d (zero padding given as numbers), through the depth split where `mode` says so."""
+    stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
+    if use_split(mode, x, weight, output_size(x, weight, stride, padding, dilation)):
+        return depth_split_conv3d(x, weight, bias, stride, padding, dilation, groups)
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class CpuConv3d(nn.Conv3d):
+    """nn.Conv3d (same arguments, same state_dict) whose single-sample CPU calls may take the depth split.
+
+    `cpu_conv` (a CPU_CONV_MODES value, default auto) is set per model by `set_cpu_conv`. Subclasses that
+    transform the weight (WSConv3d) or parametrize it (weight_norm) go through `_conv_forward` too.
+    """
+
+    cpu_conv: str = "auto"
+
+    def _conv_forward(
+        self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super()._conv_forward(input, weight, bias)  # padding nn.Conv3d does itself: its own path
+        return conv3d(
+            input, weight, bias, self.stride, self.padding, self.dilation, self.groups, self.cpu_conv
+        )
+
+
+def set_cpu_conv(model: nn.Module, mode: str) -> int:
+    """Set trainer.cpu_conv on every CpuConv3d of `model`; returns how many convs it set."""
+    if mode not in CPU_CONV_MODES:
+        raise ValueError(f"cpu_conv must be one of {', '.join(CPU_CONV_MODES)}, got {mode!r}")
+    convs = [m for m in model.modules() if isinstance(m, CpuConv3d)]
+    for conv in convs:
+        conv.cpu_conv = mode
+    return len(convs)

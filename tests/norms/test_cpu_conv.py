@@ -1,0 +1,182 @@
+"""The depth-split conv (norms/cpu_conv.py) computes F.conv3d: outputs and input/weight/bias gradients match
+for every conv layer shape of the default and the quick-sweep U-Net, at batch 1 and 2, in both memory
+formats; it is taken only for one float32 sample on a CPU; every conv the U-Net builds carries the
+trainer.cpu_conv setting."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from norm_experiments.config import run_identity
+from norm_experiments.models.unet import UNet3D
+from norm_experiments.norms import CpuConv3d, make_norm_spec, set_cpu_conv
+from norm_experiments.norms.cpu_conv import MIN_UNFOLDED, can_split, conv3d, output_size, use_split
+from tests.helpers import built_run, compose_config
+
+CL = torch.channels_last_3d
+# (depth, patch): configs/model/unet.yaml with the default 32^3 patch; configs/experiment/norm_sweep_quick.yaml
+MODELS = {"default": (3, 32), "quick sweep": (2, 16)}
+
+
+def layer_shapes(depth: int, patch: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int, int]]:
+    """(input shape at batch 1, weight shape, stride, padding) of every distinct Conv3d of the U-Net."""
+    model = UNet3D(make_norm_spec("batch"), 1, 3, depth=depth, base_channels=8)
+    shapes: dict[tuple, None] = {}
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        shapes.setdefault(
+            (tuple(args[0].shape), tuple(module.weight.shape), module.stride[0], module.padding[0]), None
+        )
+
+    for module in model.modules():
+        if isinstance(module, nn.Conv3d):
+            module.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, patch, patch, patch))
+    return list(shapes)
+
+
+def case_id(case: tuple) -> str:
+    (_, c_in, *size), (c_out, *_), stride, _ = case
+    return f"{c_in}to{c_out}-{size[0]}cubed-s{stride}"
+
+
+CASES = [(name, case) for name, (depth, patch) in MODELS.items() for case in layer_shapes(depth, patch)]
+
+
+def grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], grad_out: torch.Tensor) -> tuple:
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(("model", "case"), CASES, ids=[f"{m}-{case_id(c)}" for m, c in CASES])
+def test_outputs_and_gradients_match_conv3d(model: str, case: tuple, batch: int, memory_format) -> None:
+    input_shape, weight_shape, stride, padding = case
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, *input_shape[1:]), generator=gen).contiguous(memory_format=memory_format)
+    weight = torch.randn(weight_shape, generator=gen) * (2.0 / math.prod(weight_shape[1:])) ** 0.5
+    bias = torch.randn(weight_shape[0], generator=gen)
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    expected = F.conv3d(x, weight, bias, stride, padding)
+    grad_out = torch.randn(expected.shape, generator=gen)
+    expected_grads = grads(expected, (x, weight, bias), grad_out)
+    for mode in ("auto", "split"):  # split: the split wherever the shape allows, auto: where measured faster
+        out = conv3d(x, weight, bias, stride, padding, mode=mode)
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        for got, want, name in zip(
+            grads(out, (x, weight, bias), grad_out), expected_grads, "xwb", strict=True
+        ):
+            # weight/bias gradients sum over up to 32^3 voxels: compare relative to their size
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale, msg=f"{mode}: grad of {name}")
+        if use_split(mode, x, weight, tuple(expected.shape[2:])) and input_shape[1] > 1:
+            # the split hands back the input's memory format (one channel: both formats at once)
+            assert out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize(("model", "splits"), [("default", 9), ("quick sweep", 4)])
+def test_auto_splits_where_slow_conv3d_unfolds_a_large_matrix(model: str, splits: int) -> None:
+    """The rule the layer tables of scripts/benchmark.py (section e) measured: a 3x3x3 conv takes the split
+    at batch 1 when C_in * 27 * output voxels >= 8192 * 27 (1.08-12x faster there, 0.47-0.95x below);
+    the 1x1x1 head keeps PyTorch's path."""
+    taken = []
+    for input_shape, weight_shape, stride, padding in layer_shapes(*MODELS[model]):
+        x, weight = torch.zeros(input_shape), torch.zeros(weight_shape)
+        out_size = output_size(x, weight, (stride,) * 3, (padding,) * 3, (1, 1, 1))
+        taken.append(use_split("auto", x, weight, out_size))
+        unfolded = math.prod(weight_shape[1:]) * math.prod(out_size)
+        assert taken[-1] == (weight_shape[2] == 3 and unfolded >= MIN_UNFOLDED)
+        assert not use_split("auto", torch.zeros((2, *input_shape[1:])), weight, out_size)  # batch 2
+        assert not use_split("torch", x, weight, out_size)
+    assert sum(taken) == splits
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(1, 8, 16, 16, 16, dtype=torch.float64),
+        lambda: torch.zeros(1, 8, 16, 16, 16, dtype=torch.bfloat16),
+        lambda: torch.zeros(1, 8, 16, 16, 16, device="meta"),  # stands in for a CUDA tensor: not on the CPU
+        lambda: torch.zeros(1, 8, 15, 16, 16),  # odd output depth: cannot halve
+    ],
+    ids=["float64", "bfloat16", "not-cpu", "odd-depth"],
+)
+def test_split_is_off_for_anything_but_float32_on_a_cpu(make) -> None:
+    x = make()
+    weight = torch.zeros(8, 8, 3, 3, 3, dtype=x.dtype, device=x.device)
+    out_size = output_size(x, weight, (1, 1, 1), (1, 1, 1), (1, 1, 1))
+    assert not can_split(x, weight, out_size[0])
+    assert not use_split("split", x, weight, out_size)
+
+
+def test_split_is_off_under_cpu_autocast() -> None:
+    x, weight = torch.zeros(1, 8, 16, 16, 16), torch.zeros(8, 8, 3, 3, 3)
+    assert can_split(x, weight, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not can_split(x, weight, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_split_is_off_on_cuda() -> None:
+    conv = CpuConv3d(8, 8, 3, padding=1).cuda()
+    set_cpu_conv(conv, "split")
+    x = torch.randn(1, 8, 16, 16, 16, device="cuda")
+    assert not can_split(x, conv.weight, 16)
+    torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight, conv.bias, 1, 1))
+
+
+@pytest.mark.parametrize("norm", ["ws_group", "weightnorm", "batch"])
+def test_norm_convs_take_the_split_with_the_same_gradients(norm: str) -> None:
+    """ws_group's standardized weight and weightnorm's parametrized weight go through the split as well."""
+    torch.manual_seed(0)
+    conv = make_norm_spec(norm).conv(8, 16)
+    assert isinstance(conv, CpuConv3d)
+    x = torch.randn(1, 8, 16, 16, 16)
+    results = {}
+    for mode in ("torch", "auto"):
+        set_cpu_conv(conv, mode)
+        conv.zero_grad()
+        out = conv(x)
+        out.square().mean().backward()
+        results[mode] = (out.detach(), {n: p.grad.clone() for n, p in conv.named_parameters()})
+    (out_torch, grads_torch), (out_auto, grads_auto) = results["torch"], results["auto"]
+    # float rounding relative to each tensor's size (standardized weights give outputs of ~10)
+    torch.testing.assert_close(out_auto, out_torch, rtol=1e-4, atol=1e-6 * out_torch.abs().max().item())
+    assert grads_torch.keys() == grads_auto.keys() and len(grads_torch) >= 1
+    for name, grad in grads_torch.items():
+        atol = 1e-5 * grad.abs().max().item()  # sums over 16^3 voxels, through the weight transforms
+        torch.testing.assert_close(grads_auto[name], grad, rtol=1e-4, atol=atol, msg=name)
+
+
+def test_set_cpu_conv_reaches_every_conv_of_the_unet() -> None:
+    for norm in ("batch", "ws_group", "weightnorm"):
+        model = UNet3D(make_norm_spec(norm), 1, 3, depth=2)
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv3d)]
+        assert all(isinstance(m, CpuConv3d) for m in convs)  # the head too
+        assert (
+            set_cpu_conv(model, "torch") == len(convs) == 2 * (3 + 2) + 1
+        )  # DoubleConvs of 3 encoder, 2 decoder levels; head
+        assert {m.cpu_conv for m in convs} == {"torch"}
+    with pytest.raises(ValueError, match="cpu_conv"):
+        set_cpu_conv(model, "fast")
+
+
+def test_the_run_applies_trainer_cpu_conv(tmp_path: Path) -> None:
+    run = built_run(tmp_path, ["experiment=smoke", "data.batch_size=1", "trainer.cpu_conv=torch"])
+    assert {m.cpu_conv for m in run.b.model.modules() if isinstance(m, CpuConv3d)} == {"torch"}
+    images, labels = run.b.sampler.batch(0)
+    assert torch.isfinite(run.train_step(images, labels))
+
+
+def test_cpu_conv_is_execution_only() -> None:
+    """Float rounding only: a run may resume with another setting (as with trainer.num_threads)."""
+    base = compose_config(["experiment=smoke"])
+    assert run_identity(base) == run_identity(compose_config(["experiment=smoke", "trainer.cpu_conv=torch"]))
