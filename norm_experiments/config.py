@@ -107,9 +107,19 @@ def validate_config(cfg: DictConfig) -> None:
         f"must be between 0 and 1, got {frac!r}",
     )
     _require(
-        cfg.data.intensity in ("zscore", "none"),
+        cfg.data.intensity in ("auto", "zscore", "ct", "none"),
         "data.intensity",
-        f"must be zscore or none, got {cfg.data.intensity!r}",
+        f"must be auto, zscore, ct or none, got {cfg.data.intensity!r}",
+    )
+    _require(
+        _valid_spacing(cfg.data.target_spacing),
+        "data.target_spacing",
+        f"must be null, auto or three numbers > 0 (mm), got {cfg.data.target_spacing!r}",
+    )
+    _require(
+        _valid_modality(cfg.data.get("modality")),
+        "data.modality",
+        f"must be null, a name (CT) or a list of names, got {cfg.data.get('modality')!r}",
     )
     _require(
         isinstance(cfg.data.cache_on_device, bool),
@@ -160,6 +170,13 @@ def validate_config(cfg: DictConfig) -> None:
         "optim.warmup_fraction",
         f"must be in [0, 1), got {cfg.optim.warmup_fraction!r}",
     )
+    if cfg.data.get("fetch"):  # a preset for a dataset that norm-exp-fetch downloads
+        root = Path(str(cfg.data.root)).expanduser()
+        _require(
+            (root / "dataset.json").is_file(),
+            f"data={cfg.data.preset}",
+            f"dataset not found at {root}; run: norm-exp-fetch {cfg.data.fetch}",
+        )
     if cfg.data.layout != "synthetic":
         root = cfg.data.root
         _require(
@@ -167,6 +184,20 @@ def validate_config(cfg: DictConfig) -> None:
             "data.root",
             f"dataset folder does not exist: {root}",
         )
+
+
+def _valid_spacing(value: object) -> bool:
+    if value is None or value == "auto":
+        return True
+    if not OmegaConf.is_list(value) or len(value) != 3:
+        return False
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
+
+
+def _valid_modality(value: object) -> bool:
+    if value is None or isinstance(value, str):
+        return True
+    return OmegaConf.is_list(value) and len(value) > 0 and all(isinstance(v, str) for v in value)
 
 
 def output_dir_problem(argv: list[str]) -> str | None:

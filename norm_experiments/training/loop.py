@@ -383,6 +383,7 @@ class Run:
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "versions": library_versions(),
             "history": s.history,
+            "preprocessing": self.data.preprocessing,  # intensity per channel, CT statistics, spacing
             **extra,
         }
 
