@@ -1,12 +1,12 @@
 """From a `data` config to cached volumes and reproducible training batches.
 
 The deterministic part (load, channel-first, RAS orientation, intensity normalization by modality,
-optional resampling, padding, foreground indices; see preprocessing.py for what is chosen and why) runs once
-per case and is cached in memory (MONAI
-CacheDataset), optionally moved to the GPU (data.cache_on_device). The random part (patch crops with a
-foreground ratio, flips, rotations; see patches.py) is re-seeded from (seed, step) for every batch: the
-batch of a step is a pure function of the run's seed and the step number, which makes a resumed run draw
-exactly the batches an uninterrupted run would, without saving any sampler state.
+optional resampling, padding, foreground indices; preprocessing.py says what is chosen and why) runs once
+per case and is cached in memory (MONAI CacheDataset), optionally moved to the GPU (data.cache_on_device).
+The random part (patch crops with a foreground ratio, flips, rotations; see patches.py) is re-seeded from
+(seed, step) for every batch: the batch of a step is a pure function of the run's seed and the step number,
+which makes a resumed run draw exactly the batches an uninterrupted run would, without saving any sampler
+state.
 """
 
 from __future__ import annotations
