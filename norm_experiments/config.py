@@ -43,6 +43,7 @@ _EXECUTION_KEYS = {
     ("trainer", "num_threads"),
     ("trainer", "overwrite"),
     ("trainer", "force_resume"),
+    ("trainer", "trust_checkpoint"),
     ("trainer", "log_every_steps"),
     ("data", "cache_dir"),
     ("data", "check_files"),
@@ -87,7 +88,8 @@ def validate_config(cfg: DictConfig) -> None:
         "data.batch_size",
         "data.patches_per_volume",
         "trainer.samples",
-        "trainer.val_every_samples",
+        "trainer.steps",
+        "trainer.validations",
         "trainer.checkpoint_every_samples",
         "trainer.log_every_steps",
         "trainer.sw_batch_size",
@@ -125,6 +127,11 @@ def validate_config(cfg: DictConfig) -> None:
         isinstance(cfg.data.cache_on_device, bool),
         "data.cache_on_device",
         f"must be true or false, got {cfg.data.cache_on_device!r}",
+    )
+    _require(
+        cfg.trainer.budget_unit in ("patches", "steps"),
+        "trainer.budget_unit",
+        f"must be patches or steps, got {cfg.trainer.budget_unit!r}",
     )
     _require(
         cfg.trainer.device in ("auto", "cpu", "cuda"),

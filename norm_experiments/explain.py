@@ -152,19 +152,22 @@ def running_gaps(run: Run, names: list[str]) -> dict[str, dict[str, float]]:
     for step in range(RUNNING_BATCHES):  # running stats after names[-1] are not shown: stop there
         forward_until(run.model, run.sampler.batch(step)[0].to(run.device), layers[names[-1]])
     batch = collect(run, run.sampler, names, range(RUNNING_BATCHES, RUNNING_BATCHES + 1))
-    rows = {}
-    for name in names:
-        (mean_b, var_b), layer = batch[name][0], layers[name]
-        mean_r, var_r = layer.running_mean.cpu(), layer.running_var.cpu()
-        rows[name] = {
-            "batch_mean": mean_b.mean().item(),
-            "running_mean": mean_r.mean().item(),
-            "batch_var": var_b.mean().item(),
-            "running_var": var_r.mean().item(),
-            "mean_gap": ((mean_b - mean_r).abs() / (var_r + layer.eps).sqrt()).mean().item(),
-            "var_gap": ((var_b - var_r).abs() / (var_r + layer.eps)).mean().item(),
-        }
-    return rows
+    return {name: gap(batch[name][0], layers[name]) for name in names}
+
+
+def gap(stats: Stats, layer: nn.Module) -> dict[str, float]:
+    """Statistics of one batch (or one volume) against a BN layer's running statistics: means and variances
+    averaged over channels; gaps per channel, in units of the running σ (σ²), then averaged over channels."""
+    (mean_b, var_b), eps = stats, layer.eps
+    mean_r, var_r = layer.running_mean.detach().float().cpu(), layer.running_var.detach().float().cpu()
+    return {
+        "batch_mean": mean_b.mean().item(),
+        "running_mean": mean_r.mean().item(),
+        "batch_var": var_b.mean().item(),
+        "running_var": var_r.mean().item(),
+        "mean_gap": ((mean_b - mean_r).abs() / (var_r + eps).sqrt()).mean().item(),
+        "var_gap": ((var_b - var_r).abs() / (var_r + eps)).mean().item(),
+    }
 
 
 def spread(batches: list[Stats]) -> tuple[float, float]:
@@ -242,16 +245,17 @@ def shape_table(f: Findings) -> str:
     )
 
 
-def gap_table(f: Findings) -> str:
+def gap_table(gaps: dict[str, dict[str, float]], title: str, row: str = "BN layer", of: str = "B") -> str:
+    """One row per entry of `gaps` (rows of gap(): a layer's, or a volume's, statistics against running
+    statistics); `of` subscripts the compared statistics (B: a batch, v: a volume)."""
     keys = ["batch_mean", "running_mean", "batch_var", "running_var"]
     rows = [
         [name, *(f"{g[k]:.3g}" for k in keys), f"{g['mean_gap']:.2f}", f"{g['var_gap']:.2f}"]
-        for name, g in f.gaps.items()
+        for name, g in gaps.items()
     ]
     return table(
-        f"2. One training batch (N={f.shapes[f.first][0]}) vs the running averages of {RUNNING_BATCHES} "
-        "batches, which model.eval() uses",
-        ["BN layer", "mean μ_B", "running μ", "var σ²_B", "running σ²", "|μ_B−μ|/σ", "|σ²_B−σ²|/σ²"],
+        title,
+        [row, f"mean μ_{of}", "running μ", f"var σ²_{of}", "running σ²", f"|μ_{of}−μ|/σ", f"|σ²_{of}−σ²|/σ²"],
         rows,
         "means and variances averaged over channels; gaps computed per channel, then averaged",
     )
@@ -344,7 +348,11 @@ def explain(cfg: DictConfig) -> None:
     if asked != "batch":
         print(f"norm={asked} ignored: this analysis always uses BatchNorm (it explains BatchNorm).")
     found = analyze(run)
-    for part in (shape_table(found), gap_table(found), spread_table(found)):
+    gaps_title = (
+        f"2. One training batch (N={found.shapes[found.first][0]}) vs the running averages of "
+        f"{RUNNING_BATCHES} batches, which model.eval() uses"
+    )
+    for part in (shape_table(found), gap_table(found.gaps, gaps_title), spread_table(found)):
         print("\n" + part)
     print("\n" + "\n".join(conclusion(found, train_command())))
 

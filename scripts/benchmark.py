@@ -541,7 +541,7 @@ def our_epoch(run: Run, steps: int, prefetch: bool | None = None) -> State:
     True (a thread) or False (inline), to show what the other choice would cost."""
     run.state = State()
     run.total_steps = steps
-    run.val_every = run.ckpt_every = 10**9
+    run.val_steps, run.ckpt_every = set(), 10**9
     monitor = BNStatMonitor(run.model)
     progress = Progress(steps, 0, "none", "benchmark")
     if prefetch is None:

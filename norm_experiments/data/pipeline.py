@@ -48,6 +48,7 @@ class Volume:
 
     name: str
     item: dict  # the cached MONAI dictionary (image, label, foreground/background indices)
+    spacing: tuple[float, ...]  # mm per voxel along (D, H, W) after preprocessing: surface distances need it
 
     @property
     def image(self) -> torch.Tensor:
@@ -126,7 +127,15 @@ def deterministic_transforms(data_cfg: DictConfig, prep: Preprocessing) -> Compo
 def _cache(cases: list[Case], transform: Compose) -> list[Volume]:
     items = [{"image": [str(p) for p in c.images], "label": str(c.label), "name": c.name} for c in cases]
     cached = CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=None, progress=False)
-    return [Volume(name=case.name, item=cached[i]) for i, case in enumerate(cases)]
+    return [Volume(case.name, cached[i], voxel_spacing(cached[i]["image"])) for i, case in enumerate(cases)]
+
+
+def voxel_spacing(image) -> tuple[float, ...]:
+    """Spacing in mm from a MetaTensor's affine (1 mm per voxel for a plain tensor without one)."""
+    pixdim = getattr(image, "pixdim", None)
+    if pixdim is None:
+        return (1.0,) * (image.dim() - 1)
+    return tuple(float(s) for s in pixdim)
 
 
 def _check_patch_fits(volumes: list[Volume], patch: list[int]) -> None:

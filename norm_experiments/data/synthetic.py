@@ -9,8 +9,15 @@ normalization to volumes whose statistics differ a lot, and loses Dice.
 
 How a case is made (all in "contrast units", where an object differs from the background by about 1):
 
-    clean  = bias_field(x) * (BACKGROUND + TEXTURE_STD * smooth_noise(x) + sum_k intensity_k * mask_k(x))
-    image  = gain * (clean + noise_std * white_noise(x)) + offset
+    tissue = BACKGROUND + TEXTURE_STD * smooth_noise(x) + contrast * sum_k intensity_k * mask_k(x)
+    curved = BACKGROUND * (tissue / BACKGROUND) ** gamma
+    clean  = (1 + bias * b(x)) * curved
+    image  = gain * (clean + noise * white_noise(x)) + offset
+
+with gain, offset, contrast, gamma, bias and noise drawn per case. Gain and offset are a linear change of
+intensities, which a per-case z-score removes exactly; contrast (tissue contrast), gamma (a non-linear
+intensity curve: bright and dark structures change by different amounts), bias-field strength and noise
+level are the ways real scanners and protocols also differ, and a z-score does not remove them.
 
 How each knob affects the normalization comparison:
 
@@ -18,11 +25,14 @@ How each knob affects the normalization comparison:
   the main lever. They make per-volume mean and standard deviation differ between cases, which is what
   running statistics cannot follow. Set both to a single value (e.g. (1, 1) and (0, 0)) for a control
   dataset where BatchNorm's running statistics match every case and eval-mode BN should not lose Dice.
-- noise_std (white noise, relative to the object contrast): task difficulty. Near 0 every norm reaches
-  Dice ~1 and nothing separates; around 0.25-0.5 the task is learnable but not trivial.
-- bias_field: a smooth multiplicative field (1 + bias_field * b(x), |b| <= 1, a random quadratic). It changes
-  intensities *within* a volume, so it hurts every norm alike and rewards local (convolutional) contrast
-  rather than global thresholds.
+- contrast_range (log-uniform per case) and gamma_range (log-uniform per case): what stays different between
+  cases after a per-case z-score. Set both to (1, 1) for cases that differ only linearly.
+- noise_std (white noise, relative to the object contrast; a (min, max) range drawn per case, or one value):
+  task difficulty. Near 0 every norm reaches Dice ~1 and nothing separates; around 0.25-0.5 the task is
+  learnable but not trivial.
+- bias_field: a smooth multiplicative field (1 + bias * b(x), |b| <= 1, a random quadratic), its strength
+  drawn per case from this (min, max) range (or one value). It changes intensities *within* a volume, so it
+  rewards local (convolutional) contrast rather than global thresholds.
 - num_classes, objects_per_class, radius_range, class_imbalance: how much foreground there is per class.
   Small, rare classes make Dice noisier, so more seeds are needed to separate norms.
   class_imbalance = f: class c (1-based) has its radii multiplied by f ** (-(c - 1) / 3), so each class has
@@ -35,11 +45,10 @@ Class intensities (before gain and offset): class c gets sign (+ for odd c, - fo
 i.e. +1, -1, +2, -2, ... relative to the background, each object jittered by +-10%. Classes are therefore
 told apart by the sign and size of their local contrast, never by an absolute intensity.
 
-Per-case intensity normalization removes the effect: z-scoring each volume before the network (the
-loader's data.intensity=zscore, nnU-Net's default for MRI) undoes gain and offset, and eval-mode BatchNorm
-then matches the other norms again. A small CPU check (MONAI UNet channels 8-16-32, 500 steps at batch 1,
-24 cases of 32^3, validation Dice on 6): BatchNorm eval-mode 0.15 vs train-mode 0.69, InstanceNorm 0.69;
-with gain/offset off, BatchNorm eval-mode 0.68; with per-case z-scoring, BatchNorm eval-mode 0.71.
+Per-case intensity normalization (the loader's data.intensity=zscore, nnU-Net's default for MRI) undoes gain
+and offset exactly, but not contrast, gamma, bias or noise. `python scripts/synthetic_variation.py` prints
+how much each case's statistics still differ after z-scoring; docs/results.md shows what that does to
+BatchNorm's evaluation gap.
 
 Everything is drawn from numpy generators seeded with (seed, case index): the same SynthConfig gives
 byte-identical arrays (the .nii.gz bytes may differ only in the gzip time stamp).
@@ -65,7 +74,7 @@ import numpy as np
 from norm_experiments.errors import UserError, exit_on_user_error
 
 # Bump when the generator's output changes for the same config, so old caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 LAYOUTS = ("msd", "nnunet", "folder")
 BACKGROUND = 2.0  # tissue level before gain/offset; keeps the bias field from vanishing on the background
@@ -85,10 +94,12 @@ class SynthConfig:
     objects_per_class: tuple[int, int] = (1, 3)
     radius_range: tuple[float, float] = (4.0, 10.0)
     class_imbalance: float = 1.0
-    noise_std: float = 0.25
+    noise_std: tuple[float, float] = (0.15, 0.35)
     intensity_scale_range: tuple[float, float] = (0.3, 3.0)
     intensity_offset_range: tuple[float, float] = (-2.0, 2.0)
-    bias_field: float = 0.2
+    contrast_range: tuple[float, float] = (0.6, 1.6)
+    gamma_range: tuple[float, float] = (0.7, 1.4)
+    bias_field: tuple[float, float] = (0.0, 0.3)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -101,10 +112,12 @@ class SynthConfig:
             "objects_per_class": lambda v: tuple(int(x) for x in v),
             "radius_range": lambda v: tuple(float(x) for x in v),
             "class_imbalance": float,
-            "noise_std": float,
+            "noise_std": _range,
             "intensity_scale_range": lambda v: tuple(float(x) for x in v),
             "intensity_offset_range": lambda v: tuple(float(x) for x in v),
-            "bias_field": float,
+            "contrast_range": lambda v: tuple(float(x) for x in v),
+            "gamma_range": lambda v: tuple(float(x) for x in v),
+            "bias_field": _range,
             "seed": int,
         }
         for name, fn in conv.items():
@@ -130,12 +143,19 @@ class SynthConfig:
         lo, hi = _pair(self.radius_range)
         require(0 < lo <= hi, "radius_range", "must be (min, max) with 0 < min <= max")
         require(self.class_imbalance > 0, "class_imbalance", "must be > 0")
-        require(self.noise_std >= 0, "noise_std", "must be >= 0")
+        lo, hi = _pair(self.noise_std)
+        require(0 <= lo <= hi, "noise_std", "must be >= 0 (one value, or (min, max) with min <= max)")
         lo, hi = _pair(self.intensity_scale_range)
         require(0 < lo <= hi, "intensity_scale_range", "must be (min, max) with 0 < min <= max")
         lo, hi = _pair(self.intensity_offset_range)
         require(lo <= hi, "intensity_offset_range", "must be (min, max) with min <= max")
-        require(0 <= self.bias_field < 1, "bias_field", "must be in [0, 1)")
+        for name in ("contrast_range", "gamma_range"):
+            lo, hi = _pair(getattr(self, name))
+            require(0 < lo <= hi, name, "must be (min, max) with 0 < min <= max")
+        lo, hi = _pair(self.bias_field)
+        require(
+            0 <= lo <= hi < 1, "bias_field", "must be in [0, 1) (one value, or (min, max) with min <= max)"
+        )
 
     def key(self) -> str:
         """Short stable hash of every field (and the generator version): the cache folder name."""
@@ -143,6 +163,13 @@ class SynthConfig:
         fields["generator_version"] = GENERATOR_VERSION
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _range(value: object) -> tuple[float, float]:
+    """A (min, max) range from one number (a fixed value) or two."""
+    if isinstance(value, int | float):
+        return (float(value), float(value))
+    return tuple(float(x) for x in value)  # type: ignore[union-attr, return-value]
 
 
 def _pair(value: tuple) -> tuple[float, float]:
@@ -249,19 +276,38 @@ def _object_maps(objects: list[_Object], shape: tuple[int, int, int]) -> tuple[n
     return label, contrast
 
 
+def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    lo, hi = bounds
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def scanner(rng: np.random.Generator, cfg: SynthConfig) -> dict[str, float]:
+    """One case's acquisition: how its intensities differ from every other case's."""
+    return {
+        "gain": _log_uniform(rng, cfg.intensity_scale_range),
+        "offset": float(rng.uniform(*cfg.intensity_offset_range)),
+        "contrast": _log_uniform(rng, cfg.contrast_range),
+        "gamma": _log_uniform(rng, cfg.gamma_range),
+        "bias_field": float(rng.uniform(*cfg.bias_field)),
+        "noise_std": float(rng.uniform(*cfg.noise_std)),
+    }
+
+
 def make_case(cfg: SynthConfig, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Image (float32), label (uint8) and the case's drawn gain/offset; a pure function of (cfg, index)."""
+    """Image (float32), label (uint8) and the case's drawn acquisition parameters (see scanner()); a pure
+    function of (cfg, index)."""
     rng = np.random.default_rng([cfg.seed, index])
     shape = cfg.shape
-    label, contrast = _object_maps(_draw_objects(rng, cfg), shape)
-    tissue = BACKGROUND + TEXTURE_STD * smooth_noise(rng, shape, TEXTURE_SIGMA) + contrast
-    clean = (1.0 + cfg.bias_field * bias_field(rng, shape)) * tissue
-    noisy = clean + cfg.noise_std * rng.standard_normal(shape)
-    lo, hi = cfg.intensity_scale_range
-    gain = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-    offset = float(rng.uniform(*cfg.intensity_offset_range))
-    image = (gain * noisy + offset).astype(np.float32)
-    return image, label, {"gain": gain, "offset": offset}
+    label, contrast_map = _object_maps(_draw_objects(rng, cfg), shape)
+    case = scanner(rng, cfg)
+    tissue = (
+        BACKGROUND + TEXTURE_STD * smooth_noise(rng, shape, TEXTURE_SIGMA) + case["contrast"] * contrast_map
+    )
+    curved = BACKGROUND * (np.maximum(tissue, 0.0) / BACKGROUND) ** case["gamma"]
+    clean = (1.0 + case["bias_field"] * bias_field(rng, shape)) * curved
+    noisy = clean + case["noise_std"] * rng.standard_normal(shape)
+    image = (case["gain"] * noisy + case["offset"]).astype(np.float32)
+    return image, label, case
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -452,14 +498,44 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--class-imbalance", type=float, default=d.class_imbalance, help=">1: higher classes smaller"
     )
-    p.add_argument("--noise", type=float, default=d.noise_std, help="noise std relative to object contrast")
+    p.add_argument(
+        "--noise",
+        type=float,
+        nargs="+",
+        default=d.noise_std,
+        metavar="STD",
+        help="noise std relative to object contrast: one value, or LO HI drawn per case",
+    )
     p.add_argument(
         "--scale-range", type=float, nargs=2, default=d.intensity_scale_range, metavar=("LO", "HI")
     )
     p.add_argument(
         "--offset-range", type=float, nargs=2, default=d.intensity_offset_range, metavar=("LO", "HI")
     )
-    p.add_argument("--bias-field", type=float, default=d.bias_field, help="bias field strength (0 = off)")
+    p.add_argument(
+        "--contrast-range",
+        type=float,
+        nargs=2,
+        default=d.contrast_range,
+        metavar=("LO", "HI"),
+        help="per-case tissue contrast multiplier (log-uniform; 1 1 = off)",
+    )
+    p.add_argument(
+        "--gamma-range",
+        type=float,
+        nargs=2,
+        default=d.gamma_range,
+        metavar=("LO", "HI"),
+        help="per-case gamma of the intensity curve (log-uniform; 1 1 = off)",
+    )
+    p.add_argument(
+        "--bias-field",
+        type=float,
+        nargs="+",
+        default=d.bias_field,
+        metavar="STRENGTH",
+        help="bias field strength: one value, or LO HI drawn per case (0 = off)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     return p
 
@@ -476,10 +552,12 @@ def main(argv: list[str] | None = None) -> None:
         objects_per_class=a.objects_per_class,
         radius_range=a.radius_range,
         class_imbalance=a.class_imbalance,
-        noise_std=a.noise,
+        noise_std=a.noise[0] if len(a.noise) == 1 else a.noise,
         intensity_scale_range=a.scale_range,
         intensity_offset_range=a.offset_range,
-        bias_field=a.bias_field,
+        contrast_range=a.contrast_range,
+        gamma_range=a.gamma_range,
+        bias_field=a.bias_field[0] if len(a.bias_field) == 1 else a.bias_field,
         seed=a.seed,
     )
     out = generate_dataset(a.out_dir, cfg, a.layout)

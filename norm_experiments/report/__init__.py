@@ -1,7 +1,7 @@
 """Sweep report: read every run's metrics.json and say which normalization to use at which batch size.
 
 from norm_experiments.report import write_report
-report = write_report([Path("multirun/2025-01-01/12-00-00")])
+report = write_report([Path("outputs/sweeps/norm_sweep_quick")])
 print(report.table)
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from norm_experiments.report import document, plots, tables
-from norm_experiments.report.cells import Summary, summarize
+from norm_experiments.report.cells import DEFAULT_REFERENCE, Analysis, analyze
 from norm_experiments.report.collect import Collection, collect
 
 __all__ = ["Report", "build_report", "write_report"]
@@ -19,52 +19,82 @@ __all__ = ["Report", "build_report", "write_report"]
 
 @dataclass
 class Report:
-    """What write_report produced: the numbers, the markdown table and the files written."""
+    """What write_report produced: the numbers, the markdown tables and the files written."""
 
     collection: Collection
-    summary: Summary
-    table: str  # the markdown metric table (also printed by the CLI)
-    markdown: str  # the full report.md text
+    analysis: Analysis
+    markdown: str  # the full report text
     out_dir: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)  # "report.md" -> path, ...
+
+    @property
+    def table(self) -> str:
+        """The main metric table of every condition (what the CLI and the sweep callback print)."""
+        parts = []
+        for summary in self.analysis.conditions:
+            title = f"{summary.condition}\n" if summary.condition else ""
+            parts.append(title + tables.metric_table(summary))
+        return "\n\n".join(parts)
 
     @property
     def warnings(self) -> list[str]:
         """Lines worth showing on stderr: unreadable files and duplicate runs."""
         lines = [f"unreadable metrics.json: {path} ({why})" for path, why in self.collection.unreadable]
-        return lines + self.collection.warnings + self.summary.notes
+        return lines + self.collection.warnings + self.analysis.notes
 
 
-def build_report(sweep_dirs: list[Path], metric: str = "val_dice") -> Report:
-    """Collect and summarize without writing anything (report.md text has no plot links)."""
+def build_report(
+    sweep_dirs: list[Path], metric: str = "val_dice", reference: str = DEFAULT_REFERENCE
+) -> Report:
+    """Collect and analyze without writing anything (the text has no plot links)."""
     collection = collect(sweep_dirs)
-    summary = summarize(collection, metric)
-    markdown = document.render_markdown(summary, collection, plots={})
-    return Report(collection, summary, tables.metric_table(summary), markdown)
+    analysis = analyze(collection, metric, reference)
+    return Report(collection, analysis, document.render_markdown(analysis, collection, plots={}))
 
 
-def write_report(sweep_dirs: list[Path], out_dir: Path | None = None, metric: str = "val_dice") -> Report:
+def write_report(
+    sweep_dirs: list[Path],
+    out_dir: Path | None = None,
+    metric: str = "val_dice",
+    reference: str = DEFAULT_REFERENCE,
+    doc: Path | None = None,
+    header: list[str] | None = None,
+) -> Report:
     """Write report.md, results.csv, runs.csv and the plots to out_dir (default: the first sweep dir).
 
+    With `doc` (e.g. docs/results.md) the markdown goes to that file instead, with `header` lines at its
+    top, and the CSVs and plots into the folder beside it named after it (docs/results/).
     Raises norm_experiments.errors.UserError if a sweep dir is missing or holds no metrics.json.
     """
     collection = collect(sweep_dirs)
-    summary = summarize(collection, metric)
-    out_dir = Path(out_dir) if out_dir is not None else collection.sweep_dirs[0]
+    analysis = analyze(collection, metric, reference)
+    if doc is not None:
+        doc = Path(doc)
+        out_dir, markdown_path = doc.parent / doc.stem, doc
+    else:
+        out_dir = Path(out_dir) if out_dir is not None else collection.sweep_dirs[0]
+        markdown_path = out_dir / "report.md"
     out_dir.mkdir(parents=True, exist_ok=True)
 
     files = {"results.csv": out_dir / "results.csv", "runs.csv": out_dir / "runs.csv"}
-    tables.write_results_csv(summary, files["results.csv"])
+    tables.write_results_csv(analysis, files["results.csv"])
     tables.write_runs_csv(collection.runs, files["runs.csv"])
 
-    main_plot = plots.plot_metric_vs_batch_size(summary, out_dir / "dice_vs_batch_size.png")
-    figures = {f"{metric} vs batch size": main_plot}
-    gap = plots.plot_bn_eval_gap(summary, out_dir / "bn_eval_gap.png")
+    figures = {
+        f"{metric} vs batch size": plots.plot_metric_vs_batch_size(
+            analysis, out_dir / "dice_vs_batch_size.png"
+        )
+    }
+    difference = plots.plot_reference_differences(analysis, out_dir / f"difference_to_{reference}.png")
+    if difference is not None:
+        figures[f"difference to {reference}"] = difference
+    gap = plots.plot_bn_eval_gap(analysis, out_dir / "bn_eval_gap.png")
     if gap is not None:
         figures["BatchNorm evaluation modes"] = gap
     files.update({path.name: path for path in figures.values()})
+    links = {caption: path.relative_to(markdown_path.parent) for caption, path in figures.items()}
 
-    markdown = document.render_markdown(summary, collection, figures)
-    files["report.md"] = out_dir / "report.md"
-    files["report.md"].write_text(markdown, encoding="utf-8")
-    return Report(collection, summary, tables.metric_table(summary), markdown, out_dir, files)
+    markdown = document.render_markdown(analysis, collection, links, header)
+    markdown_path.write_text(markdown, encoding="utf-8")
+    files[markdown_path.name] = markdown_path
+    return Report(collection, analysis, markdown, out_dir, files)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from norm_experiments.errors import exit_on_user_error
 from norm_experiments.report import write_report
+from norm_experiments.report.cells import DEFAULT_REFERENCE
+from norm_experiments.report.collect import collect
+from norm_experiments.report.provenance import header_lines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,13 +24,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--metric", default="val_dice", help="metrics.json field to compare (default: val_dice)"
     )
+    parser.add_argument(
+        "--reference",
+        default=DEFAULT_REFERENCE,
+        help=f"batch-independent norm every other norm is compared with, per batch size and seed (default: {DEFAULT_REFERENCE})",
+    )
+    parser.add_argument(
+        "--doc",
+        type=Path,
+        default=None,
+        metavar="FILE.md",
+        help="write the report to this markdown file (e.g. docs/results.md) with a header naming this command, "
+        "the sweep's command, machine, dates and library versions; plots and CSVs go to the folder beside it",
+    )
     return parser
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    report = write_report(args.sweep_dirs, out_dir=args.out, metric=args.metric)
+    header = None
+    if args.doc is not None:
+        given = sys.argv[1:] if argv is None else argv
+        header = header_lines(collect(args.sweep_dirs), shlex.join(["norm-exp-report", *given]))
+    report = write_report(
+        args.sweep_dirs,
+        out_dir=args.out,
+        metric=args.metric,
+        reference=args.reference,
+        doc=args.doc,
+        header=header,
+    )
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)
     print(report.table)

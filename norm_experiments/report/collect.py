@@ -11,18 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from norm_experiments import run_record
 from norm_experiments.errors import UserError
-
-METRICS_FILENAME = "metrics.json"
 
 # Norms whose layers keep running statistics, so that eval mode differs from train mode.
 BN_FAMILY = frozenset({"batch", "batchrenorm", "ghostbatch", "syncbatch"})
 
-# Statuses that mean "this run ended without a usable result".
-FAILED_STATUSES = frozenset({"failed", "diverged"})
+# Fields that define a condition of the study (raw vs z-scored input, a budget in patches vs in steps): runs
+# under different conditions are never averaged or compared with each other; each gets its own tables.
+CONDITION_FIELDS = ("intensity", "budget_unit")
 
-# Fields without which a run cannot be placed in the table.
-_REQUIRED_FIELDS = ("status", "norm", "batch_size", "seed")
 
 
 # eq=False: runs are compared and hashed by identity (data is a dict, and two files are two runs).
@@ -40,7 +38,7 @@ class Run:
 
     @property
     def completed(self) -> bool:
-        return self.status == "completed"
+        return self.status == run_record.Status.COMPLETED
 
     @property
     def norm(self) -> str:
@@ -80,6 +78,24 @@ class Run:
             return {}
         return {str(k): v for k, v in ((k, _finite(v)) for k, v in modes.items()) if v is not None}
 
+    @property
+    def eval_modes_hd95(self) -> dict[str, float]:
+        modes = self.data.get("eval_modes_hd95") or {}
+        if not isinstance(modes, dict):
+            return {}
+        return {str(k): v for k, v in ((k, _finite(v)) for k, v in modes.items()) if v is not None}
+
+    def condition(self, fields: Iterable[str]) -> str:
+        """'intensity=none, budget_unit=patches' for the given condition fields ('?' where not recorded)."""
+        return ", ".join(f"{f}={self.data.get(f, '?')}" for f in fields)
+
+    @property
+    def still_improving(self) -> bool | None:
+        """The run's convergence flag: validation Dice still rose at the end (None: not recorded)."""
+        convergence = self.data.get("convergence")
+        flag = convergence.get("still_improving") if isinstance(convergence, dict) else None
+        return flag if isinstance(flag, bool) else None
+
     def value(self, key: str) -> float | None:
         """A top-level numeric field as a finite float, or None if absent, null, NaN or not a number."""
         return _finite(self.data.get(key))
@@ -113,8 +129,8 @@ def find_metrics_files(sweep_dir: Path) -> list[Path]:
     """All metrics.json files at any depth below sweep_dir (symlinked folders are not followed)."""
     found = []
     for root, _dirs, files in os.walk(sweep_dir):
-        if METRICS_FILENAME in files:
-            found.append(Path(root) / METRICS_FILENAME)
+        if run_record.FILENAME in files:
+            found.append(Path(root) / run_record.FILENAME)
     return sorted(found)
 
 
@@ -129,7 +145,7 @@ def read_run(path: Path) -> Run:
         raise ValueError(f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    for key in _REQUIRED_FIELDS:
+    for key in run_record.COORDINATES:
         if data.get(key) is None:
             raise ValueError(f"missing field '{key}'")
     for key in ("batch_size", "seed"):
@@ -173,7 +189,7 @@ def collect(sweep_dirs: Iterable[Path]) -> Collection:
     # Overlapping arguments (a sweep dir and one of its subfolders) must not count a run twice.
     files = sorted({p.resolve(): p for d in sweep_dirs for p in find_metrics_files(d)}.values())
     if not files:
-        raise UserError(f"no {METRICS_FILENAME} found under {', '.join(str(d) for d in sweep_dirs)}")
+        raise UserError(f"no {run_record.FILENAME} found under {', '.join(str(d) for d in sweep_dirs)}")
 
     runs, unreadable = [], []
     for path in files:

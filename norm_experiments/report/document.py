@@ -1,4 +1,4 @@
-"""report.md: the tables, the plots and a short plain-language reading generated from the numbers."""
+"""report.md: the tables, the plots and a plain-language reading generated from the numbers and the tests."""
 
 from __future__ import annotations
 
@@ -6,18 +6,27 @@ from collections import Counter
 from pathlib import Path
 
 from norm_experiments.report import tables
-from norm_experiments.report.cells import STATUS_ORDER, BestNorm, Summary, outcome
+from norm_experiments.report.cells import ALPHA, STATUS_ORDER, Analysis, Summary, mode_label, outcome
 from norm_experiments.report.collect import Collection
 
 METRIC_DESCRIPTIONS = {
     "val_dice": "final validation mean foreground Dice in eval mode (running statistics for BatchNorm)",
     "best_val_dice": "best validation mean foreground Dice during training (eval mode)",
+    "val_hd95": "final validation mean foreground HD95 in mm (lower is better)",
 }
-GAP_THRESHOLD = 0.02  # Dice differences below this are not worth a sentence about a train/eval mismatch
+TEST = "paired t-test over seeds (two-sided)"
 
 
 def _norm_name(row: str) -> str:
-    return "BatchNorm" if row == "batch" else f"`{row}`"
+    return {"batch": "BatchNorm", "instance": "InstanceNorm", "group": "GroupNorm"}.get(row, f"`{row}`")
+
+
+def _where(condition: str) -> str:
+    return f" ({condition})" if condition else ""
+
+
+def _sizes(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes)) if sizes else "none"
 
 
 def _main_bn_row(summary: Summary) -> str | None:
@@ -26,101 +35,109 @@ def _main_bn_row(summary: Summary) -> str | None:
     return summary.bn_rows[0] if summary.bn_rows else None
 
 
-def _gap_sentence(summary: Summary) -> str | None:
-    """Running vs batch-statistics evaluation of BatchNorm at the smallest batch size that has both."""
+def _gap_sentence(analysis: Analysis, summary: Summary) -> str | None:
+    """Where BatchNorm's batch-statistics evaluation beats its running statistics, significantly or not."""
     row = _main_bn_row(summary)
-    for bs in summary.batch_sizes:
-        cell = summary.cell(row, bs) if row else None
-        if cell is None or not {"running", "batch"} <= set(cell.eval_modes):
-            continue
-        running, batch = cell.eval_modes["running"].mean, cell.eval_modes["batch"].mean
-        precise = cell.eval_modes.get("precise")
-        also = f" (recomputed precise-BN statistics: {precise.mean:.3f})" if precise else ""
-        if batch - running > GAP_THRESHOLD:
-            return (
-                f"At batch size {bs}, {_norm_name(row)} evaluated with running statistics reaches "
-                f"{running:.3f} while its batch-statistics evaluation reaches {batch:.3f}{also}: "
-                "the gap is the train/eval mismatch, not a division by zero."
-            )
-        return (
-            f"At batch size {bs}, {_norm_name(row)} scores {running:.3f} with running statistics and "
-            f"{batch:.3f} with batch statistics{also}: no sizeable train/eval mismatch at this batch size."
-        )
-    return None
-
-
-def _best_phrase(best: BestNorm) -> str:
-    head = f"bs {best.batch_size}: {best.leader} ({best.leader_mean:.3f}"
-    if best.runner_up is None:
-        return head + ", the only norm with results)"
-    lead = f"ahead of {best.runner_up} by {best.leader_mean - best.runner_up_mean:.3f}"
-    if best.test is None:
-        return head + f", {lead}; too few paired seeds to test)"
-    p = tables.format_p(best.test.p_value)
-    verdict = "beyond seed noise" if best.significant else "within seed noise"
-    return head + f", {lead}, {verdict}, {p})"
+    if row is None:
+        return None
+    label = mode_label(row, "batch")
+    gaps = [
+        g.comparison
+        for g in analysis.gaps
+        if g.condition == summary.condition and g.comparison.label == label
+    ]
+    if not gaps:
+        return None
+    first = gaps[0]
+    significant = [g.batch_size for g in gaps if g.significant and g.a_mean > g.b_mean]
+    not_significant = [g.batch_size for g in gaps if g.significant is False]
+    text = (
+        f"{_norm_name(row)}{_where(summary.condition)}: at batch size {first.batch_size} its running statistics "
+        f"score {first.b_mean:.3f} and its batch statistics {first.a_mean:.3f} "
+        f"(difference {tables.format_difference(first)}). "
+        "Batch statistics beat running statistics significantly (Holm) "
+        + (f"at batch sizes {_sizes(significant)}" if significant else "at no batch size")
+    )
+    if not_significant:
+        text += f"; the difference is not significant at {_sizes(not_significant)}"
+    return text + "."
 
 
 def _best_sentence(summary: Summary) -> str | None:
     if not summary.best:
         return None
-    return "Best norm per batch size: " + "; ".join(_best_phrase(b) for b in summary.best.values()) + "."
-
-
-def _row_means(summary: Summary, row: str) -> dict[int, float]:
-    cells = (summary.cell(row, bs) for bs in summary.batch_sizes)
-    return {c.batch_size: c.metric.mean for c in cells if c is not None and c.metric is not None}
-
-
-def _trend_sentence(summary: Summary) -> str | None:
-    """How BatchNorm's score (running-statistics eval) changes from the smallest to the largest batch size."""
-    row = _main_bn_row(summary)
-    means = _row_means(summary, row) if row else {}
-    if len(means) < 2:
-        return None
-    lo, hi = min(means), max(means)
+    parts = [f"bs {bs}: {', '.join(best.indistinguishable)}" for bs, best in summary.best.items()]
     return (
-        f"{_norm_name(row)}'s {summary.metric} goes from {means[lo]:.3f} at batch size {lo} "
-        f"to {means[hi]:.3f} at batch size {hi}."
+        f"Best norm{_where(summary.condition)}, with every norm the tests cannot tell apart from it "
+        f"(Holm, α = {ALPHA}): " + "; ".join(parts) + "."
     )
 
 
-def _steadiest_sentence(summary: Summary) -> str | None:
-    """The norm whose mean varies least across batch sizes (among norms with results at every size)."""
-    if len(summary.batch_sizes) < 2:
+def _reference_sentence(summary: Summary) -> str | None:
+    """Which rows differ significantly from the reference, at which batch sizes."""
+    if summary.reference is None or not summary.deltas:
         return None
-    spans = {}
-    for row in summary.rows:
-        means = _row_means(summary, row)
-        if len(means) == len(summary.batch_sizes):
-            spans[row] = (min(means.values()), max(means.values()))
-    if not spans:
-        return None
-    row = min(spans, key=lambda r: spans[r][1] - spans[r][0])
-    lo, hi = spans[row]
-    return f"{_norm_name(row)} depends least on batch size: {lo:.3f} to {hi:.3f} across batch sizes."
+    worse: dict[str, list[int]] = {}
+    better: dict[str, list[int]] = {}
+    for d in summary.deltas:
+        if d.significant:
+            (worse if d.a_mean < d.b_mean else better).setdefault(d.label, []).append(d.batch_size)
+    if summary.lower_is_better:
+        worse, better = better, worse
+    parts = [f"{label} worse at bs {_sizes(sizes)}" for label, sizes in worse.items()]
+    parts += [f"{label} better at bs {_sizes(sizes)}" for label, sizes in better.items()]
+    found = "; ".join(parts) if parts else "no row differs significantly at any batch size"
+    return (
+        f"Against {_norm_name(summary.reference)} at the same batch size and seed{_where(summary.condition)} "
+        f"(Holm over {len(summary.deltas)} differences): {found}."
+    )
 
 
-def _failure_sentence(summary: Summary) -> str | None:
-    if not summary.problems:
+def _training_sentence(summary: Summary) -> str | None:
+    """How the reference norm's own score moves with batch size, and how many cells were still improving."""
+    cells = [c for c in summary.cells.values() if c.with_flag]
+    if not cells:
         return None
-    counts = Counter(status for _, status, _ in summary.problems)
+    flagged = [c for c in cells if c.under_trained]
+    text = f"{len(flagged)} of {len(cells)} cells{_where(summary.condition)} had a seed still improving at the end (†)"
+    ref = summary.reference
+    means = (
+        {bs: c.metric.mean for bs in summary.batch_sizes if (c := summary.cell(ref, bs)) and c.metric}
+        if ref
+        else {}
+    )
+    if len(means) >= 2:
+        lo, hi = min(means), max(means)
+        text += (
+            f"; {_norm_name(ref)}, whose statistics do not depend on the batch, goes from {means[lo]:.3f} at batch "
+            f"size {lo} to {means[hi]:.3f} at {hi}: what the budget does at each batch size, not normalization"
+        )
+    return text + "."
+
+
+def _failure_sentence(analysis: Analysis) -> str | None:
+    problems = analysis.problems
+    if not problems:
+        return None
+    counts = Counter(status for _, status, _ in problems)
     detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     return (
-        f"{len(summary.problems)} run(s) have no result ({detail}); they count as missing in the tables "
+        f"{len(problems)} run(s) have no result ({detail}); they count as missing in the tables "
         "and are listed below."
     )
 
 
-def reading(summary: Summary) -> list[str]:
-    """3-5 plain-language lines, each computed from the numbers in the summary."""
-    lines = [
-        _gap_sentence(summary),
-        _best_sentence(summary),
-        _trend_sentence(summary),
-        _steadiest_sentence(summary),
-        _failure_sentence(summary),
-    ]
+def reading(analysis: Analysis) -> list[str]:
+    """Plain-language lines, each computed from the numbers and tests in the analysis."""
+    lines = []
+    for summary in analysis.conditions:
+        lines += [
+            _gap_sentence(analysis, summary),
+            _best_sentence(summary),
+            _reference_sentence(summary),
+            _training_sentence(summary),
+        ]
+    lines.append(_failure_sentence(analysis))
     found = [line for line in lines if line]
     return found or ["No run completed, so there is nothing to compare yet."]
 
@@ -134,11 +151,11 @@ def _run_counts(collection: Collection, metric: str) -> str:
     return text
 
 
-def _problems_section(summary: Summary) -> list[str]:
-    if not summary.problems:
+def _problems_section(analysis: Analysis) -> list[str]:
+    if not analysis.problems:
         return []
     rows = [
-        [run.name, status, reason or "", str(run.path.parent)] for run, status, reason in summary.problems
+        [run.name, status, reason or "", str(run.path.parent)] for run, status, reason in analysis.problems
     ]
     return [
         "## Runs without a result",
@@ -169,45 +186,76 @@ def _batch_note(collection: Collection) -> str:
     return note
 
 
-def render_markdown(summary: Summary, collection: Collection, plots: dict[str, Path]) -> str:
-    """The whole report.md. `plots` maps a caption to a PNG path next to report.md."""
+def _seed_note(summary: Summary) -> str:
+    n = len(summary.seeds)
+    return f"n = {n} seed{'s' if n != 1 else ''} per cell ({tables._seeds(summary.seeds)})"
+
+
+def _family_size(comparisons: list) -> int:
+    return sum(1 for c in comparisons if c.test is not None)
+
+
+def _condition_section(summary: Summary, level: str) -> list[str]:
     metric = summary.metric
-    sweep_list = ", ".join(f"`{d}`" for d in collection.sweep_dirs)
-    described = f", {METRIC_DESCRIPTIONS[metric]}" if metric in METRIC_DESCRIPTIONS else ""
+    seeds = _seed_note(summary)
+    df = max(len(summary.seeds) - 1, 1)
+    better = "lower" if summary.lower_is_better else "higher"
     lines = [
-        f"# Normalization vs batch size: {metric}",
-        "",
-        f"- Sweep dirs: {sweep_list}",
-        f"- Runs: {_run_counts(collection, metric)}",
-        f"- Metric: `{metric}`{described}",
-        f"- {_batch_note(collection)}",
-        "",
-        "## Reading",
-        "",
-    ]
-    lines += [f"- {line}" for line in reading(summary)]
-    lines += [
-        "",
-        f"## {metric} by norm and batch size",
-        "",
-        "Mean ± sample std over seeds (3 decimals). `n=k/m`: only k of m seeds have a result. "
-        "Rows in brackets re-evaluate the same BatchNorm weights with other statistics. "
-        "Best norm: the highest mean, and whether its lead over the runner-up exceeds seed noise "
-        "(paired t-test over shared seeds, p < 0.05; n/a with fewer than 2 shared seeds).",
+        f"{level} {metric} by norm and batch size",
         "",
         tables.metric_table(summary),
         "",
-        "## Best norm per batch size",
+        f"Mean ± sample std over seeds; {seeds}. `n=k/m`: only k of m seeds have a result. Rows in brackets "
+        "re-evaluate the same BatchNorm weights with other statistics. † a seed's validation Dice still rose "
+        "by more than 0.01 over the second half of its training (under-trained; see the convergence table). "
+        f"Best (ties): the {better} mean, and every norm a {TEST} cannot tell apart from it after Holm "
+        f"correction over the comparisons at that batch size (α = {ALPHA}; df = {df}).",
+        "",
+    ]
+    if summary.reference:
+        lines += [
+            f"{level} Difference to {summary.reference} (same batch size, same seed)",
+            "",
+            tables.delta_table(summary),
+            "",
+            f"Mean paired difference [95% t-interval]; {seeds}, df = {df}; {TEST}; `*` significant after Holm "
+            f"correction over all m = {_family_size(summary.deltas)} differences of this table (α = {ALPHA}). "
+            f"{summary.reference} is batch-independent, so a difference to it at the same batch size cancels "
+            "what the batch size does to optimization (steps, noise) and leaves what it does to normalization.",
+            "",
+        ]
+    lines += [
+        f"{level} Best norm per batch size",
         "",
         tables.best_table(summary),
         "",
-        "## 95% confidence intervals",
+        f"{TEST} of the leader against each norm over shared seeds; Holm correction within each batch size; "
+        f"{seeds}, df = {df}.",
+        "",
+        f"{level} HD95 (mm)",
+        "",
+        tables.hd95_table(summary),
+        "",
+        "95th-percentile Hausdorff distance in mm, mean ± std over seeds (lower is better); per case and class, "
+        "a class the network missed entirely counts as the volume's diagonal, a class absent from a case is "
+        "skipped; the mean is over classes present in the validation set.",
+        "",
+        f"{level} Convergence",
+        "",
+        tables.convergence_table(summary),
+        "",
+        "Seeds whose validation Dice rose by more than 0.01 over the second half of training (from the last "
+        "validation at or before the middle of the run to the end; trainer.validations spaces them evenly), out "
+        "of the seeds that recorded it. With a decaying learning rate a flat end does not prove convergence; "
+        "the differences to the reference norm are the control for what the budget does at each batch size.",
+        "",
+        f"{level} 95% confidence intervals",
         "",
         "Student-t interval over seeds: mean ± t(0.975, n-1) · s / √n.",
         "",
         tables.ci_table(summary),
         "",
-        "## Cost",
+        f"{level} Cost",
         "",
         "Mean samples/s and mean peak "
         + ("CUDA" if tables.uses_cuda_memory(summary) else "host (RSS)")
@@ -215,14 +263,59 @@ def render_markdown(summary: Summary, collection: Collection, plots: dict[str, P
         "",
         tables.cost_table(summary),
         "",
-        "## Plots",
-        "",
     ]
+    return lines
+
+
+def render_markdown(
+    analysis: Analysis, collection: Collection, plots: dict[str, Path], header: list[str] | None = None
+) -> str:
+    """The whole report.md. `plots` maps a caption to a PNG path (linked relative to the document)."""
+    metric = analysis.metric
+    sweep_list = ", ".join(f"`{d}`" for d in collection.sweep_dirs)
+    described = f", {METRIC_DESCRIPTIONS[metric]}" if metric in METRIC_DESCRIPTIONS else ""
+    lines = [f"# Normalization vs batch size: {metric}", ""]
+    if header:
+        lines += header + [""]
+    lines += [
+        f"- Sweep dirs: {sweep_list}",
+        f"- Runs: {_run_counts(collection, metric)}",
+        f"- Metric: `{metric}`{described}",
+        f"- {_batch_note(collection)}",
+    ]
+    if analysis.constant:
+        lines.append(f"- Every run: {analysis.constant}")
+    if len(analysis.conditions) > 1:
+        lines.append(
+            f"- Conditions (tabled separately): {'; '.join(s.condition for s in analysis.conditions)}"
+        )
+    lines += ["", "## Reading", ""]
+    lines += [f"- {line}" for line in reading(analysis)]
+    lines += [""]
+    if analysis.gaps:
+        df = max(max(len(s.seeds) for s in analysis.conditions) - 1, 1)
+        lines += [
+            "## BatchNorm evaluation modes: is the gap significant?",
+            "",
+            tables.gap_table(analysis),
+            "",
+            f"Batch statistics (and PreciseBN) minus running statistics, same weights, same seeds; {TEST}, "
+            f"df = {df}; Holm correction over all m = {_family_size([g.comparison for g in analysis.gaps])} "
+            f"comparisons of this table (α = {ALPHA}).",
+            "",
+        ]
+    for summary in analysis.conditions:
+        if len(analysis.conditions) > 1:
+            lines += [f"## Condition: {summary.condition}", ""]
+            lines += _condition_section(summary, "###")
+        else:
+            lines += _condition_section(summary, "##")
+    lines += ["## Plots", ""]
     for caption, path in plots.items():
-        lines += [f"![{caption}]({path.name})", ""]
+        lines += [f"![{caption}]({path})", ""]
     lines += (
-        _problems_section(summary)
+        _problems_section(analysis)
         + _unreadable_section(collection)
-        + _notes_section(collection.warnings + summary.notes)
+        + _notes_section(collection.warnings + analysis.notes)
     )
     return "\n".join(lines).rstrip() + "\n"

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from norm_experiments.report.cells import EVAL_MODE_LABELS, Summary
+from norm_experiments.report.cells import EVAL_MODE_LABELS, LOWER_IS_BETTER, Analysis, Summary
 from norm_experiments.report.stats import Interval
 
 MARKERS = "osD^vP*Xh<>p"
@@ -60,60 +60,111 @@ def _offset(index: int, count: int) -> float:
     return (index - (count - 1) / 2) * _DODGE
 
 
-def plot_metric_vs_batch_size(summary: Summary, path: Path) -> Path:
-    """x = batch size (log2), y = metric, one line per norm with 95% interval error bars."""
-    fig = Figure(figsize=(8, 5), layout="constrained")
-    ax = fig.add_subplot()
+def _panels(count: int, width: float = 5.0, rows: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width * count, 4.5 * rows), layout="constrained")
+    axes = fig.subplots(rows, count, sharey=True, squeeze=False)
+    return fig, [list(r) for r in axes]
+
+
+def _title(summary: Summary) -> str:
+    return summary.condition or "all runs"
+
+
+def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
+    """x = batch size (log2), y = metric, one line per norm with 95% interval error bars; a panel per
+    condition."""
+    fig, axes = _panels(len(analysis.conditions), width=6.5)
     any_single = False
-    for i, row in enumerate(summary.rows):
-        points = [
-            (bs, cell.metric)
-            for bs in summary.batch_sizes
-            if (cell := summary.cell(row, bs)) is not None and cell.metric is not None
-        ]
-        style = {"marker": MARKERS[i % len(MARKERS)], "label": row}
-        any_single |= _plot_line(ax, points, _offset(i, len(summary.rows)), **style)
-    _log2_batch_axis(ax, summary.batch_sizes)
-    ax.set_ylim(0.0, 1.02)
-    ax.set_ylabel("val Dice (eval mode)" if summary.metric == "val_dice" else summary.metric)
+    for ax, summary in zip(axes[0], analysis.conditions, strict=True):
+        for i, row in enumerate(summary.rows):
+            points = [
+                (bs, cell.metric)
+                for bs in summary.batch_sizes
+                if (cell := summary.cell(row, bs)) is not None and cell.metric is not None
+            ]
+            style = {"marker": MARKERS[i % len(MARKERS)], "label": row}
+            any_single |= _plot_line(ax, points, _offset(i, len(summary.rows)), **style)
+        _log2_batch_axis(ax, summary.batch_sizes)
+        ax.set_title(_title(summary), fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(title="norm", fontsize=9, loc="best")
+        else:
+            # An all-failed sweep still gets a plot, so report.md never links to a missing file.
+            ax.text(0.5, 0.5, "no completed runs yet", transform=ax.transAxes, ha="center", va="center")
+    if analysis.metric not in LOWER_IS_BETTER:
+        axes[0][0].set_ylim(0.0, 1.02)
+    axes[0][0].set_ylabel("val Dice (eval mode)" if analysis.metric == "val_dice" else analysis.metric)
     note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
-    ax.set_title(f"{summary.metric} vs batch size (mean over seeds; {note})", fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(title="norm", fontsize=9, loc="best")
-    else:
-        # An all-failed sweep still gets a plot, so report.md never links to a missing file.
-        ax.text(0.5, 0.5, "no completed runs yet", transform=ax.transAxes, ha="center", va="center")
+    fig.suptitle(f"{analysis.metric} vs batch size (mean over seeds; {note})", fontsize=10)
     return _save(fig, path)
 
 
-def plot_bn_eval_gap(summary: Summary, path: Path) -> Path | None:
-    """One panel per BN-family norm: the metric per batch size for each evaluation mode.
+def plot_bn_eval_gap(analysis: Analysis, path: Path) -> Path | None:
+    """One panel per BN-family norm and condition: the metric per batch size for each evaluation mode.
 
     Returns None (and writes nothing) if no run reported eval modes.
     """
-    rows = [r for r in summary.bn_rows if any(c.eval_modes for c in summary.cells.values() if c.row == r)]
-    if not rows:
+    bn_rows = sorted({r for s in analysis.conditions for r in s.bn_rows if _has_modes(s, r)})
+    if not bn_rows:
         return None
-    fig = Figure(figsize=(5 * len(rows), 4.5), layout="constrained")
-    axes = fig.subplots(1, len(rows), sharey=True, squeeze=False)[0]
+    fig, axes = _panels(len(analysis.conditions), rows=len(bn_rows))
     any_single = False
-    for ax, row in zip(axes, rows, strict=True):
-        for i, mode in enumerate(summary.eval_modes):
-            points = [
-                (bs, cell.eval_modes[mode])
-                for bs in summary.batch_sizes
-                if (cell := summary.cell(row, bs)) is not None and mode in cell.eval_modes
-            ]
-            style = {
-                "marker": MARKERS[i % len(MARKERS)],
-                "label": f"eval with {EVAL_MODE_LABELS.get(mode, mode)}",
-                "color": MODE_COLORS.get(mode),
-            }
-            any_single |= _plot_line(ax, points, _offset(i, len(summary.eval_modes)), **style)
-        _log2_batch_axis(ax, summary.batch_sizes)
-        ax.set_title(f"norm = {row}", fontsize=10)
-        ax.legend(fontsize=8, loc="best")
-    axes[0].set_ylabel("val Dice")  # eval_modes are always validation Dice, whatever --metric is
+    for grid_row, row in zip(axes, bn_rows, strict=True):
+        for ax, summary in zip(grid_row, analysis.conditions, strict=True):
+            for i, mode in enumerate(summary.eval_modes):
+                points = [
+                    (bs, cell.eval_modes[mode])
+                    for bs in summary.batch_sizes
+                    if (cell := summary.cell(row, bs)) is not None and mode in cell.eval_modes
+                ]
+                style = {
+                    "marker": MARKERS[i % len(MARKERS)],
+                    "label": f"eval with {EVAL_MODE_LABELS.get(mode, mode)}",
+                    "color": MODE_COLORS.get(mode),
+                }
+                any_single |= _plot_line(ax, points, _offset(i, len(summary.eval_modes)), **style)
+            _log2_batch_axis(ax, summary.batch_sizes)
+            ax.set_title(f"norm = {row}; {_title(summary)}", fontsize=10)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8, loc="best")
+        grid_row[0].set_ylabel("val Dice")  # eval_modes are always validation Dice, whatever --metric is
     note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
     fig.suptitle(f"BatchNorm family: same weights, different evaluation statistics ({note})", fontsize=10)
+    return _save(fig, path)
+
+
+def _has_modes(summary: Summary, row: str) -> bool:
+    return any(c.eval_modes for c in summary.cells.values() if c.row == row)
+
+
+def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
+    """Each norm minus the reference norm (same batch size and seed), with the paired 95% interval; a panel
+    per condition. Returns None when no condition holds the reference norm."""
+    if not any(s.deltas for s in analysis.conditions):
+        return None
+    fig, axes = _panels(len(analysis.conditions), width=6.5)
+    for ax, summary in zip(axes[0], analysis.conditions, strict=True):
+        labels = sorted({d.label for d in summary.deltas})
+        for i, label in enumerate(labels):
+            found = [d for d in summary.deltas if d.label == label and d.test is not None]
+            xs = [d.batch_size * 2.0 ** _offset(i, len(labels)) for d in found]
+            ys = [d.test.mean_diff for d in found]  # type: ignore[union-attr]
+            err = [
+                [d.test.mean_diff - d.test.ci_low for d in found],
+                [d.test.ci_high - d.test.mean_diff for d in found],
+            ]  # type: ignore[union-attr]
+            if found:
+                ax.errorbar(
+                    xs, ys, yerr=err, capsize=3, linewidth=1.5, marker=MARKERS[i % len(MARKERS)], label=label
+                )
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        _log2_batch_axis(ax, summary.batch_sizes)
+        ax.set_title(_title(summary), fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+    axes[0][0].set_ylabel(f"{analysis.metric} minus {analysis.reference}")
+    fig.suptitle(
+        f"Difference to {analysis.reference} at the same batch size and seed (error bars: paired 95% t-interval)",
+        fontsize=10,
+    )
     return _save(fig, path)

@@ -148,7 +148,7 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
 
 @dataclass(frozen=True)
 class PairedTest:
-    """Two-sided paired t-test of a - b over matched seeds."""
+    """Two-sided paired t-test of a - b over matched seeds, with the 95% t-interval of the mean difference."""
 
     n_pairs: int
     mean_diff: float
@@ -156,6 +156,8 @@ class PairedTest:
     df: int
     p_value: float
     seeds: tuple
+    ci_low: float
+    ci_high: float
 
 
 def paired_t_test(a: Mapping[object, float], b: Mapping[object, float]) -> PairedTest | None:
@@ -177,4 +179,22 @@ def paired_t_test(a: Mapping[object, float], b: Mapping[object, float]) -> Paire
     else:
         t = d_mean / (d_std / math.sqrt(n))
         p = t_two_sided_p(t, n - 1)
-    return PairedTest(n_pairs=n, mean_diff=d_mean, t=t, df=n - 1, p_value=p, seeds=seeds)
+    half = t_quantile(0.975, n - 1) * d_std / math.sqrt(n)
+    return PairedTest(n, d_mean, t, n - 1, p, seeds, d_mean - half, d_mean + half)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values, in the order given.
+
+    Sorted ascending, the i-th smallest (1-based) is multiplied by m - i + 1 and capped at 1, and each
+    adjusted value is at least the one before it (step-down). A hypothesis is rejected at level alpha
+    where its adjusted p < alpha; this controls the family-wise error rate over all m tests.
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from norm_experiments.report.cells import EVAL_MODE_LABELS, BestNorm, Cell, Summary
+from norm_experiments.report.cells import Analysis, BestNorm, Cell, Comparison, Summary, mode_label
 from norm_experiments.report.collect import Run
 from norm_experiments.report.stats import Interval
 
@@ -53,9 +53,10 @@ def format_p(p: float) -> str:
     return "p<0.001" if p < 0.001 else f"p={p:.2g}"
 
 
-def format_interval(interval: Interval, n_expected: int, notes: Sequence[str] = ()) -> str:
+def format_interval(interval: Interval, n_expected: int, notes: Sequence[str] = (), digits: int = 3) -> str:
     """'0.712 ± 0.031'; n=1 has no ±; fewer seeds than expected shows n; notes go in brackets."""
-    text = f"{interval.mean:.3f} ± {interval.std:.3f}" if interval.has_spread else f"{interval.mean:.3f}"
+    m, s = f"{interval.mean:.{digits}f}", f"{interval.std:.{digits}f}"
+    text = f"{m} ± {s}" if interval.has_spread else m
     extra = list(notes)
     if interval.n < n_expected:
         extra.insert(0, f"n={interval.n}/{n_expected}")
@@ -98,15 +99,22 @@ def format_ci(interval: Interval | None) -> str:
 
 
 def best_verdict(best: BestNorm | None) -> str:
-    """'group: yes (p=0.01)', 'group: within noise (p=0.4)', 'group: n/a' (fewer than 2 paired seeds)."""
+    """'group; ties: instance' (the rows the paired tests cannot tell apart from the leader, after Holm);
+    'group; ahead of all' when every other row is significantly worse; untestable rows are listed."""
     if best is None:
         return NO_DATA
-    if best.runner_up is None:
-        return f"{best.leader}: only norm"
-    if best.test is None:
-        return f"{best.leader}: n/a"
-    word = "yes" if best.significant else "within noise"
-    return f"{best.leader}: {word} ({format_p(best.test.p_value)})"
+    if not best.comparisons:
+        return f"{best.leader} (only norm)"
+    untested = [c.against for c in best.comparisons if c.test is None]
+    tied = [row for row in best.tied if row not in untested]
+    parts = [best.leader]
+    if tied:
+        parts.append(f"ties: {', '.join(tied)}")
+    elif len(untested) < len(best.comparisons):
+        parts.append("ahead of all" if not untested else "ahead of the tested")
+    if untested:
+        parts.append(f"untested: {', '.join(untested)}")
+    return "; ".join(parts)
 
 
 def mode_rows(summary: Summary) -> list[tuple[str, str, str]]:
@@ -120,7 +128,7 @@ def mode_rows(summary: Summary) -> list[tuple[str, str, str]]:
     for row in summary.bn_rows:
         for mode in modes:
             if any(mode in c.eval_modes for c in summary.cells.values() if c.row == row):
-                found.append((f"{row} ({EVAL_MODE_LABELS.get(mode, mode)})", row, mode))
+                found.append((mode_label(row, mode), row, mode))
     return found
 
 
@@ -138,20 +146,133 @@ def _header(summary: Summary, first: str) -> list[str]:
     return [first] + [f"bs {bs}" for bs in summary.batch_sizes]
 
 
+def _seeds(seeds: Sequence[int]) -> str:
+    return ", ".join(map(str, seeds))
+
+
 # ---------------------------------------------------------------- markdown tables
 
 
 def metric_table(summary: Summary) -> str:
-    """Rows = norms (+ eval-mode rows), columns = batch sizes, cells = mean ± std, last row = best norm."""
+    """Rows = norms (+ eval-mode rows), columns = batch sizes, cells = mean ± std (with a dagger where a
+    seed was still improving), last row = the best norm and the norms tied with it."""
     rows = []
     for label, row, mode in _ordered_rows(summary):
         cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
         if mode is None:
-            rows.append([label] + [format_metric_cell(c) for c in cells])
+            rows.append([label] + [format_metric_cell(c) + _dagger(c) for c in cells])
         else:
             rows.append([label] + [format_mode_cell(c, mode) for c in cells])
-    rows.append(["**best norm**"] + [best_verdict(summary.best.get(bs)) for bs in summary.batch_sizes])
+    rows.append(["**best (ties)**"] + [best_verdict(summary.best.get(bs)) for bs in summary.batch_sizes])
     return markdown_table(_header(summary, "norm"), rows)
+
+
+def _dagger(cell: Cell | None) -> str:
+    return " †" if cell is not None and cell.under_trained else ""
+
+
+def hd95_table(summary: Summary) -> str:
+    """HD95 in mm (mean ± std over seeds), final evaluation and each BatchNorm evaluation mode."""
+    rows = []
+    for label, row, mode in _ordered_rows(summary):
+        cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
+        if mode is None:
+            found = [c.hd95 if c else None for c in cells]
+        else:
+            found = [c.eval_modes_hd95.get(mode) if c else None for c in cells]
+        rows.append(
+            [label] + [NO_DATA if iv is None else format_interval(iv, iv.n, digits=1) for iv in found]
+        )
+    return markdown_table(_header(summary, "norm"), rows)
+
+
+def format_difference(comparison: Comparison | None) -> str:
+    """'+0.012 [-0.030, +0.054]', with ' *' where the Holm-adjusted p < 0.05; '(n=1)' without a test."""
+    if comparison is None:
+        return NO_DATA
+    diff = comparison.a_mean - comparison.b_mean
+    if comparison.test is None:
+        return f"{diff:+.3f} (n<2, untested)"
+    t = comparison.test
+    star = " *" if comparison.significant else ""
+    return f"{t.mean_diff:+.3f} [{t.ci_low:+.3f}, {t.ci_high:+.3f}]{star}"
+
+
+def delta_table(summary: Summary) -> str:
+    """Each row (and BN evaluation mode) minus the reference norm at the same batch size and seed."""
+    labels = [label for label, row, mode in _ordered_rows(summary) if mode != "running"]
+    labels = [label for label in labels if label != summary.reference]
+    rows = [
+        [label] + [format_difference(summary.delta(label, bs)) for bs in summary.batch_sizes]
+        for label in labels
+    ]
+    return markdown_table(_header(summary, f"minus {summary.reference}"), rows)
+
+
+def best_table(summary: Summary) -> str:
+    """Per batch size: the leader, and its paired test against every other norm (Holm within the size)."""
+    header = ["batch size", "best", "mean", "vs", "mean", "difference [95% CI]", "p", "p (Holm)", "verdict"]
+    rows = []
+    for bs in summary.batch_sizes:
+        best = summary.best.get(bs)
+        if best is None:
+            rows.append([str(bs), NO_DATA] + [""] * 7)
+            continue
+        if not best.comparisons:
+            rows.append([str(bs), best.leader, f"{best.leader_mean:.3f}", "", "", "", "", "", "only norm"])
+        for c in best.comparisons:
+            if c.test is None:
+                p, adjusted, verdict = "", "", "untested (fewer than 2 paired seeds)"
+            else:
+                p, adjusted = format_p(c.test.p_value), format_p(c.p_holm)  # type: ignore[arg-type]
+                verdict = "leader better" if c.significant else "tie: not distinguishable"
+            rows.append(
+                [str(bs), best.leader, f"{c.a_mean:.3f}", c.against, f"{c.b_mean:.3f}", format_difference(c)]
+                + [p, adjusted, verdict]
+            )
+    return markdown_table(header, rows, align="rlrlrrrrl")
+
+
+def gap_table(analysis: Analysis) -> str:
+    """BatchNorm's evaluation-mode gaps: batch statistics and PreciseBN minus running statistics."""
+    header = [
+        "condition",
+        "norm",
+        "batch size",
+        "compared",
+        "mean",
+        "running",
+        "difference [95% CI]",
+        "p (Holm)",
+        "significant",
+    ]
+    rows = []
+    for gap in analysis.gaps:
+        c = gap.comparison
+        verdict = "untested" if c.significant is None else ("yes" if c.significant else "no")
+        p = "" if c.p_holm is None else format_p(c.p_holm)
+        norm = c.label.split(" (")[0]
+        mode = c.label[len(norm) + 2 : -1]
+        rows.append(
+            [gap.condition or "all", norm, str(c.batch_size), mode, f"{c.a_mean:.3f}", f"{c.b_mean:.3f}"]
+            + [format_difference(c), p, verdict]
+        )
+    return markdown_table(header, rows, align="llrlrrrrl")
+
+
+def convergence_table(summary: Summary) -> str:
+    """Per cell: how many seeds were still improving at the end of training."""
+    rows = []
+    for row in summary.rows:
+        cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
+        rows.append(
+            [row]
+            + [
+                NO_DATA if c is None or not c.with_flag else f"{c.still_improving}/{c.with_flag}"
+                for c in cells
+            ]
+        )
+    return markdown_table(_header(summary, "still improving"), rows)
 
 
 def ci_table(summary: Summary) -> str:
@@ -159,53 +280,8 @@ def ci_table(summary: Summary) -> str:
     rows = []
     for label, row, mode in _ordered_rows(summary):
         cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
-        if mode is None:
-            rows.append([label] + [format_ci(c.metric if c else None) for c in cells])
-        else:
-            rows.append([label] + [format_ci(c.eval_modes.get(mode) if c else None) for c in cells])
+        rows.append([label] + [format_ci(c.interval(mode) if c else None) for c in cells])
     return markdown_table(_header(summary, "norm"), rows)
-
-
-def best_table(summary: Summary) -> str:
-    """Per batch size: the leader, the runner-up and the paired t-test between them."""
-    header = [
-        "batch size",
-        "best",
-        "mean",
-        "runner-up",
-        "mean",
-        "lead",
-        "paired seeds",
-        "p",
-        "beyond seed noise",
-    ]
-    rows = []
-    for bs in summary.batch_sizes:
-        best = summary.best.get(bs)
-        if best is None:
-            rows.append([str(bs), NO_DATA] + [""] * 7)
-            continue
-        test = best.test
-        lead = "" if best.runner_up_mean is None else f"{best.leader_mean - best.runner_up_mean:.3f}"
-        if test is None:
-            verdict, p, pairs = ("n/a (fewer than 2 paired seeds)" if best.runner_up else "only norm"), "", ""
-        else:
-            verdict = "yes" if best.significant else "no, within noise"
-            p, pairs = format_p(test.p_value), str(test.n_pairs)
-        rows.append(
-            [
-                str(bs),
-                best.leader,
-                f"{best.leader_mean:.3f}",
-                best.runner_up or "",
-                "" if best.runner_up_mean is None else f"{best.runner_up_mean:.3f}",
-                lead,
-                pairs,
-                p,
-                verdict,
-            ]
-        )
-    return markdown_table(header, rows, align="rlrlrrrrl")
 
 
 def uses_cuda_memory(summary: Summary) -> bool:
@@ -250,34 +326,55 @@ def _interval_columns(prefix: str, interval: Interval | None) -> dict[str, str]:
     }
 
 
-def results_rows(summary: Summary) -> list[dict[str, str]]:
-    """One row per (norm, batch size) cell."""
+def _test_columns(prefix: str, comparison: Comparison | None) -> dict[str, str]:
+    test = comparison.test if comparison else None
+    if test is None:
+        return {f"{prefix}_{k}": "" for k in ("mean", "ci95_low", "ci95_high", "p", "p_holm")}
+    return {
+        f"{prefix}_mean": _num(test.mean_diff),
+        f"{prefix}_ci95_low": _num(test.ci_low),
+        f"{prefix}_ci95_high": _num(test.ci_high),
+        f"{prefix}_p": _num(test.p_value),
+        f"{prefix}_p_holm": _num(comparison.p_holm),  # type: ignore[union-attr]
+    }
+
+
+def results_rows(analysis: Analysis) -> list[dict[str, str]]:
+    """One row per (condition, norm, batch size) cell."""
     rows = []
-    for row in summary.rows:
-        for bs in summary.batch_sizes:
-            cell = summary.cell(row, bs)
-            if cell is None:
-                continue
-            counts = cell.status_counts
-            line = {
-                "norm": row,
-                "batch_size": str(bs),
-                "n_seeds_expected": str(cell.n_expected),
-                "n_seeds_completed": str(cell.n_completed),
-                "n_failed": str(cell.n_failed),
-                "n_running": str(counts["running"]),
-                "n_interrupted": str(counts["interrupted"]),
-                "seeds_completed": " ".join(str(s) for s in sorted(cell.by_seed)),
-            }
-            line.update(_interval_columns(summary.metric, cell.metric))
-            for mode in summary.eval_modes:
-                line.update(_interval_columns(f"eval_{mode}", cell.eval_modes.get(mode)))
-            line["mean_samples_per_s"] = _num(cell.samples_per_s)
-            line["mean_peak_memory_mb"] = _num(cell.peak_memory_mb)
-            line["mean_peak_cuda_memory_mb"] = _num(cell.peak_cuda_memory_mb)
-            line["status"] = cell.status_summary
-            rows.append(line)
+    for summary in analysis.conditions:
+        for row in summary.rows:
+            for bs in summary.batch_sizes:
+                cell = summary.cell(row, bs)
+                if cell is not None:
+                    rows.append(_results_row(summary, cell))
     return rows
+
+
+def _results_row(summary: Summary, cell: Cell) -> dict[str, str]:
+    counts = cell.status_counts
+    line = {
+        "condition": summary.condition,
+        "norm": cell.row,
+        "batch_size": str(cell.batch_size),
+        "n_seeds_expected": str(cell.n_expected),
+        "n_seeds_completed": str(cell.n_completed),
+        "n_failed": str(cell.n_failed),
+        "n_running": str(counts["running"]),
+        "n_interrupted": str(counts["interrupted"]),
+        "seeds_completed": " ".join(str(s) for s in sorted(cell.by_seed)),
+    }
+    line.update(_interval_columns(summary.metric, cell.metric))
+    line.update(_interval_columns("val_hd95", cell.hd95))
+    for mode in summary.eval_modes:
+        line.update(_interval_columns(f"eval_{mode}", cell.eval_modes.get(mode)))
+    line.update(_test_columns(f"minus_{summary.reference}", summary.delta(cell.row, cell.batch_size)))
+    line["n_still_improving"] = str(cell.still_improving)
+    line["mean_samples_per_s"] = _num(cell.samples_per_s)
+    line["mean_peak_memory_mb"] = _num(cell.peak_memory_mb)
+    line["mean_peak_cuda_memory_mb"] = _num(cell.peak_cuda_memory_mb)
+    line["status"] = cell.status_summary
+    return line
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -318,8 +415,8 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], leading: Sequence[str]
         writer.writerows(rows)
 
 
-def write_results_csv(summary: Summary, path: Path) -> None:
-    write_csv(path, results_rows(summary))
+def write_results_csv(analysis: Analysis, path: Path) -> None:
+    write_csv(path, results_rows(analysis))
 
 
 def write_runs_csv(runs: Sequence[Run], path: Path) -> None:

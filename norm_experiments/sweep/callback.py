@@ -17,8 +17,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from norm_experiments import run_record
 from norm_experiments.errors import UserError
-from norm_experiments.training.outputs import read_json
 
 log = logging.getLogger("norm_experiments.sweep")
 
@@ -26,10 +26,9 @@ log = logging.getLogger("norm_experiments.sweep")
 def sweep_status(sweep_dir: Path, started: float) -> Counter:
     """Count runs below sweep_dir by status; completed runs untouched since `started` count as skipped."""
     counts: Counter = Counter()
-    for path in sorted(sweep_dir.rglob("metrics.json")):
-        metrics = read_json(path) or {"status": "unreadable"}
-        status = metrics.get("status", "unknown")
-        if status == "completed" and path.stat().st_mtime < started:
+    for path in sorted(sweep_dir.rglob(run_record.FILENAME)):
+        status = run_record.status_of(run_record.read(path.parent) or {"status": "unreadable"}) or "unknown"
+        if status == run_record.Status.COMPLETED and path.stat().st_mtime < started:
             status = "skipped (already completed)"
         counts[status] += 1
     return counts

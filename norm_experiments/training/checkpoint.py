@@ -1,9 +1,18 @@
-"""Resumable checkpoints: everything needed to continue a run exactly, written atomically."""
+"""Resumable checkpoints: everything needed to continue a run exactly, written atomically.
+
+Every file is opened with torch's safe loader (`weights_only=True`: tensors, plain containers and numbers),
+so a crafted checkpoint.pt or model.pt in a run folder cannot run code when it is opened. Everything a
+checkpoint holds is stored in that form, the RNG states included. A file that needs any other type (a
+checkpoint written before this format, or a file from elsewhere) is refused unless the caller trusts it.
+"""
 
 from __future__ import annotations
 
 import io
+import logging
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +21,33 @@ import torch
 from norm_experiments.errors import UserError
 from norm_experiments.training.outputs import write_atomic
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT = "checkpoint.pt"  # the latest resumable state
 BEST_WEIGHTS = "best_model.pt"  # weights at the best validation Dice
 FINAL_WEIGHTS = "model.pt"  # weights at the end of training
+TRUST_FLAG = "trainer.trust_checkpoint=true"  # the opt-in that lets a trusted old file be unpickled
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "state", "rng")
+
+# torch's refusal names the global it would have had to import, e.g. "Unsupported global: GLOBAL posix.system"
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
 def rng_states() -> dict:
-    """Every global RNG a run touches. Data sampling and augmentation need none: they are re-seeded from
-    (seed, step) for every batch (see data.pipeline.BatchSampler)."""
+    """Every global RNG a run touches, as lists, numbers and tensors (what the safe loader restores).
+    Data sampling and augmentation need none: they are re-seeded from (seed, step) for every batch (see
+    data.pipeline.BatchSampler)."""
+    version, internal, gauss_next = random.getstate()
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     states = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "name": str(name),
+            "key": key.tolist(),  # 624 uint32 words: plain ints, not an ndarray
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -31,8 +56,17 @@ def rng_states() -> dict:
 
 
 def restore_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    """Restore what rng_states() saved. A checkpoint of an earlier version (loaded with the trust opt-in)
+    holds the tuples random.getstate() and np.random.get_state() return: those are set as they are."""
+    python = states["python"]
+    if isinstance(python, dict):
+        python = (python["version"], tuple(python["internal"]), python["gauss_next"])
+    random.setstate(python)
+    numpy = states["numpy"]
+    if isinstance(numpy, dict):
+        key = np.asarray(numpy["key"], dtype=np.uint32)
+        numpy = (numpy["name"], key, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
+    np.random.set_state(numpy)
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -48,10 +82,55 @@ def save(path: Path, state: dict) -> None:
         raise UserError(f"could not write {path}: {err.strerror or err}; the previous file is kept") from err
 
 
-def load(path: Path) -> dict:
+def load(path: Path, trust: bool = False) -> dict:
+    """A resumable checkpoint, opened safely; trust=True (trainer.trust_checkpoint) also opens a checkpoint
+    of an earlier version, by unpickling it. It is then saved again in the safe form at the next checkpoint."""
+    saved = _load(path, trust, TRUST_FLAG, "move it away to restart")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(saved, dict) or key not in saved]
+    if missing:
+        raise UserError(f"{path}: not a checkpoint of this project (no {', '.join(missing)}); move it away")
+    return saved
+
+
+def load_weights(path: Path, trust: bool = False, trust_flag: str = TRUST_FLAG) -> dict:
+    """Model weights from a file someone hands the project: a state dict (model.pt, best_model.pt) or a
+    full checkpoint's "model" entry. Opened with the safe loader; a file that needs any other type is
+    refused with a UserError naming that type and `trust_flag` (the caller's opt-in, which sets trust)."""
+    saved = _load(path, trust, trust_flag, "it holds no weights this project can read")
+    if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
+        saved = saved["model"]
+    if not isinstance(saved, dict) or not any(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise UserError(f"{path}: holds no model weights (neither a state dict nor a checkpoint)")
+    return saved
+
+
+def _load(path: Path, trust: bool, trust_flag: str, hint: str) -> object:
+    """torch.load with the safe loader. A file that needs other types is refused unless trust is set;
+    with trust, it is unpickled (which can run code) and a warning says so."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        needed = _UNSAFE_GLOBAL.search(str(err))
+        if not trust and needed is None:  # e.g. an opcode the safe loader does not know: a damaged file
+            raise UserError(f"{path}: not a readable checkpoint ({_reason(err)}); {hint}") from err
+        if not trust:
+            raise UserError(
+                f"{path}: refused: it needs {needed.group(1)}, and unpickling it could run code (a file of an "
+                f"earlier version, or from elsewhere); if you trust its source, add {trust_flag} to load it"
+            ) from err
+    except FileNotFoundError as err:
+        raise UserError(f"{path}: no such file") from err
+    except Exception as err:  # a truncated or foreign file: say which, never guess
+        raise UserError(f"{path}: not a readable checkpoint ({err.__class__.__name__}); {hint}") from err
+    log.warning("%s: unpickling it with the unsafe loader, as %s asks", path, trust_flag)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which, never guess
-        raise UserError(
-            f"{path}: not a readable checkpoint ({err.__class__.__name__}); move it away to restart"
-        ) from err
+    except Exception as err:
+        raise UserError(f"{path}: not a readable checkpoint ({err.__class__.__name__}); {hint}") from err
+
+
+def _reason(err: Exception) -> str:
+    """The reason in torch's multi-line refusal (e.g. "Unsupported operand 103")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [line for line in lines if line.startswith("Unsupported")]
+    return (reasons or lines or [err.__class__.__name__])[0][:120]

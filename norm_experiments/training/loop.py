@@ -40,9 +40,10 @@ from norm_experiments.norms import (
 )
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
-from norm_experiments.training.evaluate import Inference, ValResult, evaluate
+from norm_experiments.training.evaluate import Inference, ValResult, convergence, score_volumes, summarize
 from norm_experiments.training.outputs import (
     library_versions,
+    machine,
     peak_rss_mb,
     read_json,
     reset_peak_rss,
@@ -116,6 +117,22 @@ def use_channels_last(setting: object, device: torch.device, norm: str, effectiv
     if setting != "auto":
         return bool(setting)
     return device.type == "cpu" and effective_batch >= 2 and norm != "instance"
+
+
+def budget_steps(trainer_cfg: DictConfig, global_batch: int) -> int:
+    """Optimizer steps of a run. budget_unit=patches: trainer.samples patches whatever the batch size (the
+    same data, fewer steps at larger batches); budget_unit=steps: trainer.steps steps at every batch size."""
+    if trainer_cfg.budget_unit == "steps":
+        return int(trainer_cfg.steps)
+    return math.ceil(int(trainer_cfg.samples) / global_batch)
+
+
+def validation_steps(total_steps: int, validations: int) -> set[int]:
+    """The steps after which a run validates: `validations` times, evenly spaced, the last at the end.
+
+    Spaced in fractions of the run rather than in patches, so that runs at every batch size and budget unit
+    validate at the same points of their training (the convergence flag compares those points)."""
+    return {max(1, round(total_steps * k / validations)) for k in range(1, validations + 1)}
 
 
 def seed_everything(seed: int) -> None:
@@ -237,8 +254,8 @@ class Run:
             list(cfg.data.patch_size),
             self.global_batch if self.spec.name == "syncbatch" else self.effective_batch,
         )
-        self.total_steps = math.ceil(int(cfg.trainer.samples) / self.global_batch)
-        self.val_every = max(1, round(int(cfg.trainer.val_every_samples) / self.global_batch))
+        self.total_steps = budget_steps(cfg.trainer, self.global_batch)
+        self.val_steps = validation_steps(self.total_steps, int(cfg.trainer.validations))
         self.ckpt_every = max(1, round(int(cfg.trainer.checkpoint_every_samples) / self.global_batch))
         gpu_index = distributed.local_rank() if self.world_size > 1 else job_num
         self.device = select_device(str(cfg.trainer.device), gpu_index)
@@ -334,7 +351,7 @@ class Run:
         path = self.run_dir / ckpt.CHECKPOINT
         if not path.exists() or self.cfg.trainer.overwrite:
             return False
-        saved = ckpt.load(path)
+        saved = ckpt.load(path, trust=bool(self.cfg.trainer.trust_checkpoint))
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -366,7 +383,9 @@ class Run:
             "bn_batch": self.bn_batch,  # patches per BatchNorm statistic in training (None: not batch-based)
             "lr": self.lr,
             "lr_scaling": str(self.cfg.optim.lr_scaling),
-            "samples_budget": int(self.cfg.trainer.samples),
+            "intensity": str(self.cfg.data.intensity),  # a condition of the study: raw or z-scored input
+            "budget_unit": str(self.cfg.trainer.budget_unit),  # patches (same data) or steps (same steps)
+            "samples_budget": self.total_steps * self.global_batch,
             "samples_seen": s.samples_seen,
             "steps": s.step,
             "total_steps": self.total_steps,
@@ -381,6 +400,7 @@ class Run:
             if self.device.type == "cuda"
             else None,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "machine": machine(),
             "versions": library_versions(),
             "history": s.history,
             "preprocessing": self.data.preprocessing,  # intensity per channel, CT statistics, spacing
@@ -413,25 +433,27 @@ class Run:
         self.scheduler.step()
         return loss.detach()
 
-    def evaluate(self, model: nn.Module, mode: str = "running") -> ValResult:
-        """Dice on the validation volumes with BatchNorm layers in `mode` (running | batch, see bn_eval_mode).
+    def evaluate(self, model: nn.Module, mode: str = "running", surface: bool = False) -> ValResult:
+        """Dice (and HD95 when `surface`) on the validation volumes with BatchNorm layers in `mode` (running |
+        batch, see bn_eval_mode).
 
-        With several ranks, each evaluates its share of the volumes and the Dice sums are merged. No forward
-        communicates: sync layers use their rank's batch statistics ("batch" mode normalizes each forward with
-        its own statistics, as in one process), so ranks with different numbers of forwards never wait.
+        With several ranks, each evaluates every world_size-th volume and the per-class sums are added: the
+        same numbers as one process. No forward communicates: sync layers use their rank's batch statistics
+        ("batch" mode normalizes each forward with its own statistics, as in one process), so ranks with
+        different numbers of forwards never wait.
         """
         with bn_eval_mode(model, mode), distributed.local_batch_statistics(model):
-            if self.world_size == 1:
-                return evaluate(model, self.data.val, self.num_classes, self.inference)
-            return evaluate_shared(model, self.data.val, self.num_classes, self.inference)
+            volumes = distributed.shard(self.data.val)
+            totals, example = score_volumes(model, volumes, self.num_classes, self.inference, surface)
+        if self.world_size > 1:
+            totals = distributed.sum_across_ranks(totals)
+        return summarize(totals, surface, example)
 
-    def validate(self, writer) -> ValResult:
+    def validate(self, writer, surface: bool = False) -> ValResult:
         distributed.broadcast_buffers(self.model)  # one model on every rank: rank 0's running statistics
-        result = self.evaluate(self.model)
+        result = self.evaluate(self.model, surface=surface)
         step = self.state.step
-        writer.add_scalar("val/dice_mean", result.dice_mean, step)
-        for name, dice in zip(self.class_names, result.dice_per_class):
-            writer.add_scalar(f"val/dice_{name}", dice, step)
+        self.log_scores(writer, result)
         if result.example is not None:
             writer.add_image(
                 "val/slice_input_truth_prediction", slice_panel(*result.example, self.num_classes), step
@@ -439,11 +461,26 @@ class Run:
         self.state.history.append(
             {"step": step, "samples_seen": self.state.samples_seen, "val_dice": result.dice_mean}
         )
-        if result.dice_mean > self.state.best_val_dice:
+        if result.dice_mean > self.state.best_val_dice:  # False for nan: no class present
             self.state.best_val_dice, self.state.best_step = result.dice_mean, step
             if distributed.is_main():
                 ckpt.save(self.run_dir / ckpt.BEST_WEIGHTS, self.model.state_dict())
         return result
+
+    def log_scores(self, writer, result: ValResult, suffix: str = "") -> None:
+        """val/dice_mean{suffix}, per class, and HD95 when computed; absent classes are not logged."""
+        step = self.state.step
+        writer.add_scalar(f"val/dice_mean{suffix}", result.dice_mean, step)
+        if result.hd95_mean is not None:
+            writer.add_scalar(f"val/hd95_mean{suffix}", result.hd95_mean, step)
+        if suffix:
+            return
+        for name, dice in zip(self.class_names, result.dice_per_class):
+            if dice is not None:
+                writer.add_scalar(f"val/dice_{name}", dice, step)
+        for name, hd95 in zip(self.class_names, result.hd95_per_class or []):
+            if hd95 is not None:
+                writer.add_scalar(f"val/hd95_{name}", hd95, step)
 
     def log_diagnostics(self, writer, monitor: BNStatMonitor, loss: float) -> None:
         step = self.state.step
@@ -470,20 +507,20 @@ class Run:
         needed = math.ceil(int(self.cfg.trainer.precise_bn_samples) / (self.effective_batch * world))
         return (sampler.batch(i)[0] for i in range(needed))
 
-    def evaluate_bn_modes(self, running: ValResult) -> dict[str, float]:
-        """Mean Dice under BatchNorm's three evaluation modes, without retraining.
+    def evaluate_bn_modes(self, running: ValResult) -> dict[str, ValResult]:
+        """Scores under BatchNorm's three evaluation modes, without retraining.
 
         running: the running averages BatchNorm kept during training (what model.eval() uses).
         batch:   each forward normalizes with its own statistics (the windows of one sliding-window batch).
         precise: population statistics recomputed over training patches after training (PreciseBN), on a copy.
         """
-        scores = {"running": running.dice_mean, "batch": self.evaluate(self.model, "batch").dice_mean}
+        scores = {"running": running, "batch": self.evaluate(self.model, "batch", surface=True)}
         precise = copy.deepcopy(self.model)
         recompute_bn_statistics(precise, self.precise_bn_batches(), self.device)
         # Already equal on every rank, except torch's own SyncBatchNorm (MONAI nets), whose statistics
         # recompute_bn_statistics does not merge: then rank 0's share of the patches decides.
         distributed.broadcast_buffers(precise)
-        scores["precise"] = self.evaluate(precise).dice_mean
+        scores["precise"] = self.evaluate(precise, surface=True)
         return scores
 
     def train(self) -> dict:
@@ -558,16 +595,16 @@ class Run:
             log_now = s.step % int(self.cfg.trainer.log_every_steps) == 0 or s.step == self.total_steps
             checkpoint_now = s.step % self.ckpt_every == 0 and s.step < self.total_steps
             loss_value = None
-            # Reading the loss syncs with the GPU: only when it is shown, and before a checkpoint, so that a
-            # checkpoint never holds a diverged state.
-            if log_now or checkpoint_now or progress.wants_loss(s.step):
+            # Reading the loss syncs with the GPU: only at logging steps (the progress display shows the last
+            # one read), and before a checkpoint, so that a checkpoint never holds a diverged state.
+            if log_now or checkpoint_now:
                 loss_value = float(loss)
                 self._check_finite(loss_value)
             s.train_seconds += time.perf_counter() - t0
             s.data_wait_seconds += waited
             if log_now:
                 self.log_diagnostics(writer, monitor, loss_value)
-            if s.step % self.val_every == 0 and s.step < self.total_steps:
+            if s.step in self.val_steps and s.step < self.total_steps:
                 progress.dice = self.validate(writer).dice_mean
             if checkpoint_now:
                 self.save_checkpoint()
@@ -586,16 +623,24 @@ class Run:
         raise RunDiverged(f"loss became {loss} at step {self.state.step}; {where}")
 
     def _finish(self, writer, started: float) -> dict:
-        final = self.validate(writer)
+        final = self.validate(writer, surface=True)
+        if final.absent:
+            names = ", ".join(self.class_names[c - 1] for c in final.absent)
+            log.warning("class(es) %s absent from every validation case: left out of the means", names)
         extra: dict[str, object] = {
             "val_dice": final.dice_mean,
             "val_dice_per_class": dict(zip(self.class_names, final.dice_per_class)),
+            "val_hd95": final.hd95_mean,
+            "val_hd95_per_class": dict(zip(self.class_names, final.hd95_per_class or [])),
+            "absent_classes": [self.class_names[c - 1] for c in final.absent],
+            "convergence": convergence(self.state.history, self.total_steps),
         }
         if self.spec.uses_batch_statistics and self.cfg.trainer.eval_modes:
             modes = self.evaluate_bn_modes(final)
-            extra["eval_modes"] = modes
-            for mode, dice in modes.items():
-                writer.add_scalar(f"val/dice_mean_{mode}", dice, self.state.step)
+            extra["eval_modes"] = {mode: result.dice_mean for mode, result in modes.items()}
+            extra["eval_modes_hd95"] = {mode: result.hd95_mean for mode, result in modes.items()}
+            for mode, result in modes.items():
+                self.log_scores(writer, result, suffix=f"_{mode}")
         self.save_checkpoint()
         if distributed.is_main():
             ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, self.model.state_dict())
@@ -613,9 +658,12 @@ class Run:
                 "seed",
                 "lr",
                 "model",
+                "intensity",
+                "budget_unit",
             )
         }
         scores = {"hparam/val_dice": final.dice_mean, "hparam/best_val_dice": self.state.best_val_dice}
+        scores["hparam/val_hd95"] = final.hd95_mean
         scores.update({f"hparam/val_dice_{m}": d for m, d in extra.get("eval_modes", {}).items()})  # type: ignore[union-attr]
         log_hparams(writer, hparams, scores)
         return metrics
@@ -758,25 +806,3 @@ class _NoWriter:
 
     def __call__(self, *args, **kwargs) -> None:
         return None
-
-
-def evaluate_shared(model: nn.Module, volumes: list, num_classes: int, inference: Inference) -> ValResult:
-    """evaluate() with the volumes shared out across ranks (every world_size-th to each), merged on all ranks.
-
-    The same numbers as evaluate() on every volume in one process: per class, the sum of the volumes' Dice
-    and the number of volumes whose ground truth holds the class (DiceMetric ignores the others), summed
-    over ranks. The example slice is rank 0's first volume, which is volume 0.
-    """
-    totals = torch.zeros(2, num_classes - 1, dtype=torch.float64)
-    example = None
-    for vol in distributed.shard(volumes):
-        result = evaluate(model, [vol], num_classes, inference)
-        present = torch.tensor(
-            [bool((vol.label == c).any()) for c in range(1, num_classes)], dtype=torch.float64
-        )
-        totals[0] += torch.tensor(result.dice_per_class, dtype=torch.float64) * present
-        totals[1] += present
-        example = result.example if example is None else example
-    dice_sum, count = distributed.sum_across_ranks(totals)
-    per_class = torch.where(count > 0, dice_sum / count.clamp_min(1), 0.0).tolist()
-    return ValResult(sum(per_class) / len(per_class), per_class, example)

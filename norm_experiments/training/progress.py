@@ -18,6 +18,7 @@ class Progress:
         # Plain mode logs about 20 lines per run, enough to follow a run without flooding a sweep's log.
         self.log_every = max(1, total_steps // 20)
         self.dice: float | None = None
+        self.loss: float | None = None  # the loss of the last logging step: reading it syncs with the GPU
         self._bar = None
         if mode == "bar":
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
@@ -34,20 +35,17 @@ class Progress:
             self._task = self._bar.add_task("train", total=total_steps, completed=start_step, info="")
             self._bar.start()
 
-    def wants_loss(self, step: int) -> bool:
-        """Whether update() after this step will show the loss (reading it syncs with the GPU)."""
-        return self.mode == "bar" or (
-            self.mode == "log" and (step % self.log_every == 0 or step == self.total)
-        )
-
     def update(self, step: int, loss: float | None) -> None:
-        """Called after each step (1-based count of finished steps); loss may be None when not synced."""
-        info = f"loss {loss:.4f}" if loss is not None else ""
+        """Called after each step (1-based count of finished steps). `loss` is given only at logging steps
+        (trainer.log_every_steps), where the loop reads it anyway; in between, the last one is shown."""
+        if loss is not None:
+            self.loss = loss
+        info = f"loss {self.loss:.4f}" if self.loss is not None else ""
         if self.dice is not None:
             info += f"  val dice {self.dice:.3f}"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
-        elif self.mode == "log" and loss is not None and self.wants_loss(step):
+        elif self.mode == "log" and (step % self.log_every == 0 or step == self.total):
             done = step - self.start
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(done, 1) * (self.total - step)

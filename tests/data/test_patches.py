@@ -36,7 +36,7 @@ def cube_volume(name: str, shape=(20, 20, 20), cube=slice(8, 12), seed: int = 0)
     label = torch.zeros(1, *shape)
     label[:, cube, cube, cube] = 1
     item = FgBgToIndicesd("label")({"image": image, "label": label})
-    return Volume(name=name, item=item)
+    return Volume(name=name, item=item, spacing=(1.0, 1.0, 1.0))
 
 
 def test_cut_patch_matches_numpy_slicing_flips_and_turns() -> None:

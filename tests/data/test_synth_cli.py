@@ -43,7 +43,9 @@ def test_cli_refuses_a_non_empty_directory(tmp_path):
 def test_cli_rejects_a_bad_value_without_traceback(tmp_path):
     result = run_cli(str(tmp_path / "x"), "--noise", "-1")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["error: synthetic data: noise_std=-1.0 must be >= 0"]
+    assert result.stderr.strip().splitlines() == [
+        "error: synthetic data: noise_std=(-1.0, -1.0) must be >= 0 (one value, or (min, max) with min <= max)"
+    ]
     assert not (tmp_path / "x").exists()
 
 
@@ -63,9 +65,11 @@ def test_every_config_field_is_reachable(tmp_path, monkeypatch):
         objects_per_class=(2, 4),
         radius_range=(3.0, 6.0),
         class_imbalance=2.0,
-        noise_std=0.5,
+        noise_std=(0.2, 0.5),
         intensity_scale_range=(0.5, 2.0),
         intensity_offset_range=(-1.0, 3.0),
+        contrast_range=(0.8, 1.2),
+        gamma_range=(0.9, 1.1),
         bias_field=0.1,
         seed=11,
     )
@@ -73,8 +77,9 @@ def test_every_config_field_is_reachable(tmp_path, monkeypatch):
     synthetic.main(
         [str(tmp_path / "o"), "--layout", "folder", "--cases", "5", "--shape", "20", "24", "28"]
         + ["--spacing", "0.8", "0.9", "3", "--classes", "3", "--objects-per-class", "2", "4"]
-        + ["--radius-range", "3", "6", "--class-imbalance", "2", "--noise", "0.5"]
-        + ["--scale-range", "0.5", "2", "--offset-range", "-1", "3", "--bias-field", "0.1", "--seed", "11"]
+        + ["--radius-range", "3", "6", "--class-imbalance", "2", "--noise", "0.2", "0.5"]
+        + ["--scale-range", "0.5", "2", "--offset-range", "-1", "3", "--contrast-range", "0.8", "1.2"]
+        + ["--gamma-range", "0.9", "1.1", "--bias-field", "0.1", "--seed", "11"]
     )
     assert seen["cfg"] == expected and seen["layout"] == "folder"
     defaults = {f: getattr(SynthConfig(), f) for f in SynthConfig.__dataclass_fields__}

@@ -64,6 +64,8 @@ def test_key_is_stable_short_hex_and_field_sensitive():
     for change in (
         {"seed": 1},
         {"noise_std": 0.3},
+        {"contrast_range": (1, 1)},
+        {"gamma_range": (1, 1)},
         {"shape": (32, 48, 48)},
         {"intensity_offset_range": (0, 0)},
     ):
@@ -82,6 +84,9 @@ def test_key_is_stable_short_hex_and_field_sensitive():
         ("intensity_scale_range", (0.0, 2.0)),
         ("intensity_offset_range", (1.0, -1.0)),
         ("bias_field", 1.5),
+        ("bias_field", (0.3, 0.1)),
+        ("contrast_range", (0.0, 1.0)),
+        ("gamma_range", (1.2, 0.8)),
         ("class_imbalance", 0.0),
     ],
 )
@@ -199,6 +204,55 @@ def test_without_scanner_variation_cases_look_alike():
     means, stds, _ = case_stats(cfg)
     assert stds.max() / stds.min() < 2
     assert means.max() - means.min() < 1
+
+
+def zscored_class_distance(cfg: SynthConfig) -> np.ndarray:
+    """Per case: class 1's mean minus class 2's mean after a per-case z-score (what zscore leaves)."""
+    distances = []
+    for i in range(cfg.num_cases):
+        image, label, _ = make_case(cfg, i)
+        z = (image - image.mean()) / image.std()
+        distances.append(z[label == 1].mean() - z[label == 2].mean())
+    return np.array(distances)
+
+
+def test_non_linear_variation_survives_a_per_case_zscore():
+    """Gain and offset vanish under a z-score; contrast and gamma do not: cases keep differing after it."""
+    common = {"num_cases": 24, "shape": (16, 16, 16), "radius_range": (2.0, 4.0), "seed": 3}
+    linear = SynthConfig(**common, contrast_range=(1, 1), gamma_range=(1, 1), noise_std=0.25, bias_field=0.15)
+    varied = SynthConfig(
+        **common, contrast_range=(0.5, 2.0), gamma_range=(1, 1), noise_std=0.25, bias_field=0.15
+    )
+    assert zscored_class_distance(varied).std() > 1.5 * zscored_class_distance(linear).std()
+    # Same draws apart from the contrast: a pure gain change leaves the z-scored image unchanged.
+    image, _, params = make_case(linear, 0)
+    regain = SynthConfig(
+        **{**common, "num_cases": 1},
+        contrast_range=(1, 1),
+        gamma_range=(1, 1),
+        noise_std=0.25,
+        bias_field=0.15,
+        intensity_scale_range=(5.0, 5.0),
+    )
+    other, _, other_params = make_case(regain, 0)
+    assert other_params["gain"] == pytest.approx(5.0) and params["gain"] != pytest.approx(5.0)
+    np.testing.assert_allclose(
+        (image - image.mean()) / image.std(), (other - other.mean()) / other.std(), atol=1e-4
+    )
+
+
+def test_per_case_parameters_are_recorded_within_their_ranges():
+    cfg = SynthConfig(num_cases=12, shape=(16, 16, 16), radius_range=(2.0, 4.0), seed=2)
+    params = [make_case(cfg, i)[2] for i in range(cfg.num_cases)]
+    for key, (lo, hi) in {
+        "contrast": cfg.contrast_range,
+        "gamma": cfg.gamma_range,
+        "bias_field": cfg.bias_field,
+        "noise_std": cfg.noise_std,
+    }.items():
+        values = [p[key] for p in params]
+        assert lo <= min(values) and max(values) <= hi, key
+        assert max(values) - min(values) > 0.3 * (hi - lo), key  # really drawn per case
 
 
 def test_objects_differ_from_local_background_in_every_case(small_cfg):

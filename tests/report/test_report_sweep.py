@@ -57,24 +57,27 @@ def test_two_norms_two_batch_sizes(small_sweep):
 
 
 def test_best_norm_row_uses_paired_test(small_sweep):
-    rows = table_rows(build_report([small_sweep]).table)
+    report = build_report([small_sweep])
+    rows = table_rows(report.table)
     # bs 1: group leads by 0.3 with small paired noise; bs 2: lead 0.11 with large paired noise.
-    assert rows["**best norm**"][0].startswith("group: yes (p=0.0")
-    assert rows["**best norm**"][1].startswith("group: within noise (p=0.")
+    assert rows["**best (ties)**"] == ["group; ahead of all", "group; ties: batch"]
+    best = report.analysis.conditions[0].best
+    assert best[1].comparisons[0].p_holm == pytest.approx(best[1].comparisons[0].test.p_value)  # m = 1
+    assert best[2].indistinguishable == ["group", "batch"]
 
 
 def test_best_norm_needs_two_paired_seeds(tmp_path, write_run):
     write_run(tmp_path, "batch", 1, 0, 0.5)
     write_run(tmp_path, "group", 1, 1, 0.8)
     rows = table_rows(build_report([tmp_path]).table)
-    assert rows["**best norm**"] == ["group: n/a"]
+    assert rows["**best (ties)**"] == ["group; untested: batch"]
     assert rows["group"] == ["0.800 (n=1/2)"]  # seeds 0 and 1 exist in the sweep, group has only one
 
 
 def test_eval_mode_rows_only_for_bn_family(small_sweep):
     report = build_report([small_sweep])
     labels = list(table_rows(report.table))
-    assert labels == ["batch", "batch (precise BN)", "batch (batch stats)", "group", "**best norm**"]
+    assert labels == ["batch", "batch (precise BN)", "batch (batch stats)", "group", "**best (ties)**"]
     assert table_rows(report.table)["batch (batch stats)"] == ["0.600 ± 0.100", "0.800 ± 0.100"]
 
 
@@ -194,10 +197,12 @@ def test_no_bn_plot_without_bn_family(tmp_path, write_run):
 
 def test_reading_is_generated_from_numbers(small_sweep):
     md = build_report([small_sweep]).markdown
-    assert "At batch size 1, BatchNorm evaluated with running statistics reaches 0.500" in md
-    assert "batch-statistics evaluation reaches 0.600" in md
-    assert "bs 1: group (0.800" in md
-    assert "`group` depends least on batch size" in md
+    # The fixture's batch-stats evaluation is exactly running + 0.1 for every seed: no noise, p = 0.
+    assert (
+        "BatchNorm: at batch size 1 its running statistics score 0.500 and its batch statistics 0.600" in md
+    )
+    assert "significantly (Holm) at batch sizes 1, 2." in md
+    assert "bs 1: group; bs 2: group, batch." in md
 
 
 def test_different_models_are_separate_rows(tmp_path, write_run):
@@ -228,7 +233,7 @@ def test_sweep_where_nothing_completed(tmp_path, write_run, recwarn):
     rows = table_rows(report.table)
     assert rows["batch"] == ["failed (1/1)", "—"]
     assert rows["group"] == ["—", "running (1/1)"]
-    assert rows["**best norm**"] == ["—", "—"]
+    assert rows["**best (ties)**"] == ["—", "—"]
     assert "Expected more than 1 value per channel" in report.markdown
     assert (tmp_path / "dice_vs_batch_size.png").exists()
     assert not [w for w in recwarn if "matplotlib" in str(w.filename)]

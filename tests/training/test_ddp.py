@@ -31,8 +31,10 @@ from tests.helpers import compose_config, run_cli
 # One memory format everywhere: channels_last=auto picks channels_last_3d for the batch-2 run on a CPU but
 # not for batch-1 ranks, and the two layouts round differently (beyond this file's tolerances after 16 steps).
 SMOKE = ["experiment=smoke", "trainer.num_threads=1", "trainer.progress=log", "trainer.channels_last=false"]
-# 16 steps at a global batch of 2, a checkpoint every 2 steps: time to be stopped in the middle.
-BUDGET = ["trainer.samples=32", "trainer.checkpoint_every_samples=4"]
+# 16 steps at a global batch of 2, a checkpoint every 2 steps: time to be stopped in the middle. SGD, because
+# AdamW's first steps are nearly sign(gradient) steps: a gradient component near zero whose sign flips with the
+# summation order moves a weight by ~2 lr, and 16 such steps amplify rounding to ~1e-2 in the deepest layers.
+BUDGET = ["trainer.samples=32", "trainer.checkpoint_every_samples=4", "optim=sgd"]
 BN_STATS = ("running_mean", "running_var")
 
 
@@ -144,7 +146,7 @@ def test_two_syncbatch_ranks_at_batch_1_train_as_batchnorm_at_batch_2(sync_run, 
     assert a.keys() == b.keys()
     for key in a:
         if key.endswith(BN_STATS):
-            torch.testing.assert_close(a[key], b[key], atol=5e-3, rtol=0, msg=key)
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
 
 
 def _one_step_on_rank(rank: int, world: int, port: int, out: str) -> None:

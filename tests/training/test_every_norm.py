@@ -14,7 +14,7 @@ from norm_experiments.norms import NORM_NAMES, make_norm_spec
 from norm_experiments.training.loop import train
 from tests.helpers import compose_config
 
-FAST = ["experiment=smoke", "trainer.samples=4", "trainer.val_every_samples=4", "trainer.num_threads=1"]
+FAST = ["experiment=smoke", "trainer.samples=4", "trainer.validations=1", "trainer.num_threads=1"]
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
@@ -24,7 +24,10 @@ def test_every_norm_trains_at_batch_1_and_2(norm: str, batch_size: int, tmp_path
     metrics = train(cfg, tmp_path)
     assert metrics["status"] == "completed"
     assert metrics["norm"] == norm and metrics["effective_batch"] == batch_size
-    assert 0.0 <= metrics["val_dice"] <= 1.0
+    assert metrics["samples_seen"] == 4 and metrics["steps"] == 4 // batch_size
+    per_class = list(metrics["val_dice_per_class"].values())
+    assert metrics["val_dice"] == pytest.approx(sum(per_class) / len(per_class))
+    assert metrics["history"][-1]["val_dice"] == metrics["val_dice"]
     assert ("eval_modes" in metrics) == (norm in {"batch", "batchrenorm", "ghostbatch", "syncbatch"})
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
 

@@ -21,7 +21,7 @@ ARGS = [
     "data.batch_size=1",
     "trainer.samples=32",
     "trainer.checkpoint_every_samples=8",
-    "trainer.val_every_samples=16",
+    "trainer.validations=2",
     "trainer.progress=log",
     "trainer.num_threads=1",
 ]

@@ -32,10 +32,22 @@ def test_smoke_run_writes_truthful_metrics(smoke_run: tuple[Path, Path]) -> None
     assert metrics["norm"] == "batch" and metrics["batch_size"] == 1 and metrics["seed"] == 0
     assert metrics["patches_per_volume"] == 1 and metrics["effective_batch"] == 1
     assert metrics["samples_seen"] == 16 and metrics["steps"] == 16  # trainer.samples=16 at batch 1
-    assert 0.0 <= metrics["val_dice"] <= 1.0
-    assert set(metrics["eval_modes"]) == {"running", "precise", "batch"}
-    assert metrics["eval_modes"]["running"] == pytest.approx(metrics["val_dice"])
-    assert set(metrics["val_dice_per_class"]) == {"class1", "class2"}
+    assert metrics["budget_unit"] == "patches" and metrics["intensity"] == "none"
+    per_class = metrics["val_dice_per_class"]
+    assert set(per_class) == {"class1", "class2"} and metrics["absent_classes"] == []
+    assert metrics["val_dice"] == pytest.approx(sum(per_class.values()) / 2)  # the mean of what it reports
+    assert set(metrics["eval_modes"]) == set(metrics["eval_modes_hd95"]) == {"running", "precise", "batch"}
+    # HD95 in mm: between 0 and the diagonal of a 24^3 volume at 1.5 x 1.5 x 2 mm.
+    hd95 = metrics["val_hd95_per_class"]
+    assert set(hd95) == {"class1", "class2"} and all(
+        0 <= v <= 24 * (1.5**2 * 2 + 4) ** 0.5 for v in hd95.values()
+    )
+    assert metrics["val_hd95"] == pytest.approx(sum(hd95.values()) / 2)
+    # Two validations (trainer.validations=2): half way and at the end; the flag compares them.
+    assert [h["step"] for h in metrics["history"]] == [8, 16]
+    late = metrics["history"][1]["val_dice"] - metrics["history"][0]["val_dice"]
+    assert metrics["convergence"]["late_gain"] == pytest.approx(late)
+    assert metrics["convergence"]["since_fraction"] == 0.5
     assert metrics["samples_per_s"] > 0 and 0 <= metrics["data_wait_fraction"] < 1
     assert metrics["peak_memory_mb"] > 50 and metrics["device"] == "cpu"
     assert metrics["versions"]["torch"] and metrics["wall_time_s"] > 0
@@ -58,6 +70,10 @@ def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
         "val/dice_mean_running",
         "val/dice_mean_precise",
         "val/dice_mean_batch",
+        "val/hd95_mean",
+        "val/hd95_class1",
+        "val/hd95_mean_batch",
+        "val/hd95_mean_precise",
     }
     assert expected <= scalars, expected - scalars
     assert any(tag.startswith("bn_stats/") for tag in scalars)
@@ -66,6 +82,9 @@ def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
     assert [e.step for e in loss][-1] == 16
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert events.Scalars("val/dice_mean")[-1].value == pytest.approx(metrics["val_dice"], abs=1e-6)
+    assert events.Scalars("val/hd95_mean")[-1].value == pytest.approx(metrics["val_hd95"], rel=1e-6)
+    batch_mode = events.Scalars("val/dice_mean_batch")[-1].value
+    assert batch_mode == pytest.approx(metrics["eval_modes"]["batch"], abs=1e-6)
     # HParams view: the plugin's session summary is in the same run, not a separate time-stamped one
     hparams = events.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(

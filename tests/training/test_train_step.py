@@ -78,7 +78,7 @@ def test_volumes_cached_on_the_gpu_train_and_validate(tmp_path: Path) -> None:
     run = Run(cfg, tmp_path)
     metrics = run.train()
     assert run.data.train[0].image.is_cuda and run.data.val[0].label.is_cuda
-    assert metrics["status"] == "completed" and 0.0 <= metrics["val_dice"] <= 1.0
+    assert metrics["status"] == "completed" and metrics["steps"] == run.total_steps
     assert set(metrics["eval_modes"]) == {"running", "batch", "precise"}
 
 

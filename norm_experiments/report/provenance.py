@@ -1,0 +1,61 @@
+"""Where a report's numbers come from: the commands, the machine, the dates and the library versions."""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from norm_experiments.report.collect import Collection
+
+
+def sweep_command(sweep_dir: Path) -> str | None:
+    """The `norm-exp-train` command that made a sweep, from the multirun.yaml Hydra writes in its folder."""
+    path = sweep_dir / "multirun.yaml"
+    try:
+        task = OmegaConf.select(OmegaConf.load(path), "hydra.overrides.task")
+    except (OSError, ValueError):
+        return None
+    if task is None:
+        return None
+    return shlex.join(["norm-exp-train", *(str(o) for o in task)])
+
+
+def _time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _most_common(values: list[str]) -> str:
+    counts = Counter(values)
+    text = counts.most_common(1)[0][0]
+    return text if len(counts) == 1 else f"{text} (and {len(counts) - 1} other value(s) in some runs)"
+
+
+def header_lines(collection: Collection, report_command: str) -> list[str]:
+    """Markdown lines naming the command that wrote the document, the sweep commands, machine, dates and
+    library versions, read from the runs' own metrics.json (not from the machine writing the report)."""
+    lines = [f"Written by `{report_command}` on {_time(datetime.now(timezone.utc).timestamp())}."]
+    for sweep_dir in collection.sweep_dirs:
+        command = sweep_command(sweep_dir)
+        if command:
+            lines.append(f"Runs made by `{command}` (from `{sweep_dir}/multirun.yaml`).")
+    done = [r for r in collection.runs if r.completed]
+    if done:
+        ends = [r.mtime for r in done]
+        starts = [r.mtime - (r.value("wall_time_s") or 0.0) for r in done]
+        minutes = (max(ends) - min(starts)) / 60
+        lines.append(
+            f"Runs: {_time(min(starts))} to {_time(max(ends))} ({minutes:.0f} min from the first start to the "
+            "last end; a resumed run counts from its last start)."
+        )
+        machines = [str(r.data.get("machine") or "not recorded") for r in done]
+        devices = [str(r.data.get("device") or "?") for r in done]
+        lines.append(f"Machine: {_most_common(machines)}; device: {_most_common(devices)}.")
+        versions = [
+            ", ".join(f"{k} {v}" for k, v in sorted((r.data.get("versions") or {}).items())) for r in done
+        ]
+        lines.append(f"Libraries: {_most_common(versions)}.")
+    return [f"- {line}" for line in lines]

@@ -1,0 +1,267 @@
+"""Opening a file never runs code: checkpoints and weights load with torch's safe loader (weights_only=True),
+a file that needs anything else is refused with one line, and trainer.trust_checkpoint=true is the only way
+to unpickle one (a checkpoint of an earlier version)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from norm_experiments.config import run_identity
+from norm_experiments.errors import UserError
+from norm_experiments.train import resume_argv
+from norm_experiments.training import checkpoint as ckpt
+from tests.helpers import compose_config, run_cli
+
+# Long enough to be stopped by SIGTERM after the first checkpoint (step 4), short enough to finish in seconds.
+ARGS = [
+    "experiment=smoke",
+    "data.batch_size=1",
+    "trainer.samples=64",
+    "trainer.checkpoint_every_samples=4",
+    "trainer.validations=2",
+    "trainer.eval_modes=false",
+    "trainer.progress=log",
+    "trainer.num_threads=1",
+]
+
+
+class TouchOnLoad:
+    """Unpickling this object creates `marker`: what a crafted checkpoint could do with any other call."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def old_format(saved: dict) -> dict:
+    """The checkpoint as versions before the safe format wrote it: the RNG tuples of random.getstate() and
+    np.random.get_state(), an ndarray inside."""
+    python, numpy = saved["rng"]["python"], saved["rng"]["numpy"]
+    rng = {
+        **saved["rng"],
+        "python": (python["version"], tuple(python["internal"]), python["gauss_next"]),
+        "numpy": (
+            numpy["name"],
+            np.asarray(numpy["key"], dtype=np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        ),
+    }
+    return {**saved, "rng": rng}
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+# ----------------------------------------------------------------------------------------- unit tests
+
+
+def test_rng_states_survive_the_safe_loader_bit_exactly(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state: that must survive too
+    ckpt.save(tmp_path / "rng.pt", ckpt.rng_states())
+    expected = (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.restore_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_rng_states_of_an_earlier_version_still_restore() -> None:
+    random.seed(4), np.random.seed(5)
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    expected = (random.random(), np.random.rand())
+    random.seed(0), np.random.seed(0)
+    ckpt.restore_rng_states(old)
+    assert (random.random(), np.random.rand()) == expected
+
+
+def test_optimizer_scheduler_and_enabled_scaler_load_safely(tmp_path: Path) -> None:
+    """Every part of a checkpoint, in the state a real step leaves it (AdamW moments, LambdaLR counters, an
+    enabled GradScaler's scale and tracker), loads with weights_only=True and restores equal."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    scaler.scale(model(torch.ones(4, 3)).sum()).backward()
+    scaler.step(optimizer), scaler.update(), scheduler.step()
+    history = [{"step": 1, "samples_seen": 4, "val_dice": 0.5}]
+    state = {"step": 1, "best_val_dice": 0.5, "history": history}
+    parts = {
+        "run_id": "abc",
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "state": state,
+        "rng": ckpt.rng_states(),
+    }
+    ckpt.save(tmp_path / "c.pt", parts)
+    loaded = ckpt.load(tmp_path / "c.pt")
+    assert loaded["scaler"] == scaler.state_dict() and loaded["scaler"]["scale"] == 1024.0
+    assert loaded["scheduler"]["last_epoch"] == 1 and loaded["state"] == state
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
+    assert torch.equal(
+        loaded["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"]
+    )
+    fresh = torch.optim.AdamW(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    fresh.load_state_dict(loaded["optimizer"])  # accepted as it is
+    assert fresh.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+
+
+def test_load_weights_of_a_state_dict_and_of_a_checkpoint(tmp_path: Path) -> None:
+    weights = torch.nn.Conv3d(1, 2, 3).state_dict()
+    ckpt.save(tmp_path / "model.pt", weights)
+    ckpt.save(tmp_path / "checkpoint.pt", {"model": weights, "rng": ckpt.rng_states(), "state": {"step": 3}})
+    for name in ("model.pt", "checkpoint.pt"):
+        loaded = ckpt.load_weights(tmp_path / name)
+        assert loaded.keys() == weights.keys()
+        assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+def test_load_weights_refuses_what_is_not_weights(tmp_path: Path) -> None:
+    ckpt.save(tmp_path / "numbers.pt", {"a": 1, "b": [2.0]})
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    with pytest.raises(UserError, match=r"numbers\.pt: holds no model weights"):
+        ckpt.load_weights(tmp_path / "numbers.pt")
+    with pytest.raises(UserError, match=r"text\.pt: not a readable checkpoint"):
+        ckpt.load_weights(tmp_path / "text.pt")
+    with pytest.raises(UserError, match=r"missing\.pt: no such file"):
+        ckpt.load_weights(tmp_path / "missing.pt")
+
+
+def test_load_weights_refuses_a_malicious_file_naming_the_type(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    weights = torch.nn.Linear(2, 2).state_dict()
+    torch.save({"model": weights, "extra": TouchOnLoad(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(UserError) as refused:
+        ckpt.load_weights(tmp_path / "evil.pt", trust_flag="--trust")
+    message = str(refused.value)
+    assert "\n" not in message and "evil.pt" in message and "--trust" in message
+    assert "needs getattr" in message  # pathlib.Path.touch pickles as getattr(Path, "touch")
+    assert not marker.exists()
+    # The payload is live: the unsafe loader, which the project no longer uses, runs it.
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+    # trust=True is that opt-in: the file is unpickled (and its weights returned).
+    marker.unlink()
+    loaded = ckpt.load_weights(tmp_path / "evil.pt", trust=True)
+    assert marker.exists() and torch.equal(loaded["weight"], weights["weight"])
+
+
+def test_load_refuses_a_checkpoint_without_its_parts(tmp_path: Path) -> None:
+    ckpt.save(tmp_path / "checkpoint.pt", {"model": torch.nn.Linear(2, 2).state_dict()})
+    with pytest.raises(UserError, match=r"not a checkpoint of this project \(no optimizer, scheduler"):
+        ckpt.load(tmp_path / "checkpoint.pt")
+
+
+def test_trust_checkpoint_is_not_part_of_a_run() -> None:
+    plain = compose_config(["experiment=smoke"])
+    trusted = compose_config(["experiment=smoke", "trainer.trust_checkpoint=true"])
+    assert trusted.trainer.trust_checkpoint is True and plain.trainer.trust_checkpoint is False
+    assert run_identity(plain) == run_identity(trusted)
+
+
+def test_resume_never_replays_trust_or_hydra_settings(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    saved.write_text("- experiment=smoke\n- trainer.trust_checkpoint=true\n")
+    argv = resume_argv(["prog", f"resume={run_dir}"])
+    assert "experiment=smoke" in argv and not any("trust_checkpoint" in a for a in argv)
+    saved.write_text("- experiment=smoke\n- +hydra.callbacks.x._target_=os.system\n")
+    with pytest.raises(UserError, match=r"sets \+hydra\.callbacks\.x\._target_=os\.system"):
+        resume_argv(["prog", f"resume={run_dir}"])
+
+
+# ------------------------------------------------------------------------ an interrupted run, real CLI
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory holding one run stopped by SIGTERM after its first checkpoint, in the folder
+    Hydra names after its overrides (outputs/runs/...)."""
+    cwd = tmp_path_factory.mktemp("interrupted")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "norm_experiments.train", *ARGS],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while (
+        not list(cwd.glob("outputs/runs/*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None
+    ):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, output[-2000:]
+    return cwd
+
+
+def copy_of(interrupted: Path, tmp_path: Path) -> tuple[Path, Path]:
+    cwd = tmp_path / "cwd"
+    shutil.copytree(interrupted, cwd)
+    (run_dir,) = (cwd / "outputs" / "runs").iterdir()
+    return cwd, run_dir
+
+
+def test_malicious_checkpoint_in_a_run_folder_never_runs(interrupted: Path, tmp_path: Path) -> None:
+    cwd, run_dir = copy_of(interrupted, tmp_path)
+    marker = tmp_path / "marker"
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    torch.save({**saved, "state": TouchOnLoad(marker)}, run_dir / "checkpoint.pt")
+    planted = (run_dir / "checkpoint.pt").read_bytes()
+
+    result = run_cli(ARGS, cwd=cwd)  # the same command: it would resume the interrupted run
+
+    output = result.stdout + result.stderr
+    assert not marker.exists()
+    assert result.returncode == 2, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    errors = error_lines(result)
+    assert len(errors) == 1, output[-2000:]
+    assert "checkpoint.pt: refused: it needs getattr" in errors[0]
+    assert ckpt.TRUST_FLAG in errors[0]
+    assert (run_dir / "checkpoint.pt").read_bytes() == planted  # evidence kept, not overwritten
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "failed"
+    assert not (run_dir / "model.pt").exists()
+
+
+def test_old_checkpoint_is_refused_then_resumes_once_trusted(interrupted: Path, tmp_path: Path) -> None:
+    cwd, run_dir = copy_of(interrupted, tmp_path)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    torch.save(old_format(saved), run_dir / "checkpoint.pt")
+
+    refused = run_cli(ARGS, cwd=cwd)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stdout + refused.stderr
+    (error,) = error_lines(refused)
+    assert "needs numpy" in error and f"add {ckpt.TRUST_FLAG}" in error
+
+    trusted = run_cli([*ARGS, ckpt.TRUST_FLAG], cwd=cwd)  # the same folder: the flag is not in its name
+    output = trusted.stdout + trusted.stderr
+    assert trusted.returncode == 0, output[-3000:]
+    assert f"resuming {run_dir} from step {saved['state']['step']}/64" in output, output[-3000:]
+    assert "unsafe loader" in output
+    assert [p.name for p in (cwd / "outputs" / "runs").iterdir()] == [run_dir.name]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 64
+    # The checkpoint it leaves is in the safe form: the opt-in was needed once.
+    assert ckpt.load(run_dir / "checkpoint.pt")["state"]["step"] == 64
