@@ -6,7 +6,7 @@
 #   scripts/gpu_check.sh --dry-run OUT_DIR   anywhere, no GPU needed: checks that every step's command exists
 #                                            and parses its arguments; trains and measures nothing
 #
-# Steps (each with a time limit: 60 + 270 + 120 + 30 s, so that the whole stays within 8 minutes):
+# Steps (each with a time limit: 60 + 300 + 90 + 30 s, so that the whole stays within 8 minutes):
 #   1. tests:     the CUDA-only tests (pytest -m cuda)                       -> OUT_DIR/tests.log
 #   2. benchmark: scripts/benchmark.py --quick --device cuda: d (AMP vs fp32, compile on/off, volumes cached
 #                 on the device), f (k runs per GPU), then b, a, c on the GPU  -> OUT_DIR/benchmark.md
@@ -38,7 +38,7 @@ SWEEP_NORMS=(batch group)
 SWEEP_BATCHES=(2 8)
 SWEEP_FIXED=(
     experiment=norm_sweep data.intensity=zscore seed=0
-    trainer.samples=400 trainer.validations=2 trainer.checkpoint_every_samples=200 trainer.precise_bn_samples=32
+    trainer.samples=200 trainer.validations=2 trainer.checkpoint_every_samples=100 trainer.precise_bn_samples=32
     trainer.progress=log name=gpu_check
 )
 # The GPU-only sections first: a run stopped by its time limit keeps the tables written so far.
@@ -113,8 +113,8 @@ for path in sys.argv[1:]:
 else
     step tests 60 "$OUT/tests.log, $OUT/tests.xml" \
         "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests --junitxml "$OUT/tests.xml"
-    step benchmark 270 "$OUT/benchmark.md" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md"
-    step sweep 120 "$OUT/sweep/ (report.md, runs' metrics.json)" "$PY" -m norm_experiments.train "${SWEEP_FIXED[@]}" \
+    step benchmark 300 "$OUT/benchmark.md" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md"
+    step sweep 90 "$OUT/sweep/ (report.md, runs' metrics.json)" "$PY" -m norm_experiments.train "${SWEEP_FIXED[@]}" \
         norm="$(join "${SWEEP_NORMS[@]}")" data.batch_size="$(join "${SWEEP_BATCHES[@]}")" hydra.sweep.dir="$OUT/sweep"
     step report 30 "$OUT/report/report.md" "$PY" -m norm_experiments.report.cli "$OUT/sweep" --out "$OUT/report"
 fi

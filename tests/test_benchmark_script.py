@@ -136,7 +136,7 @@ def test_gpu_check_dry_run_checks_every_step_without_a_gpu(tmp_path: Path) -> No
     for norm in ("batch", "group"):
         for batch in (2, 8):
             cfg = (out / f"sweep_{norm}_{batch}.yaml").read_text()
-            assert f"name: {norm}\n" in cfg and f"batch_size: {batch}\n" in cfg and "samples: 400\n" in cfg
+            assert f"name: {norm}\n" in cfg and f"batch_size: {batch}\n" in cfg and "samples: 200\n" in cfg
     # the benchmark's GPU sections first, so that a run stopped by its time limit keeps them
     assert "sections cuda, runs_per_gpu, epoch, overhead, norms" in (out / "benchmark.log").read_text()
 
