@@ -151,7 +151,8 @@ def recipe(cfg: DictConfig, device: torch.device) -> Baseline:
     ThreadDataLoader(num_workers=0), metadata tracking off, AMP on CUDA."""
     files = training_files(cfg)
     to_device = EnsureTyped(("image", "label"), device=device, track_meta=False)
-    cached = [*preprocessing(cfg), FgBgToIndicesd("label"), to_device]
+    indices = FgBgToIndicesd("label", fg_postfix="_fg", bg_postfix="_bg")  # the crop pops label_fg, label_bg
+    cached = [*preprocessing(cfg), indices, to_device]
     transform = Compose([*cached, *augmentation(cfg, precomputed_indices=True)])
     seconds, dataset = timed(
         lambda: CacheDataset(
@@ -186,15 +187,16 @@ def metadata_tracking(on: bool):
 def baseline_epoch(
     baseline: Baseline, model, optimizer, device: torch.device, limit: int | None = None
 ) -> None:
-    """The tutorials' training loop over the loader, `loss.item()` every step as they do."""
+    """The tutorials' training loop over the loader (`loss.item()` every step, as they do); `limit` steps
+    only for a warm-up."""
     loss_fn = loss_function()
     scaler = torch.amp.GradScaler("cuda", enabled=baseline.amp)
     autocast = torch.autocast("cuda") if baseline.amp else contextlib.nullcontext()
-    epoch_loss = 0.0
+    epoch_loss, steps = 0.0, 0
     with metadata_tracking(baseline.track_meta):
-        for i, batch in enumerate(baseline.loader):
-            if limit is not None and i >= limit:
-                break
+        for batch in baseline.loader:
+            if limit is not None and steps >= limit:
+                return
             inputs, labels = batch["image"].to(device), batch["label"].to(device)
             optimizer.zero_grad()
             with autocast:
@@ -203,6 +205,11 @@ def baseline_epoch(
             scaler.step(optimizer)
             scaler.update()
             epoch_loss += loss.item()
+            steps += 1
+    if limit is None and steps != len(baseline.loader):  # a loader thread that died ends an epoch early
+        raise RuntimeError(
+            f"{baseline.key}: the loader stopped after {steps} of {len(baseline.loader)} batches"
+        )
 
 
 # ------------------------------------------------------------------------------------------- ours
@@ -266,7 +273,11 @@ def time_epochs(ctx: Context, prep, baselines: list[Baseline], threaded: bool) -
     for baseline in baselines:
         model, optimizer = twin_model(run, same_layout=False)  # a tutorial trains the plain layout
         with metadata_tracking(baseline.track_meta):  # the loader alone: read, transforms, collate
-            alone = timed(lambda b=baseline: sum(1 for _ in b.loader), sync)[0]
+            alone, batches = timed(lambda b=baseline: sum(1 for _ in b.loader), sync)
+        if batches != len(baseline.loader):
+            raise RuntimeError(
+                f"{baseline.key}: the loader stopped after {batches} of {len(baseline.loader)} batches"
+            )
         loader_ms[baseline.key] = alone / len(baseline.loader) * 1e3
         baseline_epoch(baseline, model, optimizer, device, limit=p.warmup)
         steps[baseline.key] = len(baseline.loader)
