@@ -254,11 +254,13 @@ class Epochs:
     steps: dict[str, int]  # steps per epoch
 
 
-def time_epochs(ctx: Context, prep, baselines: list[Baseline], threaded: bool) -> Epochs:
+def time_epochs(ctx: Context, prep, baselines: list[Baseline], threaded: bool, plain: Built | None) -> Epochs:
+    """Rounds of one epoch of every pipeline. `plain`: ours again in PyTorch's default memory format, where
+    ours trains channels_last_3d (the MONAI pipelines train the default one)."""
     p = ctx.profile
     run, sync, device = prep.run, prep.sync, prep.run.device
     steps = {"ours": math.ceil(len(run.data.train) / int(run.cfg.data.batch_size))}
-    steps["other"] = steps["ours"]
+    steps["other"] = steps["plain"] = steps["ours"]
     waits: list[float] = []
     fns: dict[str, Callable[[], float]] = {}
 
@@ -269,6 +271,8 @@ def time_epochs(ctx: Context, prep, baselines: list[Baseline], threaded: bool) -
 
     fns["ours"] = ours
     fns["other"] = lambda: timed(lambda: our_epoch(run, steps["ours"], prefetch=not threaded), sync)[0]
+    if plain is not None:
+        fns["plain"] = lambda: timed(lambda: our_epoch(plain, steps["ours"]), sync)[0]
     loader_ms = {}
     for baseline in baselines:
         model, optimizer = twin_model(run, same_layout=False)  # a tutorial trains the plain layout
@@ -303,7 +307,10 @@ def measure_volumes(ctx: Context, device: torch.device, volume_shape: tuple[int,
     ctx.log("epoch: building the MONAI pipelines (CacheDataset caches every training case)")
     baselines = [tutorial(cfg), recipe(cfg, device), uncached(cfg)]
     threaded = device.type == "cuda"  # where Run.batch_executor cuts the next batch
-    epochs = time_epochs(ctx, prep, baselines, threaded)
+    plain = None
+    if prep.run.memory_format == torch.channels_last_3d:  # the same volumes, PyTorch's default layout
+        plain = prepare(ctx, [*overrides, "trainer.channels_last=false"]).run
+    epochs = time_epochs(ctx, prep, baselines, threaded, plain)
     volumes = "x".join(map(str, prep.run.data.train[0].image.shape[1:]))
     suffix = "" if volume_shape is None else f", volumes {volumes}"
     wait = median(epochs.waits)
@@ -357,6 +364,10 @@ def report(ctx, prep, baselines, epochs: Epochs, speedups, targets, build_s, suf
             "",
         ),
     ]
+    if "plain" in epochs.seconds:
+        plain = paired_ratio(epochs.seconds["plain"], epochs.seconds["ours"])
+        label = "ours in PyTorch's default memory format (trainer.channels_last=false), as the MONAI pipelines train"
+        rows.append(row("plain", label, plain.text(2, "x"), "", ""))
     for b in baselines:
         target = targets.get(b.key)
         verdict_text = (
