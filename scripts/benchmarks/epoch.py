@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from benchmarks.common import (
     Context,
+    Prepared,
     Ratio,
     describe_cfg,
     fmt,
@@ -254,7 +255,9 @@ class Epochs:
     steps: dict[str, int]  # steps per epoch
 
 
-def time_epochs(ctx: Context, prep, baselines: list[Baseline], threaded: bool, plain: Built | None) -> Epochs:
+def time_epochs(
+    ctx: Context, prep: Prepared, baselines: list[Baseline], threaded: bool, plain: Built | None
+) -> Epochs:
     """Rounds of one epoch of every pipeline. `plain`: ours again in PyTorch's default memory format, where
     ours trains channels_last_3d (the MONAI pipelines train the default one)."""
     p = ctx.profile
@@ -333,7 +336,18 @@ def measure_volumes(ctx: Context, device: torch.device, volume_shape: tuple[int,
     return report(ctx, prep, baselines, epochs, speedups, targets, build_s, suffix, volumes)
 
 
-def report(ctx, prep, baselines, epochs: Epochs, speedups, targets, build_s, suffix, volumes) -> str:
+def report(
+    ctx: Context,
+    prep: Prepared,
+    baselines: list[Baseline],
+    epochs: Epochs,
+    speedups: dict[str, Ratio],
+    targets: dict[str, float],
+    build_s: float,
+    suffix: str,
+    volumes: str,
+) -> str:
+    """Section b's table and notes for one set of volumes."""
     p, run = ctx.profile, prep.run
     cfg, device = run.cfg, run.device
     bs, ppv = int(cfg.data.batch_size), int(cfg.data.patches_per_volume)
@@ -417,6 +431,7 @@ def report(ctx, prep, baselines, epochs: Epochs, speedups, targets, build_s, suf
 
 
 def measure(ctx: Context, device: torch.device) -> str:
+    """Section b on the config's volumes, then on each larger volume shape of the profile."""
     parts = [measure_volumes(ctx, device)]
     parts += [measure_volumes(ctx, device, shape) for shape in ctx.profile.epoch_volume_shapes]
     return "\n\n".join(parts)
