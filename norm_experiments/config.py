@@ -50,6 +50,7 @@ EXECUTION_KEYS = (
     # The same convolution by another CPU code path (float rounding only, like num_threads); `auto` is a pure
     # function of config, device and layer shape, so the same command resumes on the same path.
     "trainer.cpu_conv",
+    "trainer.runs_per_gpu",  # how many runs share a GPU: where a run executes, not what it computes
 )
 # Command-line keys of Hydra's own that only say how a sweep executes.
 LAUNCHER_KEYS = ("hydra.launcher.n_jobs",)

@@ -174,6 +174,7 @@ SCHEMA: dict[str, Check] = {
     "trainer.channels_last": choice("auto", True, False),
     "trainer.cpu_conv": choice("auto", "split", "torch"),  # norms/cpu_conv.py
     "trainer.deterministic": boolean,
+    "trainer.runs_per_gpu": POSITIVE,  # training/build.py memory_share
     "trainer.num_threads": optional(POSITIVE),
     "trainer.sw_batch_size": POSITIVE,
     "trainer.sw_overlap": number(0, 1, open_high=True),

@@ -1,128 +1,72 @@
 #!/usr/bin/env python
 """Speed and memory benchmarks of the training code; what each number means is in docs/benchmarks.md.
 
-    python scripts/benchmark.py --quick             # 1-2 minutes on an idle 2-core CPU, plus ~1.5 for section e
+    python scripts/benchmark.py --quick             # minutes on a 2-core CPU
     python scripts/benchmark.py                     # every norm at batch 1, 2, 4, 8 (longer)
     python scripts/benchmark.py --smoke --out -     # seconds: only checks that every measurement runs
+    python scripts/benchmark.py --quick --device cuda --dry-run   # checks the command line; measures nothing
 
-Everything runs in this one process on this one machine, and the tables are printed and written to --out:
-  a. overhead ratio: Run.train_step vs a bare PyTorch step on the same model and batch (target <= 1.05)
-  b. one epoch of our pipeline (the real Run.loop: cached volumes, patches cut with tensor ops) vs a
-     MONAI-tutorial pipeline (Dataset without cache, DataLoader, NIfTI read every step) (target >= 2x), and
-     our data wait; in quick and full also on 96x192x192 volumes
-  c. step time and peak memory per norm and batch size; channels_last_3d on/off per norm
-  d. CUDA only: AMP (bf16) vs fp32, torch.compile on/off, volumes cached on the device
-     (data.cache_on_device) vs in host memory
-  e. CPU only: batch 1. Forward + backward of every conv layer shape of the default and the quick-sweep
-     U-Net at batch 1, PyTorch's path vs the depth split of norms/cpu_conv.py (trainer.cpu_conv), and the
-     per-patch training throughput of every norm at batch 1 vs batch 2 with the split on and off
-     (target: batch 1 >= 0.7x batch 2)
-Timing: warm-up steps first, then `repeats` blocks of `steps` steps, synchronized on CUDA at the end of each
-block; the median block gives the time per step. Torch's thread count stays at its default unless --threads.
+Everything runs in this one process on this one machine (f starts sweeps as subprocesses), and the tables
+are printed and written to --out after every section. One module per section in scripts/benchmarks/:
+  a. overhead.py: Run.train_step vs a bare PyTorch step, paired blocks until the ratio's 95 % interval is
+     narrow (half-width <= 0.02; target: upper end <= 1.05)
+  b. epoch.py: one epoch of our Run.loop vs (i) the MONAI 3D tutorial as written (CacheDataset + DataLoader
+     with workers), (ii) MONAI's fast-training recipe (CacheDataset on the device + ThreadDataLoader) and an
+     uncached Dataset; in quick and full also on 96x192x192 volumes
+  c. norms.py: step time and peak memory per norm and batch size; channels_last_3d on/off per norm
+  d. cuda.py: CUDA only: AMP vs fp32, torch.compile on/off, volumes cached on the device
+  e. batch1.py: CPU only: batch 1 with the depth-split conv (trainer.cpu_conv) vs batch 2
+  f. runs_per_gpu.py: CUDA only: sweep throughput with k = 1, 2, 4 runs sharing the GPU (trainer.runs_per_gpu)
+Compared variants are timed side by side in rounds whose order reverses every round; ratios are geometric
+means of the per-round ratios with their 95 % interval. Torch's thread count stays at its default unless
+--threads. Only the public training API is used (training.build: make_plan, build, Built; training.loop.Run).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import datetime
-import gc
-import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import monai
 import torch
-from hydra import compose, initialize_config_dir
-from monai.losses import DiceCELoss
-from monai.transforms import (
-    Compose,
-    EnsureChannelFirstd,
-    LoadImaged,
-    NormalizeIntensityd,
-    Orientationd,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandRotate90d,
-    SpatialPadd,
-)
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
-from norm_experiments.config import CONFIG_DIR, register_resolvers
-from norm_experiments.data.layouts import find_cases, split_cases
-from norm_experiments.data.pipeline import dataset_root, load_data
-from norm_experiments.models import build_model
-from norm_experiments.models.unet import ConvNormAct
-from norm_experiments.norms import BNStatMonitor, cpu_conv
-from norm_experiments.norms.bn_common import tracks_running_stats
-from norm_experiments.training.build import Built, build, make_optimizer, make_plan
-from norm_experiments.training.loop import Run, State
-from norm_experiments.training.outputs import peak_rss_mb, reset_peak_rss
-from norm_experiments.training.prefetch import InlineExecutor, batch_executor, prefetch_pool
-from norm_experiments.training.progress import Progress
+from benchmarks import batch1, cuda, epoch, norms, overhead, runs_per_gpu
+from benchmarks.common import ALL_NORMS, Context, Profile, compose_cfg, table, usable_cores
+from norm_experiments.config import validate_config
+from norm_experiments.errors import UserError
+from norm_experiments.training.build import make_plan
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "docs" / "benchmark_results.md"
-ALL_NORMS = (
-    "batch",
-    "instance",
-    "group",
-    "layer",
-    "batchrenorm",
-    "ghostbatch",
-    "ws_group",
-    "weightnorm",
-    "frn",
-    "none",
-)
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # as the pipeline (silences MONAI's deprecation warning)
-SECTIONS = ("overhead", "epoch", "norms", "cuda", "batch1")
-
-# Targets (docs/benchmarks.md explains each).
-OVERHEAD_TARGET = 1.05
-EPOCH_SPEEDUP_TARGET = 2.0
-DATA_WAIT_TARGET = 0.05
-AMP_SPEEDUP_TARGET = 1.5
-AMP_MEMORY_TARGET = 0.7
-BATCH1_TARGET = 0.7  # per-patch training throughput at batch 1 / at batch 2, CPU
+SECTIONS = {  # --only name: the module that measures it
+    "overhead": overhead,
+    "epoch": epoch,
+    "norms": norms,
+    "cuda": cuda,
+    "batch1": batch1,
+    "runs_per_gpu": runs_per_gpu,
+}
 # (e): the quick sweep's model and patch (configs/experiment/norm_sweep_quick.yaml) beside the default
 QUICK_SWEEP_MODEL = ("model.depth=2", "model.base_channels=8", "data.patch_size=[16,16,16]")
-# Section b is repeated on larger synthetic volumes (still about 1/7 of a 512x512x90 CT): reading and
-# cropping a volume costs more with its size, a training patch does not. Cases of that size: 6 train, 2 val.
-LARGE_VOLUME_CASES = 8
-
-
-@dataclass(frozen=True)
-class Profile:
-    """How much to measure: --smoke (seconds), --quick (minutes on a 2-core CPU) or the full run."""
-
-    name: str
-    overrides: tuple[str, ...]  # Hydra overrides applied to every measurement
-    warmup: int  # untimed steps before timing
-    steps: int  # timed steps per block
-    repeats: int  # timed blocks; the median block is reported
-    epochs: int  # timed epochs per pipeline in (b)
-    overhead_norms: tuple[str, ...]
-    norms: tuple[str, ...]  # (c)
-    batch_sizes: tuple[int, ...]  # (c)
-    norm_patch: tuple[int, ...] | None  # patch of (c); None: the config's
-    cuda_norms: tuple[str, ...]  # (d): compile
-    amp_batch_sizes: tuple[int, ...]  # (d): AMP vs fp32
-    amp_patches: tuple[tuple[int, ...] | None, ...]  # (d): None = the config's patch
-    epoch_volume_shapes: tuple[tuple[int, ...], ...] = ()  # (b) again on synthetic volumes of these shapes
-    batch1_norms: tuple[str, ...] = ("batch",)  # (e)
-    batch1_models: tuple[tuple[str, ...], ...] = ((),)  # (e): overrides per model; () = the config's
-
+# (f): runs of the study's model and data (configs/experiment/norm_sweep.yaml) with a short budget
+STUDY_RUN = (
+    "experiment=norm_sweep",
+    "norm=batch",
+    "data.batch_size=2",
+    "data.intensity=zscore",
+    "trainer.validations=1",
+    "trainer.eval_modes=false",
+)
 
 PROFILES = {
     "smoke": Profile(
@@ -131,7 +75,7 @@ PROFILES = {
         warmup=1,
         steps=1,
         repeats=1,
-        epochs=1,
+        epochs=2,
         overhead_norms=("batch",),
         norms=("batch", "instance"),
         batch_sizes=(1, 2),
@@ -140,6 +84,10 @@ PROFILES = {
         amp_batch_sizes=(2,),
         amp_patches=(None,),
         batch1_norms=("batch", "weightnorm"),
+        overhead_min_rounds=3,
+        overhead_cap_s=0.0,
+        gpu_runs_per_gpu=(1, 2),
+        gpu_sweep_runs=2,
     ),
     "quick": Profile(
         "quick",
@@ -147,17 +95,22 @@ PROFILES = {
         warmup=2,
         steps=2,
         repeats=5,
-        epochs=2,
+        epochs=5,
         overhead_norms=("batch",),
         norms=("batch", "instance", "group", "frn"),
         batch_sizes=(1, 2, 4),
         norm_patch=(16, 16, 16),
-        cuda_norms=("batch", "instance", "group", "frn"),
+        cuda_norms=("batch",),  # compiling takes tens of seconds per norm
         amp_batch_sizes=(2, 8),
         amp_patches=(None,),
         epoch_volume_shapes=((96, 192, 192),),
         batch1_norms=("batch", "instance", "group", "frn"),
         batch1_models=((), QUICK_SWEEP_MODEL),
+        overhead_min_rounds=20,  # a few lucky rounds must not stop it early
+        overhead_cap_s=150.0,
+        gpu_runs_per_gpu=(1, 2, 4),
+        gpu_sweep_runs=4,
+        gpu_sweep=(*STUDY_RUN, "trainer.samples=200"),
     ),
     "full": Profile(
         "full",
@@ -165,7 +118,7 @@ PROFILES = {
         warmup=3,
         steps=3,
         repeats=5,
-        epochs=3,
+        epochs=5,
         overhead_norms=("batch", "batchrenorm", "group"),
         norms=ALL_NORMS,
         batch_sizes=(1, 2, 4, 8),
@@ -176,143 +129,13 @@ PROFILES = {
         epoch_volume_shapes=((96, 192, 192),),
         batch1_norms=(*ALL_NORMS, "syncbatch"),
         batch1_models=((), QUICK_SWEEP_MODEL),
+        overhead_min_rounds=20,  # a few lucky rounds must not stop it early
+        overhead_cap_s=300.0,
+        gpu_runs_per_gpu=(1, 2, 4, 8),
+        gpu_sweep_runs=8,
+        gpu_sweep=(*STUDY_RUN, "trainer.samples=1600"),
     ),
 }
-
-
-@dataclass
-class Context:
-    profile: Profile
-    device: str  # trainer.device override: auto | cpu | cuda
-    extra_overrides: tuple[str, ...]
-    workdir: Path
-    cuda_sections_anyway: bool = False
-    threads_set: bool = False
-    summary: list[tuple[str, str, str, str]] = field(default_factory=list)  # (what, value, target, verdict)
-
-    def log(self, message: str) -> None:
-        print(f"[benchmark] {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def compose_cfg(ctx: Context, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The config `norm-exp-train` would build: profile overrides, then --override, then the measurement's."""
-    register_resolvers()
-    every = [*ctx.profile.overrides, f"trainer.device={ctx.device}", *ctx.extra_overrides, *overrides]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=every)
-    with open_dict(cfg):
-        cfg.trainer.progress = "none"
-    return cfg
-
-
-_VOLUMES: dict[str, object] = {}
-
-
-def _load_data_once(data_cfg: DictConfig):
-    """load_data, cached per data config: the cached volumes do not depend on the batch size, and
-    rebuilding them for every (norm, batch size) would cost more than the measurement itself."""
-    plain = OmegaConf.to_container(data_cfg, resolve=True)
-    for key in ("batch_size", "patches_per_volume", "foreground_fraction", "augment"):
-        plain.pop(key, None)
-    key = repr(sorted(plain.items()))
-    if key not in _VOLUMES:
-        _VOLUMES[key] = load_data(data_cfg)
-    return _VOLUMES[key]
-
-
-def build_run(ctx: Context, overrides: list[str] | tuple[str, ...] = ()) -> Built:
-    """Everything a run of this config trains with (training/build.py), the volumes loaded once per data config."""
-    cfg = compose_cfg(ctx, overrides)
-    return build(cfg, make_plan(cfg), data=_load_data_once(cfg.data))
-
-
-def sync_fn(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def timed_block(fn: Callable[[], object], steps: int, sync: Callable[[], None]) -> float:
-    """Seconds per call of fn over `steps` calls (device work included)."""
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / steps
-
-
-def timeit(
-    fns: dict[str, Callable[[], object]], warmup: int, steps: int, repeats: int, sync: Callable[[], None]
-) -> dict[str, list[float]]:
-    """Per-step seconds of each block for every fn; blocks of the fns alternate (A B A B ...) so that a
-    change in the machine's load hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed_block(fn, steps, sync))
-    return times
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def release_memory(device: torch.device) -> None:
-    """Free what earlier measurements left, so that the next peak-memory reading starts clean."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, so RSS deltas are honest
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device):
-    """Yields a dict whose "mb" is, afterwards, the peak memory of the block: CUDA max_memory_allocated
-    (absolute), or on CPU the peak RSS (VmHWM, reset via /proc/self/clear_refs) minus the RSS at the start."""
-    release_memory(device)
-    result = {"mb": float("nan")}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_rss()
-        start = rss_mb()
-    yield result
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        result["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        result["mb"] = peak_rss_mb() - start
-
-
-def fmt(value: float, digits: int = 1) -> str:
-    return (
-        "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-    )
-
-
-def table(headers: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
 
 
 def machine_header(ctx: Context, device: torch.device) -> str:
@@ -322,25 +145,23 @@ def machine_header(ctx: Context, device: torch.device) -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gpu = "none"
     if torch.cuda.is_available():
         cudnn = torch.backends.cudnn.version()
         gpu = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}, cuDNN {cudnn})"
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     p = ctx.profile
     overrides = " ".join([*p.overrides, *ctx.extra_overrides]) or "none"
     lines = [
         f"- date: {now}",
-        f"- CPU: {cpu}, {os.cpu_count()} cores ({usable} usable by this process); "
-        f"load average at start: {load}",
+        f"- CPU: {cpu}, {os.cpu_count()} cores ({usable_cores()} usable by this process); "
+        f"load average (1, 5, 15 min) at start: {load_average()}",
         f"- GPU: {gpu}; measured on: {device.type}",
         f"- python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}",
         f"- torch threads: {torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op "
         + ("(set by --threads)" if ctx.threads_set else "(torch's default, not set by the benchmark)"),
-        f"- profile: {p.name} (warm-up {p.warmup} steps, then {p.repeats} blocks of {p.steps} steps, "
-        f"median block; blocks of compared variants alternate); overrides: {overrides}",
+        f"- profile: {p.name} (warm-up {p.warmup} steps, blocks of {p.steps} steps, {p.repeats} rounds "
+        f"where a section times a fixed number; {p.epochs} rounds of epochs in b); overrides: {overrides}",
     ]
     if device.type == "cuda":
         lines.append(
@@ -350,889 +171,8 @@ def machine_header(ctx: Context, device: torch.device) -> str:
     return "\n".join(lines)
 
 
-def describe_cfg(cfg: DictConfig) -> str:
-    m = cfg.model
-    model = f"{m.name} depth {m.depth} base {m.base_channels}" if m.name == "unet" else str(m.name)
-    patch = "x".join(map(str, cfg.data.patch_size))
-    return (
-        f"model {model}, patch {patch}, batch {cfg.data.batch_size} x {cfg.data.patches_per_volume} "
-        f"patch(es), norm {cfg.norm.name}, optimizer {cfg.optim.name}"
-    )
-
-
-# ------------------------------------------------------------------------------ (a) overhead ratio
-
-
-def runner(built: Built, steps: int | None = None) -> Run:
-    """A training Run around built parts, writing nothing: its train_step and loop are what training runs.
-    With `steps`, a run of that many steps without validation or checkpoints."""
-    plan = built.plan
-    if steps is not None:
-        plan = dataclasses.replace(plan, total_steps=steps, val_steps=frozenset(), ckpt_every=10**9)
-    run = Run(built.cfg, plan, Path("unused"))
-    run.built = built
-    return run
-
-
-@dataclass
-class Prepared:
-    """Built parts of a run, its training Run, and one real training batch (sampler step 0) on its device."""
-
-    run: Built
-    trainer: Run
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def step(self) -> Callable[[], object]:
-        return lambda: self.trainer.train_step(self.images, self.labels)
-
-    @property
-    def sync(self) -> Callable[[], None]:
-        return sync_fn(self.run.device)
-
-
-def prepare(ctx: Context, overrides: list[str] | tuple[str, ...] = ()) -> Prepared:
-    run = build_run(ctx, overrides)
-    images, labels = run.sampler.batch(0)
-    images = images.to(run.device, memory_format=run.memory_format)  # as Run.loop moves it
-    labels = labels.to(run.device)
-    return Prepared(run, runner(run), images, labels)
-
-
-def twin_model(run: Built, same_layout: bool = True) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The Run's model built again the same way, with the same initial weights, and the same optimizer;
-    in the Run's memory format (trainer.channels_last), or the plain one a tutorial would use."""
-    model = build_model(run.cfg.model, run.plan.spec, run.data.info.num_channels, run.num_classes).to(
-        run.device
-    )
-    model.load_state_dict(run.model.state_dict())
-    if same_layout:
-        model.to(memory_format=run.memory_format)
-    return model, make_optimizer(run.cfg.optim, model, run.lr)
-
-
-def bare_step(prep: Prepared) -> Callable[[], None]:
-    """The bare PyTorch step, at the Run's precision (bf16 autocast on CUDA, fp32 on CPU)."""
-    model, optimizer = twin_model(prep.run)
-    model.train()
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-
-    def step() -> None:
-        optimizer.zero_grad()
-        with prep.run.autocast():
-            loss = loss_fn(model(prep.images), prep.labels)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
-def monitored_step(prep: Prepared, monitor: BNStatMonitor) -> Callable[[], None]:
-    """Run.train_step with the BN statistics hooks on, as Run.loop runs it on every step."""
-
-    def step() -> None:
-        monitor.enabled = True
-        prep.trainer.train_step(prep.images, prep.labels)
-        monitor.enabled = False
-
-    return step
-
-
-def overhead_rows(ctx: Context, norm: str) -> tuple[str, list[list[object]]]:
-    p = ctx.profile
-    prep = prepare(ctx, [f"norm={norm}"])
-    fns = {"bare": bare_step(prep), "ours": prep.step()}
-    monitor = BNStatMonitor(prep.run.model)
-    monitor.enabled = False
-    if any(tracks_running_stats(m) for m in prep.run.model.modules()):
-        fns["monitored"] = monitored_step(prep, monitor)
-    ctx.log(f"overhead: norm={norm}, variants {', '.join(fns)}")
-    times = timeit(fns, p.warmup, p.steps, p.repeats, prep.sync)
-    monitor.close()
-    bare_s = median(times["bare"])
-    rows: list[list[object]] = [[norm, "bare PyTorch", fmt(bare_s * 1e3), "1.000", "1.000", "", ""]]
-    labels = {
-        "ours": "Run.train_step",
-        "monitored": "Run.train_step + BNStatMonitor hooks (Run.loop: logged steps only)",
-    }
-    for name in [n for n in fns if n != "bare"]:
-        ratio = median(times[name]) / bare_s
-        paired = [a / b for a, b in zip(times[name], times["bare"], strict=True)]
-        ok = ratio <= OVERHEAD_TARGET
-        if name == "ours":
-            ctx.summary.append(
-                (f"overhead ratio ({norm})", f"{ratio:.3f}", f"<= {OVERHEAD_TARGET}", verdict(ok))
-            )
-        spread = f"{min(paired):.3f}-{max(paired):.3f}"
-        best = f"{min(times[name]) / min(times['bare']):.3f}"
-        rows.append(
-            [norm, labels[name], fmt(median(times[name]) * 1e3), f"{ratio:.3f}", best, spread, verdict(ok)]
-        )
-    return describe_cfg(prep.run.cfg), rows
-
-
-def measure_overhead(ctx: Context) -> str:
-    """Run.train_step vs the bare PyTorch step on the same model (same init), the same batch and device."""
-    rows, setups = [], []
-    for norm in ctx.profile.overhead_norms:
-        setup, norm_rows = overhead_rows(ctx, norm)
-        setups.append(setup.split(", norm")[0])
-        rows += norm_rows
-    head = [
-        "norm",
-        "step",
-        "ms/step (median)",
-        "ratio to bare",
-        "ratio of fastest blocks",
-        "paired blocks min-max",
-        f"<= {OVERHEAD_TARGET}",
-    ]
-    return "\n".join(
-        [
-            "## a. Overhead ratio: our training step vs a bare PyTorch loop",
-            "",
-            f"{'; '.join(sorted(set(setups)))}. Same initial weights, the same pre-drawn batch on the "
-            "device, the same optimizer; bare = "
-            "`opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()`. "
-            "For BatchNorm-family norms a third row adds the BN statistics hooks (`BNStatMonitor`), which "
-            "`Run.loop` enables only on the steps it logs (1 in trainer.log_every_steps).",
-            "",
-            table(head, rows),
-        ]
-    )
-
-
-# ------------------------------------------------------------------- (b) epoch vs MONAI tutorial
-
-
-def tutorial_loader(cfg: DictConfig) -> monai.data.DataLoader:
-    """The MONAI-tutorial pipeline: Dataset without cache, every transform (NIfTI read included) every
-    step, RandCropByPosNegLabeld without precomputed indices, DataLoader(num_workers=0)."""
-    layout, root = dataset_root(cfg.data)
-    cases, _ = find_cases(layout, root)
-    val_cases = list(cfg.data.val_cases) if cfg.data.val_cases else None
-    train_cases, _ = split_cases(cases, cfg.data.val_fraction, cfg.data.split_seed, val_cases)
-    files = [{"image": [str(p) for p in c.images], "label": str(c.label)} for c in train_cases]
-    keys, d = ("image", "label"), cfg.data
-    steps = [
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS", labels=RAS_LABELS),
-    ]
-    if d.intensity == "zscore":
-        steps.append(NormalizeIntensityd("image", channel_wise=True))
-    if d.pad_to_patch:
-        steps.append(SpatialPadd(keys, spatial_size=list(d.patch_size)))
-    fg = float(d.foreground_fraction)
-    steps += [
-        RandCropByPosNegLabeld(
-            keys, "label", list(d.patch_size), pos=fg, neg=1.0 - fg, num_samples=int(d.patches_per_volume)
-        ),
-        *[RandFlipd(keys, prob=d.augment.flip_prob, spatial_axis=a) for a in range(3)],
-        RandRotate90d(keys, prob=d.augment.rot90_prob, spatial_axes=(1, 2)),
-    ]
-    dataset = monai.data.Dataset(files, transform=Compose(steps))
-    return monai.data.DataLoader(dataset, batch_size=int(d.batch_size), shuffle=True, num_workers=0)
-
-
-def tutorial_epoch(
-    loader, model, optimizer, loss_fn, device: torch.device, limit: int | None = None
-) -> float:
-    """The tutorial's training loop over the loader (loss.item() every step); returns the summed loss."""
-    epoch_loss = 0.0
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
-        inputs, labels = batch["image"].to(device), batch["label"].to(device)
-        optimizer.zero_grad()
-        loss = loss_fn(model(inputs), labels)
-        loss.backward()
-        optimizer.step()
-        epoch_loss += loss.item()
-    return epoch_loss
-
-
-class _NullWriter:
-    def add_scalar(self, *args, **kwargs) -> None:
-        pass
-
-    add_image = add_scalar
-
-
-def our_epoch(built: Built, steps: int, prefetch: bool | None = None) -> State:
-    """`steps` steps of the real training loop (Run.loop: BN monitor on logged steps, logging every
-    log_every_steps), without validation or checkpoints; returns the loop's State (train and data-wait
-    seconds). The next batch is cut where training cuts it (a thread on CUDA, inline on a CPU, see
-    training/prefetch.py) unless `prefetch` says True (a thread) or False (inline), to show what the other
-    choice would cost."""
-    run = runner(built, steps)
-    monitor = BNStatMonitor(built.model)
-    progress = Progress(steps, 0, "none", "benchmark")
-    if prefetch is None:
-        executor = batch_executor(built.device)
-    else:
-        executor = prefetch_pool() if prefetch else InlineExecutor()
-    with executor:
-        run.loop(_NullWriter(), monitor, progress, SimpleNamespace(requested=False), executor)
-    monitor.close()
-    return run.state
-
-
-def timed(fn: Callable[[], object], sync: Callable[[], None]) -> tuple[float, object]:
-    """(wall seconds, result) of one call, device work included."""
-    sync()
-    start = time.perf_counter()
-    result = fn()
-    sync()
-    return time.perf_counter() - start, result
-
-
-def measure_epoch(ctx: Context, volume_shape: tuple[int, ...] | None = None) -> str:
-    """Section b on the config's volumes, or on synthetic volumes of `volume_shape` (8 cases)."""
-    p = ctx.profile
-    overrides: list[str] = []
-    if volume_shape is not None:
-        shape = ",".join(map(str, volume_shape))
-        overrides = [f"data.synthetic.shape=[{shape}]", f"data.synthetic.num_cases={LARGE_VOLUME_CASES}"]
-        ctx.log(f"epoch: synthetic volumes of {volume_shape} (generated on first use)")
-    _VOLUMES.clear()  # time the cache build too: the one-off cost of our pipeline
-    build_s, prep = timed(lambda: prepare(ctx, overrides), lambda: None)
-    run, sync = prep.run, prep.sync
-    cfg, device = run.cfg, run.device
-    bs, ppv = int(cfg.data.batch_size), int(cfg.data.patches_per_volume)
-    steps = math.ceil(len(run.data.train) / bs)
-    loader = tutorial_loader(cfg)
-    model, optimizer = twin_model(run, same_layout=False)  # a tutorial trains the plain layout
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-
-    # The sampler alone (no overlap with training): what each step waits for, or what a thread must hide.
-    draw = [timed(lambda: run.sampler.batch(0), lambda: None)[0] for _ in range(max(3, p.steps))]
-    # The tutorial's data work alone (read, transform, collate): what it adds to every training step.
-    loading = timed(lambda: sum(1 for _ in loader), lambda: None)[0] / len(loader)
-    ctx.log(f"epoch: {len(run.data.train)} training cases, {steps} steps per epoch, {p.epochs} epochs each")
-    for _ in range(p.warmup):
-        prep.step()()
-    tutorial_epoch(loader, model, optimizer, loss_fn, device, limit=p.warmup)
-
-    threaded = device.type == "cuda"  # where Run.batch_executor cuts the next batch
-    ours, other, tutorial, waits = [], [], [], []
-    for _ in range(p.epochs):  # the three pipelines alternate
-        seconds, state = timed(lambda: our_epoch(run, steps), sync)
-        ours.append(seconds)
-        waits.append(state.data_wait_seconds / max(state.train_seconds, 1e-9))
-        other.append(timed(lambda: our_epoch(run, steps, prefetch=not threaded), sync)[0])
-        tutorial.append(timed(lambda: tutorial_epoch(loader, model, optimizer, loss_fn, device), sync)[0])
-    speedup, wait = median(tutorial) / median(ours), median(waits)
-    our_step = median(ours) / steps
-    volumes = "x".join(map(str, run.data.train[0].image.shape[1:]))
-    suffix = "" if volume_shape is None else f", volumes {volumes}"
-    ctx.summary.append(
-        (
-            f"epoch speed-up vs tutorial{suffix}",
-            f"{speedup:.2f}x",
-            f">= {EPOCH_SPEEDUP_TARGET}x",
-            verdict(speedup >= EPOCH_SPEEDUP_TARGET),
-        )
-    )
-    ctx.summary.append(
-        (
-            f"data-wait fraction{suffix}",
-            f"{wait:.1%}",
-            f"< {DATA_WAIT_TARGET:.0%}",
-            verdict(wait < DATA_WAIT_TARGET),
-        )
-    )
-
-    def row(name: str, patches: int, times: list[float], n_steps: int, wait_text: str) -> list[object]:
-        return [
-            name,
-            patches,
-            fmt(median(times), 2),
-            fmt(min(times), 2),
-            fmt(median(times) / n_steps * 1e3),
-            wait_text,
-        ]
-
-    ours_patches = steps * bs * ppv
-    rows = [
-        row(
-            f"ours: Run.loop, cached volumes, next batch cut {'in a thread' if threaded else 'inline'} "
-            f"(the default on {device.type})",
-            ours_patches,
-            ours,
-            steps,
-            f"{wait:.1%}",
-        ),
-        row(
-            f"ours with the next batch cut {'inline' if threaded else 'in a prefetch thread'} instead",
-            ours_patches,
-            other,
-            steps,
-            "",
-        ),
-        row(
-            "tutorial: Dataset (no cache), DataLoader(num_workers=0)",
-            len(loader.dataset) * ppv,
-            tutorial,
-            len(loader),
-            "n/a",
-        ),
-    ]
-    head = ["pipeline", "patches/epoch", "s/epoch (median)", "s/epoch (min)", "ms/step", "data wait / step"]
-    precision = "bf16 autocast" if run.amp else "fp32"
-    return "\n".join(
-        [
-            f"## b. One epoch: our pipeline vs a MONAI-tutorial-style pipeline{suffix}",
-            "",
-            f"{describe_cfg(cfg)}; volumes {volumes} after preprocessing; {len(loader.dataset)} training cases, {p.epochs} epoch(s) of each "
-            f"pipeline, alternating. Ours runs at {precision}; the tutorial in fp32 with `loss.item()` "
-            "every step, as the tutorials do (LoadImaged, EnsureChannelFirstd, Orientationd, "
-            "RandCropByPosNegLabeld without precomputed indices, flips, rot90 on every step).",
-            "",
-            table(head, rows),
-            "",
-            f"Speed-up (tutorial / ours, median epochs): **{speedup:.2f}x** "
-            f"(target >= {EPOCH_SPEEDUP_TARGET}x: {verdict(speedup >= EPOCH_SPEEDUP_TARGET)}). "
-            "Data-wait fraction (time blocked on the next batch / step time, from Run.loop's own counters): "
-            f"**{wait:.1%}** (target < {DATA_WAIT_TARGET:.0%}: {verdict(wait < DATA_WAIT_TARGET)}).",
-            f"Drawing one batch from the cache alone (no overlap with training): {fmt(median(draw) * 1e3)} "
-            f"ms ({fmt(median(draw) / (bs * ppv) * 1e3)} ms per patch). One-off cost of building the Run "
-            f"(caching every case, file checks, model): {build_s:.1f} s.",
-            f"The tutorial loader alone (NIfTI read, transforms, collate; no training) takes "
-            f"{fmt(loading * 1e3)} ms per batch, against {fmt(our_step * 1e3)} ms per step of ours: a "
-            f"pipeline that hid all data work could be about {fmt(1 + loading / our_step, 2)}x faster than "
-            "the tutorial on this setup, no more.",
-        ]
-    )
-
-
-# ----------------------------------------------------------------------------------- (c) per norm
-
-
-def step_time_and_memory(ctx: Context, prep: Prepared) -> tuple[float, float]:
-    """(median seconds per step, peak MiB) of Run.train_step on the prepared batch."""
-    p = ctx.profile
-    with peak_memory(prep.run.device) as mem:
-        times = timeit({"step": prep.step()}, p.warmup, p.steps, p.repeats, prep.sync)
-    return median(times["step"]), mem["mb"]
-
-
-def measure_norm_cell(ctx: Context, overrides: list[str]) -> tuple[str, str, str, torch.device | None]:
-    """(ms, MiB, setup, device) of one (norm, batch size); a config that cannot be built says why."""
-    try:
-        prep = prepare(ctx, overrides)
-    except Exception as err:  # e.g. GroupNorm groups that do not divide a channel count
-        return f"error: {err.__class__.__name__}", "", "", None
-    seconds, peak = step_time_and_memory(ctx, prep)
-    return fmt(seconds * 1e3), fmt(peak, 0), describe_cfg(prep.run.cfg).split(", batch")[0], prep.run.device
-
-
-def measure_norms(ctx: Context) -> str:
-    p = ctx.profile
-    patch = [f"data.patch_size=[{','.join(map(str, p.norm_patch))}]"] if p.norm_patch else []
-    ms: dict[str, list[str]] = {}
-    mb: dict[str, list[str]] = {}
-    setup, device = "", torch.device("cpu")
-    for norm in p.norms:
-        ms[norm], mb[norm] = [], []
-        for bs in p.batch_sizes:
-            ctx.log(f"norms: {norm} at batch {bs}")
-            cell_ms, cell_mb, cell_setup, cell_device = measure_norm_cell(
-                ctx, [f"norm={norm}", f"data.batch_size={bs}", *patch]
-            )
-            ms[norm].append(cell_ms)
-            mb[norm].append(cell_mb)
-            setup, device = cell_setup or setup, cell_device or device
-    release_memory(device)
-    head = ["norm", *[f"batch {b}" for b in p.batch_sizes]]
-    if device.type == "cuda":
-        what = (
-            "CUDA max_memory_allocated after reset_peak_memory_stats (absolute: weights, optimizer state, "
-            "batch, activations)"
-        )
-    else:
-        what = (
-            "peak RSS during the steps (VmHWM, reset by writing 5 to /proc/self/clear_refs) minus the RSS "
-            "before them, after gc and malloc_trim: activations, gradients, optimizer state, allocator slack"
-        )
-    return "\n".join(
-        [
-            "## c. Per norm: training step time and peak memory",
-            "",
-            f"{setup}; `Run.train_step` on a pre-drawn batch (batch = volumes per step, one patch each), "
-            "in the memory format `trainer.channels_last=auto` picks (see the last table). "
-            "The first steps (warm-up) include allocating the optimizer state.",
-            "",
-            "Step time (ms, median block):",
-            "",
-            table(head, [[n, *ms[n]] for n in p.norms]),
-            "",
-            f"Peak memory (MiB): {what}.",
-            "",
-            table(head, [[n, *mb[n]] for n in p.norms]),
-            "",
-            measure_channels_last(ctx),
-        ]
-    )
-
-
-# ------------------------------------------------------------------------------------ (d) CUDA only
-
-
-def first_norm_layer(model: torch.nn.Module) -> torch.nn.Module | None:
-    for module in model.modules():
-        if isinstance(module, ConvNormAct):
-            return module[1]
-    return None
-
-
-def keeps_channels_last(prep: Prepared) -> str:
-    """Whether the first norm layer's output is still channels_last_3d (given a channels_last input)."""
-    layer = first_norm_layer(prep.run.model)
-    if layer is None or isinstance(layer, torch.nn.Identity):
-        return "n/a (no norm layer)"
-    seen: dict[str, bool] = {}
-
-    def hook(module, args, out) -> None:
-        seen["ok"] = out.is_contiguous(memory_format=torch.channels_last_3d)
-
-    handle = layer.register_forward_hook(hook)
-    prep.step()()
-    handle.remove()
-    return "yes" if seen.get("ok") else "no"
-
-
-def amp_pair(ctx: Context, bs: int, patch: list[str]) -> tuple[list[object], tuple[str, str, str, str]]:
-    result = {}
-    for amp in (False, True):
-        ctx.log(f"cuda: amp={amp}, batch {bs}, {patch or 'config patch'}")
-        prep = prepare(ctx, [f"trainer.amp={str(amp).lower()}", f"data.batch_size={bs}", *patch])
-        seconds, peak = step_time_and_memory(ctx, prep)
-        result[amp] = (seconds, peak, str(prep.run.amp).replace("torch.", "") if prep.run.amp else "fp32")
-        size = "x".join(map(str, prep.run.cfg.data.patch_size))
-    (f_s, f_mb, _), (a_s, a_mb, dtype) = result[False], result[True]
-    speed, memory = f_s / a_s, a_mb / f_mb
-    ok = verdict(speed >= AMP_SPEEDUP_TARGET and memory <= AMP_MEMORY_TARGET)
-    row = [
-        size,
-        bs,
-        dtype,
-        fmt(f_s * 1e3),
-        fmt(a_s * 1e3),
-        f"{speed:.2f}x",
-        fmt(f_mb, 0),
-        fmt(a_mb, 0),
-        f"{memory:.2f}x",
-        ok,
-    ]
-    target = f">= {AMP_SPEEDUP_TARGET}x, <= {AMP_MEMORY_TARGET}x"
-    return row, (f"AMP vs fp32 (patch {size}, batch {bs})", f"{speed:.2f}x, memory {memory:.2f}x", target, ok)
-
-
-def measure_amp(ctx: Context) -> str:
-    rows = []
-    for patch in ctx.profile.amp_patches:
-        override = [f"data.patch_size=[{','.join(map(str, patch))}]"] if patch else []
-        for bs in ctx.profile.amp_batch_sizes:
-            row, summary = amp_pair(ctx, bs, override)
-            rows.append(row)
-            if torch.cuda.is_available():  # the targets are about GPUs (autocast is off on a CPU)
-                ctx.summary.append(summary)
-    head = [
-        "patch",
-        "batch",
-        "AMP dtype",
-        "fp32 ms",
-        "AMP ms",
-        "throughput AMP/fp32",
-        "fp32 MiB",
-        "AMP MiB",
-        "memory AMP/fp32",
-        f"target >= {AMP_SPEEDUP_TARGET}x at <= {AMP_MEMORY_TARGET}x",
-    ]
-    return "### AMP (autocast) vs fp32\n\n" + table(head, rows)
-
-
-def compile_row(ctx: Context, norm: str) -> list[object]:
-    p = ctx.profile
-    ctx.log(f"cuda: torch.compile, norm={norm}")
-    prep = prepare(ctx, [f"norm={norm}"])
-    eager = median(timeit({"eager": prep.step()}, p.warmup, p.steps, p.repeats, prep.sync)["eager"])
-    try:
-        prep.run.net = torch.compile(prep.run.net)  # what train_step calls (the model, or its DDP wrapper)
-        compile_s = timed(prep.step(), prep.sync)[0]  # the first call compiles
-        compiled = median(
-            timeit({"compiled": prep.step()}, p.warmup, p.steps, p.repeats, prep.sync)["compiled"]
-        )
-    except Exception as err:  # no compiler / triton, or an op inductor cannot lower
-        return [norm, fmt(eager * 1e3), f"failed: {err.__class__.__name__}: {str(err)[:60]}", "n/a", "n/a"]
-    finally:
-        torch._dynamo.reset()
-    return [norm, fmt(eager * 1e3), fmt(compiled * 1e3), f"{eager / compiled:.2f}x", fmt(compile_s)]
-
-
-def measure_compile(ctx: Context) -> str:
-    rows = [compile_row(ctx, norm) for norm in ctx.profile.cuda_norms]
-    head = ["norm", "eager ms", "compiled ms", "speed-up", "compile s (first step)"]
-    return "### torch.compile on/off (model only; loss and optimizer step eager)\n\n" + table(head, rows)
-
-
-def channels_last_row(ctx: Context, norm: str) -> list[object]:
-    p = ctx.profile
-    ctx.log(f"channels_last_3d, norm={norm}")
-    prep = prepare(ctx, [f"norm={norm}", "trainer.channels_last=false"])
-    plain = median(timeit({"plain": prep.step()}, p.warmup, p.steps, p.repeats, prep.sync)["plain"])
-    prep.run.model.to(memory_format=torch.channels_last_3d)
-    prep.images = prep.images.contiguous(memory_format=torch.channels_last_3d)
-    kept = keeps_channels_last(prep)
-    cl = median(timeit({"cl": prep.step()}, p.warmup, p.steps, p.repeats, prep.sync)["cl"])
-    return [norm, fmt(plain * 1e3), fmt(cl * 1e3), f"{plain / cl:.2f}x", kept]
-
-
-def measure_channels_last(ctx: Context) -> str:
-    rows = [channels_last_row(ctx, norm) for norm in ctx.profile.norms]
-    head = [
-        "norm",
-        "contiguous ms",
-        "channels_last_3d ms",
-        "speed-up",
-        "first norm's output stays channels_last",
-    ]
-    cfg = compose_cfg(ctx)
-    return (
-        "### channels_last_3d on/off per norm (model and input)\n\n"
-        f"patch {'x'.join(map(str, cfg.data.patch_size))}, batch {cfg.data.batch_size}; "
-        "what `trainer.channels_last=auto` decides from (`use_channels_last` in training/loop.py).\n\n"
-        + table(head, rows)
-    )
-
-
-def measure_device_cache(ctx: Context) -> str:
-    """Epochs of Run.loop with the cached volumes in host memory (a pinned batch copied every step) against
-    volumes kept on the GPU and cut there (data.cache_on_device=true), alternating."""
-    p = ctx.profile
-    runs = {where: prepare(ctx, [f"data.cache_on_device={where}"]).run for where in ("false", "true")}
-    bs = int(runs["false"].cfg.data.batch_size)
-    steps = math.ceil(len(runs["false"].data.train) / bs)
-    times: dict[str, list[float]] = {"false": [], "true": []}
-    waits: dict[str, list[float]] = {"false": [], "true": []}
-    for run in runs.values():
-        our_epoch(run, min(steps, max(1, p.warmup)))  # warm-up: allocator, cudnn.benchmark
-    ctx.log(f"cuda: cached volumes on the host vs on the device, {p.epochs} epochs each")
-    for _ in range(p.epochs):
-        for where, run in runs.items():
-            seconds, state = timed(lambda run=run: our_epoch(run, steps), sync_fn(run.device))
-            times[where].append(seconds)
-            waits[where].append(state.data_wait_seconds / max(state.train_seconds, 1e-9))
-    rows = []
-    for where, label in (("false", "host memory (pinned batch, async copy)"), ("true", "on the device")):
-        run = runs[where]
-        draw = median([timed(lambda run=run: run.sampler.batch(1), sync_fn(run.device))[0] for _ in range(5)])
-        rows.append(
-            [
-                label,
-                fmt(median(times[where]), 2),
-                fmt(median(times[where]) / steps * 1e3),
-                f"{median(waits[where]):.1%}",
-                fmt(draw * 1e3, 2),
-            ]
-        )
-    speed = median(times["false"]) / median(times["true"])
-    head = ["cached volumes in", "s/epoch (median)", "ms/step", "data wait / step", "ms to draw one batch"]
-    return "\n".join(
-        [
-            "### Cached volumes on the device (data.cache_on_device) vs in host memory",
-            "",
-            f"{steps} steps per epoch, {p.epochs} epoch(s) each, alternating; the real Run.loop with its "
-            "prefetch thread.",
-            "",
-            table(head, rows),
-            "",
-            f"Epoch speed-up from keeping the volumes on the device: {speed:.2f}x.",
-        ]
-    )
-
-
-def measure_cuda(ctx: Context, device: torch.device) -> str:
-    title = "## d. CUDA only: AMP, torch.compile, volumes cached on the device"
-    if device.type != "cuda" and not ctx.cuda_sections_anyway:
-        return f"{title}\n\nSkipped: measured on {device.type}. These numbers are pending a run on a GPU."
-    parts = [title, ""]
-    if device.type != "cuda":
-        parts.append(
-            "**Run on a CPU with --cuda-sections-anyway: this only exercises the code; the numbers say "
-            "nothing about GPUs (autocast is off on CPU, so 'AMP' is fp32 here).**\n"
-        )
-    parts += [
-        describe_cfg(compose_cfg(ctx)) + " unless stated.",
-        "",
-        measure_amp(ctx),
-        "",
-        measure_compile(ctx),
-        "",
-        measure_device_cache(ctx),
-    ]
-    return "\n".join(parts)
-
-
-# ------------------------------------------------------------------------------ (e) batch 1 on a CPU
-
-
-@dataclass(frozen=True)
-class ConvLayer:
-    """One conv of a U-Net as it runs at batch 1 (recorded by a forward hook)."""
-
-    transposed: bool
-    input_shape: tuple[int, ...]
-    weight_shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    input_grad: bool  # False for the first layer: the image needs no gradient
-
-    def describe(self) -> str:
-        first, second = self.weight_shape[:2]  # Conv3d weights are (out, in, ...), transposed (in, out, ...)
-        c_in, c_out = (first, second) if self.transposed else (second, first)
-        size = "x".join(map(str, self.input_shape[2:]))
-        kind = "ConvTranspose3d" if self.transposed else "Conv3d"
-        return f"{kind} k{self.weight_shape[2]} s{self.stride[0]}, {c_in}->{c_out}, input {size}"
-
-    def conv(self, weight: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The layer's convolution: PyTorch's path (mode torch) or norms/cpu_conv.py's (auto, split)."""
-        if self.transposed:
-            return lambda x: torch.nn.functional.conv_transpose3d(x, weight, None, self.stride, self.padding)
-        return lambda x: cpu_conv.conv3d(x, weight, None, self.stride, self.padding, mode=mode)
-
-
-def conv_layers(run: Run) -> list[ConvLayer]:
-    """Every distinct conv of the Run's model, in forward order, with its batch-1 input shape."""
-    seen: dict[ConvLayer, None] = {}
-
-    def hook(module, args, out) -> None:
-        transposed = isinstance(module, torch.nn.ConvTranspose3d)
-        x = args[0]
-        shapes = (tuple(x.shape), tuple(module.weight.shape))
-        layer = ConvLayer(transposed, *shapes, module.stride, module.padding, x.requires_grad)
-        seen.setdefault(layer, None)
-
-    convs = [m for m in run.model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
-    handles = [m.register_forward_hook(hook) for m in convs]
-    run.model(torch.zeros(1, run.data.info.num_channels, *run.cfg.data.patch_size))  # as in training
-    for handle in handles:
-        handle.remove()
-    return list(seen)
-
-
-def aten_backend(layer: ConvLayer, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """The kernel ATen picks for this call (Slow3d = slow_conv3d, Mkldnn = oneDNN); forward and backward
-    make the same choice. torch._C._select_conv_backend is private: reporting only."""
-    try:
-        backend = torch._C._select_conv_backend(
-            x,
-            weight,
-            None,
-            list(layer.stride),
-            list(layer.padding),
-            [1, 1, 1],
-            layer.transposed,
-            [0, 0, 0],
-            1,
-        )
-    except (AttributeError, RuntimeError, TypeError):
-        return "unknown"
-    return str(backend).rsplit(".", 1)[-1]
-
-
-def forward_backward(conv: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
-    grad = torch.randn_like(conv(x).detach())
-    return lambda: conv(x).backward(grad)
-
-
-def layer_variants(layer: ConvLayer) -> tuple[dict[str, Callable[[], None]], str, str]:
-    """Forward + backward of one layer each way, (PyTorch's backend at batch 1, what auto takes)."""
-    x1 = torch.randn(layer.input_shape, requires_grad=layer.input_grad)
-    x2 = torch.randn((2, *layer.input_shape[1:]), requires_grad=layer.input_grad)
-    weight = (torch.randn(layer.weight_shape) * 0.1).requires_grad_()
-    backend = aten_backend(layer, x1, weight)
-    fns = {"torch": forward_backward(layer.conv(weight, "torch"), x1)}
-    if layer.transposed:
-        return {**fns, "batch 2": forward_backward(layer.conv(weight, "torch"), x2)}, backend, "torch"
-    pad, stride = list(layer.padding), list(layer.stride)
-    onednn = lambda x: torch.ops.aten.mkldnn_convolution(x, weight, None, pad, stride, [1, 1, 1], 1)  # noqa: E731
-    fns["oneDNN op"] = forward_backward(onednn, x1)
-    out_size = cpu_conv.output_size(x1, weight, layer.stride, layer.padding, (1, 1, 1))
-    if cpu_conv.can_split(x1, weight, out_size[0]):
-        fns["split"] = forward_backward(layer.conv(weight, "split"), x1)
-    fns["batch 2"] = forward_backward(layer.conv(weight, "torch"), x2)
-    auto = "split" if cpu_conv.use_split("auto", x1, weight, out_size) else "torch"
-    return fns, backend, auto
-
-
-def calls_per_block(fn: Callable[[], None], seconds: float) -> int:
-    """How many calls make a timed block of about `seconds` (single layers take 0.1-300 ms)."""
-    return max(1, min(200, round(seconds / max(timed(fn, lambda: None)[0], 1e-6))))
-
-
-def layer_row(ctx: Context, layer: ConvLayer) -> tuple[list[object], dict[str, float]]:
-    p = ctx.profile
-    fns, backend, auto = layer_variants(layer)
-    calls = calls_per_block(fns["torch"], 0.005 if p.name == "smoke" else 0.05)
-    times = timeit(fns, p.warmup, calls, p.repeats, lambda: None)
-    ms = {name: median(t) * 1e3 for name, t in times.items()}
-    ms["batch 2"] /= 2  # per sample
-    ms["auto"] = ms[auto]
-    speedup, spread = "n/a", ""
-    if "split" in times:
-        paired = [a / b for a, b in zip(times["torch"], times["split"], strict=True)]
-        speedup = f"{median(paired):.2f}x"
-        spread = f"{min(paired):.2f}-{max(paired):.2f}"
-    row = [
-        layer.describe(),
-        backend,
-        fmt(ms["torch"], 2),
-        fmt(ms.get("oneDNN op", float("nan")), 2),
-        fmt(ms.get("split", float("nan")), 2),
-        speedup,
-        spread,
-        fmt(ms["batch 2"], 2),
-        auto,
-    ]
-    return row, ms
-
-
-def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
-    run = build_run(ctx, ["norm=batch", *model_overrides])  # layer shapes do not depend on the norm
-    setup = describe_cfg(run.cfg).split(", batch")[0]
-    rows, total = [], {"torch": 0.0, "auto": 0.0, "batch 2": 0.0}
-    for layer in conv_layers(run):
-        ctx.log(f"batch 1: {layer.describe()}")
-        row, ms = layer_row(ctx, layer)
-        rows.append(row)
-        for name in total:
-            total[name] += ms[name]
-    rows.append(
-        ["every layer once (sum)", "", fmt(total["torch"], 2), "", "", "", "", fmt(total["batch 2"], 2), ""]
-    )
-    head = [
-        "layer (batch 1)",
-        "ATen backend",
-        "PyTorch ms",
-        "oneDNN op ms",
-        "depth split ms",
-        "split speed-up",
-        "paired blocks min-max",
-        "batch 2, ms per sample",
-        "auto takes",
-    ]
-    return "\n".join(
-        [
-            f"### Conv layers at batch 1: {setup}",
-            "",
-            f"Forward + backward of one call (weight grads, and input grads but for the first layer), "
-            "median block. With auto the layers "
-            f"take {fmt(total['auto'], 1)} ms in all, against {fmt(total['torch'], 1)} ms on PyTorch's "
-            f"path ({total['torch'] / total['auto']:.2f}x) and {fmt(total['batch 2'], 1)} ms per sample "
-            "at batch 2.",
-            "",
-            table(head, rows),
-        ]
-    )
-
-
-BATCH1_VARIANTS = (  # (name, batch size, overrides): blocks of all four alternate
-    ("b1 torch", 1, ("trainer.cpu_conv=torch",)),
-    ("b1 split", 1, ("trainer.cpu_conv=auto",)),
-    ("b1 split cl", 1, ("trainer.cpu_conv=auto", "trainer.channels_last=true")),
-    ("b2", 2, ()),
-)
-
-
-def batch1_norm_row(ctx: Context, norm: str, model_overrides: tuple[str, ...]) -> tuple[list[object], float]:
-    p = ctx.profile
-    ctx.log(f"batch 1: norm={norm} {' '.join(model_overrides)}")
-    preps, patches = {}, {}
-    for name, bs, overrides in BATCH1_VARIANTS:
-        prep = prepare(ctx, [f"norm={norm}", f"data.batch_size={bs}", *model_overrides, *overrides])
-        preps[name], patches[name] = prep, prep.run.plan.effective_batch
-    times = timeit({n: prep.step() for n, prep in preps.items()}, p.warmup, p.steps, p.repeats, lambda: None)
-    per_patch = {n: [t / patches[n] for t in ts] for n, ts in times.items()}
-    ms = {n: median(ts) * 1e3 for n, ts in per_patch.items()}
-    paired = [b2 / b1 for b1, b2 in zip(per_patch["b1 split"], per_patch["b2"], strict=True)]
-    ratio = ms["b2"] / ms["b1 split"]
-    row = [
-        norm,
-        fmt(ms["b1 torch"]),
-        fmt(ms["b1 split"]),
-        fmt(ms["b1 split cl"]),
-        fmt(ms["b2"]),
-        f"{ms['b2'] / ms['b1 torch']:.2f}",
-        f"**{ratio:.2f}** ({min(paired):.2f}-{max(paired):.2f})",
-        verdict(ratio >= BATCH1_TARGET),
-        f"{ms['b1 split'] / ms['b1 split cl']:.2f}x",
-    ]
-    return row, ratio
-
-
-def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
-    rows, ratios = [], {}
-    for norm in ctx.profile.batch1_norms:
-        row, ratios[norm] = batch1_norm_row(ctx, norm, model_overrides)
-        rows.append(row)
-    cfg = compose_cfg(ctx, list(model_overrides))
-    setup = describe_cfg(cfg).split(", batch")[0]
-    worst = min(ratios, key=ratios.get)
-    ctx.summary.append(
-        (
-            f"batch 1 / batch 2 per-patch throughput, worst norm ({setup})",
-            f"{ratios[worst]:.2f} ({worst})",
-            f">= {BATCH1_TARGET}",
-            verdict(ratios[worst] >= BATCH1_TARGET),
-        )
-    )
-    head = [
-        "norm",
-        "batch 1, split off (cpu_conv=torch)",
-        "batch 1, split on (auto)",
-        "batch 1, split on + channels_last_3d",
-        "batch 2",
-        "batch 1 / batch 2, split off",
-        "batch 1 / batch 2, split on (paired blocks min-max)",
-        f">= {BATCH1_TARGET}",
-        "channels_last gain at batch 1",
-    ]
-    return "\n".join(
-        [
-            f"### Per-patch training time at batch 1 vs batch 2: {setup}",
-            "",
-            "`Run.train_step` on a pre-drawn batch, ms per training patch (median block; the blocks of the "
-            "four variants alternate). Batch 2 runs as trainer.cpu_conv=auto and trainer.channels_last=auto "
-            "train it (channels_last_3d except for instance); the split never applies at batch 2. "
-            "Throughput ratio = (ms per patch at batch 2) / (ms per patch at batch 1).",
-            "",
-            table(head, rows),
-        ]
-    )
-
-
-def measure_batch1(ctx: Context, device: torch.device) -> str:
-    title = "## e. Batch 1 on a CPU: the depth-split conv (trainer.cpu_conv)"
-    if device.type != "cpu":
-        return f"{title}\n\nSkipped: measured on {device.type}; the split is CPU-only (off on CUDA)."
-    parts = [
-        title,
-        "",
-        "PyTorch runs a conv3d of one sample on a CPU as `slow_conv3d`; `trainer.cpu_conv=auto` splits the "
-        "volume's depth into a batch of two for oneDNN where the layer tables below show it faster "
-        "(norms/cpu_conv.py). `ATen backend` is what ATen picks for the layer at batch 1; the oneDNN op "
-        "column calls `torch.ops.aten.mkldnn_convolution` directly (its backward still takes ATen's choice).",
-    ]
-    for overrides in ctx.profile.batch1_models:
-        parts += ["", measure_layers(ctx, overrides)]
-    for overrides in ctx.profile.batch1_models:
-        parts += ["", measure_batch1_norms(ctx, overrides)]
-    return "\n".join(parts)
-
-
-# ------------------------------------------------------------------------------------------- main
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1243,7 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument(
         "--quick",
         action="store_true",
-        help="a subset (4 norms at batch 1, 2, 4 on 16^3 patches; 4 norms in e); a few minutes on a 2-core CPU",
+        help="a subset (4 norms at batch 1, 2, 4 on 16^3 patches; 4 norms in e); minutes on a 2-core CPU",
     )
     size.add_argument(
         "--smoke",
@@ -1253,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         default=str(DEFAULT_OUT),
-        help="markdown file to write (default: docs/benchmark_results.md); '-' prints only",
+        help="markdown file to write, after every section (default: docs/benchmark_results.md); '-' prints only",
     )
     parser.add_argument(
         "--device",
@@ -1262,7 +202,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: cuda when available (default)",
     )
     parser.add_argument(
-        "--only", action="append", choices=SECTIONS, help="run only these sections (repeatable); default: all"
+        "--only",
+        action="append",
+        choices=list(SECTIONS),
+        help="run only these sections (repeatable); default: all",
     )
     parser.add_argument(
         "--override",
@@ -1276,7 +219,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         metavar="N",
-        help="timed blocks per measurement (default: the profile's); more: steadier medians when busy",
+        help="rounds where a section times a fixed number (default: the profile's); more: narrower intervals",
+    )
+    parser.add_argument(
+        "--overhead-cap",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="section a adds paired blocks until the interval is narrow or this long (default: the profile's)",
     )
     parser.add_argument(
         "--threads",
@@ -1288,55 +238,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cuda-sections-anyway",
         action="store_true",
-        help="run section d on a CPU too (tests the code; its numbers mean nothing for GPUs)",
+        help="run sections d and f on a CPU too (tests the code; their numbers mean nothing for GPUs)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the command line and that the config composes and validates, then exit: measures nothing",
     )
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("benchmark: --device cuda, but no CUDA device is available", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def choose_profile(args: argparse.Namespace) -> Profile:
     profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.repeats:
         profile = dataclasses.replace(profile, repeats=args.repeats)
-    sections = args.only or list(SECTIONS)
-    started = time.perf_counter()
-    command = " ".join(sys.argv[1:] if argv is None else argv)
-    with tempfile.TemporaryDirectory(prefix="norm-exp-bench-") as workdir:
-        ctx = Context(
-            profile,
-            args.device,
-            tuple(args.override),
-            Path(workdir),
-            args.cuda_sections_anyway,
-            bool(args.threads),
-        )
-        device = make_plan(compose_cfg(ctx)).device
-        header = machine_header(ctx, device)
-        ctx.log(f"profile {profile.name} on {device.type}; sections: {', '.join(sections)}")
-        parts = []
-        if "overhead" in sections:
-            parts.append(measure_overhead(ctx))
-        if "epoch" in sections:
-            parts.append(measure_epoch(ctx))
-            parts += [measure_epoch(ctx, shape) for shape in profile.epoch_volume_shapes]
-        if "norms" in sections:
-            parts.append(measure_norms(ctx))
-        if "cuda" in sections:
-            parts.append(measure_cuda(ctx, device))
-        if "batch1" in sections:
-            parts.append(measure_batch1(ctx, device))
+    if args.overhead_cap is not None:
+        profile = dataclasses.replace(profile, overhead_cap_s=args.overhead_cap)
+    return profile
+
+
+def write_report(
+    out: str, command: str, started: float, header: str, ctx: Context, parts: list[str], left: list[str]
+) -> str:
+    """The markdown so far; written to `out` after every section, so that a stopped run keeps its tables."""
     summary = table(["measurement", "value", "target", "verdict"], [list(s) for s in ctx.summary])
+    state = (
+        f"Sections still to run: {', '.join(left)}."
+        if left
+        else f"Load average at the end: {load_average()}."
+    )
     report = (
         "\n\n".join(
             [
                 "# Benchmark results",
-                f"Written by `python scripts/benchmark.py {command}` "
-                f"in {time.perf_counter() - started:.0f} s. What each number means: docs/benchmarks.md.",
+                f"Written by `python scripts/benchmark.py {command}` in {time.perf_counter() - started:.0f} s. "
+                f"What each number means: docs/benchmarks.md. {state}",
                 "## Machine\n\n" + header,
                 "## Targets\n\n" + summary,
                 *parts,
@@ -1344,12 +280,59 @@ def main(argv: list[str] | None = None) -> int:
         )
         + "\n"
     )
+    if out != "-":
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report)
+    return report
+
+
+def run_sections(args: argparse.Namespace, ctx: Context, command: str, started: float) -> str:
+    device = make_plan(compose_cfg(ctx)).device
+    header = machine_header(ctx, device)
+    sections = args.only or list(SECTIONS)
+    ctx.log(f"profile {ctx.profile.name} on {device.type}; sections: {', '.join(sections)}")
+    parts: list[str] = []
+    for i, name in enumerate(sections):
+        parts.append(SECTIONS[name].measure(ctx, device))
+        write_report(args.out, command, started, header, ctx, parts, sections[i + 1 :])
+    return write_report(args.out, command, started, header, ctx, parts, [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
+        print("benchmark: --device cuda, but no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory(prefix="norm-exp-bench-") as workdir:
+        ctx = Context(
+            choose_profile(args),
+            args.device,
+            tuple(args.override),
+            Path(workdir),
+            args.cuda_sections_anyway,
+            bool(args.threads),
+        )
+        try:
+            if args.dry_run:
+                validate_config(compose_cfg(ctx))
+                sections = ", ".join(args.only or SECTIONS)
+                print(
+                    f"benchmark: dry run: profile {ctx.profile.name}, device {args.device}, sections {sections}, "
+                    f"out {args.out}: the command line parses and the config composes and validates; nothing measured"
+                )
+                return 0
+            report = run_sections(args, ctx, command, started)
+        except (UserError, HydraException, OmegaConfBaseException) as err:
+            print(f"error: {err}".splitlines()[0], file=sys.stderr)
+            return 2
     print(report)
     if args.out != "-":
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(report)
-        ctx.log(f"wrote {out}")
+        ctx.log(f"wrote {args.out}")
     return 0
 
 

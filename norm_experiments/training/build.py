@@ -129,8 +129,34 @@ def use_channels_last(setting: object, device: torch.device, effective_batch: in
     return device.type == "cpu" and effective_batch >= 2
 
 
+# Memory a CUDA process holds outside PyTorch's allocator (its context and loaded kernels), which a
+# per-process memory fraction does not cap: the share of each of k runs on one GPU leaves this much per run.
+CUDA_CONTEXT_BYTES = 2**30
+
+
+def memory_share(runs_per_gpu: int, free: int, total: int, gpu: str) -> float:
+    """The fraction of the GPU's memory each of `runs_per_gpu` runs may allocate, after checking that this
+    run's share is free (`free` and `total` as torch.cuda.mem_get_info gives them, in bytes).
+
+    The k shares and k contexts fill the device exactly, so the k-th run to start still finds its share free
+    while the others hold theirs. Raises UserError naming the GPU, its free memory and k when it is not."""
+    if runs_per_gpu == 1:
+        return 1.0
+    share = (total - runs_per_gpu * CUDA_CONTEXT_BYTES) / runs_per_gpu
+    if share <= 0 or free < share:
+        gib = 2**30
+        need = f"{share / gib:.1f} GiB" if share > 0 else "more than the GPU has"
+        raise UserError(
+            f"trainer.runs_per_gpu={runs_per_gpu}: {gpu} has {free / gib:.1f} GiB free of {total / gib:.1f} GiB, "
+            f"and each of {runs_per_gpu} runs needs its share, {need} (plus about "
+            f"{CUDA_CONTEXT_BYTES / gib:.0f} GiB for its CUDA context): lower trainer.runs_per_gpu, or free the GPU"
+        )
+    return share / total
+
+
 def set_up_device(cfg: DictConfig, device: torch.device) -> None:
-    """Threads, and on CUDA the choice between speed (cudnn.benchmark) and bit-exact reproducibility."""
+    """Threads, and on CUDA the choice between speed (cudnn.benchmark) and bit-exact reproducibility, and this
+    run's share of the GPU's memory (trainer.runs_per_gpu)."""
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     if device.type == "cuda":
@@ -140,6 +166,13 @@ def set_up_device(cfg: DictConfig, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = not deterministic
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier run's in this process
+        runs, fraction = int(cfg.trainer.runs_per_gpu), 1.0
+        if runs > 1:
+            torch.cuda.empty_cache()  # what an earlier run of this process cached must not count against this one
+            free, total = torch.cuda.mem_get_info(device)
+            gpu = f"GPU {device.index} ({torch.cuda.get_device_name(device)})"
+            fraction = memory_share(runs, free, total, gpu)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)  # 1.0: no cap left by an earlier run
 
 
 def seed_everything(seed: int) -> None:

@@ -160,7 +160,7 @@ def test_real_dataset_batches(make_dataset) -> None:
     assert torch.equal(BatchSampler(bundle.train, cfg.data, seed=0).batch(0)[0], images)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI machines)")
+@pytest.mark.cuda
 def test_batches_cut_on_the_gpu_equal_those_cut_on_the_host(make_dataset, tmp_path: Path) -> None:
     root = make_dataset(num_cases=4)
     cfg = compose_config(["data=msd", f"data.root={root}", "data.patch_size=[8,8,8]"])

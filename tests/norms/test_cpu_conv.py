@@ -124,7 +124,7 @@ def test_split_is_off_under_cpu_autocast() -> None:
         assert not can_split(x, weight, 16)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_split_is_off_on_cuda() -> None:
     conv = CpuConv3d(8, 8, 3, padding=1).cuda()
     set_cpu_conv(conv, "split")

@@ -77,7 +77,7 @@ def test_prefetch_thread_runs_one_intra_op_thread() -> None:
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the CI machines)")
+@pytest.mark.cuda
 def test_volumes_cached_on_the_gpu_train_and_validate(tmp_path: Path) -> None:
     cfg = compose_config(["experiment=smoke", "trainer.device=cuda", "data.cache_on_device=true"])
     run = Run(cfg, make_plan(cfg), tmp_path)

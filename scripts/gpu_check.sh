@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Everything a GPU must check, in one command, on a machine with one CUDA GPU (about 8 minutes on an
+# H100-class GPU). Fills the GPU cells of docs/benchmarks.md; writes every table and log under OUT_DIR.
+#
+#   scripts/gpu_check.sh OUT_DIR             run it (OUT_DIR must be new or empty)
+#   scripts/gpu_check.sh --dry-run OUT_DIR   anywhere, no GPU needed: checks that every step's command exists
+#                                            and parses its arguments; trains and measures nothing
+#
+# Steps (each with a time limit: 60 + 300 + 90 + 30 s, so that the whole stays within 8 minutes):
+#   1. tests:     the CUDA-only tests (pytest -m cuda)                       -> OUT_DIR/tests.log
+#   2. benchmark: scripts/benchmark.py --quick --device cuda: d (AMP vs fp32, compile on/off, volumes cached
+#                 on the device), f (k runs per GPU), then b, a, c on the GPU  -> OUT_DIR/benchmark.md
+#   3. sweep:     experiment=norm_sweep, 2 norms x 2 batch sizes, shortened  -> OUT_DIR/sweep/
+#   4. report:    norm-exp-report on that sweep                              -> OUT_DIR/report/
+# Then a summary (step, ok/failed, seconds, where its output is) on stdout and in OUT_DIR/summary.md.
+# Exit status: 0 every step ok, 1 a step failed, 2 bad command line or OUT_DIR, 3 no CUDA GPU.
+# PYTHON=... chooses the interpreter (default: python, else python3); it needs the project installed
+# (pip install -e .) or the repository on PYTHONPATH.
+set -uo pipefail
+
+usage() {
+    echo "usage: scripts/gpu_check.sh [--dry-run] OUT_DIR" >&2
+    exit 2
+}
+
+DRY_RUN=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+    DRY_RUN=1
+    shift
+fi
+[[ $# -eq 1 && -n "$1" && "$1" != -* ]] || usage
+OUT=$1
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$(command -v python || command -v python3)}
+
+# The mini sweep: the study's preset with 2 norms x 2 batch sizes, one intensity, one seed, a short budget.
+SWEEP_NORMS=(batch group)
+SWEEP_BATCHES=(2 8)
+SWEEP_FIXED=(
+    experiment=norm_sweep data.intensity=zscore seed=0
+    trainer.samples=200 trainer.validations=2 trainer.checkpoint_every_samples=100 trainer.precise_bn_samples=32
+    trainer.progress=log name=gpu_check
+)
+# The GPU-only sections first: a run stopped by its time limit keeps the tables written so far.
+BENCHMARK=(scripts/benchmark.py --quick --device cuda --only cuda --only runs_per_gpu --only epoch --only overhead --only norms)
+
+# Fail fast, before any work: no GPU (unless dry), or an OUT_DIR that holds something (never overwritten).
+if [[ $DRY_RUN -eq 0 ]]; then
+    gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null)
+    if [[ -z "$gpus" || "$gpus" -lt 1 ]]; then
+        echo "gpu_check: no CUDA GPU visible to torch (python: $PY): run it on a machine with one, or use --dry-run" >&2
+        exit 3
+    fi
+fi
+if [[ -e "$OUT" && ( ! -d "$OUT" || -n "$(ls -A "$OUT")" ) ]]; then
+    echo "gpu_check: $OUT exists and is not an empty folder: choose a new OUT_DIR (nothing is overwritten)" >&2
+    exit 2
+fi
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+cd "$REPO" || exit 2
+export PYTHONUNBUFFERED=1
+
+SUMMARY=()
+FAILED=0
+step() {  # step NAME LIMIT_S OUTPUT COMMAND...: run COMMAND with a time limit, its output in OUT/NAME.log
+    local name=$1 limit=$2 output=$3 start=$SECONDS rc status
+    shift 3
+    echo "[gpu_check] $name (at most ${limit}s): $*" >&2
+    if declare -F "$1" >/dev/null; then
+        "$@" >"$OUT/$name.log" 2>&1  # a function of this script (the dry run's checks): quick, no limit
+    else
+        timeout --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    fi
+    rc=$?
+    if [[ $rc -eq 0 ]]; then
+        status=ok
+    elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        status="failed (time limit ${limit}s)"
+    else
+        status="failed (exit $rc)"
+    fi
+    [[ $rc -eq 0 ]] || FAILED=1
+    SUMMARY+=("| $name | $status | $((SECONDS - start)) | $output |")
+}
+
+join() { local IFS=,; echo "$*"; }
+
+if [[ $DRY_RUN -eq 1 ]]; then
+    collect_cuda_tests() {  # pytest collects the CUDA tests, at least one
+        "$PY" -m pytest -m cuda --collect-only -q -p no:cacheprovider tests || return 1
+    }
+    check_sweep() {  # every run of the sweep: norm-exp-train --cfg job with its exact overrides; each validates
+        local norm batch files=()
+        for norm in "${SWEEP_NORMS[@]}"; do
+            for batch in "${SWEEP_BATCHES[@]}"; do
+                files+=("$OUT/sweep_${norm}_${batch}.yaml")
+                "$PY" -m norm_experiments.train "${SWEEP_FIXED[@]}" norm="$norm" data.batch_size="$batch" \
+                    hydra.mode=RUN --cfg job --resolve >"${files[-1]}" || return 1
+            done
+        done
+        "$PY" -c 'import sys
+from omegaconf import OmegaConf
+from norm_experiments.config import validate_config
+for path in sys.argv[1:]:
+    validate_config(OmegaConf.load(path))
+    print(path, "validates")' "${files[@]}"
+    }
+    step tests 120 "$OUT/tests.log" collect_cuda_tests
+    step benchmark 120 "$OUT/benchmark.log" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md" --dry-run
+    step sweep 120 "$OUT/sweep.log, $OUT/sweep_*.yaml" check_sweep
+    step report 60 "$OUT/report.log" "$PY" -m norm_experiments.report.cli --help
+else
+    step tests 60 "$OUT/tests.log, $OUT/tests.xml" \
+        "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests --junitxml "$OUT/tests.xml"
+    step benchmark 300 "$OUT/benchmark.md" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md"
+    step sweep 90 "$OUT/sweep/ (report.md, runs' metrics.json)" "$PY" -m norm_experiments.train "${SWEEP_FIXED[@]}" \
+        norm="$(join "${SWEEP_NORMS[@]}")" data.batch_size="$(join "${SWEEP_BATCHES[@]}")" hydra.sweep.dir="$OUT/sweep"
+    step report 30 "$OUT/report/report.md" "$PY" -m norm_experiments.report.cli "$OUT/sweep" --out "$OUT/report"
+fi
+
+{
+    echo "# gpu_check $([[ $DRY_RUN -eq 1 ]] && echo '--dry-run ')$(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo
+    if [[ $DRY_RUN -eq 0 ]]; then
+        echo "GPU: $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__, "CUDA", torch.version.cuda)' 2>&1)"
+        echo
+    fi
+    echo "| step | status | seconds | output |"
+    echo "|---|---|---|---|"
+    printf '%s\n' "${SUMMARY[@]}"
+} | tee "$OUT/summary.md"
+exit $FAILED
