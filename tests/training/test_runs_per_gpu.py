@@ -34,14 +34,18 @@ def test_the_last_of_k_runs_to_start_still_finds_its_share_free() -> None:
     total, k = 80 * GIB, 4
     share = memory_share(k, free=total, total=total, gpu=H100) * total
     free_for_the_last = total - (k - 1) * (share + CUDA_CONTEXT_BYTES) - CUDA_CONTEXT_BYTES
-    assert memory_share(k, free=round(free_for_the_last), total=total, gpu=H100) == pytest.approx(share / total)
+    assert memory_share(k, free=round(free_for_the_last), total=total, gpu=H100) == pytest.approx(
+        share / total
+    )
 
 
 def test_a_gpu_already_in_use_is_refused_naming_gpu_free_memory_and_k() -> None:
     with pytest.raises(UserError) as err:
         memory_share(4, free=10 * GIB, total=80 * GIB, gpu=H100)
     message = str(err.value)
-    assert message.startswith("trainer.runs_per_gpu=4: GPU 0 (NVIDIA H100 80GB HBM3) has 10.0 GiB free of 80.0")
+    assert message.startswith(
+        "trainer.runs_per_gpu=4: GPU 0 (NVIDIA H100 80GB HBM3) has 10.0 GiB free of 80.0"
+    )
     assert "19.0 GiB" in message  # the share each of the 4 runs needs
     assert "\n" not in message
 
