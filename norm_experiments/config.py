@@ -132,7 +132,7 @@ def quoting_problem(argv: list[str]) -> str | None:
             parser.parse_override(quoted)
         except HydraException:
             continue  # something else is wrong with it: Hydra's own message says what
-        odd = sorted({c for c in value if not (c.isascii() and c.isalnum()) and c not in _UNQUOTED_OK})
+        odd = dict.fromkeys(c for c in value if not (c.isascii() and c.isalnum()) and c not in _UNQUOTED_OK)
         what = ", ".join(repr(c) for c in odd) or "this value"
         return (
             f"{arg}: Hydra's command-line grammar reads {what} only in a quoted value; quote it as "
@@ -142,8 +142,9 @@ def quoting_problem(argv: list[str]) -> str | None:
 
 
 def _shell_quoted(arg: str) -> str:
-    """arg as a user types it in a POSIX shell: in double quotes where that keeps it as it is."""
-    if any(c in arg for c in '"$`\\!'):
+    """arg as a user types it in a POSIX shell: in double quotes where they keep it as it is (no ", $, `,
+    ! and no \\\\, which double quotes would read as one backslash)."""
+    if any(c in arg for c in '"$`!') or "\\\\" in arg:
         return shlex.quote(arg)
     return f'"{arg}"'
 

@@ -175,11 +175,14 @@ def resume_argv(argv: list[str]) -> list[str]:
         raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
     overrides = [str(o) for o in OmegaConf.load(saved) if not str(o).startswith("hydra.run.dir=")]
     # Hydra writes only the task's overrides there: a Hydra setting (e.g. a callback's _target_, which Hydra
-    # would import and call) means a crafted file. The trust opt-in is never replayed: it holds for one load.
+    # would import and call) means a crafted file.
     crafted = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     if crafted:
         raise UserError(f"resume={run_dir}: {saved} sets {crafted[0]}, which a run's overrides never do")
-    overrides = [o for o in overrides if not o.lstrip("+~").startswith("trainer.trust_checkpoint=")]
+    # One-time instructions are never replayed: the trust opt-in holds for one load, and overwrite=true would
+    # discard the very checkpoint a resume continues from.
+    once = ("trainer.trust_checkpoint=", "trainer.overwrite=")
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(once)]
     rest = [a for a in argv[1:] if not a.startswith("resume=")]
     # hydra.mode=RUN: a run of a sweep preset is resumed alone, not its whole sweep.
     # Quoted: run folder names hold '=' and ',' that Hydra's override grammar would otherwise parse.

@@ -173,3 +173,23 @@ def test_full_disk_while_saving_a_checkpoint(pristine: Path, tmp_path: Path) -> 
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "model.pt").exists()
     assert not list(run_dir.glob(".*.tmp"))  # the temporary file was removed
     assert metrics_of(run_dir)["status"] == "failed"
+
+
+def test_class_absent_from_every_validation_case_is_left_out_of_the_mean(pristine: Path, tmp_path: Path) -> None:
+    """It used to count as Dice 0 in the mean: a wrong number that looked valid."""
+    root = tmp_path / "data"
+    shutil.copytree(pristine, root)
+    for i in (4, 5):  # the validation cases below: no class 2 in either
+        label = np.asarray(nib.load(str(_label(root, i))).dataobj).copy()
+        assert (label == 2).any()
+        label[label == 2] = 0
+        _resave(_label(root, i), label)
+    args = [*SMOKE, f"data.root={root}", "data.val_cases=[synth_004,synth_005]", "hydra.run.dir=run"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "class(es) class2 absent from every validation case" in result.stdout + result.stderr
+    metrics = metrics_of(tmp_path / "run")
+    assert metrics["absent_classes"] == ["class2"]
+    assert metrics["val_dice_per_class"]["class2"] is None and metrics["val_hd95_per_class"]["class2"] is None
+    assert metrics["val_dice"] == pytest.approx(metrics["val_dice_per_class"]["class1"])
+    assert metrics["val_hd95"] == pytest.approx(metrics["val_hd95_per_class"]["class1"])
