@@ -84,6 +84,12 @@ def validate_config(cfg: DictConfig, extra: dict | None = None) -> None:
     """Refuse, naming the key, unknown keys, values of the wrong type or range (config_schema.SCHEMA, plus an
     app's own root keys in `extra`) and a dataset folder that does not exist."""
     config_schema.validate(cfg, extra)
+    if cfg.data.get("fetch"):  # a preset for a dataset that norm-exp-fetch downloads
+        root = Path(str(cfg.data.root)).expanduser()
+        if not (root / "dataset.json").is_file():
+            raise UserError(
+                f"data={cfg.data.preset}: dataset not found at {root}; run: norm-exp-fetch {cfg.data.fetch}"
+            )
     if cfg.data.layout != "synthetic":
         root = cfg.data.root
         if root is None or not Path(str(root)).expanduser().is_dir():

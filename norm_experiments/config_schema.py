@@ -131,8 +131,15 @@ SCHEMA: dict[str, Check] = {
     "data.val_fraction": number(0, 1, open_low=True, open_high=True),
     "data.val_cases": optional(sequence(None, text, "case names")),
     "data.split_seed": integer(),
-    "data.target_spacing": optional(sequence(3, number(0, open_low=True), "spacings in mm > 0")),
-    "data.intensity": choice("zscore", "none"),
+    "data.target_spacing": optional(
+        either(choice("auto"), sequence(3, number(0, open_low=True), "spacings in mm > 0"))
+    ),
+    "data.intensity": choice("auto", "zscore", "ct", "none"),
+    "data.modality": optional(
+        either(text, sequence(None, text, "names"))
+    ),  # folder layout: CT or per channel
+    "data.preset": text,  # a dataset preset's own name (data=msd_hippocampus), for messages
+    "data.fetch": text,  # the norm-exp-fetch arguments that put a preset's dataset in place
     "data.augment.flip_prob": FRACTION,
     "data.augment.rot90_prob": FRACTION,
     "data.cache_on_device": boolean,

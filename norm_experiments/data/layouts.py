@@ -56,6 +56,8 @@ class DatasetInfo:
     layout: str
     num_channels: int  # input channels
     labels: dict[int, str]  # every class including 0: background
+    # per channel, as dataset.json declares it ("modality" / "channel_names"); None where nothing says
+    modalities: tuple[str, ...] | None = None
 
 
 def shown(path: Path, root: Path) -> str:
@@ -193,13 +195,15 @@ def _agree(declared: dict[int, str], given: dict | None, path: Path) -> None:
         )
 
 
-def _channels_from(raw: object, where: str, key: str) -> int:
+def _modalities_from(raw: object, where: str, key: str) -> tuple[str, ...]:
+    """{"0": "CT", "1": "T2"} -> ("CT", "T2"): one name per input channel, in channel order."""
     if not isinstance(raw, Mapping) or not raw:
         raise UserError(f'{where}: \'{key}\' must be a non-empty mapping like {{"0": "MRI"}}')
     keys = sorted(raw, key=str)
     if sorted(str(k) for k in raw) != sorted(str(i) for i in range(len(raw))):
         raise UserError(f'{where}: \'{key}\' keys must be "0".."{len(raw) - 1}", got {keys}')
-    return len(raw)
+    by_index = {int(k): str(v) for k, v in raw.items()}
+    return tuple(by_index[i] for i in range(len(raw)))
 
 
 def channels_in_file(path: Path, root: Path) -> int:
@@ -248,14 +252,17 @@ def _find_msd(root: Path, labels: dict | None) -> tuple[list[Case], DatasetInfo]
         label = _entry_path(root, entry["label"], str(path), i, "label")
         name = _strip_ending(label.name, NIFTI_ENDINGS) or label.name
         cases.append(Case(name=name, images=images, label=label))
+    modalities = None
     if "modality" in meta:
-        channels = _channels_from(meta["modality"], str(path), "modality")
+        modalities = _modalities_from(meta["modality"], str(path), "modality")
+        channels = len(modalities)
     elif cases:
         first = cases[0].images
         channels = len(first) if len(first) > 1 else channels_in_file(first[0], root)
     else:
         channels = 1
-    return cases, DatasetInfo(root=root, layout="msd", num_channels=channels, labels=declared)
+    info = DatasetInfo(root=root, layout="msd", num_channels=channels, labels=declared, modalities=modalities)
+    return cases, info
 
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -277,7 +284,8 @@ def _find_nnunet(root: Path, labels: dict | None) -> tuple[list[Case], DatasetIn
     channel_key = "channel_names" if "channel_names" in meta else "modality"
     if channel_key not in meta:
         raise UserError(f"{path}: missing key 'channel_names'{_layout_hint(meta)}")
-    channels = _channels_from(meta[channel_key], str(path), channel_key)
+    modalities = _modalities_from(meta[channel_key], str(path), channel_key)
+    channels = len(modalities)
     declared = _labels_from_nnunet(meta["labels"], str(path))
     _agree(declared, labels, path)
     ending = meta["file_ending"]
@@ -318,7 +326,10 @@ def _find_nnunet(root: Path, labels: dict | None) -> tuple[list[Case], DatasetIn
         if stem and stem not in by_case:
             raise UserError(f"{shown(file, root)}: label without images (no imagesTr/{stem}_0000{ending})")
     _check_num_training(meta, path, len(cases))
-    return cases, DatasetInfo(root=root, layout="nnunet", num_channels=channels, labels=declared)
+    info = DatasetInfo(
+        root=root, layout="nnunet", num_channels=channels, labels=declared, modalities=modalities
+    )
+    return cases, info
 
 
 def _check_num_training(meta: dict, path: Path, found: int) -> None:

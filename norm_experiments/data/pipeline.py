@@ -1,28 +1,29 @@
 """From a `data` config to cached volumes and reproducible training batches.
 
-The deterministic part (load, channel-first, RAS orientation, optional resampling, per-case intensity
-normalization, padding, foreground indices) runs once per case and is cached in memory (MONAI
-CacheDataset), optionally moved to the GPU (data.cache_on_device). The random part (patch crops with a
-foreground ratio, flips, rotations; see patches.py) is re-seeded from (seed, step) for every batch: the
-batch of a step is a pure function of the run's seed and the step number, which makes a resumed run draw
-exactly the batches an uninterrupted run would, without saving any sampler state.
+The deterministic part (load, channel-first, RAS orientation, intensity normalization by modality,
+optional resampling, padding, foreground indices; preprocessing.py says what is chosen and why) runs once
+per case and is cached in memory (MONAI CacheDataset), optionally moved to the GPU (data.cache_on_device).
+The random part (patch crops with a foreground ratio, flips, rotations; see patches.py) is re-seeded from
+(seed, step) for every batch: the batch of a step is a pure function of the run's seed and the step number,
+which makes a resumed run draw exactly the batches an uninterrupted run would, without saving any sampler
+state.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
+from monai.data import CacheDataset, NibabelReader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     FgBgToIndicesd,
     LoadImaged,
-    NormalizeIntensityd,
     Orientationd,
     Spacingd,
     SpatialPadd,
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from norm_experiments.data.checks import check_cases
 from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, split_cases
 from norm_experiments.data.patches import Augmentation, cut_patch
+from norm_experiments.data.preprocessing import Preprocessing, intensity_transform, plan_preprocessing
 from norm_experiments.data.synthetic import SynthConfig, ensure_synthetic
 from norm_experiments.errors import UserError
 
@@ -67,6 +69,8 @@ class DataBundle:
     info: DatasetInfo
     train: list[Volume]
     val: list[Volume]
+    # what metrics.json records about the preprocessing (intensity per channel, CT statistics, spacing)
+    preprocessing: dict = field(default_factory=dict)
 
 
 def synth_config(data_cfg: DictConfig) -> SynthConfig:
@@ -84,16 +88,37 @@ def dataset_root(data_cfg: DictConfig) -> tuple[str, Path]:
     return str(data_cfg.layout), Path(str(data_cfg.root)).expanduser()
 
 
-def deterministic_transforms(data_cfg: DictConfig) -> Compose:
+class ThreadSafeNibabelReader(NibabelReader):
+    """MONAI's NibabelReader, with the file names of read() kept per thread.
+
+    NibabelReader stores read()'s file names on the instance for get_data(); CacheDataset fills its cache
+    from several threads that share one reader, so a label read in one thread could cut another thread's
+    image of several files (one per channel, nnU-Net layout) down to its first channel."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._per_thread = threading.local()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def filenames(self):  # type: ignore[override]
+        return self._per_thread.filenames
+
+    @filenames.setter
+    def filenames(self, value) -> None:
+        self._per_thread.filenames = value
+
+
+def deterministic_transforms(data_cfg: DictConfig, prep: Preprocessing) -> Compose:
     steps = [
-        LoadImaged(KEYS, image_only=True),
+        LoadImaged(KEYS, reader=ThreadSafeNibabelReader(), image_only=True),
         EnsureChannelFirstd(KEYS),
         Orientationd(KEYS, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
-    if data_cfg.target_spacing is not None:
-        steps.append(Spacingd(KEYS, pixdim=list(data_cfg.target_spacing), mode=("bilinear", "nearest")))
-    if data_cfg.intensity == "zscore":
-        steps.append(NormalizeIntensityd("image", channel_wise=True))
+    normalize = intensity_transform(prep)
+    if normalize is not None:  # before resampling, as nnU-Net does
+        steps.append(normalize)
+    if prep.target_spacing is not None:
+        steps.append(Spacingd(KEYS, pixdim=prep.target_spacing, mode=("bilinear", "nearest")))
     if data_cfg.pad_to_patch:
         steps.append(SpatialPadd(KEYS, spatial_size=list(data_cfg.patch_size)))
     return Compose(steps)
@@ -132,12 +157,13 @@ def load_data(data_cfg: DictConfig) -> DataBundle:
         check_cases(cases, info)
     val_cases = list(data_cfg.val_cases) if data_cfg.val_cases else None
     train_cases, val_cases_ = split_cases(cases, data_cfg.val_fraction, data_cfg.split_seed, val_cases)
-    transform = deterministic_transforms(data_cfg)
+    prep = plan_preprocessing(data_cfg, info, train_cases)
+    transform = deterministic_transforms(data_cfg, prep)
     train = _cache(train_cases, Compose([*transform.transforms, FgBgToIndicesd("label")]))
     val = _cache(val_cases_, transform)
     _check_patch_fits(train + val, list(data_cfg.patch_size))
     log.info("data: %s (%s layout), %d training and %d validation cases", root, layout, len(train), len(val))
-    return DataBundle(info=info, train=train, val=val)
+    return DataBundle(info=info, train=train, val=val, preprocessing=prep.record)
 
 
 def host_indices(indices) -> np.ndarray:

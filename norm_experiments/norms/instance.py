@@ -31,7 +31,6 @@ RECORD = register(
         },
         learnable_shift=lambda o: o["affine"],
         min_spatial_voxels=2,  # PyTorch refuses one voxel per channel, even in eval mode
-        keeps_channels_last=False,
         spellings=("instancenorm", "in"),
     )
 )

@@ -55,7 +55,6 @@ class NormRecord:
     conv: Callable[..., nn.Module] = plain_conv
     groups_option: str | None = None  # channels must be divisible by options[groups_option]
     min_spatial_voxels: int = 1  # statistics per sample over D*H*W need at least this many voxels
-    keeps_channels_last: bool = True  # its layers keep channels_last_3d (InstanceNorm drops it: slower)
     check: Callable[[dict], None] | None = None  # rules between options, on the resolved options
     spellings: tuple[str, ...] = ()  # other names users type, for "did you mean" (not accepted as names)
 

@@ -115,18 +115,18 @@ def amp_dtype(setting: object, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def use_channels_last(setting: object, device: torch.device, spec: NormSpec, effective_batch: int) -> bool:
+def use_channels_last(setting: object, device: torch.device, effective_batch: int) -> bool:
     """trainer.channels_last: true, false, or auto = on only where scripts/benchmark.py measured it faster.
 
-    On a CPU (oneDNN) it made a step 1.1-1.5x faster at batch >= 2 for every norm whose layers keep the
-    layout (InstanceNorm drops it and was slower at batch 8). At batch 1 it stays off: with trainer.cpu_conv's
-    depth split (which runs its convs in channels_last_3d inside) a channels_last model gained 0.95-1.05x per
-    step (benchmark section e). On CUDA it stays off until the benchmark's channels_last table has been
-    measured on a GPU.
+    On a CPU (oneDNN) it made a step faster at batch 2 for every norm measured (benchmark section c,
+    channels_last table; InstanceNorm too, although its layers drop the layout: its convs still gain). At
+    batch 1 it stays off: with trainer.cpu_conv's depth split (which runs its convs in channels_last_3d
+    inside) a channels_last model gained 0.95-1.05x per step (benchmark section e). On CUDA it stays off
+    until the benchmark's channels_last table has been measured on a GPU.
     """
     if setting != "auto":
         return bool(setting)
-    return device.type == "cpu" and effective_batch >= 2 and spec.record.keeps_channels_last
+    return device.type == "cpu" and effective_batch >= 2
 
 
 def set_up_device(cfg: DictConfig, device: torch.device) -> None:
@@ -236,7 +236,7 @@ def build(cfg: DictConfig, plan: Plan, data: DataBundle | None = None) -> Built:
     model = build_model(cfg.model, plan.spec, data.info.num_channels, len(labels)).to(device)
     set_cpu_conv(model, str(cfg.trainer.cpu_conv))  # batch-1 conv3d on a CPU: norms/cpu_conv.py
     memory_format = torch.contiguous_format
-    if use_channels_last(cfg.trainer.channels_last, device, plan.spec, plan.effective_batch):
+    if use_channels_last(cfg.trainer.channels_last, device, plan.effective_batch):
         memory_format = torch.channels_last_3d
         model.to(memory_format=memory_format)
     net = distributed.wrap_ddp(model, device)

@@ -390,6 +390,9 @@ class Run:
             "machine": machine(),
             "versions": library_versions(),
             "history": s.history,
+            "preprocessing": b.data.preprocessing
+            if b
+            else None,  # intensity per channel, CT statistics, spacing
             **extra,
         }
 
