@@ -30,8 +30,8 @@ from monai.transforms import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments.data.checks import check_cases
-from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, split_cases
+from norm_experiments.data.checks import check_cases, check_preprocessed
+from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, shown, split_cases
 from norm_experiments.data.patches import Augmentation, cut_patch
 from norm_experiments.data.preprocessing import Preprocessing, intensity_transform, plan_preprocessing
 from norm_experiments.data.synthetic import SynthConfig, ensure_synthetic
@@ -148,6 +148,16 @@ def _check_patch_fits(volumes: list[Volume], patch: list[int]) -> None:
             )
 
 
+def _check_preprocessed(train: list[Volume], val: list[Volume], cases: list[Case], info: DatasetInfo) -> None:
+    """Finite volumes, and foreground in each split (data/checks.py): the messages name the file or the keys."""
+    files = {case.name: shown(case.images[0], info.root) for case in cases}
+    where = {
+        "training": "choose other training cases (data.val_cases, data.val_fraction, data.split_seed)",
+        "validation": "choose other validation cases (data.val_cases, data.val_fraction, data.split_seed)",
+    }
+    check_preprocessed({"training": train, "validation": val}, files, where)
+
+
 def load_data(data_cfg: DictConfig) -> DataBundle:
     """Find, check, split and cache a dataset; user mistakes raise UserError naming the key or file."""
     layout, root = dataset_root(data_cfg)
@@ -162,6 +172,7 @@ def load_data(data_cfg: DictConfig) -> DataBundle:
     train = _cache(train_cases, Compose([*transform.transforms, FgBgToIndicesd("label")]))
     val = _cache(val_cases_, transform)
     _check_patch_fits(train + val, list(data_cfg.patch_size))
+    _check_preprocessed(train, val, cases, info)
     log.info("data: %s (%s layout), %d training and %d validation cases", root, layout, len(train), len(val))
     return DataBundle(info=info, train=train, val=val, preprocessing=prep.record)
 

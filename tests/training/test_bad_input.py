@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from norm_experiments.data.synthetic import SynthConfig, generate_dataset
-from tests.helpers import metrics_of, run_cli
+from tests.helpers import assert_clean_failure, metrics_of, no_result_left, run_cli
 
 SMOKE = ["experiment=smoke", "trainer.num_threads=1", "data=msd"]
+VAL = ["data.val_cases=[synth_004,synth_005]"]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,33 @@ def _image_2d(root: Path) -> None:
     _resave(_image(root), np.zeros((24, 24), np.float32))
 
 
+def _extreme_voxels(value: float, case: int) -> Callable[[Path], None]:
+    """A few finite voxels far outside the image's range (3e38 used to become NaN after z-scoring, 1e30
+    to squash the rest of the volume to a constant)."""
+
+    def apply(root: Path) -> None:
+        image = np.asarray(nib.load(str(_image(root, case))).dataobj).astype(np.float32)
+        image[2, 3, 4] = image[5, 6, 7] = image[8, 9, 10] = value
+        _resave(_image(root, case), image)
+
+    return apply
+
+
+def _flipped_label_axis(root: Path) -> None:
+    label = nib.load(str(_label(root)))
+    affine = label.affine.copy()
+    affine[0, 0] = -affine[0, 0]
+    _resave(_label(root), np.asarray(label.dataobj), affine)
+
+
+def _background_only(cases: range) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        for i in cases:
+            _resave(_label(root, i), np.zeros(nib.load(str(_label(root, i))).shape, np.uint8))
+
+    return apply
+
+
 def _json_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
     def apply(root: Path) -> None:
         meta = json.loads((root / "dataset.json").read_text())
@@ -103,6 +131,17 @@ CASES = [
     ("non-integer label", _non_integer_label, [], "labelsTr/synth_001.nii.gz"),
     ("NaN voxel", _nan_voxel, [], "imagesTr/synth_001.nii.gz"),
     ("2D image", _image_2d, [], "imagesTr/synth_001.nii.gz"),
+    ("3e38 voxels", _extreme_voxels(3e38, 1), [], "imagesTr/synth_001.nii.gz: holds extreme intensities"),
+    ("1e30 voxels", _extreme_voxels(1e30, 4), VAL, "imagesTr/synth_004.nii.gz: holds extreme intensities"),
+    (
+        "3e38 voxels, files not checked",
+        _extreme_voxels(3e38, 4),
+        [*VAL, "data.check_files=false", "data.intensity=zscore"],
+        "imagesTr/synth_004.nii.gz: 13824 voxels are NaN or infinite after preprocessing",  # all: std is inf
+    ),
+    ("flipped label axis", _flipped_label_axis, [], "labelsTr/synth_001.nii.gz: voxel grid differs"),
+    ("all-background labels", _background_only(range(6)), [], "the training split (4 case(s)"),
+    ("validation without foreground", _background_only(range(4, 6)), VAL, "the validation split (2 case(s)"),
     ("malformed dataset.json", _malformed_json, [], "dataset.json"),
     ("missing labels key", _json_edit(lambda m: m.pop("labels")), [], "labels"),
     ("duplicate case", _json_edit(_duplicate), [], "synth_000"),
@@ -134,6 +173,20 @@ def test_bad_input_is_one_clear_line(
     assert not (run_dir / "model.pt").exists() and not (run_dir / "checkpoint.pt").exists()
     if (run_dir / "metrics.json").exists():  # allowed only as an honest failure record
         assert metrics_of(run_dir)["status"] == "failed"
+
+
+@pytest.mark.parametrize("how", ["NORM_EXP_CACHE", "data.cache_dir"])
+def test_synthetic_cache_that_cannot_be_written(tmp_path: Path, how: str) -> None:
+    """A file where the cache folder should be (a read-only home fails the same way, except for root)."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    cache = blocker if how == "NORM_EXP_CACHE" else blocker / "cache"
+    args = ["experiment=smoke", "data.synthetic.seed=91", "hydra.run.dir=run"]
+    if how == "data.cache_dir":
+        args.append(f"data.cache_dir={cache}")
+    result = run_cli(args, cwd=tmp_path, env={"NORM_EXP_CACHE": str(cache)})
+    assert_clean_failure(result, f"error: {cache}: cannot write the synthetic dataset there", "data.cache_dir")
+    assert len(result.stderr.strip().splitlines()) == 1 and no_result_left(tmp_path)
 
 
 def test_unwritable_output_dir(tmp_path: Path) -> None:
