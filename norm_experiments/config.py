@@ -167,6 +167,8 @@ def output_dir_problem(argv: list[str]) -> str | None:
     names = [_override_value(arg) for arg in argv if arg.startswith("name=")]
     sweeps = f"outputs/sweeps/{names[-1]}" if names else "outputs/sweeps"
     for label, folder in named or [("outputs/runs", "outputs/runs"), (sweeps, sweeps)]:
+        if not folder.strip():  # Hydra would write the run into the current folder, whatever it holds
+            return f"{label}: names no folder"
         path = Path(folder).expanduser().absolute()
         while not path.exists():
             path = path.parent

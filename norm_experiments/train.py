@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -190,6 +191,9 @@ def resume_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    # SIGTERM (a scheduler's preemption) outside the training loop stops the run as Ctrl-C does: with exit
+    # status 3 and one line, instead of dying silently with 143. The loop installs its own handlers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         distributed.setup()  # under torchrun: join the other ranks (one process per GPU); else nothing
         sys.argv = resume_argv(sys.argv)

@@ -135,6 +135,7 @@ class SynthConfig:
                 raise UserError(f"synthetic data: {name}={getattr(self, name)!r} {rule}")
 
         require(self.num_cases >= 1, "num_cases", "must be >= 1")
+        require(self.seed >= 0, "seed", "must be >= 0")
         require(len(self.shape) == 3 and min(self.shape) >= 8, "shape", "must be 3 sizes, each >= 8")
         require(len(self.spacing) == 3 and min(self.spacing) > 0, "spacing", "must be 3 positive numbers")
         require(1 <= self.num_classes <= 254, "num_classes", "must be between 1 and 254")

@@ -399,7 +399,11 @@ class Run:
     def write_record(self, status: Status, error: str | None = None, **extra: object) -> dict:
         record = self.record(status, error, **extra)
         if distributed.is_main():
-            run_record.write(self.run_dir, record)
+            try:
+                run_record.write(self.run_dir, record)
+            except OSError as err:  # e.g. a full disk, or a folder where metrics.json should be
+                path = run_record.path_in(self.run_dir)
+                raise UserError(f"could not write {path}: {err.strerror or err}") from err
         return record
 
     def fail(self, message: str) -> None:

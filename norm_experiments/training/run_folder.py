@@ -42,8 +42,11 @@ def locked(run_dir: Path) -> Iterator[None]:
     """
     handle, holder = None, "another process"
     if distributed.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / LOCK, "a+", encoding="utf-8")  # held until the block ends
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(run_dir / LOCK, "a+", encoding="utf-8")  # held until the block ends
+        except OSError as err:
+            raise UserError(f"cannot lock {run_dir / LOCK}: {err.strerror or err}") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -45,7 +45,9 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
         (["data.patch_size=null"], "data.patch_size: must be a list of 3"),
         (["optim.lr=abc"], "optim.lr: must be a number > 0, got 'abc'"),
         (["data.val_fraction=abc"], "data.val_fraction: must be a number in (0, 1)"),
-        (["seed=abc"], "seed: must be a whole number, got 'abc'"),
+        (["seed=abc"], "seed: must be a whole number in [0, 4294967295], got 'abc'"),
+        (["seed=-1"], "seed: must be a whole number in [0, 4294967295], got -1"),  # used to crash
+        (["seed=4294967296"], "seed: must be a whole number in [0, 4294967295]"),
         (["trainer.sw_overlap=abc"], "trainer.sw_overlap: must be a number in [0, 1)"),
         (["model.depth=-1"], "model.depth: must be a whole number >= 1, got -1"),
         (
@@ -102,6 +104,14 @@ def test_dataset_layout_without_data_root_through_the_cli(tmp_path: Path) -> Non
     assert_clean_failure(result, "error: data.root: required")
     assert len(result.stderr.strip().splitlines()) == 1
     assert no_result_left(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_empty_output_folder_is_refused(tmp_path: Path, key: str) -> None:
+    """An empty hydra.run.dir used to put the run's files into the current folder, whatever it held."""
+    result = run_cli(["experiment=smoke", f"{key}="], cwd=tmp_path)
+    assert_clean_failure(result, f"error: {key}=: names no folder")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

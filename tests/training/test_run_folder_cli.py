@@ -105,6 +105,16 @@ def test_a_second_process_on_a_run_folder_is_refused_until_the_holder_dies(tmp_p
     assert "norm=group" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.parametrize("name", ["metrics.json", ".lock"])
+def test_a_folder_where_a_run_file_belongs_is_one_line(tmp_path: Path, name: str) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / name).mkdir(parents=True)
+    result = run_cli(["experiment=smoke", "trainer.samples=4", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert_clean_failure(result, str(run_dir / name), "Is a directory")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not list(run_dir.glob("*.pt")) and (run_dir / name).is_dir()
+
+
 # ----------------------------------------------------------------------------------------------- signals
 
 
@@ -157,13 +167,14 @@ def test_force_resume_with_another_norm_is_one_line_and_keeps_the_run(
     assert metrics_of(run_dir) == record and not (run_dir / "model.pt").exists()
 
 
-def test_ctrl_c_while_the_data_is_generated_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
-    """Ctrl-C before training starts (here while the synthetic dataset is written, a few seconds)."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_data_is_generated_is_one_line_and_leaves_nothing(tmp_path: Path, sig) -> None:
+    """Ctrl-C or SIGTERM before training starts (here while the synthetic dataset is written)."""
     cache = tmp_path / "cache"
     args = ["data.synthetic.num_cases=40", "data.synthetic.shape=[64,64,64]", f"data.cache_dir={cache}"]
     proc = start([*ARGS, *args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     wait_until(lambda: any(cache.glob(".synthetic-*.tmp-*/imagesTr/*")), proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output = proc.communicate(timeout=120)[0]
     result = subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
     assert_clean_failure(result, "interrupted: run the same command again", code=3)
