@@ -96,12 +96,23 @@ def _check_image(path: Path, info: DatasetInfo) -> _Header:
             f"{header.name}: image has {len(shape)} dimensions {shape}; expected 3D or 4D (channels last)"
         )
     data = _voxels(header, img)
+    _check_real(header.name, data, "image")
     if data.dtype.kind in "fc":
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             raise UserError(f"{header.name}: image has {bad} NaN or infinite voxels")
     _check_intensity_range(header.name, data)
     return header
+
+
+def _check_real(name: str, data: np.ndarray, kind: str) -> None:
+    """One real number per voxel: not complex, not RGB (NIfTI allows both; training would crash or drop the
+    imaginary part silently)."""
+    if data.dtype.kind not in "biuf":
+        raise UserError(
+            f"{name}: {kind} voxels are of type {data.dtype} (complex or RGB); expected one real number per "
+            "voxel (a channel per file, or a 4D file with channels last)"
+        )
 
 
 # A voxel this many times the spread of the image's bulk away from it is no intensity a scanner measures; a
@@ -136,6 +147,7 @@ def _check_label(path: Path, info: DatasetInfo) -> _Header:
     if len(shape) != 3 or min(shape) == 1:
         raise UserError(f"{header.name}: label has shape {header.shape}; expected a 3D volume")
     data = _voxels(header, img)
+    _check_real(header.name, data, "label")
     values = _label_values(data, header.name)
     undeclared = values - set(info.labels)
     if undeclared:

@@ -260,3 +260,16 @@ def test_stops_at_the_first_bad_case(dataset):
     (root / "imagesTr/synth_002.nii.gz").unlink()
     (root / IMAGE).unlink()
     expect_error(cases, info, rf"^{IMAGE}")
+
+
+@pytest.mark.parametrize("what", ["complex", "rgb"])
+def test_voxels_that_are_not_one_real_number(dataset, what):
+    """Complex voxels used to pass (their imaginary part silently dropped), RGB ones crashed the loader."""
+    root, cases, info = dataset
+    image, affine = load(root, IMAGE)
+    if what == "complex":
+        data = image.astype(np.complex64)
+    else:
+        data = np.zeros(image.shape, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    nib.save(nib.Nifti1Image(data, affine), str(root / IMAGE))
+    expect_error(cases, info, rf"^{IMAGE}: image voxels are of type .* \(complex or RGB\); expected one real")

@@ -52,3 +52,13 @@ def test_cli_only_corrupt_files_is_an_error_not_an_empty_report(tmp_path):
     assert line.startswith("error: no readable metrics.json: ")
     assert f"{bad} (invalid JSON" in line and f"{missing_field} (missing field 'norm')" in line
     assert list(tmp_path.glob("report.md")) == [] and list(tmp_path.glob("*.csv")) == []
+
+
+def test_cli_out_where_no_folder_can_be_made(small_sweep, tmp_path):
+    (tmp_path / "a_file").write_text("keep me")
+    for args in (["--out", str(tmp_path / "a_file")], ["--doc", str(tmp_path / "a_file" / "results.md")]):
+        result = run_cli(str(small_sweep), *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: cannot write the report: {tmp_path / 'a_file'}")
+    assert (tmp_path / "a_file").read_text() == "keep me"

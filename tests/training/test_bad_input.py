@@ -146,6 +146,12 @@ CASES = [
     ("missing labels key", _json_edit(lambda m: m.pop("labels")), [], "labels"),
     ("duplicate case", _json_edit(_duplicate), [], "synth_000"),
     ("empty validation split", lambda r: None, ["data.val_fraction=0.01"], "data.val_fraction"),
+    (
+        "target spacing in metres",  # 24 voxels of 1.5 mm become 36000: more than any machine's memory
+        lambda r: None,
+        ["data.target_spacing=[0.0015,0.0015,0.002]"],
+        "data.target_spacing=[0.0015, 0.0015, 0.002]: resampled to it, the dataset would take",
+    ),
     ("impossible group count", lambda r: None, ["norm=group", "norm.options.num_groups=5"], "num_groups"),
     (
         "patch larger than a case",
