@@ -75,7 +75,9 @@ def test_a_second_process_on_a_run_folder_is_refused_until_the_holder_dies(tmp_p
     try:
         wait_until(record_says(run_dir, "running"), holder)  # it holds the folder and trains
         holder.send_signal(signal.SIGSTOP)  # paused (the lock held) to leave the CPU to the others
+        wait_until(lambda: Path(f"/proc/{holder.pid}/stat").read_text().split(") ")[1][0] == "T", holder)
         overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+        log = (run_dir / "train.log").read_text()
         # Another config and the very same command, both at once on the same folder.
         others = [
             start(["experiment=smoke", "norm=group", f"hydra.run.dir={run_dir}"], tmp_path),
@@ -87,6 +89,7 @@ def test_a_second_process_on_a_run_folder_is_refused_until_the_holder_dies(tmp_p
             assert_clean_failure(result, f"error: {run_dir} is in use by process {holder.pid} on ")
         assert holder.poll() is None  # the holder trains on, its folder as it was
         assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides
+        assert (run_dir / "train.log").read_text() == log  # the holder is paused: nobody else wrote
         assert metrics_of(run_dir)["norm"] == "batch" and len(events_in(run_dir)) == 1
         holder.send_signal(signal.SIGKILL)  # kill -9: the OS releases the lock
         holder.wait(timeout=60)
