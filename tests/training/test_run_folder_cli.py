@@ -18,8 +18,11 @@ import pytest
 import torch
 
 from norm_experiments import run_record
+from norm_experiments.errors import UserError
+from norm_experiments.run_record import Status
 from norm_experiments.train import write_crash_log
-from tests.helpers import assert_clean_failure, metrics_of, no_result_left, run_cli
+from norm_experiments.training.run_folder import locked
+from tests.helpers import assert_clean_failure, built_run, metrics_of, no_result_left, run_cli
 
 # 64 steps at batch size 1, a checkpoint every 4: stopped or killed early, finished in seconds.
 ARGS = [
@@ -108,14 +111,17 @@ def test_a_second_process_on_a_run_folder_is_refused_until_the_holder_dies(tmp_p
     assert "norm=group" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
 
-@pytest.mark.parametrize("name", ["metrics.json", ".lock"])
-def test_a_folder_where_a_run_file_belongs_is_one_line(tmp_path: Path, name: str) -> None:
-    run_dir = tmp_path / "run"
-    (run_dir / name).mkdir(parents=True)
-    result = run_cli(["experiment=smoke", "trainer.samples=4", f"hydra.run.dir={run_dir}"], tmp_path)
-    assert_clean_failure(result, str(run_dir / name), "Is a directory")
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert not list(run_dir.glob("*.pt")) and (run_dir / name).is_dir()
+def test_a_folder_where_the_lock_file_belongs_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / ".lock").mkdir()
+    with pytest.raises(UserError, match=r"^cannot lock .*/\.lock: Is a directory$"), locked(tmp_path):
+        pass
+
+
+def test_a_folder_where_metrics_json_belongs_is_one_line(tmp_path: Path) -> None:
+    run = built_run(tmp_path, ["experiment=smoke"])  # in process: what Run.train() writes first
+    (tmp_path / "metrics.json").mkdir()
+    with pytest.raises(UserError, match=r"^could not write .*/metrics\.json: Is a directory$"):
+        run.write_record(Status.RUNNING)
 
 
 # ----------------------------------------------------------------------------------------------- signals
