@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -96,19 +97,97 @@ def validate_config(cfg: DictConfig, extra: dict | None = None) -> None:
             raise UserError(f"data.root: dataset folder does not exist: {root}")
 
 
+def hydra_quote(value: str) -> str:
+    """`value` as a single-quoted string of Hydra's override grammar, which reads it back unchanged: a quote
+    is escaped, and so are the backslashes right before a quote or at the end (elsewhere one is itself)."""
+    inner = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    inner = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, inner)
+    return f"'{inner}'"
+
+
+# What Hydra's override grammar reads in an unquoted value besides letters and digits (its OverrideLexer.g4:
+# ID, UNQUOTED_CHAR, WS, and ':' as a plain value); '=', ',', '~', non-ASCII letters ... need quotes.
+_UNQUOTED_OK = set("_-/\\+.$%*@?| \t:")
+
+
+def quoting_problem(argv: list[str]) -> str | None:
+    """An override Hydra would refuse, or would read as a sweep of Hydra's own settings, only because its
+    value is not quoted: say how to quote it (Hydra's own message does not). None when there is none.
+
+    E.g. a run folder named after its overrides: hydra.run.dir=outputs/runs/data.batch_size=2,norm=group.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        if value.startswith(("'", '"')):
+            continue  # quoted already
+        try:
+            override = parser.parse_override(arg)
+        except HydraException:
+            pass  # refused: does quoting repair it?
+        else:
+            hydra_key = key.lstrip("+~").startswith("hydra.")
+            if not (hydra_key and override.is_sweep_override() and "," in value):
+                continue  # Hydra reads it (a comma elsewhere is a sweep: right for -m)
+        quoted = f"{key}={hydra_quote(value)}"
+        try:
+            parser.parse_override(quoted)
+        except HydraException:
+            continue  # something else is wrong with it: Hydra's own message says what
+        odd = dict.fromkeys(c for c in value if not (c.isascii() and c.isalnum()) and c not in _UNQUOTED_OK)
+        what = ", ".join(repr(c) for c in odd) or "this value"
+        return (
+            f"{arg}: Hydra's command-line grammar reads {what} only in a quoted value; quote it as "
+            f"{_shell_quoted(quoted)} (the outer quotes are for the shell, the inner ones for Hydra)"
+        )
+    return None
+
+
+def _shell_quoted(arg: str) -> str:
+    """arg as a user types it in a POSIX shell: in double quotes where they keep it as it is (no ", $, `,
+    ! and no \\\\, which double quotes would read as one backslash)."""
+    if any(c in arg for c in '"$`!') or "\\\\" in arg:
+        return shlex.quote(arg)
+    return f'"{arg}"'
+
+
 def output_dir_problem(argv: list[str]) -> str | None:
-    """Why the run/sweep folder named on the command line (default outputs/) cannot be created, or None.
+    """Why the run or sweep folder named on the command line (by default the folders Hydra creates them in,
+    outputs/runs and outputs/sweeps/NAME) cannot be created, or None.
 
     Checked before Hydra starts, because Hydra creates the folder first and would fail with a traceback.
     """
-    keys = ("hydra.run.dir=", "hydra.sweep.dir=")
-    named = [(a.split("=", 1)[0], a.split("=", 1)[1]) for a in argv if a.startswith(keys)]
-    for key, value in named or [("output folder", "outputs")]:
-        path = Path(value).expanduser().absolute()
+    named = [
+        (arg, _override_value(arg)) for arg in argv if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir="))
+    ]
+    names = [_override_value(arg) for arg in argv if arg.startswith("name=")]
+    sweeps = f"outputs/sweeps/{names[-1]}" if names else "outputs/sweeps"
+    for label, folder in named or [("outputs/runs", "outputs/runs"), (sweeps, sweeps)]:
+        if not folder.strip():  # Hydra would write the run into the current folder, whatever it holds
+            return f"{label}: names no folder"
+        path = Path(folder).expanduser().absolute()
         while not path.exists():
             path = path.parent
         if not path.is_dir():
-            return f"{key}={value}: cannot create the folder, {path} is a file"
+            return f"{label}: cannot create the folder, {path} is a file"
         if not os.access(path, os.W_OK):
-            return f"{key}={value}: cannot create the folder, {path} is not writable"
+            return f"{label}: cannot create the folder, {path} is not writable"
     return None
+
+
+def _override_value(arg: str) -> str:
+    """The value of a KEY=VALUE override as Hydra reads it (quotes removed); as written if Hydra refuses it
+    (it then says why itself) or it is not a plain string."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        value = OverridesParser.create().parse_override(arg).value()
+    except HydraException:
+        value = None
+    return value if isinstance(value, str) else arg.split("=", 1)[1]

@@ -27,9 +27,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def integer(low: int | None = None) -> Check:
+def integer(low: int | None = None, high: int | None = None) -> Check:
     def check(value: Any) -> str | None:
-        if not _is_int(value) or (low is not None and value < low):
+        if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+            if high is not None:
+                return f"a whole number in [{low}, {high}]"
             return "a whole number" + (f" >= {low}" if low is not None else "")
         return None
 
@@ -116,7 +118,7 @@ SIZES = sequence(3, integer(1), "whole numbers >= 1")
 # (SynthConfig, the norm registry); a key under a group below that this table lacks is refused as unknown.
 SCHEMA: dict[str, Check] = {
     "name": text,
-    "seed": integer(),
+    "seed": integer(0, 2**32 - 1),  # what numpy's and torch's seeding accept
     "resume": optional(text),
     # data (common to every layout)
     "data.layout": choice("synthetic", "msd", "nnunet", "folder"),

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-# Exit status for a user mistake (bad config, bad data). Distinct from Python's 1 for crashes.
+# Exit status for a user mistake (bad config, bad data). Distinct from 1, Python's status after an uncaught
+# exception (and Hydra's for a command line it refuses); norm-exp-train gives its own crashes 5.
 USER_ERROR_EXIT = 2
 
 F = TypeVar("F", bound=Callable[..., object])

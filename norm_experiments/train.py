@@ -5,37 +5,60 @@
     norm-exp-train resume=outputs/runs/norm=group,data.batch_size=2
     torchrun --nproc_per_node=4 -m norm_experiments.train norm=syncbatch data.batch_size=1   # DDP, 4 GPUs
 
-Exit status: 0 completed (or already completed), 2 a mistake in the config or the data (one `error:` line),
-3 interrupted by SIGTERM/SIGINT with a checkpoint saved (run the same command to continue), 4 diverged.
-In a multirun, a failing run is recorded in its metrics.json and the sweep goes on.
+Exit status: 0 completed (or already completed), 1 Hydra refused the command line, 2 a mistake in the config
+or the data (one `error:` line), 3 interrupted by SIGTERM/SIGINT (checkpoint saved: run the same command to
+continue), 4 diverged, 5 an internal error (a bug: one line, the traceback in crash.log of the run folder).
+In a multirun, a failing or crashing run is recorded in its metrics.json and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import shlex
+import signal
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments.config import CONFIG_DIR, output_dir_problem, register_resolvers
+from norm_experiments.config import (
+    CONFIG_DIR,
+    hydra_quote,
+    output_dir_problem,
+    quoting_problem,
+    register_resolvers,
+)
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
 from norm_experiments.training import distributed
-from norm_experiments.training.loop import EXIT_DIVERGED, EXIT_INTERRUPTED, RunDiverged, RunInterrupted, train
-from norm_experiments.training.run_folder import record_failure
+from norm_experiments.training.loop import (
+    EXIT_CRASHED,
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    RunDiverged,
+    RunInterrupted,
+    train,
+)
+from norm_experiments.training.run_folder import RunFolderBusy, record_failure
 
 log = logging.getLogger("norm_experiments.train")
 
 register_resolvers()
 
-# Ranks other than 0 of a torchrun launch leave the run dir to rank 0: no .hydra/ copy, no log file, warnings
-# only (on stdout). These are Hydra overrides: they change neither the run dir's name nor the run's identity.
+CRASH_LOG = "crash.log"  # in the run folder: the traceback of an internal error (exit status 5)
+
+# Ranks other than 0 of a torchrun launch leave the run dir to rank 0: no log file, warnings only (on stdout;
+# rank 0 alone writes .hydra/, see run_folder.save_hydra_files). These are Hydra overrides: they change
+# neither the run dir's name nor the run's identity.
 OTHER_RANK_OVERRIDES = [
-    "hydra.output_subdir=null",
     "hydra/job_logging=stdout",
     "hydra.job_logging.root.level=WARNING",
 ]
@@ -55,15 +78,18 @@ def hydra_main(cfg: DictConfig) -> float:
     except (UserError, RunDiverged) as err:
         if in_sweep:  # recorded in metrics.json; the other runs of the sweep go on
             log.error("%s: %s", run_dir.name, err)
-            record_failure(cfg, run_dir, str(err))
+            if not isinstance(err, RunFolderBusy):  # that folder is another process's
+                record_failure(cfg, run_dir, str(err))
             return math.nan
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED if isinstance(err, RunDiverged) else USER_ERROR_EXIT)
-    except Exception:
+    except Exception as err:  # a bug, not a user mistake: one line here, the traceback in a file
+        line = crash_line(err, write_crash_log(err, run_dir))
         if not in_sweep:
-            raise
-        log.exception("%s failed", run_dir.name)  # a crash, not a user mistake: keep its traceback
-        record_failure(cfg, run_dir, f"{sys.exc_info()[0].__name__}: {sys.exc_info()[1]}")
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(EXIT_CRASHED)
+        log.error("%s: %s", run_dir.name, line)
+        record_failure(cfg, run_dir, f"internal error: {summary(err)}")
         return math.nan
     if not in_sweep and distributed.is_main():
         _print_summary(metrics, run_dir)
@@ -98,6 +124,43 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
     print(f"results: {run_dir / 'metrics.json'}   tensorboard --logdir {run_dir.parent}")
 
 
+def summary(err: BaseException) -> str:
+    """'Type: message' on one line."""
+    message = " ".join(str(err).split())
+    return f"{type(err).__name__}: {message[:300]}" if message else type(err).__name__
+
+
+def crash_line(err: BaseException, log_file: Path | None) -> str:
+    where = f"traceback in {log_file}" if log_file else "no file could be written for its traceback"
+    return f"internal error ({summary(err)}); {where}"
+
+
+def write_crash_log(err: BaseException, folder: Path | None) -> Path | None:
+    """Append the traceback of an internal error to crash.log in the run folder, or (no run folder yet, or
+    not writable) to a new temporary file; its path, or None when no file can be written."""
+    text = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {shlex.join(sys.argv)}\n"
+    text += "".join(traceback.format_exception(err)) + "\n"
+    if folder is not None:
+        try:
+            with open(folder / CRASH_LOG, "a", encoding="utf-8") as f:
+                f.write(text)
+            return folder / CRASH_LOG
+        except OSError:
+            pass
+    try:
+        fd, name = tempfile.mkstemp(prefix="norm-exp-train-crash-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return Path(name)
+    except OSError:
+        return None
+
+
+def _crash(err: BaseException) -> NoReturn:
+    print(f"error: {crash_line(err, write_crash_log(err, None))}", file=sys.stderr)
+    sys.exit(EXIT_CRASHED)
+
+
 def resume_argv(argv: list[str]) -> list[str]:
     """Turn `resume=RUN_DIR` into that run's own overrides plus hydra.run.dir=RUN_DIR.
 
@@ -113,33 +176,44 @@ def resume_argv(argv: list[str]) -> list[str]:
         raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
     overrides = [str(o) for o in OmegaConf.load(saved) if not str(o).startswith("hydra.run.dir=")]
     # Hydra writes only the task's overrides there: a Hydra setting (e.g. a callback's _target_, which Hydra
-    # would import and call) means a crafted file. The trust opt-in is never replayed: it holds for one load.
+    # would import and call) means a crafted file.
     crafted = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
     if crafted:
         raise UserError(f"resume={run_dir}: {saved} sets {crafted[0]}, which a run's overrides never do")
-    overrides = [o for o in overrides if not o.lstrip("+~").startswith("trainer.trust_checkpoint=")]
+    # One-time instructions are never replayed: the trust opt-in holds for one load, and overwrite=true would
+    # discard the very checkpoint a resume continues from.
+    once = ("trainer.trust_checkpoint=", "trainer.overwrite=")
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith(once)]
     rest = [a for a in argv[1:] if not a.startswith("resume=")]
     # hydra.mode=RUN: a run of a sweep preset is resumed alone, not its whole sweep.
     # Quoted: run folder names hold '=' and ',' that Hydra's override grammar would otherwise parse.
-    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
-    return [argv[0], *overrides, *rest, "hydra.mode=RUN", f"hydra.run.dir='{quoted}'"]
+    return [argv[0], *overrides, *rest, "hydra.mode=RUN", f"hydra.run.dir={hydra_quote(str(run_dir))}"]
 
 
 def main() -> None:
+    # SIGTERM (a scheduler's preemption) outside the training loop stops the run as Ctrl-C does: with exit
+    # status 3 and one line, instead of dying silently with 143. The loop installs its own handlers.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         distributed.setup()  # under torchrun: join the other ranks (one process per GPU); else nothing
         sys.argv = resume_argv(sys.argv)
-        problem = output_dir_problem(sys.argv[1:])
+        problem = quoting_problem(sys.argv[1:]) or output_dir_problem(sys.argv[1:])
         if problem:
             raise UserError(problem)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
+    except Exception as err:
+        _crash(err)
     try:
         distributed.barrier()  # all ranks have read resume='s overrides before rank 0's Hydra rewrites them
         if not distributed.is_main():
             sys.argv += OTHER_RANK_OVERRIDES
         hydra_main()
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (while the data loads, say): nothing half-written to undo.
+        print("interrupted: run the same command again to start or continue the run", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     finally:
         distributed.teardown()
 

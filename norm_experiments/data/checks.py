@@ -2,17 +2,26 @@
 
 Every file of a case is opened with nibabel and fully read, which catches: missing files, truncated or
 corrupt .nii.gz, images that are 2D (or have a dimension of 1) where 3D is expected, NaN/inf image voxels,
-a wrong channel count, image/label (and channel/channel) shape or affine mismatches, non-integer label
-values and label values that are not declared classes. Paths in messages are relative to the dataset root.
+extreme intensities that normalization would turn into NaN or squash the rest of the image with, a wrong
+channel count, image/label (and channel/channel) shape mismatches or voxel grids that differ in world space
+(saying whether direction, spacing or origin differs), non-integer label values and label values that are
+not declared classes. Paths in messages are relative to the dataset root.
+
+After preprocessing, check_preprocessed refuses a volume that is no longer finite and a training or
+validation split without any foreground.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from norm_experiments.data.layouts import Case, DatasetInfo, shown
 from norm_experiments.errors import UserError
@@ -32,7 +41,8 @@ class _Header:
 
 
 def check_case(case: Case, info: DatasetInfo, *, affine_tol: float = 1e-3) -> None:
-    """Raise UserError naming the file at the first problem in one case; return None if it is sound."""
+    """Raise UserError naming the file at the first problem in one case; return None if it is sound.
+    affine_tol: how far (mm, world space) the voxel grids of a case's files may lie apart."""
     images = [_check_image(path, info) for path in case.images]
     label = _check_label(case.label, info)
     _check_channels(case, images, info)
@@ -86,11 +96,47 @@ def _check_image(path: Path, info: DatasetInfo) -> _Header:
             f"{header.name}: image has {len(shape)} dimensions {shape}; expected 3D or 4D (channels last)"
         )
     data = _voxels(header, img)
+    _check_real(header.name, data, "image")
     if data.dtype.kind in "fc":
         bad = int(np.count_nonzero(~np.isfinite(data)))
         if bad:
             raise UserError(f"{header.name}: image has {bad} NaN or infinite voxels")
+    _check_intensity_range(header.name, data)
     return header
+
+
+def _check_real(name: str, data: np.ndarray, kind: str) -> None:
+    """One real number per voxel: not complex, not RGB (NIfTI allows both; training would crash or drop the
+    imaginary part silently)."""
+    if data.dtype.kind not in "biuf":
+        raise UserError(
+            f"{name}: {kind} voxels are of type {data.dtype} (complex or RGB); expected one real number per "
+            "voxel (a channel per file, or a 4D file with channels last)"
+        )
+
+
+# A voxel this many times the spread of the image's bulk away from it is no intensity a scanner measures; a
+# z-score of such an image squashes the bulk to one value (and from about 1e19 its variance overflows float32
+# to NaN). Real images (CT, MR) span tens of bulk widths at most.
+EXTREME_FACTOR = 1e6
+_BULK = (0.1, 99.9)  # percentiles that define the bulk: "a few voxels" fall outside
+
+
+def _check_intensity_range(name: str, data: np.ndarray) -> None:
+    """Refuse an image (per channel, channels last) with a few voxels far outside its bulk."""
+    channels = [data] if data.ndim == 3 else [data[..., c] for c in range(data.shape[3])]
+    for c, channel in enumerate(channels):
+        flat = channel.ravel()
+        sample = flat[:: max(1, flat.size // 1_000_000)].astype(np.float64)  # percentiles: a strided sample
+        low, high = (float(v) for v in np.percentile(sample, _BULK))
+        smallest, largest = float(flat.min()), float(flat.max())
+        if high > low and max(largest - high, low - smallest) > EXTREME_FACTOR * (high - low):
+            where = f" (channel {c})" if len(channels) > 1 else ""
+            raise UserError(
+                f"{name}{where}: holds extreme intensities (from {smallest:.3g} to {largest:.3g}, while 99.8% "
+                f"of its voxels lie in [{low:.4g}, {high:.4g}]): intensity normalization would squash the rest "
+                "of the image to one value or overflow to NaN; fix or clip the image"
+            )
 
 
 def _check_label(path: Path, info: DatasetInfo) -> _Header:
@@ -101,6 +147,7 @@ def _check_label(path: Path, info: DatasetInfo) -> _Header:
     if len(shape) != 3 or min(shape) == 1:
         raise UserError(f"{header.name}: label has shape {header.shape}; expected a 3D volume")
     data = _voxels(header, img)
+    _check_real(header.name, data, "label")
     values = _label_values(data, header.name)
     undeclared = values - set(info.labels)
     if undeclared:
@@ -155,20 +202,83 @@ def _check_channels(case: Case, images: list[_Header], info: DatasetInfo) -> Non
 
 
 def _check_same_grid(header: _Header, reference: _Header, tol: float) -> None:
-    """Same spatial shape and (within tol) the same affine, so that voxels correspond."""
+    """Same spatial shape, and the same voxel grid in world space (within tol mm), so that voxels
+    correspond. A file stored with an axis flipped, its affine saying so, holds the same grid: accepted (the
+    loader reorients every file to RAS)."""
     if header.shape[:3] != reference.shape[:3]:
         raise UserError(
             f"{header.name}: spatial shape {header.shape[:3]} differs from "
             f"{reference.name} {reference.shape[:3]}"
         )
-    diff = float(np.abs(header.affine - reference.affine).max())
-    if diff > tol:
+    apart = _grid_distance(header.affine, reference.affine, header.shape[:3])
+    if apart > tol:
         raise UserError(
-            f"{header.name}: affine differs from {reference.name} by up to {diff:.4g} (tolerance {tol:g}); "
-            f"spacing {header.spacing} vs {reference.spacing}, "
-            f"origin {_origin(header)} vs {_origin(reference)}"
+            f"{header.name}: voxel grid differs from {reference.name}'s (voxel centres up to {apart:.3g} mm "
+            f"apart in world space): {_geometry_difference(header, reference, tol)}"
         )
+
+
+def _corners(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """World coordinates (mm) of the centres of the grid's 8 corner voxels, one row each."""
+    index = np.array([[*corner, 1.0] for corner in itertools.product(*[(0, n - 1) for n in shape])])
+    return (affine @ index.T).T[:, :3]
+
+
+def _grid_distance(affine: np.ndarray, reference: np.ndarray, shape: tuple[int, ...]) -> float:
+    """How far apart (mm) two grids of one shape lie: each corner voxel to the nearest corner of the other
+    (the same set of corners is the same grid, whatever order the voxels are stored in)."""
+    a, b = _corners(affine, shape), _corners(reference, shape)
+    distances = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=2)
+    return float(max(distances.min(axis=1).max(), distances.min(axis=0).max()))
+
+
+def _geometry_difference(header: _Header, reference: _Header, tol: float) -> str:
+    """Which of direction, spacing and origin differ, with both values."""
+    parts = []
+    codes, ref_codes = "".join(nib.aff2axcodes(header.affine)), "".join(nib.aff2axcodes(reference.affine))
+    directions = [a[:3, :3] / np.linalg.norm(a[:3, :3], axis=0) for a in (header.affine, reference.affine)]
+    cosines = np.clip(np.sum(directions[0] * directions[1], axis=0), -1.0, 1.0)
+    if codes != ref_codes:
+        parts.append(f"direction {codes} vs {ref_codes}")
+    elif float(np.degrees(np.arccos(cosines)).max()) > 1e-3:
+        parts.append(f"direction turned by up to {float(np.degrees(np.arccos(cosines)).max()):.3g} degrees")
+    if not np.allclose(header.spacing, reference.spacing, rtol=0, atol=1e-4):
+        parts.append(f"spacing {header.spacing} vs {reference.spacing} mm")
+    if float(np.linalg.norm(header.affine[:3, 3] - reference.affine[:3, 3])) > tol:
+        parts.append(f"origin {_origin(header)} vs {_origin(reference)} mm")
+    return "; ".join(parts) or "the voxel axes are permuted"
 
 
 def _origin(header: _Header) -> tuple[float, ...]:
     return tuple(round(float(v), 3) for v in header.affine[:3, 3])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# After preprocessing
+
+
+def check_preprocessed(
+    splits: Mapping[str, Sequence[Any]], files: Mapping[str, str], where: Mapping[str, str]
+) -> None:
+    """Refuse preprocessed volumes that are not finite (naming the case's image file) and a split without
+    any foreground voxel: a network cannot learn from, nor a Dice score, background alone.
+
+    splits: split name ("training", "validation") -> volumes (with .name, .image, .label); files: case name
+    -> image file as messages show it; where: split name -> the keys that choose it, for the message.
+    """
+    for volumes in splits.values():
+        for vol in volumes:
+            image = vol.image
+            if not torch.isfinite(image).all():
+                bad = int((~torch.isfinite(image)).sum())
+                raise UserError(
+                    f"{files[vol.name]}: {bad} voxels are NaN or infinite after preprocessing (intensity "
+                    "normalization or resampling of extreme values); fix or clip the image"
+                )
+    for split, volumes in splits.items():
+        if volumes and not any(bool((vol.label > 0).any()) for vol in volumes):
+            names = ", ".join(vol.name for vol in volumes[:4]) + (", ..." if len(volumes) > 4 else "")
+            raise UserError(
+                f"the {split} split ({len(volumes)} case(s): {names}) has no foreground voxel (every label is "
+                f"0, background): there is nothing to learn or to score; check the labels, or {where[split]}"
+            )

@@ -12,10 +12,13 @@ state.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import CacheDataset, NibabelReader
@@ -30,8 +33,8 @@ from monai.transforms import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments.data.checks import check_cases
-from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, split_cases
+from norm_experiments.data.checks import check_cases, check_preprocessed
+from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, shown, split_cases
 from norm_experiments.data.patches import Augmentation, cut_patch
 from norm_experiments.data.preprocessing import Preprocessing, intensity_transform, plan_preprocessing
 from norm_experiments.data.synthetic import SynthConfig, ensure_synthetic
@@ -148,6 +151,43 @@ def _check_patch_fits(volumes: list[Volume], patch: list[int]) -> None:
             )
 
 
+def _check_resampled_size(cases: list[Case], prep: Preprocessing, num_channels: int) -> None:
+    """Refuse a target spacing that would make the cached dataset (every case held in memory as float32
+    images and labels) larger than this machine's memory, e.g. spacings in metres ([0.0015, 0.0015, 0.002])
+    instead of mm: resampling would otherwise fail deep inside MONAI, or exhaust the memory."""
+    if prep.target_spacing is None:
+        return
+    total, largest = 0, ("", [0, 0, 0])
+    for case in cases:
+        header = nib.load(str(case.images[0]))  # the header only
+        zooms = np.sqrt((header.affine[:3, :3] ** 2).sum(axis=0))
+        size = [1, 1, 1]
+        for axis, (ras_axis, _flip) in enumerate(nib.orientations.io_orientation(header.affine)):
+            target = prep.target_spacing[int(ras_axis)]
+            size[int(ras_axis)] = max(1, round(header.shape[axis] * float(zooms[axis]) / target))
+        total += math.prod(size) * (num_channels + 1) * 4
+        if math.prod(size) > math.prod(largest[1]):
+            largest = (case.name, size)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if total > memory:
+        name, size = largest
+        raise UserError(
+            f"data.target_spacing={prep.target_spacing}: resampled to it, the dataset would take "
+            f"{total / 2**30:.3g} GiB of memory ({name}: {'x'.join(map(str, size))} voxels), more than this "
+            f"machine's {memory / 2**30:.3g} GiB; spacings are in mm"
+        )
+
+
+def _check_preprocessed(train: list[Volume], val: list[Volume], cases: list[Case], info: DatasetInfo) -> None:
+    """Finite volumes, and foreground in each split (data/checks.py): the messages name the file or the keys."""
+    files = {case.name: shown(case.images[0], info.root) for case in cases}
+    where = {
+        "training": "choose other training cases (data.val_cases, data.val_fraction, data.split_seed)",
+        "validation": "choose other validation cases (data.val_cases, data.val_fraction, data.split_seed)",
+    }
+    check_preprocessed({"training": train, "validation": val}, files, where)
+
+
 def load_data(data_cfg: DictConfig) -> DataBundle:
     """Find, check, split and cache a dataset; user mistakes raise UserError naming the key or file."""
     layout, root = dataset_root(data_cfg)
@@ -158,10 +198,12 @@ def load_data(data_cfg: DictConfig) -> DataBundle:
     val_cases = list(data_cfg.val_cases) if data_cfg.val_cases else None
     train_cases, val_cases_ = split_cases(cases, data_cfg.val_fraction, data_cfg.split_seed, val_cases)
     prep = plan_preprocessing(data_cfg, info, train_cases)
+    _check_resampled_size(cases, prep, info.num_channels)
     transform = deterministic_transforms(data_cfg, prep)
     train = _cache(train_cases, Compose([*transform.transforms, FgBgToIndicesd("label")]))
     val = _cache(val_cases_, transform)
     _check_patch_fits(train + val, list(data_cfg.patch_size))
+    _check_preprocessed(train, val, cases, info)
     log.info("data: %s (%s layout), %d training and %d validation cases", root, layout, len(train), len(val))
     return DataBundle(info=info, train=train, val=val, preprocessing=prep.record)
 

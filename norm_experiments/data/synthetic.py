@@ -135,6 +135,7 @@ class SynthConfig:
                 raise UserError(f"synthetic data: {name}={getattr(self, name)!r} {rule}")
 
         require(self.num_cases >= 1, "num_cases", "must be >= 1")
+        require(self.seed >= 0, "seed", "must be >= 0")
         require(len(self.shape) == 3 and min(self.shape) >= 8, "shape", "must be 3 sizes, each >= 8")
         require(len(self.spacing) == 3 and min(self.spacing) > 0, "spacing", "must be 3 positive numbers")
         require(1 <= self.num_classes <= 254, "num_classes", "must be between 1 and 254")
@@ -438,7 +439,10 @@ def generate_dataset(out_dir: Path, cfg: SynthConfig, layout: str = "msd") -> Pa
         raise UserError(f"{out_dir}: exists and is not a directory")
     if _is_nonempty_dir(out_dir):
         raise UserError(f"{out_dir}: already exists and is not empty; choose a new directory or remove it")
-    tmp = _generate_temp(out_dir.parent, out_dir.name, cfg, layout)
+    try:
+        tmp = _generate_temp(out_dir.parent, out_dir.name, cfg, layout)
+    except OSError as err:  # an unwritable or full parent folder
+        raise UserError(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
     try:
         os.rename(tmp, out_dir)  # replaces an empty out_dir atomically; fails if it filled up meanwhile
     except OSError as err:
@@ -462,7 +466,13 @@ def ensure_synthetic(cache_root: Path, cfg: SynthConfig) -> Path:
         return target
     if _is_nonempty_dir(target):
         raise UserError(f"{target}: incomplete synthetic dataset (no dataset.json); remove the folder")
-    tmp = _generate_temp(cache_root, target.name, cfg, "msd")
+    try:
+        tmp = _generate_temp(cache_root, target.name, cfg, "msd")
+    except OSError as err:  # a read-only home, a cache folder that is a file, a full disk
+        raise UserError(
+            f"{cache_root}: cannot write the synthetic dataset there ({err.strerror or err}); set data.cache_dir "
+            "(or the NORM_EXP_CACHE environment variable) to a writable folder"
+        ) from None
     try:
         os.rename(tmp, target)
     except OSError as err:

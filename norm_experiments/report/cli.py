@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from norm_experiments.errors import exit_on_user_error
+from norm_experiments.errors import UserError, exit_on_user_error
 from norm_experiments.report import write_report
 from norm_experiments.report.cells import DEFAULT_REFERENCE
 from norm_experiments.report.collect import collect
@@ -47,14 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.doc is not None:
         given = sys.argv[1:] if argv is None else argv
         header = header_lines(collect(args.sweep_dirs), shlex.join(["norm-exp-report", *given]))
-    report = write_report(
-        args.sweep_dirs,
-        out_dir=args.out,
-        metric=args.metric,
-        reference=args.reference,
-        doc=args.doc,
-        header=header,
-    )
+    try:
+        report = write_report(
+            args.sweep_dirs,
+            out_dir=args.out,
+            metric=args.metric,
+            reference=args.reference,
+            doc=args.doc,
+            header=header,
+        )
+    except OSError as err:  # --out or --doc where no folder can be made (a file in the way, read-only)
+        raise UserError(f"cannot write the report: {err.filename}: {err.strerror or err}") from None
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)
     print(report.table)

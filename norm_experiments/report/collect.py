@@ -175,7 +175,8 @@ def _dedupe_by_run_id(runs: list[Run]) -> tuple[list[Run], list[str]]:
 
 
 def collect(sweep_dirs: Iterable[Path]) -> Collection:
-    """Read every run below the sweep dirs. Raises UserError if a dir is missing or holds no metrics.json."""
+    """Read every run below the sweep dirs. Raises UserError if a dir is missing or no metrics.json below
+    them can be read."""
     sweep_dirs = [Path(d) for d in sweep_dirs]
     if not sweep_dirs:
         raise UserError("no sweep dir given")
@@ -194,6 +195,10 @@ def collect(sweep_dirs: Iterable[Path]) -> Collection:
             runs.append(read_run(path))
         except ValueError as err:
             unreadable.append((path, str(err)))
+    if not runs:  # an empty report would look like a sweep with no results
+        shown = "; ".join(f"{path} ({why})" for path, why in unreadable[:3])
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        raise UserError(f"no readable {run_record.FILENAME}: {shown}{more}")
     kept, notes = _dedupe_by_run_id(runs)
     kept.sort(key=lambda r: (r.norm, r.batch_size, r.seed, str(r.path)))
     return Collection(sweep_dirs=sweep_dirs, runs=kept, unreadable=unreadable, warnings=notes)

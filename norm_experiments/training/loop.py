@@ -28,7 +28,13 @@ from norm_experiments.training.evaluate import ValResult, convergence, evaluate_
 from norm_experiments.training.outputs import library_versions, machine, peak_rss_mb, reset_peak_rss
 from norm_experiments.training.prefetch import batch_executor
 from norm_experiments.training.progress import Progress
-from norm_experiments.training.run_folder import existing_run, record_failure, save_config
+from norm_experiments.training.run_folder import (
+    existing_run,
+    locked,
+    record_failure,
+    save_config,
+    save_hydra_files,
+)
 from norm_experiments.training.signals import StopRequest
 from norm_experiments.training.tensorboard import log_hparams, open_writer, remove_events, slice_panel
 
@@ -37,6 +43,7 @@ log = logging.getLogger("norm_experiments.train")
 # Exit statuses of `norm-exp-train`, for scripts and launchers that requeue (see README).
 EXIT_INTERRUPTED = 3  # SIGTERM/SIGINT: checkpoint saved, run the same command again to continue
 EXIT_DIVERGED = 4  # loss became NaN/inf: status "diverged" in metrics.json
+EXIT_CRASHED = 5  # an internal error (a bug): one line, the traceback in the run folder's crash.log
 
 
 class RunInterrupted(Exception):
@@ -53,28 +60,32 @@ def train(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict:
     Raises UserError for configuration and data mistakes, RunInterrupted on SIGTERM/SIGINT and RunDiverged
     when the loss is no longer finite (metrics.json says so in each case).
     """
-    plan = make_plan(cfg, job_num)
-    previous = existing_run(run_dir, plan.run_id, cfg)
-    distributed.barrier()  # every rank has read the folder before rank 0 writes to it
-    if previous is not None:
-        log.info(
-            "%s: already completed (val_dice=%.4f); nothing to do", run_dir, previous.get("val_dice") or 0.0
-        )
-        return {**previous, "skipped": True}
-    run = Run(cfg, plan, run_dir)
-    try:
-        return run.train()
-    except RunDiverged as err:
-        run.write_record(Status.DIVERGED, str(err))
-        raise
-    except (RunInterrupted, KeyboardInterrupt):
-        raise
-    except UserError as err:
-        run.fail(str(err))
-        raise
-    except Exception as err:
-        run.fail(f"{err.__class__.__name__}: {err}")
-        raise
+    with locked(run_dir):  # one process per run folder, from before it is read until the run ends
+        plan = make_plan(cfg, job_num)
+        previous = existing_run(run_dir, plan.run_id, cfg)
+        distributed.barrier()  # every rank has read the folder before rank 0 writes to it
+        if previous is not None:
+            log.info(
+                "%s: already completed (val_dice=%.4f); nothing to do",
+                run_dir,
+                previous.get("val_dice") or 0.0,
+            )
+            return {**previous, "skipped": True}
+        save_hydra_files(cfg, run_dir)
+        run = Run(cfg, plan, run_dir)
+        try:
+            return run.train()
+        except RunDiverged as err:
+            run.write_record(Status.DIVERGED, str(err))
+            raise
+        except RunInterrupted:
+            raise
+        except UserError as err:
+            run.fail(str(err))
+            raise
+        except Exception as err:
+            run.fail(f"{err.__class__.__name__}: {err}")
+            raise
 
 
 @dataclass
@@ -109,20 +120,22 @@ class Run:
         started = time.perf_counter()
         reset_peak_rss()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Ctrl-C while the data loads raises KeyboardInterrupt (nothing written yet; train.py says so).
         self.built = build(self.cfg, self.plan)
         resumed = self.restore_checkpoint()
-        save_config(self.cfg, self.run_dir)
-        self.write_record(Status.RUNNING)
-        writer = _NoWriter()
-        if distributed.is_main():
-            if not resumed:
-                remove_events(self.run_dir)  # a killed attempt's curves would overlap this one's
-            writer = open_writer(self.run_dir, self.state.step if resumed else None)
-        monitor = BNStatMonitor(self.b.model)
-        progress = Progress(self.plan.total_steps, self.state.step, self.progress_mode(), self.label())
         stop = StopRequest()
-        # The handlers stay installed until the checkpoint and the record of a stop are written.
+        # From here on SIGTERM/SIGINT only ask the loop to stop after a step; the handlers stay installed
+        # until the checkpoint and the record of a stop are written.
         with stop.installed():
+            save_config(self.cfg, self.run_dir)
+            self.write_record(Status.RUNNING)
+            writer = _NoWriter()
+            if distributed.is_main():
+                if not resumed:
+                    remove_events(self.run_dir)  # a killed attempt's curves would overlap this one's
+                writer = open_writer(self.run_dir, self.state.step if resumed else None)
+            monitor = BNStatMonitor(self.b.model)
+            progress = Progress(self.plan.total_steps, self.state.step, self.progress_mode(), self.label())
             try:
                 with batch_executor(self.plan.device) as prefetch:
                     self.loop(writer, monitor, progress, stop, prefetch)
@@ -386,12 +399,21 @@ class Run:
     def write_record(self, status: Status, error: str | None = None, **extra: object) -> dict:
         record = self.record(status, error, **extra)
         if distributed.is_main():
-            run_record.write(self.run_dir, record)
+            try:
+                run_record.write(self.run_dir, record)
+            except OSError as err:  # e.g. a full disk, or a folder where metrics.json should be
+                path = run_record.path_in(self.run_dir)
+                raise UserError(f"could not write {path}: {err.strerror or err}") from err
         return record
 
     def fail(self, message: str) -> None:
-        """Mark the run failed; never replaces a completed result (that run would have been skipped)."""
+        """Mark the run failed; never replaces the record of another config's result (a completed run, or
+        one with a checkpoint that trainer.force_resume or trainer.overwrite was about to take over)."""
         if not distributed.is_main():
+            return
+        previous = run_record.read(self.run_dir) or {}
+        has_result = previous.get("status") == Status.COMPLETED or (self.run_dir / ckpt.CHECKPOINT).exists()
+        if previous.get("run_id") not in (None, self.plan.run_id) and has_result:
             return
         try:
             if self.built is not None:

@@ -32,5 +32,8 @@ class StopRequest:
         try:
             yield self
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            # After a stop request the process is on its way out with exit status 3: a further signal while
+            # it exits must not turn into a KeyboardInterrupt traceback, so the handlers stay.
+            if not self.requested:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)

@@ -95,9 +95,81 @@ def test_affine_mismatch(dataset):
     root, cases, info = dataset
     label, _ = load(root, LABEL)
     write_nifti(root / LABEL, label, spacing=(1.0, 1.5, 2.0))
+    # 16 voxels along x: the far corner moves 15 x 0.5 mm
     expect_error(
-        cases, info, rf"^{LABEL}: affine differs from {IMAGE} by up to 0\.5 .*spacing \(1\.0, 1\.5, 2\.0\)"
+        cases,
+        info,
+        rf"^{LABEL}: voxel grid differs from {IMAGE}'s \(voxel centres up to 7\.5 mm apart in world space\): "
+        r"spacing \(1\.0, 1\.5, 2\.0\) vs \(1\.5, 1\.5, 2\.0\) mm$",
     )
+
+
+def _resave_affine(root: Path, rel: str, affine: np.ndarray, flip_axis: int | None = None) -> None:
+    data, _ = load(root, rel)
+    if flip_axis is not None:
+        data = np.flip(data, axis=flip_axis).copy()
+    nib.save(nib.Nifti1Image(data, affine), str(root / rel))
+
+
+def test_flipped_axis_is_called_a_direction_difference(dataset):
+    """It used to be called an origin difference."""
+    root, cases, info = dataset
+    _, affine = load(root, LABEL)
+    flipped = affine.copy()
+    flipped[0, 0] = -flipped[0, 0]  # same origin, x axis pointing the other way: another region of space
+    _resave_affine(root, LABEL, flipped)
+    message = expect_error(cases, info, rf"^{LABEL}: voxel grid differs from {IMAGE}'s .*: direction LAS vs RAS$")
+    assert "origin" not in message and "spacing" not in message
+
+
+def test_shifted_origin_is_an_origin_difference(dataset):
+    root, cases, info = dataset
+    _, affine = load(root, LABEL)
+    shifted = affine.copy()
+    shifted[:3, 3] += [0.0, 3.0, 4.0]
+    _resave_affine(root, LABEL, shifted)
+    expect_error(
+        cases,
+        info,
+        rf"^{LABEL}: voxel grid differs .*up to 5 mm apart.*: origin \(0\.0, 3\.0, 4\.0\) vs \(0\.0, 0\.0, 0\.0\) mm$",
+    )
+
+
+def test_axis_stored_flipped_with_its_affine_saying_so_is_the_same_grid(dataset):
+    """Compared in world space: the same voxels stored in the other order along x (the affine's x axis
+    negated and its origin at the former last voxel) are the same grid, which the loader reorients."""
+    root, cases, info = dataset
+    _, affine = load(root, LABEL)
+    n = nib.load(root / LABEL).shape[0]
+    flipped = affine.copy()
+    flipped[:3, 0] = -affine[:3, 0]
+    flipped[:3, 3] = affine[:3, 3] + (n - 1) * affine[:3, 0]
+    _resave_affine(root, LABEL, flipped, flip_axis=0)
+    check_cases(cases, info)
+
+
+@pytest.mark.parametrize("extreme", [1e30, 3e38, -1e12])
+def test_extreme_finite_intensities(dataset, extreme):
+    """A few such voxels used to pass, then turn a z-scored volume into NaN or squash it to a constant."""
+    root, cases, info = dataset
+    image, affine = load(root, IMAGE)
+    image = image.astype(np.float32)
+    image[1, 2, 3] = image[4, 5, 6] = extreme
+    write_nifti(root / IMAGE, image, spacing=np.diag(affine)[:3])
+    expect_error(cases, info, rf"^{IMAGE}: holds extreme intensities \(from .* while 99\.8% of its voxels lie in")
+
+
+def test_a_wide_but_real_intensity_range_passes(dataset):
+    """CT-like: air at -1024, bone at 3071, soft tissue around 40, a few metal voxels at 30000."""
+    root, cases, info = dataset
+    image, affine = load(root, IMAGE)
+    rng = np.random.default_rng(0)
+    ct = rng.normal(40, 30, image.shape).astype(np.int16)
+    ct[:4] = -1024
+    ct[-2:, :4] = 3071
+    ct[8, 8, 8] = 30000
+    write_nifti(root / IMAGE, ct, spacing=np.diag(affine)[:3])
+    check_cases(cases, info)
 
 
 def test_affine_within_tolerance_passes(dataset):
@@ -188,3 +260,16 @@ def test_stops_at_the_first_bad_case(dataset):
     (root / "imagesTr/synth_002.nii.gz").unlink()
     (root / IMAGE).unlink()
     expect_error(cases, info, rf"^{IMAGE}")
+
+
+@pytest.mark.parametrize("what", ["complex", "rgb"])
+def test_voxels_that_are_not_one_real_number(dataset, what):
+    """Complex voxels used to pass (their imaginary part silently dropped), RGB ones crashed the loader."""
+    root, cases, info = dataset
+    image, affine = load(root, IMAGE)
+    if what == "complex":
+        data = image.astype(np.complex64)
+    else:
+        data = np.zeros(image.shape, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
+    nib.save(nib.Nifti1Image(data, affine), str(root / IMAGE))
+    expect_error(cases, info, rf"^{IMAGE}: image voxels are of type .* \(complex or RGB\); expected one real")

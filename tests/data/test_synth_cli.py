@@ -84,3 +84,12 @@ def test_every_config_field_is_reachable(tmp_path, monkeypatch):
     assert seen["cfg"] == expected and seen["layout"] == "folder"
     defaults = {f: getattr(SynthConfig(), f) for f in SynthConfig.__dataclass_fields__}
     assert all(getattr(expected, f) != v for f, v in defaults.items()), "every field differs from its default"
+
+
+def test_cli_into_a_folder_that_cannot_be_created(tmp_path):
+    (tmp_path / "a_file").write_text("keep me")
+    out = tmp_path / "a_file" / "synth"
+    result = run_cli(str(out), "--cases", "1", "--shape", "8", "8", "8")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {out}: cannot write the dataset there (File exists)"]
+    assert (tmp_path / "a_file").read_text() == "keep me"

@@ -35,3 +35,30 @@ def test_cli_empty_dir_is_one_error_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: no metrics.json found under {tmp_path}"]
     assert "Traceback" not in result.stderr
+
+
+def test_cli_only_corrupt_files_is_an_error_not_an_empty_report(tmp_path):
+    """Issue #15: a folder whose only metrics.json is corrupt used to exit 0 with an empty report."""
+    bad = tmp_path / "run" / "metrics.json"
+    bad.parent.mkdir()
+    bad.write_text('{"status": "completed", "norm"')
+    missing_field = tmp_path / "other" / "metrics.json"
+    missing_field.parent.mkdir()
+    missing_field.write_text('{"status": "completed"}')
+    result = run_cli(str(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: no readable metrics.json: ")
+    assert f"{bad} (invalid JSON" in line and f"{missing_field} (missing field 'norm')" in line
+    assert list(tmp_path.glob("report.md")) == [] and list(tmp_path.glob("*.csv")) == []
+
+
+def test_cli_out_where_no_folder_can_be_made(small_sweep, tmp_path):
+    (tmp_path / "a_file").write_text("keep me")
+    for args in (["--out", str(tmp_path / "a_file")], ["--doc", str(tmp_path / "a_file" / "results.md")]):
+        result = run_cli(str(small_sweep), *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: cannot write the report: {tmp_path / 'a_file'}")
+    assert (tmp_path / "a_file").read_text() == "keep me"

@@ -15,10 +15,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from norm_experiments.data.pipeline import load_data
 from norm_experiments.data.synthetic import SynthConfig, generate_dataset
-from tests.helpers import metrics_of, run_cli
+from norm_experiments.errors import UserError
+from tests.helpers import assert_clean_failure, compose_config, metrics_of, no_result_left, run_cli
 
 SMOKE = ["experiment=smoke", "trainer.num_threads=1", "data=msd"]
+VAL = ["data.val_cases=[synth_004,synth_005]"]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +79,33 @@ def _image_2d(root: Path) -> None:
     _resave(_image(root), np.zeros((24, 24), np.float32))
 
 
+def _extreme_voxels(value: float, case: int) -> Callable[[Path], None]:
+    """A few finite voxels far outside the image's range (3e38 used to become NaN after z-scoring, 1e30
+    to squash the rest of the volume to a constant)."""
+
+    def apply(root: Path) -> None:
+        image = np.asarray(nib.load(str(_image(root, case))).dataobj).astype(np.float32)
+        image[2, 3, 4] = image[5, 6, 7] = image[8, 9, 10] = value
+        _resave(_image(root, case), image)
+
+    return apply
+
+
+def _flipped_label_axis(root: Path) -> None:
+    label = nib.load(str(_label(root)))
+    affine = label.affine.copy()
+    affine[0, 0] = -affine[0, 0]
+    _resave(_label(root), np.asarray(label.dataobj), affine)
+
+
+def _background_only(cases: range) -> Callable[[Path], None]:
+    def apply(root: Path) -> None:
+        for i in cases:
+            _resave(_label(root, i), np.zeros(nib.load(str(_label(root, i))).shape, np.uint8))
+
+    return apply
+
+
 def _json_edit(edit: Callable[[dict], None]) -> Callable[[Path], None]:
     def apply(root: Path) -> None:
         meta = json.loads((root / "dataset.json").read_text())
@@ -103,6 +133,16 @@ CASES = [
     ("non-integer label", _non_integer_label, [], "labelsTr/synth_001.nii.gz"),
     ("NaN voxel", _nan_voxel, [], "imagesTr/synth_001.nii.gz"),
     ("2D image", _image_2d, [], "imagesTr/synth_001.nii.gz"),
+    ("1e30 voxels", _extreme_voxels(1e30, 4), VAL, "imagesTr/synth_004.nii.gz: holds extreme intensities"),
+    (
+        "3e38 voxels, files not checked",
+        _extreme_voxels(3e38, 4),
+        [*VAL, "data.check_files=false", "data.intensity=zscore"],
+        "imagesTr/synth_004.nii.gz: 13824 voxels are NaN or infinite after preprocessing",  # all: std is inf
+    ),
+    ("flipped label axis", _flipped_label_axis, [], "labelsTr/synth_001.nii.gz: voxel grid differs"),
+    ("all-background labels", _background_only(range(6)), [], "the training split (4 case(s)"),
+    ("validation without foreground", _background_only(range(4, 6)), VAL, "the validation split (2 case(s)"),
     ("malformed dataset.json", _malformed_json, [], "dataset.json"),
     ("missing labels key", _json_edit(lambda m: m.pop("labels")), [], "labels"),
     ("duplicate case", _json_edit(_duplicate), [], "synth_000"),
@@ -134,6 +174,36 @@ def test_bad_input_is_one_clear_line(
     assert not (run_dir / "model.pt").exists() and not (run_dir / "checkpoint.pt").exists()
     if (run_dir / "metrics.json").exists():  # allowed only as an honest failure record
         assert metrics_of(run_dir)["status"] == "failed"
+
+
+def test_synthetic_cache_that_cannot_be_written(tmp_path: Path) -> None:
+    """NORM_EXP_CACHE naming a file (a read-only home fails the same way, except for root, who may write)."""
+    cache = tmp_path / "not_a_folder"
+    cache.write_text("x")
+    args = ["experiment=smoke", "data.synthetic.seed=91", "hydra.run.dir=run"]
+    result = run_cli(args, cwd=tmp_path, env={"NORM_EXP_CACHE": str(cache)})
+    assert_clean_failure(result, f"error: {cache}: cannot write the synthetic dataset there", "data.cache_dir")
+    assert len(result.stderr.strip().splitlines()) == 1 and no_result_left(tmp_path)
+    assert cache.read_text() == "x"
+
+
+# In process (load_data is what the CLI runs; the test above shows the CLI's exit path).
+
+
+def test_synthetic_cache_dir_inside_a_file(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("x")
+    cfg = compose_config(["experiment=smoke", f"data.cache_dir={tmp_path / 'a_file' / 'cache'}"])
+    with pytest.raises(UserError, match=r"a_file/cache: cannot write the synthetic dataset there .*data\.cache_dir"):
+        load_data(cfg.data)
+
+
+def test_target_spacing_in_metres(pristine: Path) -> None:
+    """24 voxels of 1.5 mm resampled to 0.0015 "mm" become 24000: more than any machine's memory."""
+    cfg = compose_config([*SMOKE, f"data.root={pristine}", "data.target_spacing=[0.0015,0.0015,0.002]"])
+    with pytest.raises(UserError) as err:
+        load_data(cfg.data)
+    assert str(err.value).startswith("data.target_spacing=[0.0015, 0.0015, 0.002]: resampled to it, the dataset")
+    assert "(synth_000: 24000x24000x24000 voxels)" in str(err.value) and "spacings are in mm" in str(err.value)
 
 
 def test_unwritable_output_dir(tmp_path: Path) -> None:
@@ -173,3 +243,23 @@ def test_full_disk_while_saving_a_checkpoint(pristine: Path, tmp_path: Path) -> 
     assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "model.pt").exists()
     assert not list(run_dir.glob(".*.tmp"))  # the temporary file was removed
     assert metrics_of(run_dir)["status"] == "failed"
+
+
+def test_class_absent_from_every_validation_case_is_left_out_of_the_mean(pristine: Path, tmp_path: Path) -> None:
+    """It used to count as Dice 0 in the mean: a wrong number that looked valid."""
+    root = tmp_path / "data"
+    shutil.copytree(pristine, root)
+    for i in (4, 5):  # the validation cases below: no class 2 in either
+        label = np.asarray(nib.load(str(_label(root, i))).dataobj).copy()
+        assert (label == 2).any()
+        label[label == 2] = 0
+        _resave(_label(root, i), label)
+    args = [*SMOKE, f"data.root={root}", "data.val_cases=[synth_004,synth_005]", "hydra.run.dir=run"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "class(es) class2 absent from every validation case" in result.stdout + result.stderr
+    metrics = metrics_of(tmp_path / "run")
+    assert metrics["absent_classes"] == ["class2"]
+    assert metrics["val_dice_per_class"]["class2"] is None and metrics["val_hd95_per_class"]["class2"] is None
+    assert metrics["val_dice"] == pytest.approx(metrics["val_dice_per_class"]["class1"])
+    assert metrics["val_hd95"] == pytest.approx(metrics["val_hd95_per_class"]["class1"])

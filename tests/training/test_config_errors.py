@@ -4,13 +4,15 @@ no traceback, and nothing left behind that could pass for a result."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 
 from norm_experiments import config_schema
-from norm_experiments.config import CONFIG_DIR
+from norm_experiments.config import CONFIG_DIR, quoting_problem
 from norm_experiments.errors import UserError
+from norm_experiments.train import resume_argv
 from norm_experiments.training.build import make_plan
 from tests.helpers import assert_clean_failure, compose_config, no_result_left, run_cli
 
@@ -43,7 +45,9 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
         (["data.patch_size=null"], "data.patch_size: must be a list of 3"),
         (["optim.lr=abc"], "optim.lr: must be a number > 0, got 'abc'"),
         (["data.val_fraction=abc"], "data.val_fraction: must be a number in (0, 1)"),
-        (["seed=abc"], "seed: must be a whole number, got 'abc'"),
+        (["seed=abc"], "seed: must be a whole number in [0, 4294967295], got 'abc'"),
+        (["seed=-1"], "seed: must be a whole number in [0, 4294967295], got -1"),  # used to crash
+        (["seed=4294967296"], "seed: must be a whole number in [0, 4294967295]"),
         (["trainer.sw_overlap=abc"], "trainer.sw_overlap: must be a number in [0, 1)"),
         (["model.depth=-1"], "model.depth: must be a whole number >= 1, got -1"),
         (
@@ -93,3 +97,78 @@ def test_dataset_without_cases(tmp_path: Path) -> None:
     result = run_cli(["experiment=smoke", "data=msd", f"data.root={root}"], cwd=tmp_path)
     assert_clean_failure(result, "error:", "no training cases")
     assert no_result_left(tmp_path)
+
+
+def test_dataset_layout_without_data_root_through_the_cli(tmp_path: Path) -> None:
+    result = run_cli(["experiment=smoke", "data=msd"], cwd=tmp_path)
+    assert_clean_failure(result, "error: data.root: required")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert no_result_left(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_empty_output_folder_is_refused(tmp_path: Path, key: str) -> None:
+    """An empty hydra.run.dir used to put the run's files into the current folder, whatever it held."""
+    result = run_cli(["experiment=smoke", f"{key}="], cwd=tmp_path)
+    assert_clean_failure(result, f"error: {key}=: names no folder")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("blocker", "args"),
+    [("outputs/runs", ["experiment=smoke"]), ("outputs/sweeps", ["-m", "experiment=smoke", "seed=0,1"])],
+)
+def test_default_output_folder_that_is_a_file(tmp_path: Path, blocker: str, args: list[str]) -> None:
+    """outputs/runs or outputs/sweeps existing as a file (Hydra used to fail with NotADirectoryError)."""
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / blocker).write_text("not a folder")
+    result = run_cli(args, cwd=tmp_path)
+    assert_clean_failure(result, f"error: {blocker}: cannot create the folder, {tmp_path / blocker} is a file")
+    assert (tmp_path / blocker).read_text() == "not a folder"
+
+
+# Values Hydra's override grammar refuses unquoted, and the run folders the README names (with '=' and ',').
+UNQUOTED = [
+    ("hydra.run.dir", "outputs/runs/data.batch_size=2,norm=group", "'=', ','"),
+    ("hydra.run.dir", "outputs/runs/a,b", "','"),  # read as a sweep of Hydra's own setting
+    ("data.root", "/data/Müller/Task09", "'ü'"),
+    ("data.root", "~/data/Task09", "'~'"),
+    ("data.root", "/data/it's here", "\"'\""),
+    ("data.root", "C:\\data\\a=b\\", "'='"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "named"), UNQUOTED)
+def test_unquoted_value_gets_the_quoting_hint_that_works(key: str, value: str, named: str) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    problem = quoting_problem(["experiment=smoke", f"{key}={value}"])
+    assert problem is not None and problem.startswith(f"{key}={value}: ") and f"reads {named} only" in problem
+    hinted = shlex.split(problem.split(" quote it as ", 1)[1].split(" (the outer", 1)[0])
+    assert len(hinted) == 1  # one shell word, which Hydra reads back as the value typed
+    assert OverridesParser.create().parse_override(hinted[0]).value() == value
+
+
+def test_values_hydra_reads_get_no_hint() -> None:
+    args = ["experiment=smoke", "-m", "seed=0,1", "data.root=/data/a b", "name=x", "data.patch_size=[16,16,16]"]
+    assert quoting_problem([*args, "hydra.run.dir='outputs/runs/a=b'", "+trainer.x=1"]) is None
+
+
+def test_unquoted_run_folder_through_the_cli(tmp_path: Path) -> None:
+    result = run_cli(["experiment=smoke", "hydra.run.dir=outputs/runs/data.batch_size=2,norm=group"], tmp_path)
+    assert_clean_failure(result, "\"hydra.run.dir='outputs/runs/data.batch_size=2,norm=group'\"")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
+
+
+def test_resume_replays_neither_overwrite_nor_trust(tmp_path: Path) -> None:
+    """`resume=RUN_DIR` continues the run: replaying trainer.overwrite=true would discard its checkpoint."""
+    run_dir = tmp_path / "outputs" / "runs" / "it's a=b,c"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(
+        "- experiment=smoke\n- trainer.overwrite=true\n- trainer.trust_checkpoint=true\n"
+    )
+    argv = resume_argv(["prog", f"resume={run_dir}"])
+    assert argv[1:-2] == ["experiment=smoke"] and argv[-2] == "hydra.mode=RUN"
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    assert OverridesParser.create().parse_override(argv[-1]).value() == str(run_dir)

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from norm_experiments import run_record
 from tests.helpers import metrics_of, run_cli
 
 # 32 steps at batch size 1, a checkpoint every 8: long enough to be killed in the middle.
@@ -69,12 +71,18 @@ def test_kill_9_then_same_command_continues_with_same_metrics(uninterrupted: dic
     )
     checkpoint = run_dir / "checkpoint.pt"
     deadline = time.time() + 120
-    while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    # The record is rewritten after every checkpoint (it used to say steps 0 until the end).
+    while (run_record.read(run_dir) or {}).get("steps", 0) == 0 and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoint.exists(), "no checkpoint before the kill"
-    assert metrics_of(run_dir)["status"] == "running"  # truthful: it did not finish
+    killed = metrics_of(run_dir)
+    assert killed["status"] == "running"  # truthful: it did not finish
+    saved = torch.load(checkpoint, weights_only=True)["state"]["step"]
+    # How far it got: a checkpointed step (every 8; the kill may fall between a checkpoint and its record).
+    assert killed["steps"] % 8 == 0 and killed["steps"] in (saved, saved - 8) and killed["steps"] > 0
 
     result = run_cli([*ARGS, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
