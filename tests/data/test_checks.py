@@ -118,7 +118,9 @@ def test_flipped_axis_is_called_a_direction_difference(dataset):
     flipped = affine.copy()
     flipped[0, 0] = -flipped[0, 0]  # same origin, x axis pointing the other way: another region of space
     _resave_affine(root, LABEL, flipped)
-    message = expect_error(cases, info, rf"^{LABEL}: voxel grid differs from {IMAGE}'s .*: direction LAS vs RAS$")
+    message = expect_error(
+        cases, info, rf"^{LABEL}: voxel grid differs from {IMAGE}'s .*: direction LAS vs RAS$"
+    )
     assert "origin" not in message and "spacing" not in message
 
 
@@ -156,7 +158,9 @@ def test_extreme_finite_intensities(dataset, extreme):
     image = image.astype(np.float32)
     image[1, 2, 3] = image[4, 5, 6] = extreme
     write_nifti(root / IMAGE, image, spacing=np.diag(affine)[:3])
-    expect_error(cases, info, rf"^{IMAGE}: holds extreme intensities \(from .* while 99\.8% of its voxels lie in")
+    expect_error(
+        cases, info, rf"^{IMAGE}: holds extreme intensities \(from .* while 99\.8% of its voxels lie in"
+    )
 
 
 def test_a_wide_but_real_intensity_range_passes(dataset):

@@ -91,5 +91,7 @@ def test_cli_into_a_folder_that_cannot_be_created(tmp_path):
     out = tmp_path / "a_file" / "synth"
     result = run_cli(str(out), "--cases", "1", "--shape", "8", "8", "8")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {out}: cannot write the dataset there (File exists)"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {out}: cannot write the dataset there (File exists)"
+    ]
     assert (tmp_path / "a_file").read_text() == "keep me"

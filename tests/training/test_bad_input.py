@@ -182,7 +182,9 @@ def test_synthetic_cache_that_cannot_be_written(tmp_path: Path) -> None:
     cache.write_text("x")
     args = ["experiment=smoke", "data.synthetic.seed=91", "hydra.run.dir=run"]
     result = run_cli(args, cwd=tmp_path, env={"NORM_EXP_CACHE": str(cache)})
-    assert_clean_failure(result, f"error: {cache}: cannot write the synthetic dataset there", "data.cache_dir")
+    assert_clean_failure(
+        result, f"error: {cache}: cannot write the synthetic dataset there", "data.cache_dir"
+    )
     assert len(result.stderr.strip().splitlines()) == 1 and no_result_left(tmp_path)
     assert cache.read_text() == "x"
 
@@ -193,7 +195,9 @@ def test_synthetic_cache_that_cannot_be_written(tmp_path: Path) -> None:
 def test_synthetic_cache_dir_inside_a_file(tmp_path: Path) -> None:
     (tmp_path / "a_file").write_text("x")
     cfg = compose_config(["experiment=smoke", f"data.cache_dir={tmp_path / 'a_file' / 'cache'}"])
-    with pytest.raises(UserError, match=r"a_file/cache: cannot write the synthetic dataset there .*data\.cache_dir"):
+    with pytest.raises(
+        UserError, match=r"a_file/cache: cannot write the synthetic dataset there .*data\.cache_dir"
+    ):
         load_data(cfg.data)
 
 
@@ -202,8 +206,12 @@ def test_target_spacing_in_metres(pristine: Path) -> None:
     cfg = compose_config([*SMOKE, f"data.root={pristine}", "data.target_spacing=[0.0015,0.0015,0.002]"])
     with pytest.raises(UserError) as err:
         load_data(cfg.data)
-    assert str(err.value).startswith("data.target_spacing=[0.0015, 0.0015, 0.002]: resampled to it, the dataset")
-    assert "(synth_000: 24000x24000x24000 voxels)" in str(err.value) and "spacings are in mm" in str(err.value)
+    assert str(err.value).startswith(
+        "data.target_spacing=[0.0015, 0.0015, 0.002]: resampled to it, the dataset"
+    )
+    assert "(synth_000: 24000x24000x24000 voxels)" in str(err.value) and "spacings are in mm" in str(
+        err.value
+    )
 
 
 def test_unwritable_output_dir(tmp_path: Path) -> None:
@@ -245,7 +253,9 @@ def test_full_disk_while_saving_a_checkpoint(pristine: Path, tmp_path: Path) -> 
     assert metrics_of(run_dir)["status"] == "failed"
 
 
-def test_class_absent_from_every_validation_case_is_left_out_of_the_mean(pristine: Path, tmp_path: Path) -> None:
+def test_class_absent_from_every_validation_case_is_left_out_of_the_mean(
+    pristine: Path, tmp_path: Path
+) -> None:
     """It used to count as Dice 0 in the mean: a wrong number that looked valid."""
     root = tmp_path / "data"
     shutil.copytree(pristine, root)

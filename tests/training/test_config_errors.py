@@ -123,7 +123,9 @@ def test_default_output_folder_that_is_a_file(tmp_path: Path, blocker: str, args
     (tmp_path / "outputs").mkdir()
     (tmp_path / blocker).write_text("not a folder")
     result = run_cli(args, cwd=tmp_path)
-    assert_clean_failure(result, f"error: {blocker}: cannot create the folder, {tmp_path / blocker} is a file")
+    assert_clean_failure(
+        result, f"error: {blocker}: cannot create the folder, {tmp_path / blocker} is a file"
+    )
     assert (tmp_path / blocker).read_text() == "not a folder"
 
 
@@ -133,7 +135,7 @@ UNQUOTED = [
     ("hydra.run.dir", "outputs/runs/a,b", "','"),  # read as a sweep of Hydra's own setting
     ("data.root", "/data/Müller/Task09", "'ü'"),
     ("data.root", "~/data/Task09", "'~'"),
-    ("data.root", "/data/it's here", "\"'\""),
+    ("data.root", "/data/it's here", '"\'"'),
     ("data.root", "C:\\data\\a=b\\", "'='"),
 ]
 
@@ -150,12 +152,21 @@ def test_unquoted_value_gets_the_quoting_hint_that_works(key: str, value: str, n
 
 
 def test_values_hydra_reads_get_no_hint() -> None:
-    args = ["experiment=smoke", "-m", "seed=0,1", "data.root=/data/a b", "name=x", "data.patch_size=[16,16,16]"]
+    args = [
+        "experiment=smoke",
+        "-m",
+        "seed=0,1",
+        "data.root=/data/a b",
+        "name=x",
+        "data.patch_size=[16,16,16]",
+    ]
     assert quoting_problem([*args, "hydra.run.dir='outputs/runs/a=b'", "+trainer.x=1"]) is None
 
 
 def test_unquoted_run_folder_through_the_cli(tmp_path: Path) -> None:
-    result = run_cli(["experiment=smoke", "hydra.run.dir=outputs/runs/data.batch_size=2,norm=group"], tmp_path)
+    result = run_cli(
+        ["experiment=smoke", "hydra.run.dir=outputs/runs/data.batch_size=2,norm=group"], tmp_path
+    )
     assert_clean_failure(result, "\"hydra.run.dir='outputs/runs/data.batch_size=2,norm=group'\"")
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
 

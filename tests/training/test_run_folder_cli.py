@@ -195,7 +195,7 @@ def test_a_signal_while_the_data_is_generated_is_one_line_and_leaves_nothing(tmp
 
 # A copy of norm-exp-train with one fault injected (a bug cannot be caused otherwise): planning a run with
 # seed 0 raises. Run as `python -m crashing_train` from the test's folder.
-CRASHING_TRAIN = '''
+CRASHING_TRAIN = """
 from norm_experiments import train
 from norm_experiments.training import loop
 
@@ -210,7 +210,7 @@ def make_plan(cfg, job_num=0):
 
 loop.make_plan = make_plan
 train.main()
-'''
+"""
 
 
 def test_a_crash_has_its_own_exit_status_one_line_and_a_traceback_file(tmp_path: Path) -> None:
