@@ -92,6 +92,35 @@ def load(path: Path, trust: bool = False) -> dict:
     return saved
 
 
+def save_run(path: Path, run_id: str, built, state: dict) -> None:
+    """A resumable checkpoint of a run: model, optimizer, schedule, loss scaler, the loop's state and every
+    RNG state (built: training.build.Built)."""
+    save(
+        path,
+        {
+            "run_id": run_id,
+            "model": built.model.state_dict(),
+            "optimizer": built.optimizer.state_dict(),
+            "scheduler": built.scheduler.state_dict(),
+            "scaler": built.scaler.state_dict(),
+            "state": state,
+            "rng": rng_states(),
+        },
+    )
+
+
+def restore_run(path: Path, built, trust: bool = False) -> dict:
+    """Load a run's checkpoint into its built parts and the global RNGs; returns the loop's saved state."""
+    saved = load(path, trust=trust)
+    check_fits(saved["model"], built.model, path)
+    built.model.load_state_dict(saved["model"])
+    built.optimizer.load_state_dict(saved["optimizer"])
+    built.scheduler.load_state_dict(saved["scheduler"])
+    built.scaler.load_state_dict(saved["scaler"])
+    restore_rng_states(saved["rng"])
+    return saved["state"]
+
+
 def check_fits(state: dict, model: torch.nn.Module, path: Path) -> None:
     """Refuse, in one line, weights that do not fit `model` (a checkpoint of another norm or model, e.g.
     trainer.force_resume=true after changing the norm), naming the first differences."""

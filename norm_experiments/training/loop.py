@@ -36,7 +36,13 @@ from norm_experiments.training.run_folder import (
     save_hydra_files,
 )
 from norm_experiments.training.signals import StopRequest
-from norm_experiments.training.tensorboard import log_hparams, open_writer, remove_events, slice_panel
+from norm_experiments.training.tensorboard import (
+    NoWriter,
+    log_hparams,
+    open_writer,
+    remove_events,
+    slice_panel,
+)
 
 log = logging.getLogger("norm_experiments.train")
 
@@ -129,7 +135,7 @@ class Run:
         with stop.installed():
             save_config(self.cfg, self.run_dir)
             self.write_record(Status.RUNNING)
-            writer = _NoWriter()
+            writer = NoWriter()
             if distributed.is_main():
                 if not resumed:
                     remove_events(self.run_dir)  # a killed attempt's curves would overlap this one's
@@ -312,35 +318,14 @@ class Run:
     # -- checkpoints
 
     def save_checkpoint(self) -> None:
-        if not distributed.is_main():  # every rank holds the same state; rank 0 writes it
-            return
-        b = self.b
-        ckpt.save(
-            self.run_dir / ckpt.CHECKPOINT,
-            {
-                "run_id": self.plan.run_id,
-                "model": b.model.state_dict(),
-                "optimizer": b.optimizer.state_dict(),
-                "scheduler": b.scheduler.state_dict(),
-                "scaler": b.scaler.state_dict(),
-                "state": self.state.__dict__,
-                "rng": ckpt.rng_states(),
-            },
-        )
+        if distributed.is_main():  # every rank holds the same state; rank 0 writes it
+            ckpt.save_run(self.run_dir / ckpt.CHECKPOINT, self.plan.run_id, self.b, self.state.__dict__)
 
     def restore_checkpoint(self) -> bool:
         path = self.run_dir / ckpt.CHECKPOINT
         if not path.exists() or self.cfg.trainer.overwrite:
             return False
-        b = self.b
-        saved = ckpt.load(path, trust=bool(self.cfg.trainer.trust_checkpoint))
-        ckpt.check_fits(saved["model"], b.model, path)
-        b.model.load_state_dict(saved["model"])
-        b.optimizer.load_state_dict(saved["optimizer"])
-        b.scheduler.load_state_dict(saved["scheduler"])
-        b.scaler.load_state_dict(saved["scaler"])
-        self.state = State(**saved["state"])
-        ckpt.restore_rng_states(saved["rng"])
+        self.state = State(**ckpt.restore_run(path, self.b, trust=bool(self.cfg.trainer.trust_checkpoint)))
         log.info("resuming %s from step %d/%d", self.run_dir, self.state.step, self.plan.total_steps)
         return True
 
@@ -422,13 +407,3 @@ class Run:
                 record_failure(self.cfg, self.run_dir, message)
         except OSError:
             pass  # the folder itself may be the problem (read-only, full); the error is still reported
-
-
-class _NoWriter:
-    """Stands in for the TensorBoard writer on ranks other than 0: every call does nothing."""
-
-    def __getattr__(self, name: str) -> _NoWriter:
-        return self
-
-    def __call__(self, *args, **kwargs) -> None:
-        return None

@@ -50,3 +50,13 @@ def slice_panel(
     scale = max(num_classes - 1, 1)
     panel = torch.cat([img, label[..., index].float() / scale, pred[..., index].float() / scale], dim=1)
     return panel.unsqueeze(0).repeat(3, 1, 1)
+
+
+class NoWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name: str) -> NoWriter:
+        return self
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
