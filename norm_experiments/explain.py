@@ -31,6 +31,7 @@ from norm_experiments.config import CONFIG_DIR, register_resolvers
 from norm_experiments.data.pipeline import BatchSampler
 from norm_experiments.errors import USER_ERROR_EXIT, exit_on_user_error
 from norm_experiments.norms import bn_eval_mode, is_batch_stat_layer
+from norm_experiments.norms.batch import RECORD as BATCHNORM  # the norm this command explains
 from norm_experiments.norms.bn_common import reduce_dims
 from norm_experiments.training.build import Built, build, make_plan
 
@@ -74,7 +75,7 @@ def force_batchnorm(cfg: DictConfig) -> str:
     asked = str(cfg.norm.name)
     eps = float(OmegaConf.select(cfg, "norm.options.eps", default=1e-5))
     with open_dict(cfg):
-        cfg.norm = OmegaConf.create({"name": "batch", "options": {"eps": eps, "momentum": None}})
+        cfg.norm = OmegaConf.create({"name": BATCHNORM.name, "options": {"eps": eps, "momentum": None}})
     return asked
 
 
@@ -343,7 +344,7 @@ def explain(cfg: DictConfig) -> None:
         f"batch_size {cfg.data.batch_size} × patches_per_volume {cfg.data.patches_per_volume} = "
         f"N {run.plan.effective_batch}; freshly initialised model, nothing trained."
     )
-    if asked != "batch":
+    if asked != BATCHNORM.name:
         print(f"norm={asked} ignored: this analysis always uses BatchNorm (it explains BatchNorm).")
     found = analyze(run)
     gaps_title = (

@@ -101,7 +101,7 @@ def _training_sentence(summary: Summary) -> str | None:
         lo, hi = min(means), max(means)
         text += (
             f"; {_norm_name(ref)}, whose statistics do not depend on the batch, goes from {means[lo]:.3f} at batch "
-            f"size {lo} to {means[hi]:.3f} at {hi}: what the budget does at each batch size, not normalization"
+            f"size {lo} to {means[hi]:.3f} at {hi}: the batch size changes its training (steps, learning rate), not its normalization"
         )
     return text + "."
 
