@@ -137,6 +137,6 @@ def measure_channels_last(ctx: Context) -> str:
     return (
         "### channels_last_3d on/off per norm (model and input)\n\n"
         f"patch {'x'.join(map(str, cfg.data.patch_size))}, batch {cfg.data.batch_size}; "
-        "what `trainer.channels_last=auto` decides from (`use_channels_last` in training/loop.py).\n\n"
+        "what `trainer.channels_last=auto` decides from (`use_channels_last` in training/build.py).\n\n"
         + table(head, rows)
     )
