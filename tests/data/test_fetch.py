@@ -26,7 +26,7 @@ import pytest
 
 from norm_experiments.data.fetch import main, msd_tasks
 from norm_experiments.data.synthetic import SynthConfig, generate_dataset
-from tests.helpers import run_cli
+from tests.helpers import metrics_of, run_cli
 
 TASK = "Task04_Hippocampus"
 
@@ -171,7 +171,7 @@ def test_fetch_over_http_then_train_with_the_printed_override(
         env={"NORM_EXP_CACHE": str(cache)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics_of(run_dir)
     assert metrics["status"] == "completed"
     assert set(metrics["val_dice_per_class"]) == {"class1", "class2"}
     assert metrics["preprocessing"]["modalities"] == ["MRI"]

@@ -19,7 +19,7 @@ from norm_experiments.data.pipeline import ThreadSafeNibabelReader, load_data
 from norm_experiments.data.preprocessing import ras_spacing
 from norm_experiments.data.synthetic import SynthConfig, generate_dataset
 from norm_experiments.errors import UserError
-from tests.helpers import compose_config, run_cli
+from tests.helpers import compose_config, metrics_of, run_cli
 
 from .conftest import write_nifti
 
@@ -88,6 +88,15 @@ def assert_ct_statistics(stats: dict, fg: np.ndarray) -> tuple[float, float, flo
 # CT
 
 
+def smoke_run(tmp_path: Path, *overrides: str) -> dict:
+    """A smoke run through the real CLI, its cache in tmp_path; returns its metrics.json."""
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", *overrides, "trainer.num_threads=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    result = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return metrics_of(run_dir)
+
+
 def test_ct_dataset_gets_ct_normalization_by_itself(ct_dataset: Path, tmp_path: Path) -> None:
     before = sorted(str(p) for p in ct_dataset.rglob("*"))
     cache = tmp_path / "cache"
@@ -145,20 +154,7 @@ def test_forced_intensity_overrides_the_modality(ct_dataset: Path, tmp_path: Pat
 
 
 def test_ct_run_records_the_statistics_in_metrics(ct_dataset: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_cli(
-        [
-            "experiment=smoke",
-            "data=msd",
-            f"data.root={ct_dataset}",
-            "trainer.num_threads=1",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = smoke_run(tmp_path, "data=msd", f"data.root={ct_dataset}")
     prep = metrics["preprocessing"]
     assert metrics["status"] == "completed" and prep["channel_intensity"] == ["ct"]
     cfg = compose_config(["experiment=smoke", "data=msd", f"data.root={ct_dataset}"])
@@ -216,20 +212,7 @@ def test_ct_and_mr_channels_each_get_their_own(ct_mr_dataset: Path, tmp_path: Pa
 
 
 def test_ct_and_mr_channels_train_end_to_end(ct_mr_dataset: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    result = run_cli(
-        [
-            "experiment=smoke",
-            "data=nnunet",
-            f"data.root={ct_mr_dataset}",
-            "trainer.num_threads=1",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = smoke_run(tmp_path, "data=nnunet", f"data.root={ct_mr_dataset}")
     assert metrics["status"] == "completed"
     assert metrics["preprocessing"]["channel_intensity"] == ["ct", "zscore"]
     assert metrics["preprocessing"]["ct_statistics"]["0"]["std"] > 0
@@ -315,7 +298,7 @@ def test_target_spacing_auto_resamples_to_the_median_of_the_training_cases(
     ]
     result = run_cli([*overrides, "trainer.num_threads=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    prep = json.loads((run_dir / "metrics.json").read_text())["preprocessing"]
+    prep = metrics_of(run_dir)["preprocessing"]
 
     bundle = load_data(compose_config(overrides).data)  # the run's split and cached volumes, in this process
     index = {f"synth_{i:03d}": i for i in range(len(SPACINGS))}
