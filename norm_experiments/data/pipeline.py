@@ -83,6 +83,16 @@ def synth_config(data_cfg: DictConfig) -> SynthConfig:
     return SynthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
+def dataset_name(data_cfg: DictConfig) -> str:
+    """What the run record calls the dataset (a condition of the study: runs on different datasets are never
+    averaged together): the generated dataset's name, a preset's name, or the dataset folder's name."""
+    if data_cfg.layout == "synthetic":
+        return "synthetic"
+    if data_cfg.get("preset"):
+        return str(data_cfg.preset)
+    return Path(str(data_cfg.root)).expanduser().name or str(data_cfg.layout)
+
+
 def dataset_root(data_cfg: DictConfig) -> tuple[str, Path]:
     """(layout, root) of the dataset; the synthetic one is generated into its cache folder on first use."""
     if data_cfg.layout == "synthetic":

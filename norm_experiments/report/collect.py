@@ -14,9 +14,9 @@ from typing import Any
 from norm_experiments import run_record
 from norm_experiments.errors import UserError
 
-# Fields that define a condition of the study (raw vs z-scored input, a budget in patches vs in steps): runs
+# Fields that define a condition of the study (the dataset, raw vs z-scored input, a budget in patches vs in steps): runs
 # under different conditions are never averaged or compared with each other; each gets its own tables.
-CONDITION_FIELDS = ("intensity", "budget_unit")
+CONDITION_FIELDS = ("dataset", "intensity", "budget_unit")
 
 
 # eq=False: runs are compared and hashed by identity (data is a dict, and two files are two runs).

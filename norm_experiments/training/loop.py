@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from norm_experiments import run_record
+from norm_experiments.data.pipeline import dataset_name
 from norm_experiments.errors import UserError
 from norm_experiments.norms import BNStatMonitor, renorm_diagnostics
 from norm_experiments.run_record import Status
@@ -354,6 +355,9 @@ class Run:
             "bn_batch": plan.bn_batch,  # patches per BatchNorm statistic in training (None: not batch-based)
             "lr": b.lr if b else None,
             "lr_scaling": str(cfg.optim.lr_scaling),
+            "dataset": dataset_name(
+                cfg.data
+            ),  # a condition of the study: synthetic, brain, a preset or a folder
             "intensity": str(cfg.data.intensity),  # a condition of the study: raw or z-scored input
             "budget_unit": str(cfg.trainer.budget_unit),  # patches (same data) or steps (same steps)
             "samples_budget": plan.total_steps * plan.global_batch,
