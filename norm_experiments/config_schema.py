@@ -3,7 +3,7 @@
 A wrong type (`data.patch_size=16`, `optim.lr=abc`), an impossible value (`model.depth=-1`) or a key nobody
 reads (`+trainer.sampels=10`, a typo Hydra's own hint suggests adding) is refused with one line naming the
 key. Norm names and options are checked by the norm registry (norms/registry.py), the synthetic dataset's
-knobs by its SynthConfig; the keys of Hydra's own `hydra.*` node are Hydra's.
+and brain datasets' knobs by their SynthConfig and BrainConfig; the keys of Hydra's own `hydra.*` node are Hydra's.
 """
 
 from __future__ import annotations
@@ -115,13 +115,13 @@ FRACTION = number(0, 1)
 SIZES = sequence(3, integer(1), "whole numbers >= 1")
 
 # The checks of every key. Keys in `data.synthetic` and `norm.options` are checked where they are used
-# (SynthConfig, the norm registry); a key under a group below that this table lacks is refused as unknown.
+# (SynthConfig, BrainConfig, the norm registry); a key under a group below that this table lacks is refused as unknown.
 SCHEMA: dict[str, Check] = {
     "name": text,
     "seed": integer(0, 2**32 - 1),  # what numpy's and torch's seeding accept
     "resume": optional(text),
     # data (common to every layout)
-    "data.layout": choice("synthetic", "msd", "nnunet", "folder"),
+    "data.layout": choice("synthetic", "brain", "msd", "nnunet", "folder"),
     "data.root": optional(text),
     "data.labels": optional(either(mapping, sequence(None, text, "class names"))),
     "data.cache_dir": text,
@@ -192,7 +192,7 @@ SCHEMA: dict[str, Check] = {
 }
 
 # Nodes whose keys are checked elsewhere, and nodes that are not ours.
-CHECKED_ELSEWHERE = ("data.synthetic", "norm.options", "hydra", "experiment")
+CHECKED_ELSEWHERE = ("data.synthetic", "data.brain", "norm.options", "hydra", "experiment")
 
 
 def leaves(node: dict, prefix: str = "") -> dict[str, Any]:

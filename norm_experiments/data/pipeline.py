@@ -11,6 +11,7 @@ state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -33,11 +34,13 @@ from monai.transforms import (
 )
 from omegaconf import DictConfig, OmegaConf
 
+from norm_experiments.data.brain import BrainConfig
 from norm_experiments.data.checks import check_cases, check_preprocessed
+from norm_experiments.data.generated import Generator, ensure_generated
 from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, shown, split_cases
 from norm_experiments.data.patches import Augmentation, cut_patch
 from norm_experiments.data.preprocessing import Preprocessing, intensity_transform, plan_preprocessing
-from norm_experiments.data.synthetic import SynthConfig, ensure_synthetic
+from norm_experiments.data.synthetic import SynthConfig
 from norm_experiments.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -76,28 +79,41 @@ class DataBundle:
     preprocessing: dict = field(default_factory=dict)
 
 
-def synth_config(data_cfg: DictConfig) -> SynthConfig:
-    """The SynthConfig described by data.synthetic (lists become tuples, as the dataclass expects)."""
-    raw = OmegaConf.to_container(data_cfg.synthetic, resolve=True)
+# Datasets the project generates on first use (data.layout=NAME, parameters under data.NAME).
+GENERATORS: dict[str, type] = {"synthetic": SynthConfig, "brain": BrainConfig}
+
+
+def generator_config(data_cfg: DictConfig) -> Generator:
+    """The parameters of a generated dataset from data.<layout> (lists become tuples, as the dataclass
+    expects); an unknown key is refused by name."""
+    layout = str(data_cfg.layout)
+    cls = GENERATORS[layout]
+    raw = OmegaConf.to_container(data_cfg[layout], resolve=True)
     assert isinstance(raw, dict)
-    return SynthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise UserError(
+                f"data.{layout}.{key}: not a key this project reads; known: {', '.join(sorted(known))}"
+            )
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 def dataset_name(data_cfg: DictConfig) -> str:
     """What the run record calls the dataset (a condition of the study: runs on different datasets are never
     averaged together): the generated dataset's name, a preset's name, or the dataset folder's name."""
-    if data_cfg.layout == "synthetic":
-        return "synthetic"
+    if data_cfg.layout in GENERATORS:
+        return str(data_cfg.layout)
     if data_cfg.get("preset"):
         return str(data_cfg.preset)
     return Path(str(data_cfg.root)).expanduser().name or str(data_cfg.layout)
 
 
 def dataset_root(data_cfg: DictConfig) -> tuple[str, Path]:
-    """(layout, root) of the dataset; the synthetic one is generated into its cache folder on first use."""
-    if data_cfg.layout == "synthetic":
+    """(layout, root) of the dataset; a generated one is written into its cache folder on first use."""
+    if data_cfg.layout in GENERATORS:
         cache = Path(str(data_cfg.cache_dir)).expanduser()
-        return "msd", ensure_synthetic(cache, synth_config(data_cfg))
+        return "msd", ensure_generated(cache, generator_config(data_cfg))
     return str(data_cfg.layout), Path(str(data_cfg.root)).expanduser()
 
 

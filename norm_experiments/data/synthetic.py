@@ -58,25 +58,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
+from norm_experiments.data.generated import LAYOUTS, GeneratedCase, ensure_generated, generate_dataset
 from norm_experiments.errors import UserError, exit_on_user_error
 
 # Bump when the generator's output changes for the same config, so old caches are not reused.
 GENERATOR_VERSION = 2
 
-LAYOUTS = ("msd", "nnunet", "folder")
 BACKGROUND = 2.0  # tissue level before gain/offset; keeps the bias field from vanishing on the background
 TEXTURE_STD = 0.3  # smooth background texture, in contrast units
 TEXTURE_SIGMA = 2.0  # voxels; the texture's correlation length
@@ -101,6 +96,7 @@ class SynthConfig:
     gamma_range: tuple[float, float] = (0.7, 1.4)
     bias_field: tuple[float, float] = (0.0, 0.3)
     seed: int = 0
+    kind = "synthetic"  # not a field (no annotation): the cache folder prefix of generated.Generator
 
     def __post_init__(self) -> None:
         # Configs arrive from YAML/argparse as lists: normalise so that key() and equality are stable.
@@ -164,6 +160,28 @@ class SynthConfig:
         fields["generator_version"] = GENERATOR_VERSION
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    # The generated.Generator interface: what data/generated.py writes.
+
+    def make(self, index: int) -> GeneratedCase:
+        image, label, params = make_case(self, index)
+        return GeneratedCase(case_name(index), image, label, np.diag([*self.spacing, 1.0]), params)
+
+    def labels(self) -> dict[int, str]:
+        return {0: "background", **{c: f"class{c}" for c in range(1, self.num_classes + 1)}}
+
+    def modality(self) -> str:
+        return "MRI"
+
+    def provenance(self, cases: list[dict]) -> dict:
+        """The generator's settings and each case's drawn parameters (to relate Dice to a case's intensity)."""
+        return {
+            "description": "norm-experiments synthetic dataset",
+            "key": self.key(),
+            "generator_version": GENERATOR_VERSION,
+            **dataclasses.asdict(self),
+            "cases": cases,
+        }
 
 
 def _range(value: object) -> tuple[float, float]:
@@ -312,177 +330,16 @@ def make_case(cfg: SynthConfig, index: int) -> tuple[np.ndarray, np.ndarray, dic
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Writing a dataset
+# Writing a dataset (data/generated.py writes the files)
 
 
 def case_name(index: int) -> str:
     return f"synth_{index:03d}"
 
 
-def _affine(spacing: tuple[float, float, float]) -> np.ndarray:
-    return np.diag([*spacing, 1.0])
-
-
-def _save_nifti(array: np.ndarray, spacing: tuple[float, float, float], path: Path) -> None:
-    affine = _affine(spacing)
-    img = nib.Nifti1Image(array, affine)
-    # Code 1 ("scanner") on both forms: every reader (nibabel, ITK, MONAI) then agrees on the spacing.
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    img.set_data_dtype(array.dtype)
-    nib.save(img, str(path))
-
-
-def _label_names(cfg: SynthConfig) -> dict[int, str]:
-    return {0: "background", **{c: f"class{c}" for c in range(1, cfg.num_classes + 1)}}
-
-
-def _case_paths(layout: str, name: str) -> tuple[str, str]:
-    """(image, label) paths of a case relative to the dataset root."""
-    if layout == "msd":
-        return f"imagesTr/{name}.nii.gz", f"labelsTr/{name}.nii.gz"
-    if layout == "nnunet":
-        return f"imagesTr/{name}_0000.nii.gz", f"labelsTr/{name}.nii.gz"
-    return f"images/{name}.nii.gz", f"labels/{name}.nii.gz"
-
-
-def _provenance(cfg: SynthConfig, cases: list[dict]) -> dict:
-    """The generator's settings and each case's drawn gain/offset (to relate Dice to a case's intensity)."""
-    return {
-        "key": cfg.key(),
-        "generator_version": GENERATOR_VERSION,
-        **dataclasses.asdict(cfg),
-        "cases": cases,
-    }
-
-
-def _metadata(cfg: SynthConfig, layout: str, cases: list[dict]) -> tuple[str, dict]:
-    """(file name, content) of the JSON file written last: dataset.json, or synthetic.json for "folder"."""
-    labels = _label_names(cfg)
-    common = {"name": f"synthetic-{cfg.key()}", "description": "norm-experiments synthetic dataset"}
-    if layout == "msd":
-        training = []
-        for c in cases:
-            image, label = _case_paths("msd", c["name"])
-            training.append({"image": f"./{image}", "label": f"./{label}"})
-        return "dataset.json", {
-            **common,
-            "tensorImageSize": "3D",
-            "modality": {"0": "MRI"},
-            "labels": {str(k): v for k, v in labels.items()},
-            "numTraining": len(cases),
-            "numTest": 0,
-            "training": training,
-            "test": [],
-            "synthetic": _provenance(cfg, cases),
-        }
-    if layout == "nnunet":
-        return "dataset.json", {
-            **common,
-            "channel_names": {"0": "MRI"},
-            "labels": {v: k for k, v in labels.items()},
-            "numTraining": len(cases),
-            "file_ending": ".nii.gz",
-            "synthetic": _provenance(cfg, cases),
-        }
-    # The folder layout has no dataset.json; its labels are given in the config (data.labels).
-    return "synthetic.json", {
-        **common,
-        "labels": {str(k): v for k, v in labels.items()},
-        **_provenance(cfg, cases),
-    }
-
-
-def _write_into(folder: Path, cfg: SynthConfig, layout: str) -> None:
-    """Write every case, then the JSON metadata last."""
-    for sub in {p.split("/")[0] for p in _case_paths(layout, "x")}:
-        (folder / sub).mkdir()
-    cases = []
-    for i in range(cfg.num_cases):
-        name = case_name(i)
-        image, label, params = make_case(cfg, i)
-        image_rel, label_rel = _case_paths(layout, name)
-        _save_nifti(image, cfg.spacing, folder / image_rel)
-        _save_nifti(label, cfg.spacing, folder / label_rel)
-        cases.append({"name": name, **params})
-    filename, content = _metadata(cfg, layout, cases)
-    (folder / filename).write_text(json.dumps(content, indent=2) + "\n")
-
-
-def _generate_temp(parent: Path, prefix: str, cfg: SynthConfig, layout: str) -> Path:
-    """Generate into a fresh hidden folder in `parent`; on any error nothing is left behind."""
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}.tmp-", dir=parent))
-    try:
-        _write_into(tmp, cfg, layout)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
-
-
-def _is_nonempty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
-def generate_dataset(out_dir: Path, cfg: SynthConfig, layout: str = "msd") -> Path:
-    """Write a synthetic dataset at out_dir in the given layout ("msd", "nnunet" or "folder").
-
-    The files are written into a temporary folder beside out_dir and renamed into place at the end, so an
-    interrupted run never leaves a half dataset at out_dir. Refuses an existing non-empty out_dir.
-    """
-    out_dir = Path(out_dir).expanduser()
-    if layout not in LAYOUTS:
-        raise UserError(f"layout '{layout}' is not one of {', '.join(LAYOUTS)}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: exists and is not a directory")
-    if _is_nonempty_dir(out_dir):
-        raise UserError(f"{out_dir}: already exists and is not empty; choose a new directory or remove it")
-    try:
-        tmp = _generate_temp(out_dir.parent, out_dir.name, cfg, layout)
-    except OSError as err:  # an unwritable or full parent folder
-        raise UserError(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
-    try:
-        os.rename(tmp, out_dir)  # replaces an empty out_dir atomically; fails if it filled up meanwhile
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"{out_dir}: could not move the generated dataset into place ({err.strerror})"
-        ) from None
-    return out_dir
-
-
 def ensure_synthetic(cache_root: Path, cfg: SynthConfig) -> Path:
-    """cache_root/synthetic-<key> in msd layout, generated on first use and reused afterwards.
-
-    Safe for concurrent callers: each generates into its own temporary folder and renames it into place;
-    a caller whose rename loses the race discards its copy and uses the winner's (identical) one. The
-    rename is atomic, so a folder with dataset.json is always complete.
-    """
-    cache_root = Path(cache_root).expanduser()
-    target = cache_root / f"synthetic-{cfg.key()}"
-    if (target / "dataset.json").is_file():
-        return target
-    if _is_nonempty_dir(target):
-        raise UserError(f"{target}: incomplete synthetic dataset (no dataset.json); remove the folder")
-    try:
-        tmp = _generate_temp(cache_root, target.name, cfg, "msd")
-    except OSError as err:  # a read-only home, a cache folder that is a file, a full disk
-        raise UserError(
-            f"{cache_root}: cannot write the synthetic dataset there ({err.strerror or err}); set data.cache_dir "
-            "(or the NORM_EXP_CACHE environment variable) to a writable folder"
-        ) from None
-    try:
-        os.rename(tmp, target)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        lost_race = err.errno in (errno.ENOTEMPTY, errno.EEXIST) and (target / "dataset.json").is_file()
-        if not lost_race:
-            raise UserError(
-                f"{target}: could not move the generated dataset into place ({err.strerror})"
-            ) from None
-    return target
+    """cache_root/synthetic-<key> in msd layout, generated on first use and reused afterwards."""
+    return ensure_generated(cache_root, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------

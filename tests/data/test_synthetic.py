@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from norm_experiments.data import synthetic
+from norm_experiments.data import generated
 from norm_experiments.data.layouts import find_cases
 from norm_experiments.data.synthetic import SynthConfig, ensure_synthetic, generate_dataset, make_case
 from norm_experiments.errors import UserError
@@ -290,14 +290,14 @@ def test_generate_into_an_empty_existing_directory(tmp_path, small_cfg):
 def test_a_crash_leaves_no_partial_dataset(tmp_path, small_cfg, monkeypatch):
     calls = []
 
-    def failing_save(array, spacing, path):
+    def failing_save(array, affine, path):
         calls.append(path)
         if len(calls) == 3:
             raise RuntimeError("disk full")
-        return original(array, spacing, path)
+        return original(array, affine, path)
 
-    original = synthetic._save_nifti
-    monkeypatch.setattr(synthetic, "_save_nifti", failing_save)
+    original = generated.save_nifti
+    monkeypatch.setattr(generated, "save_nifti", failing_save)
     with pytest.raises(RuntimeError):
         generate_dataset(tmp_path / "out", small_cfg)
     assert list(tmp_path.iterdir()) == []
@@ -323,7 +323,7 @@ def test_ensure_synthetic_generates_once_then_reuses(tmp_path, small_cfg, monkey
     def must_not_run(*args, **kwargs):
         raise AssertionError("regenerated a cached dataset")
 
-    monkeypatch.setattr(synthetic, "_generate_temp", must_not_run)
+    monkeypatch.setattr(generated, "_generate_temp", must_not_run)
     assert ensure_synthetic(tmp_path, small_cfg) == root
     assert [f.stat().st_mtime_ns for f in files] == before
 
@@ -336,14 +336,14 @@ def test_ensure_synthetic_uses_a_new_folder_for_a_new_config(tmp_path, small_cfg
 
 def _racer(cache_root: str, cfg: SynthConfig, barrier, results) -> None:
     """Child process: generate, wait until the other one has generated too, then race for the rename."""
-    original = synthetic._generate_temp
+    original = generated._generate_temp
 
     def generate_then_wait(*args, **kwargs):
         tmp = original(*args, **kwargs)
         barrier.wait(timeout=60)  # both have a finished copy before either renames: a guaranteed race
         return tmp
 
-    synthetic._generate_temp = generate_then_wait
+    generated._generate_temp = generate_then_wait
     results.put(str(ensure_synthetic(Path(cache_root), cfg)))
 
 
