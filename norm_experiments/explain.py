@@ -5,11 +5,13 @@ whether that is fine, measured on the user's own config and data.
     norm-exp-explain data=msd data.root=/data/Task09_Spleen data.patch_size=[64,64,64]
 
 Takes the overrides of norm-exp-train, always builds the model with BatchNorm (it is BatchNorm being
-explained), trains nothing and writes nothing (configs/explain.yaml). Prints three tables and a conclusion
+explained), trains nothing and writes nothing (configs/explain.yaml). Prints four tables and a conclusion
 computed from them:
 1. how many values each BN channel's statistics are taken over (N×D×H×W), at the configured batch and at 1;
 2. one batch's statistics against the running averages of 20 batches (what model.eval() normalizes with);
-3. how much the batch statistics vary between batches at batch sizes 1, 2, 4, 8.
+3. how much the batch statistics vary between batches at batch sizes 1, 2, 4, 8;
+4. where that spread comes from at batch size 1: training patches and validation windows grouped by how much
+   foreground they hold, and how far each group's statistics lie from the running averages (patch_content.py).
 Exit status: 0 done, 2 a mistake in the config or the data (one `error:` line).
 """
 
@@ -17,9 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import hydra
 import torch
@@ -27,12 +27,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from norm_experiments.bn_probe import Stats, batch_stats, bn_layers, forward_until, pre_hooks
 from norm_experiments.config import CONFIG_DIR, register_resolvers
 from norm_experiments.data.pipeline import BatchSampler
 from norm_experiments.errors import USER_ERROR_EXIT, exit_on_user_error
-from norm_experiments.norms import bn_eval_mode, is_batch_stat_layer
+from norm_experiments.norms import bn_eval_mode
 from norm_experiments.norms.batch import RECORD as BATCHNORM  # the norm this command explains
-from norm_experiments.norms.bn_common import reduce_dims
+from norm_experiments.patch_content import (
+    ContentRow,
+    content_rows,
+    measure,
+    training_patches,
+    validation_windows,
+)
 from norm_experiments.training.build import Built, build, make_plan
 
 register_resolvers()
@@ -43,7 +50,6 @@ SPREAD_BATCH_SIZES = (1, 2, 4, 8)  # the batch sizes the project studies
 NOISY = 0.2  # a batch-mean spread or train/eval gap (in σ) above which running averages misfit volumes
 
 Shape = tuple[int, ...]
-Stats = tuple[torch.Tensor, torch.Tensor]  # per-channel (mean, unbiased variance) of one layer's input
 
 
 @dataclass
@@ -53,6 +59,7 @@ class Findings:
     gaps: dict[str, dict[str, float]]  # table 2: layer -> batch vs running statistics
     spreads: dict[int, dict[str, tuple[float, float]]]  # table 3: batch size -> layer -> (mean, var) spread
     num_train: int
+    content: list[ContentRow] = field(default_factory=list)  # table 4: by foreground share, at batch size 1
 
     @property
     def first(self) -> str:
@@ -79,23 +86,6 @@ def force_batchnorm(cfg: DictConfig) -> str:
     return asked
 
 
-def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if is_batch_stat_layer(m)}
-
-
-@contextmanager
-def pre_hooks(model: nn.Module, names: list[str], record) -> Iterator[None]:
-    """Call record(name, input) before each named BN layer runs. record must return None: a pre-hook's
-    return value would replace the layer's input."""
-    layers = bn_layers(model)
-    handles = [layers[n].register_forward_pre_hook(lambda _m, args, n=n: record(n, args[0])) for n in names]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def layer_shapes(model: nn.Module, images: torch.Tensor) -> dict[str, Shape]:
     """Input shape of every BN layer, in forward order. Eval mode: it works even where training would fail."""
@@ -104,31 +94,6 @@ def layer_shapes(model: nn.Module, images: torch.Tensor) -> dict[str, Shape]:
         with bn_eval_mode(model, "running"):
             model(images)
     return shapes
-
-
-class _StopForward(Exception):
-    """Raised after the deepest layer measured: later layers cannot change its input."""
-
-
-def _stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-    raise _StopForward
-
-
-def forward_until(model: nn.Module, images: torch.Tensor, last: nn.Module) -> None:
-    """Run the model up to `last` only: the decoder costs more than the encoder and changes nothing shown."""
-    handle = last.register_forward_hook(_stop)
-    try:
-        model(images)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-
-
-def batch_stats(x: torch.Tensor) -> Stats:
-    """Per-channel mean and unbiased variance over N×D×H×W, as BatchNorm computes (and stores) them."""
-    var, mean = torch.var_mean(x.detach().float(), dim=reduce_dims(x), correction=1)
-    return mean.cpu(), var.cpu()
 
 
 @torch.no_grad()
@@ -214,7 +179,21 @@ def analyze(run: Built) -> Findings:
     found = Findings(shapes, n1, gaps, {}, len(run.data.train))
     skip = {b for b in SPREAD_BATCH_SIZES if min(values(s, b * n1) for s in shapes.values()) == 1}
     found.spreads = batch_size_spread(run, [found.first, found.bottleneck], skip)
+    if 1 not in skip:
+        found.content = content_at_batch_1(run, found.first)
     return found
+
+
+def content_at_batch_1(run: Built, name: str) -> list[ContentRow]:
+    """Table 4: training patches at batch size 1 and validation windows, by foreground share, at layer `name`."""
+    layer, cfg = bn_layers(run.model)[name], run.cfg
+    with bn_eval_mode(run.model, "batch"):
+        train = measure(
+            run.model, layer, run.device, training_patches(run.data.train, cfg.data, int(cfg.seed))
+        )
+        windows = validation_windows(run.data.val, list(cfg.data.patch_size), float(cfg.trainer.sw_overlap))
+        val = measure(run.model, layer, run.device, windows)
+    return content_rows(train, val)
 
 
 # ------------------------------------------------------------------------------------------ printing
@@ -281,6 +260,39 @@ def spread_table(f: Findings) -> str:
     )
 
 
+def content_table(f: Findings) -> str:
+    def number(x: float | None, unit: str = "") -> str:
+        return "-" if x is None else f"{x:.2f}{unit}"
+
+    rows = [
+        [r.label, f"{r.train_share:.0%}", f"{r.val_share:.0%}", number(r.train_mean_gap, "σ"),
+         number(r.val_mean_gap, "σ"), number(r.val_var_gap)]
+        for r in f.content
+    ]  # fmt: skip
+    return table(
+        f"4. What a patch holds and how far its statistics lie from the running averages, at batch size 1 "
+        f"({f.first})",
+        ["foreground share", "training patches", "validation windows", "train |μ_p−μ|/σ", "val |μ_p−μ|/σ",
+         "val |σ²_p−σ²|/σ²"],
+        rows,
+        "μ, σ²: pooled over the training patches (what running statistics converge to); gaps per channel, "
+        "then averaged over channels and over the patches of the row",
+    )  # fmt: skip
+
+
+def content_sentence(f: Findings) -> str | None:
+    """What table 4 shows, from its numbers: the groups farthest from and closest to the running averages."""
+    rows = [r for r in f.content[:-1] if r.val_mean_gap is not None]
+    if len(rows) < 2:
+        return None
+    far, near = max(rows, key=lambda r: r.val_mean_gap), min(rows, key=lambda r: r.val_mean_gap)
+    return (
+        f"By content: validation windows with {far.label} foreground lie {far.val_mean_gap:.2f}σ from the running "
+        f"mean, those with {near.label} {near.val_mean_gap:.2f}σ; {far.label} foreground makes up "
+        f"{far.val_share:.0%} of the validation windows and {far.train_share:.0%} of the training patches."
+    )
+
+
 def conclusion(f: Findings, command: str) -> list[str]:
     """A few sentences whose claims follow from the numbers above."""
     single = [name for name, shape in f.shapes.items() if values(shape, f.n1) == 1]
@@ -310,6 +322,8 @@ def conclusion(f: Findings, command: str) -> list[str]:
             f"{s8:.2f}σ at 8 (1/√8 of {s1:.2f} is {s1 / math.sqrt(8):.2f}{few})."
         )
         noisy = noisy or s1 > NOISY
+    if content_sentence(f):
+        lines.append(content_sentence(f))
     if noisy:
         lines.append(
             "So the running averages model.eval() uses describe no single volume: expect eval-mode Dice "
@@ -351,7 +365,8 @@ def explain(cfg: DictConfig) -> None:
         f"2. One training batch (N={found.shapes[found.first][0]}) vs the running averages of "
         f"{RUNNING_BATCHES} batches, which model.eval() uses"
     )
-    for part in (shape_table(found), gap_table(found.gaps, gaps_title), spread_table(found)):
+    parts = [shape_table(found), gap_table(found.gaps, gaps_title), spread_table(found)]
+    for part in parts + ([content_table(found)] if found.content else []):
         print("\n" + part)
     print("\n" + "\n".join(conclusion(found, train_command())))
 

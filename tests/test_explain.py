@@ -3,6 +3,7 @@ and a bad data.root refused with one `error:` line."""
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -10,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from norm_experiments.explain import spread, values
-from tests.helpers import run_cli
+from norm_experiments.bn_probe import bn_layers
+from norm_experiments.explain import content_at_batch_1, force_batchnorm, spread, values
+from norm_experiments.patch_content import PatchStats, content_rows, window_starts
+from norm_experiments.training.build import build, make_plan
+from tests.helpers import compose_config, run_cli
 
 MODULE = "norm_experiments.explain"
 
@@ -36,9 +40,15 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, synthetic_cache: Path) -> tu
     return result.stdout, cwd
 
 
-def test_prints_three_tables_and_a_conclusion(smoke: tuple[str, Path]) -> None:
+def test_prints_four_tables_and_a_conclusion(smoke: tuple[str, Path]) -> None:
     output, _ = smoke
-    for title in ("1. Values each channel's statistics", "2. One training batch (N=2)", "3. Spread of batch"):
+    titles = (
+        "1. Values each channel's",
+        "2. One training batch (N=2)",
+        "3. Spread of batch",
+        "4. What a patch",
+    )
+    for title in titles:
         assert title in output, output
     assert "norm=group ignored" in output
     assert (
@@ -91,3 +101,41 @@ def test_spread_and_values() -> None:
     sd = torch.tensor([1.0, -1.0, 1.0, -1.0]).std().item()
     assert mean_spread == pytest.approx((sd / 2 + 0.0) / 2, rel=1e-5)
     assert var_spread == pytest.approx(0.0, abs=1e-6)
+
+
+def test_window_starts_cover_the_axis_as_sliding_windows_do() -> None:
+    assert window_starts(24, 16, 0.25) == [0, 8]  # stride 12 would end at 28: the last one flush with the end
+    assert window_starts(40, 16, 0.25) == [0, 12, 24]
+    assert window_starts(10, 16, 0.25) == [0]  # smaller than the patch: one (padded) window
+
+
+def test_content_rows_measure_distance_from_the_pooled_statistics() -> None:
+    def patch(foreground: float, mean: float, var: float) -> PatchStats:
+        return PatchStats(foreground, torch.tensor([mean]), torch.tensor([var]))
+
+    # Training patches: means -1 and +1 (variance 1 each): pooled μ = 0, σ² = 1 + 1 = 2.
+    train = [patch(0.0, -1.0, 1.0), patch(0.8, 1.0, 1.0)]
+    val = [patch(0.0, -1.0, 1.0), patch(0.0, -1.0, 1.0), patch(0.3, 0.0, 2.0)]
+    rows = {r.label: r for r in content_rows(train, val)}
+    assert rows["under 10 %"].train_share == 0.5 and rows["under 10 %"].val_share == pytest.approx(2 / 3)
+    assert rows["under 10 %"].val_mean_gap == pytest.approx(1 / math.sqrt(2))
+    assert rows["under 10 %"].val_var_gap == pytest.approx(0.5)  # |1 - 2| / 2
+    assert rows["10-50 %"].val_mean_gap == pytest.approx(0.0) and rows["10-50 %"].train_mean_gap is None
+    assert rows["all"].val_mean_gap == pytest.approx(2 / 3 / math.sqrt(2))
+
+
+def _content_gap(overrides: list[str]) -> float:
+    cfg = compose_config(overrides)
+    force_batchnorm(cfg)
+    built = build(cfg, make_plan(cfg))
+    first = next(iter(bn_layers(built.model)))
+    return content_at_batch_1(built, first)[-1].val_mean_gap
+
+
+def test_brain_patches_lie_farther_from_running_statistics_than_ellipsoids() -> None:
+    """The mechanism docs/explanation quotes, at a test's size: after the same per-case z-score, patches of
+    real anatomy differ from each other by what they hold; patches of the synthetic ellipsoids do not."""
+    common = ["data.patch_size=[16,16,16]", "model.depth=2", "trainer.num_threads=1", "data.intensity=zscore"]
+    brain = _content_gap([*common, "data=brain", "data.brain.num_cases=4", "data.brain.spacing=4.0"])
+    ellipsoids = _content_gap([*common, "experiment=smoke"])
+    assert brain > 2 * ellipsoids, (brain, ellipsoids)
