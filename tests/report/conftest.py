@@ -12,6 +12,19 @@ import pytest
 from norm_experiments.norms import registry
 
 BN_FAMILY = registry.bn_family()
+BATCH_DEPENDENT = frozenset(n for n, r in registry.records().items() if r.batch_dependent)
+
+
+def per_case(scores: dict[str, dict[str, float]], hd95: float = 4.0) -> dict:
+    """The metrics.json `per_case` block: {mode: {case: score}} -> one class "fg" per case with that Dice
+    (a second class "absent" is null everywhere: a class missing from the case, which must not count)."""
+    return {
+        mode: {
+            case: {"dice": {"fg": value, "absent": None}, "hd95": {"fg": hd95, "absent": None}}
+            for case, value in cases.items()
+        }
+        for mode, cases in scores.items()
+    }
 
 
 def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None = 0.7, **overrides) -> dict:
@@ -24,10 +37,12 @@ def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None =
         "run_name": f"norm={norm},bs={batch_size},seed={seed}",
         "norm": norm,
         "bn_family": norm in BN_FAMILY,
+        "batch_dependent": norm in BATCH_DEPENDENT,
         "model": "unet",
         "seed": seed,
         "batch_size": batch_size,
         "patches_per_volume": 1,
+        "accumulate_steps": 1,
         "effective_batch": batch_size,
         "samples_seen": 1200,
         "steps": 1200 // batch_size,
@@ -45,6 +60,7 @@ def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None =
     }
     if norm in BN_FAMILY and val_dice is not None:
         data["eval_modes"] = {"running": val_dice, "precise": val_dice + 0.05, "batch": val_dice + 0.1}
+        data["batch_stats_windows"] = 4
     data.update(overrides)
     return data
 
