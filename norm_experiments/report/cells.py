@@ -136,29 +136,34 @@ def _varying(runs: list[Run], fields: tuple[str, ...]) -> list[str]:
     return [f for f in fields if len(present[f]) > 1]
 
 
+def _tagged(norm: str, tags: list[str]) -> str:
+    return f"{norm} [{', '.join(tags)}]" if tags else norm
+
+
 def row_labels(runs: list[Run], notes: list[str]) -> dict[Run, str]:
     """norm, plus accumulation, plus the fields that make its runs different experiments (see module doc)."""
     by_norm: dict[str, list[Run]] = defaultdict(list)
-    by_cell: dict[tuple[str, int], list[Run]] = defaultdict(list)
     for run in runs:
         by_norm[run.norm].append(run)
-        by_cell[(run.norm, run.batch_size)].append(run)
-    cell_split = {key: _varying(group, CELL_FIELDS) for key, group in by_cell.items()}
-    for (norm, bs), fields in sorted(cell_split.items()):
-        for name in fields:
-            values = sorted({_key(r.data[name]) for r in by_cell[(norm, bs)] if r.data.get(name) is not None})
-            notes.append(
-                f"{norm} bs={bs}: runs differ in {name} ({'; '.join(values)}): split into rows, never averaged"
-            )
-    labels = {}
-    for norm, group in by_norm.items():
+    tags: dict[Run, list[str]] = {}
+    for group in by_norm.values():
         varying = _varying(group, VARIANT_FIELDS)
         for run in group:
-            extra = [f"accumulate {run.accumulate_steps}"] if run.accumulate_steps > 1 else []
-            fields = varying + cell_split[(norm, run.batch_size)]
-            extra += [f"{f}={_label_value(run.data.get(f))}" for f in fields]
-            labels[run] = f"{norm} [{', '.join(extra)}]" if extra else norm
-    return labels
+            tags[run] = [f"accumulate {run.accumulate_steps}"] if run.accumulate_steps > 1 else []
+            tags[run] += [f"{f}={_label_value(run.data.get(f))}" for f in varying]
+    # Within one row and batch size, the seeds must share everything else.
+    by_cell: dict[tuple[str, int], list[Run]] = defaultdict(list)
+    for run in runs:
+        by_cell[(_tagged(run.norm, tags[run]), run.batch_size)].append(run)
+    for (row, bs), group in sorted(by_cell.items()):
+        for name in _varying(group, CELL_FIELDS):
+            values = sorted({_key(r.data[name]) for r in group if r.data.get(name) is not None})
+            notes.append(
+                f"{row} bs={bs}: runs differ in {name} ({'; '.join(values)}): split into rows, never averaged"
+            )
+            for run in group:
+                tags[run].append(f"{name}={_label_value(run.data.get(name))}")
+    return {run: _tagged(run.norm, tags[run]) for run in runs}
 
 
 def one_per_seed(runs: list[Run], notes: list[str]) -> list[Run]:
