@@ -66,6 +66,11 @@ class Summary:
             (d for d in self.deltas.comparisons if d.label == label and d.batch_size == batch_size), None
         )
 
+    @property
+    def best_mean_name(self) -> str:
+        """'highest mean' (Dice) or 'lowest mean' (a distance): the row with the best mean, not a test."""
+        return "lowest mean" if self.lower_is_better else "highest mean"
+
     def highest(self, batch_size: int) -> Cell | None:
         """The row with the best mean at this batch size (descriptive: not a test)."""
         found = [c for c in self.cells.values() if c.batch_size == batch_size and c.metric is not None]

@@ -159,7 +159,7 @@ def _condition_section(summary: Summary, level: str) -> list[str]:
         f"Mean ± sample std over seeds of the recorded `{metric}` (descriptive); {seeds}. `n=k/m`: only k of m "
         "seeds have a result. Rows in brackets re-evaluate the same BatchNorm weights with other statistics. "
         "†k/n: k of the n seeds with a convergence flag were still improving at the end (see Convergence). "
-        "Highest mean: descriptive; the verdict beside it is the one of the difference-to-reference table, "
+        f"{summary.best_mean_name.capitalize()}: descriptive; the verdict beside it is the one of the difference-to-reference table, "
         "not a test of its own.",
         "",
     ]

@@ -36,7 +36,9 @@ def _log2_batch_axis(ax: Axes, batch_sizes: list[int]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _plot_line(ax: Axes, points: list[tuple[int, Interval]], offset: float, **style) -> bool:
+def _plot_line(
+    ax: Axes, points: list[tuple[int, Interval]], offset: float, clip: bool = True, **style
+) -> bool:
     """One line with error bars; returns whether any point has n=1 (drawn without an error bar).
 
     Dice lies in [0, 1]: with 2-3 seeds a t-interval reaches far beyond, so bars are clipped to that range
@@ -45,8 +47,9 @@ def _plot_line(ax: Axes, points: list[tuple[int, Interval]], offset: float, **st
         return False
     xs = [bs * 2.0**offset for bs, _ in points]
     ys = [iv.mean for _, iv in points]
-    lower = [iv.mean - max(iv.low, 0.0) for _, iv in points]
-    upper = [min(iv.high, 1.0) - iv.mean for _, iv in points]
+    low, high = (0.0, 1.0) if clip else (-float("inf"), float("inf"))  # a distance (HD95) has no upper bound
+    lower = [iv.mean - max(iv.low, low) for _, iv in points]
+    upper = [min(iv.high, high) - iv.mean for _, iv in points]
     ax.errorbar(xs, ys, yerr=[lower, upper], capsize=3, linewidth=1.8, markersize=6, **style)
     return any(not iv.has_spread for _, iv in points)
 
@@ -84,7 +87,8 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
                 if (cell := summary.cell(row, bs)) is not None and cell.metric is not None
             ]
             style = {"marker": MARKERS[i % len(MARKERS)], "label": row}
-            any_single |= _plot_line(ax, points, _offset(i, len(summary.rows)), **style)
+            clip = analysis.metric not in LOWER_IS_BETTER
+            any_single |= _plot_line(ax, points, _offset(i, len(summary.rows)), clip, **style)
         _log2_batch_axis(ax, summary.batch_sizes)
         ax.set_title(_title(summary), fontsize=10)
         if ax.get_legend_handles_labels()[0]:

@@ -89,7 +89,8 @@ def highest_sentence(summary: Summary) -> str | None:
         if summary.reference
         else "not tested"
     )
-    return f"Highest mean{_where(summary.condition)} (descriptive; {tested}): " + ", ".join(parts) + "."
+    name = summary.best_mean_name.capitalize()
+    return f"{name}{_where(summary.condition)} (descriptive; {tested}): " + ", ".join(parts) + "."
 
 
 def convergence_sentence(summary: Summary) -> str | None:

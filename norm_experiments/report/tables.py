@@ -153,7 +153,9 @@ def metric_table(summary: Summary) -> str:
             rows.append([label] + [format_metric_cell(c) for c in cells])
         else:
             rows.append([label] + [format_mode_cell(c, mode) for c in cells])
-    rows.append(["**highest mean**"] + [highest_verdict(summary, bs) for bs in summary.batch_sizes])
+    rows.append(
+        [f"**{summary.best_mean_name}**"] + [highest_verdict(summary, bs) for bs in summary.batch_sizes]
+    )
     return markdown_table(_header(summary, "norm"), rows)
 
 
@@ -186,7 +188,7 @@ def best_table(summary: Summary) -> str:
     """Per batch size: the highest mean, and every row sorted by its verdict against the reference (the same
     verdicts as the difference table: no test of its own)."""
     margin = summary.deltas.margin
-    header = ["batch size", "highest mean"] + [
+    header = ["batch size", summary.best_mean_name] + [
         f"{verdict_word(v, margin)} vs {summary.reference}" for v in VERDICT_ORDER
     ]
     rows = []

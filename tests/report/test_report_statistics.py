@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from norm_experiments.report import build_report, write_report
 from norm_experiments.report.cli import main as report_main
-from tests.report.conftest import grid
+from tests.report.conftest import grid, per_case
 from tests.report.test_report_sweep import read_csv, table_rows
 
 FORBIDDEN = ("tie", "no gap", "indistinguishable", "cannot tell apart")
@@ -264,3 +264,29 @@ def test_doc_header_names_the_commands_machine_versions_and_preprocessing(
     assert not (sweep / "report.md").exists()  # --doc writes the document instead of report.md
     assert math.isfinite(float(read_csv(tmp_path / "docs" / "results" / "results.csv")[0]["val_dice_mean"]))
     assert not list((tmp_path / "docs" / "results").glob(".report-staging-*"))
+
+
+def test_a_distance_is_better_when_lower(tmp_path, write_run) -> None:
+    for seed in range(3):
+        for norm, hd95 in (("instance", 6.0), ("group", 2.0)):
+            cases = per_case({"running": {"a": 0.7, "b": 0.8}}, hd95=hd95 + 0.1 * seed)
+            write_run(tmp_path, norm, 1, seed, 0.75, val_hd95=hd95 + 0.1 * seed, per_case=cases)
+    report = build_report([tmp_path], metric="val_hd95")
+    assert (
+        "- `group` minus `instance`, same batch size and seed: better at bs 1 (-4.000 [-4.000, -4.000])."
+        in report.markdown
+    )
+    assert table_rows(report.table)["**lowest mean**"] == ["group (vs instance: better)"]
+    assert (
+        "Lowest mean (descriptive; only the differences to `instance` above are tested): bs 1 `group`"
+        in report.markdown
+    )
+
+
+@pytest.mark.parametrize("sizes", [(1, 2), (1,)])
+def test_reference_trend_sentence_only_with_two_batch_sizes(tmp_path, write_run, sizes) -> None:
+    for bs in sizes:
+        write_cell(write_run, tmp_path, "instance", bs, [0.8 - 0.1 * bs] * 2)
+    md = build_report([tmp_path]).markdown
+    sentence = "- `instance` scores 0.700 at batch size 1 and 0.600 at 2 (descriptive, not tested)"
+    assert (sentence in md) == (len(sizes) == 2)
