@@ -207,7 +207,9 @@ def _condition_section(summary: Summary, level: str) -> list[str]:
         "",
         tables.ci_table(summary),
         "",
-        f"Same model as the comparisons, two-sided 95% (not adjusted: one interval per cell); § seeds only. "
+        "Same model as the comparisons, two-sided 95% (not adjusted: one interval per cell). With per-case "
+        "scores the interval covers the mean over other validation cases too, so it includes the case-to-case "
+        f"spread that the ± std over seeds above does not; § seeds only. "
         f"Formulas: {STATISTICS_DOC}.",
         "",
         f"{level} Cost",

@@ -244,7 +244,8 @@ def convergence_table(summary: Summary) -> str:
         ]
         metrics = sorted({m for c in cells if c is not None for m in c.flag_metrics})
         rows.append([row] + counts + [", ".join(metrics) or NO_DATA])
-    return markdown_table(_header(summary, "still improving") + ["flag computed on"], rows)
+    header = _header(summary, "still improving") + ["flag computed on"]
+    return markdown_table(header, rows, align="l" + "r" * len(summary.batch_sizes) + "l")
 
 
 def format_ci(cell: Cell | None, mode: str | None) -> str:
