@@ -29,6 +29,8 @@ STATISTICS_DOC = "docs/explanation/statistics.md"
 
 def method_line(family: Family, what: str) -> str:
     """What was compared, the model used, the family's correction and how verdicts are read."""
+    if not family.m:
+        return f"{what}. Nothing testable: every comparison has fewer than 2 shared seeds."
     pct = 100 * (1 - family.alpha_each)
     methods = family.methods
     if len(methods) == 2:
@@ -37,12 +39,10 @@ def method_line(family: Family, what: str) -> str:
             f"{MODEL_TEXT[SEEDS_AND_CASES]}; {shown} comparison(s) marked § come from records without per-case "
             f"scores and use {MODEL_TEXT[SEEDS_ONLY]}"
         )
-    elif methods:
+    else:
         model = MODEL_TEXT[methods[0]] + (
             " (§: records without per-case scores)" if methods == [SEEDS_ONLY] else ""
         )
-    else:
-        model = "none (nothing testable)"
     return (
         f"{what}. Model: {model}. Interval: two-sided {pct:.4g}% (Bonferroni over the m = {family.m} tested "
         f"comparisons of this table, α = {family.alpha} family-wise, α' = {family.alpha_each:.3g} each). Verdict "

@@ -105,7 +105,7 @@ def convergence_sentence(summary: Summary) -> str | None:
     metrics = ", ".join(sorted({m for c in cells for m in c.flag_metrics}))
     return (
         f"Convergence{_where(summary.condition)}: {improving} of {seeds} seeds were still improving at the end "
-        f"(flag computed on {metrics}); in {every} of {len(cells)} cells every seed was, in {none} none was."
+        f"(flag computed on: {metrics}); in {every} of {len(cells)} cells every seed was, in {none} none was."
     )
 
 

@@ -205,7 +205,7 @@ def test_bn_gap_table_hd95_and_convergence_counts(tmp_path, write_run) -> None:
     assert hd95["batch"] == ["21.0 ± 1.0"] and hd95["batch (batch stats)"] == ["5.0 ± 0.0"]
     assert table_rows(section(md, "## Convergence"))["batch"] == ["1/3", "val_dice_batch"]
     assert (
-        "Convergence: 1 of 3 seeds were still improving at the end (flag computed on val_dice_batch); in 0 of 1 cells every seed was, in 0 none was."
+        "Convergence: 1 of 3 seeds were still improving at the end (flag computed on: val_dice_batch); in 0 of 1 cells every seed was, in 0 none was."
         in md
     )
     assert "n = 3 seeds per cell (0, 1, 2)" in md and "Bonferroni over the m = 2 tested comparisons" in md
@@ -217,11 +217,11 @@ def test_bn_gap_table_hd95_and_convergence_counts(tmp_path, write_run) -> None:
     [
         (
             (True, True, True),
-            "3 of 3 seeds were still improving at the end (flag computed on train_loss); in 1 of 1 cells every seed was, in 0 none was.",
+            "3 of 3 seeds were still improving at the end (flag computed on: train_loss); in 1 of 1 cells every seed was, in 0 none was.",
         ),
         (
             (False, False, False),
-            "0 of 3 seeds were still improving at the end (flag computed on train_loss); in 0 of 1 cells every seed was, in 1 none was.",
+            "0 of 3 seeds were still improving at the end (flag computed on: train_loss); in 0 of 1 cells every seed was, in 1 none was.",
         ),
     ],
 )
