@@ -215,6 +215,7 @@ def test_reading_is_generated_from_numbers(small_sweep):
     )
     assert "Highest mean (descriptive; not tested): bs 1 `group` (0.800), bs 2 `group` (0.810)." in md
     assert "No `instance` runs: no difference to the reference was tested." in md
+    assert "have no result" not in md  # the failure sentence only where runs failed (see test_failed_run...)
 
 
 def test_different_models_are_separate_rows(tmp_path, write_run):
