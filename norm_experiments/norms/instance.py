@@ -32,5 +32,6 @@ RECORD = register(
         learnable_shift=lambda o: o["affine"],
         min_spatial_voxels=2,  # PyTorch refuses one voxel per channel, even in eval mode
         spellings=("instancenorm", "in"),
+        report_reference=True,  # batch-independent: the report's default reference norm
     )
 )

@@ -57,6 +57,8 @@ class NormRecord:
     min_spatial_voxels: int = 1  # statistics per sample over D*H*W need at least this many voxels
     check: Callable[[dict], None] | None = None  # rules between options, on the resolved options
     spellings: tuple[str, ...] = ()  # other names users type, for "did you mean" (not accepted as names)
+    # The norm every other norm is compared with in the report (exactly one record; must be batch-independent).
+    report_reference: bool = False
 
     @property
     def eval_modes(self) -> tuple[str, ...]:
@@ -112,3 +114,12 @@ def get(name: Any) -> NormRecord:
 def bn_family() -> frozenset[str]:
     """Names of the norms that keep running statistics (scored in BatchNorm's evaluation modes)."""
     return frozenset(n for n, r in records().items() if r.bn_family)
+
+
+def report_reference() -> NormRecord:
+    """The one record marked as the report's reference norm (ValueError unless exactly one batch-independent
+    record is marked)."""
+    marked = [r for r in records().values() if r.report_reference]
+    if len(marked) != 1 or marked[0].batch_dependent:
+        raise ValueError(f"exactly one batch-independent norm must set report_reference, found {marked}")
+    return marked[0]

@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from norm_experiments.report import document, plots, tables
-from norm_experiments.report.cells import DEFAULT_REFERENCE, Analysis, analyze
+from norm_experiments.report import csvfiles, document, plots, tables
+from norm_experiments.report.analysis import DEFAULT_REFERENCE, Analysis, analyze
 from norm_experiments.report.collect import Collection, collect
+from norm_experiments.report.publish import publish, staging
+from norm_experiments.report.verdicts import DEFAULT_MARGIN
 
 __all__ = ["Report", "build_report", "write_report"]
 
@@ -44,11 +46,14 @@ class Report:
 
 
 def build_report(
-    sweep_dirs: list[Path], metric: str = "val_dice", reference: str = DEFAULT_REFERENCE
+    sweep_dirs: list[Path],
+    metric: str = "val_dice",
+    reference: str = DEFAULT_REFERENCE,
+    margin: float = DEFAULT_MARGIN,
 ) -> Report:
     """Collect and analyze without writing anything (the text has no plot links)."""
     collection = collect(sweep_dirs)
-    analysis = analyze(collection, metric, reference)
+    analysis = analyze(collection, metric, reference, margin)
     return Report(collection, analysis, document.render_markdown(analysis, collection, plots={}))
 
 
@@ -59,42 +64,47 @@ def write_report(
     reference: str = DEFAULT_REFERENCE,
     doc: Path | None = None,
     header: list[str] | None = None,
+    margin: float = DEFAULT_MARGIN,
 ) -> Report:
     """Write report.md, results.csv, runs.csv and the plots to out_dir (default: the first sweep dir).
 
     With `doc` (e.g. docs/results.md) the markdown goes to that file instead, with `header` lines at its
     top, and the CSVs and plots into the folder beside it named after it (docs/results/).
-    Raises norm_experiments.errors.UserError if a sweep dir is missing or holds no metrics.json.
+    Every file is written into a staging folder first and renamed into place under a lock (publish.py).
+    Raises norm_experiments.errors.UserError if a sweep dir is missing or holds no metrics.json, and OSError
+    when the files cannot be written (nothing of the new report is then in place).
     """
     collection = collect(sweep_dirs)
-    analysis = analyze(collection, metric, reference)
+    analysis = analyze(collection, metric, reference, margin)
     if doc is not None:
         doc = Path(doc)
         out_dir, markdown_path = doc.parent / doc.stem, doc
     else:
         out_dir = Path(out_dir) if out_dir is not None else collection.sweep_dirs[0]
         markdown_path = out_dir / "report.md"
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    files = {"results.csv": out_dir / "results.csv", "runs.csv": out_dir / "runs.csv"}
-    tables.write_results_csv(analysis, files["results.csv"])
-    tables.write_runs_csv(collection.runs, files["runs.csv"])
-
-    figures = {
-        f"{metric} vs batch size": plots.plot_metric_vs_batch_size(
-            analysis, out_dir / "dice_vs_batch_size.png"
-        )
-    }
-    difference = plots.plot_reference_differences(analysis, out_dir / f"difference_to_{reference}.png")
-    if difference is not None:
-        figures[f"difference to {reference}"] = difference
-    gap = plots.plot_bn_eval_gap(analysis, out_dir / "bn_eval_gap.png")
-    if gap is not None:
-        figures["BatchNorm evaluation modes"] = gap
-    files.update({path.name: path for path in figures.values()})
-    links = {caption: path.relative_to(markdown_path.parent) for caption, path in figures.items()}
-
-    markdown = document.render_markdown(analysis, collection, links, header)
-    markdown_path.write_text(markdown, encoding="utf-8")
-    files[markdown_path.name] = markdown_path
+    with staging(out_dir) as stage:
+        csvfiles.write_results_csv(analysis, stage / "results.csv")
+        csvfiles.write_runs_csv(collection.runs, stage / "runs.csv")
+        figures = {
+            f"{metric} vs batch size": plots.plot_metric_vs_batch_size(
+                analysis, stage / "dice_vs_batch_size.png"
+            )
+        }
+        difference = plots.plot_reference_differences(analysis, stage / f"difference_to_{reference}.png")
+        if difference is not None:
+            figures[f"difference to {reference}"] = difference
+        gap = plots.plot_bn_eval_gap(analysis, stage / "bn_eval_gap.png")
+        if gap is not None:
+            figures["BatchNorm evaluation modes"] = gap
+        final = {name: out_dir / name for name in ("results.csv", "runs.csv")}
+        final.update({path.name: out_dir / path.name for path in figures.values()})
+        links = {
+            caption: (out_dir / path.name).relative_to(markdown_path.parent)
+            for caption, path in figures.items()
+        }
+        markdown = document.render_markdown(analysis, collection, links, header)
+        (stage / markdown_path.name).write_text(markdown, encoding="utf-8")
+        moves = [(stage / name, path) for name, path in final.items()]
+        publish(moves + [(stage / markdown_path.name, markdown_path)], lock_dir=out_dir)
+    files = {**final, markdown_path.name: markdown_path}
     return Report(collection, analysis, markdown, out_dir, files)

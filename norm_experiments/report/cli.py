@@ -9,9 +9,10 @@ from pathlib import Path
 
 from norm_experiments.errors import UserError, exit_on_user_error
 from norm_experiments.report import write_report
-from norm_experiments.report.cells import DEFAULT_REFERENCE
+from norm_experiments.report.analysis import DEFAULT_REFERENCE
 from norm_experiments.report.collect import collect
 from norm_experiments.report.provenance import header_lines
+from norm_experiments.report.verdicts import DEFAULT_MARGIN
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference",
         default=DEFAULT_REFERENCE,
-        help=f"batch-independent norm every other norm is compared with, per batch size and seed (default: {DEFAULT_REFERENCE})",
+        help=f"batch-independent norm every other norm is compared with, per batch size and seed; a norm whose "
+        f"records say batch_dependent is refused (default: {DEFAULT_REFERENCE})",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="equivalence margin in the metric's units: a difference whose interval lies inside ±MARGIN is "
+        f"'equivalent' (default: {DEFAULT_MARGIN} Dice)",
     )
     parser.add_argument(
         "--doc",
@@ -55,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
             reference=args.reference,
             doc=args.doc,
             header=header,
+            margin=args.margin,
         )
     except OSError as err:  # --out or --doc where no folder can be made (a file in the way, read-only)
         raise UserError(f"cannot write the report: {err.filename}: {err.strerror or err}") from None

@@ -88,10 +88,45 @@ class Run:
 
     @property
     def still_improving(self) -> bool | None:
-        """The run's convergence flag: validation Dice still rose at the end (None: not recorded)."""
+        """The run's convergence flag: its convergence metric still improved at the end (None: not recorded)."""
         convergence = self.data.get("convergence")
         flag = convergence.get("still_improving") if isinstance(convergence, dict) else None
         return flag if isinstance(flag, bool) else None
+
+    @property
+    def convergence_metric(self) -> str | None:
+        """What the convergence flag was computed on (val_dice, train_loss, val_dice_batch); None: not said."""
+        convergence = self.data.get("convergence")
+        metric = convergence.get("metric") if isinstance(convergence, dict) else None
+        return None if metric is None else str(metric)
+
+    @property
+    def batch_dependent(self) -> bool:
+        """Its training-mode output depends on the other samples of the batch (older records: BN family)."""
+        flag = self.data.get("batch_dependent")
+        return flag if isinstance(flag, bool) else self.is_bn_family
+
+    @property
+    def accumulate_steps(self) -> int:
+        """Micro-batches per optimizer step (gradient accumulation); 1 where not recorded."""
+        value = self.data.get("accumulate_steps")
+        return int(value) if _is_integral(value) and value > 1 else 1
+
+    def case_scores(self, mode: str, measure: str) -> dict[str, float] | None:
+        """Per validation case: the mean of `measure` ("dice" or "hd95") over the case's present classes, in
+        evaluation `mode`. None when the record has no per-case scores for that mode; a case whose classes are
+        all null (absent from the case) has no score and is left out."""
+        per_case = self.data.get("per_case")
+        cases = per_case.get(mode) if isinstance(per_case, dict) else None
+        if not isinstance(cases, dict):
+            return None
+        scores = {}
+        for case, measures in cases.items():
+            by_class = measures.get(measure) if isinstance(measures, dict) else None
+            present = [v for v in (by_class or {}).values() if _finite(v) is not None]
+            if present:
+                scores[str(case)] = math.fsum(present) / len(present)
+        return scores
 
     def value(self, key: str) -> float | None:
         """A top-level numeric field as a finite float, or None if absent, null, NaN or not a number."""

@@ -1,4 +1,4 @@
-"""report.md: the tables, the plots and a plain-language reading generated from the numbers and the tests."""
+"""report.md: the tables, each with its method and power line, the plots, and the Reading."""
 
 from __future__ import annotations
 
@@ -6,131 +6,87 @@ from collections import Counter
 from pathlib import Path
 
 from norm_experiments.report import tables
-from norm_experiments.report.cells import ALPHA, STATUS_ORDER, Analysis, Summary, mode_label, outcome
-from norm_experiments.report.collect import Collection
+from norm_experiments.report.analysis import Analysis, Summary
+from norm_experiments.report.cells import STATUS_ORDER, outcome
+from norm_experiments.report.collect import Collection, Run
+from norm_experiments.report.model import SEEDS_AND_CASES, SEEDS_ONLY
+from norm_experiments.report.provenance import preprocessing_lines
+from norm_experiments.report.reading import reading
+from norm_experiments.report.verdicts import Family, detectable_difference
 
 METRIC_DESCRIPTIONS = {
     "val_dice": "final validation mean foreground Dice in eval mode (running statistics for BatchNorm)",
     "best_val_dice": "best validation mean foreground Dice during training (eval mode)",
     "val_hd95": "final validation mean foreground HD95 in mm (lower is better)",
 }
-TEST = "paired t-test over seeds (two-sided)"
+MODEL_TEXT = {
+    SEEDS_AND_CASES: "a crossed seeds × validation-cases model of the per-case scores (SE from the two-way "
+    "mean squares, Satterthwaite df)",
+    SEEDS_ONLY: "a paired t-test over seeds (df = seeds - 1)",
+}
+STATISTICS_DOC = "docs/explanation/statistics.md"
 
 
-def _norm_name(row: str) -> str:
-    return f"`{row}`"
-
-
-def _where(condition: str) -> str:
-    return f" ({condition})" if condition else ""
-
-
-def _sizes(sizes: list[int]) -> str:
-    return ", ".join(map(str, sizes)) if sizes else "none"
-
-
-def _gap_sentence(analysis: Analysis, summary: Summary, row: str) -> str | None:
-    """Where a BN-family norm's batch-statistics evaluation beats its running statistics, significantly or not."""
-    label = mode_label(row, "batch")
-    gaps = [
-        g.comparison
-        for g in analysis.gaps
-        if g.condition == summary.condition and g.comparison.label == label
-    ]
-    if not gaps:
-        return None
-    first = gaps[0]
-    significant = [g.batch_size for g in gaps if g.significant and g.a_mean > g.b_mean]
-    not_significant = [g.batch_size for g in gaps if g.significant is False]
-    text = (
-        f"{_norm_name(row)}{_where(summary.condition)}: at batch size {first.batch_size} its running statistics "
-        f"score {first.b_mean:.3f} and its batch statistics {first.a_mean:.3f} "
-        f"(difference {tables.format_difference(first)}). "
-        "Batch statistics beat running statistics significantly (Holm) "
-        + (f"at batch sizes {_sizes(significant)}" if significant else "at no batch size")
-    )
-    if not_significant:
-        text += f"; the difference is not significant at {_sizes(not_significant)}"
-    return text + "."
-
-
-def _best_sentence(summary: Summary) -> str | None:
-    if not summary.best:
-        return None
-    parts = [f"bs {bs}: {', '.join(best.indistinguishable)}" for bs, best in summary.best.items()]
-    return (
-        f"Best norm{_where(summary.condition)}, with every norm the tests cannot tell apart from it "
-        f"(Holm, α = {ALPHA}): " + "; ".join(parts) + "."
-    )
-
-
-def _reference_sentence(summary: Summary) -> str | None:
-    """Which rows differ significantly from the reference, at which batch sizes."""
-    if summary.reference is None or not summary.deltas:
-        return None
-    worse: dict[str, list[int]] = {}
-    better: dict[str, list[int]] = {}
-    for d in summary.deltas:
-        if d.significant:
-            (worse if d.a_mean < d.b_mean else better).setdefault(d.label, []).append(d.batch_size)
-    if summary.lower_is_better:
-        worse, better = better, worse
-    parts = [f"{label} worse at bs {_sizes(sizes)}" for label, sizes in worse.items()]
-    parts += [f"{label} better at bs {_sizes(sizes)}" for label, sizes in better.items()]
-    found = "; ".join(parts) if parts else "no row differs significantly at any batch size"
-    return (
-        f"Against {_norm_name(summary.reference)} at the same batch size and seed{_where(summary.condition)} "
-        f"(Holm over {len(summary.deltas)} differences): {found}."
-    )
-
-
-def _training_sentence(summary: Summary) -> str | None:
-    """How the reference norm's own score moves with batch size, and how many cells were still improving."""
-    cells = [c for c in summary.cells.values() if c.with_flag]
-    if not cells:
-        return None
-    flagged = [c for c in cells if c.under_trained]
-    text = f"{len(flagged)} of {len(cells)} cells{_where(summary.condition)} had a seed still improving at the end (†)"
-    ref = summary.reference
-    means = (
-        {bs: c.metric.mean for bs in summary.batch_sizes if (c := summary.cell(ref, bs)) and c.metric}
-        if ref
-        else {}
-    )
-    if len(means) >= 2:
-        lo, hi = min(means), max(means)
-        text += (
-            f"; {_norm_name(ref)}, whose statistics do not depend on the batch, goes from {means[lo]:.3f} at batch "
-            f"size {lo} to {means[hi]:.3f} at {hi}: the batch size changes its training (steps, learning rate), not its normalization"
+def method_line(family: Family, what: str) -> str:
+    """What was compared, the model used, the family's correction and how verdicts are read."""
+    if not family.m:
+        return f"{what}. Nothing testable: every comparison has fewer than 2 shared seeds."
+    pct = 100 * (1 - family.alpha_each)
+    methods = family.methods
+    if len(methods) == 2:
+        shown = sum(1 for c in family.tested if c.estimate.method == SEEDS_ONLY)  # type: ignore[union-attr]
+        model = (
+            f"{MODEL_TEXT[SEEDS_AND_CASES]}; {shown} comparison(s) marked § come from records without per-case "
+            f"scores and use {MODEL_TEXT[SEEDS_ONLY]}"
         )
-    return text + "."
-
-
-def _failure_sentence(analysis: Analysis) -> str | None:
-    problems = analysis.problems
-    if not problems:
-        return None
-    counts = Counter(status for _, status, _ in problems)
-    detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    else:
+        model = MODEL_TEXT[methods[0]] + (
+            " (§: records without per-case scores)" if methods == [SEEDS_ONLY] else ""
+        )
     return (
-        f"{len(problems)} run(s) have no result ({detail}); they count as missing in the tables "
-        "and are listed below."
+        f"{what}. Model: {model}. Interval: two-sided {pct:.4g}% (Bonferroni over the m = {family.m} tested "
+        f"comparisons of this table, α = {family.alpha} family-wise, α' = {family.alpha_each:.3g} each). Verdict "
+        f"read off that interval: better / worse = entirely above / below 0; equivalent = inside "
+        f"±{family.margin:g} (two one-sided tests); otherwise inconclusive; untestable = fewer than 2 shared "
+        f"seeds. Formulas: {STATISTICS_DOC}."
     )
 
 
-def reading(analysis: Analysis) -> list[str]:
-    """Plain-language lines, each computed from the numbers and tests in the analysis."""
-    lines = []
-    for summary in analysis.conditions:
-        lines += [_gap_sentence(analysis, summary, row) for row in summary.bn_rows]
-        lines += [
-            _best_sentence(summary),
-            _reference_sentence(summary),
-            _training_sentence(summary),
-        ]
-    lines.append(_failure_sentence(analysis))
-    found = [line for line in lines if line]
-    return found or ["No run completed, so there is nothing to compare yet."]
+def power_line(family: Family, unit_check: float | None = 0.05) -> str:
+    """The smallest difference the design detects with 80 % power, and the margin it can confirm."""
+    power = family.power()
+    if power is None:
+        return "Power: nothing testable (fewer than 2 shared seeds everywhere)."
+    d, e = power.detectable, power.confirmable
+    text = (
+        f"Power (80 %, two-sided, α' = {power.alpha_each:.3g}, at the observed standard errors): this design "
+        f"detects differences of {d[0]:.3f} (median over the {family.m} comparisons; {d[1]:.3f}–{d[2]:.3f}) and "
+        f"can confirm equivalence, when the true difference is 0, within margins of {e[0]:.3f} "
+        f"({e[1]:.3f}–{e[2]:.3f}); the margin used is ±{family.margin:g}"
+    )
+    if unit_check is not None and not family.lower_is_better:
+        k = sum(1 for c in family.tested if detectable_difference(c.estimate, power.alpha_each) <= unit_check)  # type: ignore[arg-type]
+        text += f"; a difference of {unit_check} is detected with 80 % power in {k} of {family.m}"
+    return text + "."
+
+
+def batch_stats_text(windows: list[int]) -> str:
+    """What 'batch stats' means in these runs: how many sliding windows one forward pass normalizes together."""
+    if not windows:
+        return (
+            "windows per forward not recorded by these runs (older records: one sliding-window batch of "
+            "trainer.sw_batch_size windows of one volume)"
+        )
+    parts = []
+    for k in windows:
+        if k == 1:
+            parts.append("each window alone, normalized with its own statistics (batch_stats_windows = 1)")
+        else:
+            parts.append(
+                f"{k} sliding windows of one validation volume per forward, normalized together with their own "
+                f"statistics (batch_stats_windows = {k}), not the training batch"
+            )
+    return "; ".join(parts) + ("" if len(windows) == 1 else " (rows are split by it)")
 
 
 def _run_counts(collection: Collection, metric: str) -> str:
@@ -142,109 +98,119 @@ def _run_counts(collection: Collection, metric: str) -> str:
     return text
 
 
+def _section(title: str, body: list[str]) -> list[str]:
+    return [title, ""] + body + [""] if body else []
+
+
 def _problems_section(analysis: Analysis) -> list[str]:
-    if not analysis.problems:
-        return []
     rows = [
         [run.name, status, reason or "", str(run.path.parent)] for run, status, reason in analysis.problems
     ]
-    return [
+    return _section(
         "## Runs without a result",
-        "",
-        tables.markdown_table(["run", "status", "error", "folder"], rows, align="llll"),
-        "",
-    ]
+        [tables.markdown_table(["run", "status", "error", "folder"], rows, align="llll")] if rows else [],
+    )
 
 
-def _unreadable_section(collection: Collection) -> list[str]:
-    if not collection.unreadable:
-        return []
-    lines = ["## Unreadable metrics.json", ""]
-    lines += [f"- `{path}`: {why}" for path, why in collection.unreadable]
-    return lines + [""]
-
-
-def _notes_section(notes: list[str]) -> list[str]:
-    if not notes:
-        return []
-    return ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
-
-
-def _batch_note(collection: Collection) -> str:
+def _batch_note(runs: list[Run]) -> str:
     note = "Batch size = volumes per optimizer step (`data.batch_size`)."
-    if any(r.data.get("patches_per_volume", 1) not in (1, None) for r in collection.runs):
+    if any(r.data.get("patches_per_volume", 1) not in (1, None) for r in runs):
         note += " Some runs draw several patches per volume: BatchNorm then sees `effective_batch` patches."
+    if any(r.accumulate_steps > 1 for r in runs):
+        note += (
+            " Rows `[accumulate k]`: the optimizer steps every k micro-batches (gradient accumulation) while "
+            "BatchNorm still sees one micro-batch; never averaged with runs without accumulation."
+        )
     return note
 
 
 def _seed_note(summary: Summary) -> str:
     n = len(summary.seeds)
-    return f"n = {n} seed{'s' if n != 1 else ''} per cell ({tables._seeds(summary.seeds)})"
+    return f"n = {n} seed{'s' if n != 1 else ''} per cell ({', '.join(map(str, summary.seeds))})"
 
 
-def _family_size(comparisons: list) -> int:
-    return sum(1 for c in comparisons if c.test is not None)
+def _gap_section(summary: Summary, level: str) -> list[str]:
+    family = summary.gaps
+    if not family.comparisons:
+        return []
+    what = (
+        "Batch statistics (and PreciseBN) minus running statistics, same weights, same seeds and cases, validation "
+        f"Dice; batch stats = {batch_stats_text(summary.batch_stats_windows)}; {_seed_note(summary)}"
+    )
+    return [
+        f"{level} BatchNorm evaluation modes: the gap",
+        "",
+        tables.gap_table(family),
+        "",
+        method_line(family, what),
+        "",
+        power_line(family),
+        "",
+    ]
 
 
 def _condition_section(summary: Summary, level: str) -> list[str]:
-    metric = summary.metric
-    seeds = _seed_note(summary)
-    df = max(len(summary.seeds) - 1, 1)
-    better = "lower" if summary.lower_is_better else "higher"
+    metric, seeds = summary.metric, _seed_note(summary)
     lines = [
         f"{level} {metric} by norm and batch size",
         "",
         tables.metric_table(summary),
         "",
-        f"Mean ± sample std over seeds; {seeds}. `n=k/m`: only k of m seeds have a result. Rows in brackets "
-        "re-evaluate the same BatchNorm weights with other statistics. † a seed's validation Dice still rose "
-        "by more than 0.01 over the second half of its training (under-trained; see the convergence table). "
-        f"Best (ties): the {better} mean, and every norm a {TEST} cannot tell apart from it after Holm "
-        f"correction over the comparisons at that batch size (α = {ALPHA}; df = {df}).",
+        f"Mean ± sample std over seeds of the recorded `{metric}` (descriptive); {seeds}. `n=k/m`: only k of m "
+        "seeds have a result. Rows in brackets re-evaluate the same BatchNorm weights with other statistics. "
+        "†k/n: k of the n seeds with a convergence flag were still improving at the end (see Convergence). "
+        f"{summary.best_mean_name.capitalize()}: descriptive; the verdict beside it is the one of the difference-to-reference table, "
+        "not a test of its own.",
         "",
     ]
+    lines += _gap_section(summary, level)
     if summary.reference:
+        what = (
+            f"Each norm minus {summary.reference} at the same batch size, same seeds and cases; {seeds}. Both are "
+            "trained with the same budget at that batch size; the difference does not separate the norm from its "
+            "interaction with what the batch size does to optimization"
+        )
         lines += [
             f"{level} Difference to {summary.reference} (same batch size, same seed)",
             "",
             tables.delta_table(summary),
             "",
-            f"Mean paired difference [95% t-interval]; {seeds}, df = {df}; {TEST}; `*` significant after Holm "
-            f"correction over all m = {_family_size(summary.deltas)} differences of this table (α = {ALPHA}). "
-            f"{summary.reference} is batch-independent, so a difference to it at the same batch size cancels "
-            "what the batch size does to optimization (steps, noise) and leaves what it does to normalization.",
+            method_line(summary.deltas, what),
+            "",
+            power_line(summary.deltas),
+            "",
+            f"{level} Norms by verdict against {summary.reference}, per batch size",
+            "",
+            tables.best_table(summary),
+            "",
+            "The verdicts of the difference table above, sorted; no test of its own.",
             "",
         ]
     lines += [
-        f"{level} Best norm per batch size",
-        "",
-        tables.best_table(summary),
-        "",
-        f"{TEST} of the leader against each norm over shared seeds; Holm correction within each batch size; "
-        f"{seeds}, df = {df}.",
-        "",
         f"{level} HD95 (mm)",
         "",
         tables.hd95_table(summary),
         "",
-        "95th-percentile Hausdorff distance in mm, mean ± std over seeds (lower is better); per case and class, "
-        "a class the network missed entirely counts as the volume's diagonal, a class absent from a case is "
-        "skipped; the mean is over classes present in the validation set.",
+        "95th-percentile Hausdorff distance in mm, mean ± std over seeds (descriptive; lower is better); per "
+        "case and class, a class the network missed entirely counts as the volume's diagonal, a class absent "
+        "from a case is skipped.",
         "",
         f"{level} Convergence",
         "",
         tables.convergence_table(summary),
         "",
-        "Seeds whose validation Dice rose by more than 0.01 over the second half of training (from the last "
-        "validation at or before the middle of the run to the end; trainer.validations spaces them evenly), out "
-        "of the seeds that recorded it. With a decaying learning rate a flat end does not prove convergence; "
-        "the differences to the reference norm are the control for what the budget does at each batch size.",
+        "k/n: of the n seeds that recorded a convergence flag, k were still improving at the end of training; "
+        "the last column names the metric each flag was computed on (from the records' `convergence.metric`). "
+        "A flat end does not prove convergence.",
         "",
-        f"{level} 95% confidence intervals",
-        "",
-        "Student-t interval over seeds: mean ± t(0.975, n-1) · s / √n.",
+        f"{level} 95% confidence intervals of the cell means",
         "",
         tables.ci_table(summary),
+        "",
+        "Same model as the comparisons, two-sided 95% (not adjusted: one interval per cell). With per-case "
+        "scores the interval covers the mean over other validation cases too, so it includes the case-to-case "
+        f"spread that the ± std over seeds above does not; § seeds only. "
+        f"Formulas: {STATISTICS_DOC}.",
         "",
         f"{level} Cost",
         "",
@@ -272,7 +238,12 @@ def render_markdown(
         f"- Sweep dirs: {sweep_list}",
         f"- Runs: {_run_counts(collection, metric)}",
         f"- Metric: `{metric}`{described}",
-        f"- {_batch_note(collection)}",
+        f"- {_batch_note(collection.runs)}",
+        f"- Reference norm: `{analysis.reference}`; equivalence margin ±{analysis.margin:g}; α = {analysis.alpha} "
+        "per family (Bonferroni).",
+    ]
+    lines += [
+        f"- Preprocessing (from the runs' records): {line}" for line in preprocessing_lines(collection.runs)
     ]
     if analysis.constant:
         lines.append(f"- Every run: {analysis.constant}")
@@ -280,33 +251,16 @@ def render_markdown(
         lines.append(
             f"- Conditions (tabled separately): {'; '.join(s.condition for s in analysis.conditions)}"
         )
-    lines += ["", "## Reading", ""]
-    lines += [f"- {line}" for line in reading(analysis)]
-    lines += [""]
-    if analysis.gaps:
-        df = max(max(len(s.seeds) for s in analysis.conditions) - 1, 1)
-        lines += [
-            "## BatchNorm evaluation modes: is the gap significant?",
-            "",
-            tables.gap_table(analysis),
-            "",
-            f"Batch statistics (and PreciseBN) minus running statistics, same weights, same seeds; {TEST}, "
-            f"df = {df}; Holm correction over all m = {_family_size([g.comparison for g in analysis.gaps])} "
-            f"comparisons of this table (α = {ALPHA}).",
-            "",
-        ]
+    lines += ["", "## Reading", ""] + [f"- {line}" for line in reading(analysis)] + [""]
     for summary in analysis.conditions:
         if len(analysis.conditions) > 1:
-            lines += [f"## Condition: {summary.condition}", ""]
-            lines += _condition_section(summary, "###")
+            lines += [f"## Condition: {summary.condition}", ""] + _condition_section(summary, "###")
         else:
             lines += _condition_section(summary, "##")
     lines += ["## Plots", ""]
     for caption, path in plots.items():
         lines += [f"![{caption}]({path})", ""]
-    lines += (
-        _problems_section(analysis)
-        + _unreadable_section(collection)
-        + _notes_section(collection.warnings + analysis.notes)
-    )
+    lines += _problems_section(analysis)
+    lines += _section("## Unreadable metrics.json", [f"- `{p}`: {why}" for p, why in collection.unreadable])
+    lines += _section("## Notes", [f"- {note}" for note in collection.warnings + analysis.notes])
     return "\n".join(lines).rstrip() + "\n"

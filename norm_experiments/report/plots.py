@@ -13,7 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from norm_experiments.report.cells import EVAL_MODE_LABELS, LOWER_IS_BETTER, Analysis, Summary
+from norm_experiments.report.analysis import Analysis, Summary
+from norm_experiments.report.cells import EVAL_MODE_LABELS, LOWER_IS_BETTER
 from norm_experiments.report.stats import Interval
 
 MARKERS = "osD^vP*Xh<>p"
@@ -35,7 +36,9 @@ def _log2_batch_axis(ax: Axes, batch_sizes: list[int]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _plot_line(ax: Axes, points: list[tuple[int, Interval]], offset: float, **style) -> bool:
+def _plot_line(
+    ax: Axes, points: list[tuple[int, Interval]], offset: float, clip: bool = True, **style
+) -> bool:
     """One line with error bars; returns whether any point has n=1 (drawn without an error bar).
 
     Dice lies in [0, 1]: with 2-3 seeds a t-interval reaches far beyond, so bars are clipped to that range
@@ -44,8 +47,9 @@ def _plot_line(ax: Axes, points: list[tuple[int, Interval]], offset: float, **st
         return False
     xs = [bs * 2.0**offset for bs, _ in points]
     ys = [iv.mean for _, iv in points]
-    lower = [iv.mean - max(iv.low, 0.0) for _, iv in points]
-    upper = [min(iv.high, 1.0) - iv.mean for _, iv in points]
+    low, high = (0.0, 1.0) if clip else (-float("inf"), float("inf"))  # a distance (HD95) has no upper bound
+    lower = [iv.mean - max(iv.low, low) for _, iv in points]
+    upper = [min(iv.high, high) - iv.mean for _, iv in points]
     ax.errorbar(xs, ys, yerr=[lower, upper], capsize=3, linewidth=1.8, markersize=6, **style)
     return any(not iv.has_spread for _, iv in points)
 
@@ -83,7 +87,8 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
                 if (cell := summary.cell(row, bs)) is not None and cell.metric is not None
             ]
             style = {"marker": MARKERS[i % len(MARKERS)], "label": row}
-            any_single |= _plot_line(ax, points, _offset(i, len(summary.rows)), **style)
+            clip = analysis.metric not in LOWER_IS_BETTER
+            any_single |= _plot_line(ax, points, _offset(i, len(summary.rows)), clip, **style)
         _log2_batch_axis(ax, summary.batch_sizes)
         ax.set_title(_title(summary), fontsize=10)
         if ax.get_legend_handles_labels()[0]:
@@ -140,19 +145,17 @@ def _has_modes(summary: Summary, row: str) -> bool:
 def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
     """Each norm minus the reference norm (same batch size and seed), with the paired 95% interval; a panel
     per condition. Returns None when no condition holds the reference norm."""
-    if not any(s.deltas for s in analysis.conditions):
+    if not any(s.deltas.comparisons for s in analysis.conditions):
         return None
     fig, axes = _panels(len(analysis.conditions), width=6.5)
     for ax, summary in zip(axes[0], analysis.conditions, strict=True):
-        labels = sorted({d.label for d in summary.deltas})
+        comparisons = summary.deltas.comparisons
+        labels = sorted({d.label for d in comparisons})
         for i, label in enumerate(labels):
-            found = [d for d in summary.deltas if d.label == label and d.test is not None]
+            found = [d for d in comparisons if d.label == label and d.low is not None and d.high is not None]
             xs = [d.batch_size * 2.0 ** _offset(i, len(labels)) for d in found]
-            ys = [d.test.mean_diff for d in found]  # type: ignore[union-attr]
-            err = [
-                [d.test.mean_diff - d.test.ci_low for d in found],
-                [d.test.ci_high - d.test.mean_diff for d in found],
-            ]  # type: ignore[union-attr]
+            ys = [d.difference for d in found]
+            err = [[d.difference - d.low for d in found], [d.high - d.difference for d in found]]  # type: ignore[operator]
             if found:
                 ax.errorbar(
                     xs, ys, yerr=err, capsize=3, linewidth=1.5, marker=MARKERS[i % len(MARKERS)], label=label
@@ -164,7 +167,8 @@ def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
             ax.legend(fontsize=8, loc="best")
     axes[0][0].set_ylabel(f"{analysis.metric} minus {analysis.reference}")
     fig.suptitle(
-        f"Difference to {analysis.reference} at the same batch size and seed (error bars: paired 95% t-interval)",
+        f"Difference to {analysis.reference} at the same batch size and seed (error bars: the family-adjusted "
+        "intervals of the difference table)",
         fontsize=10,
     )
     return _save(fig, path)

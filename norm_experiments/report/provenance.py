@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from norm_experiments.report.collect import Collection
+from norm_experiments.report.collect import Collection, Run
 
 
 def sweep_command(sweep_dir: Path) -> str | None:
@@ -59,3 +59,24 @@ def header_lines(collection: Collection, report_command: str) -> list[str]:
         ]
         lines.append(f"Libraries: {_most_common(versions)}.")
     return [f"- {line}" for line in lines]
+
+
+def _preprocessing(run: Run) -> str:
+    """'intensity=auto -> zscore per channel; spacing as stored' from one record's `preprocessing`."""
+    record = run.data.get("preprocessing")
+    if not isinstance(record, dict):
+        return "not recorded"
+    channels = record.get("channel_intensity")
+    used = ", ".join(str(c) for c in channels) if isinstance(channels, list) else "?"
+    spacing = record.get("target_spacing")
+    spacing_text = "as stored" if spacing is None else "×".join(f"{float(s):g}" for s in spacing) + " mm"
+    text = f"intensity={record.get('intensity', '?')} → {used} per channel; target spacing {spacing_text}"
+    if record.get("ct_statistics"):
+        text += "; CT channels clipped and scaled with pooled foreground statistics"
+    return text
+
+
+def preprocessing_lines(runs: list[Run]) -> list[str]:
+    """The preprocessing the runs used, as they recorded it (not the config's setting), with run counts."""
+    counts = Counter(_preprocessing(r) for r in runs if r.completed)
+    return [f"{text} ({n} run{'s' if n != 1 else ''})" for text, n in sorted(counts.items())]

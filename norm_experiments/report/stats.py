@@ -1,4 +1,4 @@
-"""Small-sample statistics for seed-level results: mean, std, t-intervals, paired t-tests.
+"""Small-sample statistics: mean, std, t-intervals, and the Student-t distribution (CDF, p-values, quantiles).
 
 Only the standard library is used (no scipy). The Student-t CDF comes from the regularized incomplete
 beta function, evaluated with the continued fraction of Numerical Recipes (Press et al., 3rd ed., 6.4):
@@ -12,7 +12,7 @@ The t quantile is the numeric inverse of that CDF (bisection), accurate to ~1e-1
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _CF_MAX_ITERATIONS = 500
@@ -144,57 +144,3 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
         return Interval(n=1, mean=m, std=0.0, half_width=0.0, low=m, high=m, level=level)
     half = t_quantile(0.5 + level / 2.0, n - 1) * s / math.sqrt(n)
     return Interval(n=n, mean=m, std=s, half_width=half, low=m - half, high=m + half, level=level)
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """Two-sided paired t-test of a - b over matched seeds, with the 95% t-interval of the mean difference."""
-
-    n_pairs: int
-    mean_diff: float
-    t: float
-    df: int
-    p_value: float
-    seeds: tuple
-    ci_low: float
-    ci_high: float
-
-
-def paired_t_test(a: Mapping[object, float], b: Mapping[object, float]) -> PairedTest | None:
-    """Pair a and b by key (the seed) and test whether the mean difference is zero.
-
-    Returns None with fewer than 2 pairs: a single difference has no variance to test against.
-    """
-    seeds = tuple(sorted(set(a) & set(b), key=repr))
-    if len(seeds) < 2:
-        return None
-    diffs = [a[s] - b[s] for s in seeds]
-    n = len(diffs)
-    d_mean = mean(diffs)
-    d_std = sample_std(diffs)
-    if d_std == 0.0:
-        # Identical differences: no noise at all. Any nonzero shift is then certain, a zero shift is not.
-        t = math.copysign(math.inf, d_mean) if d_mean != 0 else 0.0
-        p = 0.0 if d_mean != 0 else 1.0
-    else:
-        t = d_mean / (d_std / math.sqrt(n))
-        p = t_two_sided_p(t, n - 1)
-    half = t_quantile(0.975, n - 1) * d_std / math.sqrt(n)
-    return PairedTest(n, d_mean, t, n - 1, p, seeds, d_mean - half, d_mean + half)
-
-
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the order given.
-
-    Sorted ascending, the i-th smallest (1-based) is multiplied by m - i + 1 and capped at 1, and each
-    adjusted value is at least the one before it (step-down). A hypothesis is rejected at level alpha
-    where its adjusted p < alpha; this controls the family-wise error rate over all m tests.
-    """
-    m = len(p_values)
-    order = sorted(range(m), key=lambda i: p_values[i])
-    adjusted = [0.0] * m
-    running = 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p_values[index]))
-        adjusted[index] = running
-    return adjusted

@@ -1,33 +1,18 @@
-"""Markdown tables and CSV files from a Summary."""
+"""Markdown tables of a Summary. Every verdict printed here is the one its family decided (verdicts.py)."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-from norm_experiments.report.cells import Analysis, BestNorm, Cell, Comparison, Summary, mode_label
-from norm_experiments.report.collect import Run
+from norm_experiments.report.analysis import Summary
+from norm_experiments.report.cells import Cell, mode_label
+from norm_experiments.report.model import SEEDS_ONLY, paired
 from norm_experiments.report.stats import Interval
+from norm_experiments.report.verdicts import Comparison, Family, Verdict
 
 NO_DATA = "—"
-
-# Leading columns of runs.csv; any other field found in metrics.json follows in alphabetical order.
-RUN_COLUMNS = (
-    "run_name",
-    "run_id",
-    "status",
-    "error",
-    "norm",
-    "model",
-    "seed",
-    "batch_size",
-    "patches_per_volume",
-    "effective_batch",
-    "val_dice",
-    "best_val_dice",
-)
+SEEDS_ONLY_MARK = " §"  # this comparison had no per-case scores: paired t-test over seeds only
+VERDICT_ORDER = (Verdict.BETTER, Verdict.EQUIVALENT, Verdict.INCONCLUSIVE, Verdict.WORSE, Verdict.UNTESTABLE)
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -67,11 +52,15 @@ def format_interval(interval: Interval, n_expected: int, notes: Sequence[str] = 
 
 def _unfinished(cell: Cell) -> list[tuple[str, int]]:
     """(status, count) for every run of the cell without a result, plus seeds with no run at all."""
-    counts = cell.status_counts
-    found = [(status, n) for status, n in counts.items() if status != "completed"]
+    found = [(status, n) for status, n in cell.status_counts.items() if status != "completed"]
     if cell.n_missing:
         found.append(("missing", cell.n_missing))
     return found
+
+
+def _still_improving(cell: Cell) -> str:
+    """' †2/3': 2 of the 3 seeds with a convergence flag were still improving at the end."""
+    return f" †{cell.still_improving}/{cell.with_flag}" if cell.still_improving else ""
 
 
 def format_metric_cell(cell: Cell | None) -> str:
@@ -81,7 +70,7 @@ def format_metric_cell(cell: Cell | None) -> str:
     if cell.metric is None:
         return ", ".join(f"{status} ({n}/{cell.n_expected})" for status, n in unfinished)
     notes = [f"{n} {status}" for status, n in unfinished if status != "missing"]
-    return format_interval(cell.metric, cell.n_expected, notes)
+    return format_interval(cell.metric, cell.n_expected, notes) + _still_improving(cell)
 
 
 def format_mode_cell(cell: Cell | None, mode: str) -> str:
@@ -90,31 +79,22 @@ def format_mode_cell(cell: Cell | None, mode: str) -> str:
     return format_interval(cell.eval_modes[mode], cell.n_expected)
 
 
-def format_ci(interval: Interval | None) -> str:
-    if interval is None:
+def format_difference(comparison: Comparison | None, verdict: bool = True) -> str:
+    """'+0.012 [-0.030, +0.054] inconclusive' (the family-adjusted interval); § marks a seeds-only test."""
+    if comparison is None:
         return NO_DATA
-    if not interval.has_spread:
-        return f"{interval.mean:.3f} (n=1, no interval)"
-    return f"[{interval.low:.3f}, {interval.high:.3f}]"
+    if comparison.estimate is None or comparison.low is None or comparison.high is None:
+        seeds = f"{comparison.n_seeds} shared seed{'s' if comparison.n_seeds != 1 else ''}"
+        return f"{comparison.difference:+.3f} (untestable: {seeds})"
+    mark = SEEDS_ONLY_MARK if comparison.estimate.method == SEEDS_ONLY else ""
+    text = f"{comparison.difference:+.3f} [{comparison.low:+.3f}, {comparison.high:+.3f}]"
+    return text + (f" {verdict_word(comparison.verdict)}" if verdict else "") + mark
 
 
-def best_verdict(best: BestNorm | None) -> str:
-    """'group; ties: instance' (the rows the paired tests cannot tell apart from the leader, after Holm);
-    'group; ahead of all' when every other row is significantly worse; untestable rows are listed."""
-    if best is None:
-        return NO_DATA
-    if not best.comparisons:
-        return f"{best.leader} (only norm)"
-    untested = [c.against for c in best.comparisons if c.test is None]
-    tied = [row for row in best.tied if row not in untested]
-    parts = [best.leader]
-    if tied:
-        parts.append(f"ties: {', '.join(tied)}")
-    elif len(untested) < len(best.comparisons):
-        parts.append("ahead of all" if not untested else "ahead of the tested")
-    if untested:
-        parts.append(f"untested: {', '.join(untested)}")
-    return "; ".join(parts)
+def verdict_word(verdict: Verdict, margin: float | None = None) -> str:
+    if verdict is Verdict.EQUIVALENT and margin is not None:
+        return f"equivalent within ±{margin:g}"
+    return verdict.value
 
 
 def mode_rows(summary: Summary) -> list[tuple[str, str, str]]:
@@ -146,29 +126,37 @@ def _header(summary: Summary, first: str) -> list[str]:
     return [first] + [f"bs {bs}" for bs in summary.batch_sizes]
 
 
-def _seeds(seeds: Sequence[int]) -> str:
-    return ", ".join(map(str, seeds))
-
-
 # ---------------------------------------------------------------- markdown tables
 
 
+def highest_verdict(summary: Summary, batch_size: int) -> str:
+    """'group (vs instance: equivalent)': the highest mean and the reference family's verdict on it."""
+    cell = summary.highest(batch_size)
+    if cell is None:
+        return NO_DATA
+    if summary.reference is None:
+        return cell.row
+    if cell.row == summary.reference:
+        return f"{cell.row} (the reference)"
+    found = summary.delta(cell.row, batch_size)
+    word = verdict_word(found.verdict, summary.deltas.margin) if found else "not compared"
+    return f"{cell.row} (vs {summary.reference}: {word})"
+
+
 def metric_table(summary: Summary) -> str:
-    """Rows = norms (+ eval-mode rows), columns = batch sizes, cells = mean ± std (with a dagger where a
-    seed was still improving), last row = the best norm and the norms tied with it."""
+    """Rows = norms (+ eval-mode rows), columns = batch sizes, cells = mean ± std (†k/n: k of n seeds still
+    improving), last row = the highest mean with the reference family's verdict on it."""
     rows = []
     for label, row, mode in _ordered_rows(summary):
         cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
         if mode is None:
-            rows.append([label] + [format_metric_cell(c) + _dagger(c) for c in cells])
+            rows.append([label] + [format_metric_cell(c) for c in cells])
         else:
             rows.append([label] + [format_mode_cell(c, mode) for c in cells])
-    rows.append(["**best (ties)**"] + [best_verdict(summary.best.get(bs)) for bs in summary.batch_sizes])
+    rows.append(
+        [f"**{summary.best_mean_name}**"] + [highest_verdict(summary, bs) for bs in summary.batch_sizes]
+    )
     return markdown_table(_header(summary, "norm"), rows)
-
-
-def _dagger(cell: Cell | None) -> str:
-    return " †" if cell is not None and cell.under_trained else ""
 
 
 def hd95_table(summary: Summary) -> str:
@@ -186,22 +174,9 @@ def hd95_table(summary: Summary) -> str:
     return markdown_table(_header(summary, "norm"), rows)
 
 
-def format_difference(comparison: Comparison | None) -> str:
-    """'+0.012 [-0.030, +0.054]', with ' *' where the Holm-adjusted p < 0.05; '(n=1)' without a test."""
-    if comparison is None:
-        return NO_DATA
-    diff = comparison.a_mean - comparison.b_mean
-    if comparison.test is None:
-        return f"{diff:+.3f} (n<2, untested)"
-    t = comparison.test
-    star = " *" if comparison.significant else ""
-    return f"{t.mean_diff:+.3f} [{t.ci_low:+.3f}, {t.ci_high:+.3f}]{star}"
-
-
 def delta_table(summary: Summary) -> str:
-    """Each row (and BN evaluation mode) minus the reference norm at the same batch size and seed."""
-    labels = [label for label, row, mode in _ordered_rows(summary) if mode != "running"]
-    labels = [label for label in labels if label != summary.reference]
+    """Each row minus the reference norm at the same batch size and seed, with its verdict."""
+    labels = [row for row in summary.rows if row != summary.reference]
     rows = [
         [label] + [format_difference(summary.delta(label, bs)) for bs in summary.batch_sizes]
         for label in labels
@@ -210,77 +185,85 @@ def delta_table(summary: Summary) -> str:
 
 
 def best_table(summary: Summary) -> str:
-    """Per batch size: the leader, and its paired test against every other norm (Holm within the size)."""
-    header = ["batch size", "best", "mean", "vs", "mean", "difference [95% CI]", "p", "p (Holm)", "verdict"]
+    """Per batch size: the highest mean, and every row sorted by its verdict against the reference (the same
+    verdicts as the difference table: no test of its own)."""
+    margin = summary.deltas.margin
+    header = ["batch size", summary.best_mean_name] + [
+        f"{verdict_word(v, margin)} vs {summary.reference}" for v in VERDICT_ORDER
+    ]
     rows = []
     for bs in summary.batch_sizes:
-        best = summary.best.get(bs)
-        if best is None:
-            rows.append([str(bs), NO_DATA] + [""] * 7)
-            continue
-        if not best.comparisons:
-            rows.append([str(bs), best.leader, f"{best.leader_mean:.3f}", "", "", "", "", "", "only norm"])
-        for c in best.comparisons:
-            if c.test is None:
-                p, adjusted, verdict = "", "", "untested (fewer than 2 paired seeds)"
-            else:
-                p, adjusted = format_p(c.test.p_value), format_p(c.p_holm)  # type: ignore[arg-type]
-                verdict = "leader better" if c.significant else "tie: not distinguishable"
-            rows.append(
-                [str(bs), best.leader, f"{c.a_mean:.3f}", c.against, f"{c.b_mean:.3f}", format_difference(c)]
-                + [p, adjusted, verdict]
-            )
-    return markdown_table(header, rows, align="rlrlrrrrl")
+        highest = summary.highest(bs)
+        by_verdict = {
+            v: [c.label for c in summary.deltas.comparisons if c.batch_size == bs and c.verdict is v]
+            for v in VERDICT_ORDER
+        }
+        top = NO_DATA if highest is None else f"{highest.row} ({highest.metric.mean:.3f})"  # type: ignore[union-attr]
+        rows.append([str(bs), top] + [", ".join(by_verdict[v]) or NO_DATA for v in VERDICT_ORDER])
+    return markdown_table(header, rows, align="rl" + "l" * len(VERDICT_ORDER))
 
 
-def gap_table(analysis: Analysis) -> str:
-    """BatchNorm's evaluation-mode gaps: batch statistics and PreciseBN minus running statistics."""
+def gap_table(family: Family) -> str:
+    """BatchNorm's evaluation-mode gaps of one condition: batch statistics and PreciseBN minus running."""
     header = [
-        "condition",
         "norm",
         "batch size",
         "compared",
         "mean",
         "running",
-        "difference [95% CI]",
-        "p (Holm)",
-        "significant",
+        "difference [interval]",
+        "p (Bonferroni)",
+        "verdict",
     ]
     rows = []
-    for gap in analysis.gaps:
-        c = gap.comparison
-        verdict = "untested" if c.significant is None else ("yes" if c.significant else "no")
-        p = "" if c.p_holm is None else format_p(c.p_holm)
+    for c in family.comparisons:
         norm = c.label.split(" (")[0]
         mode = c.label[len(norm) + 2 : -1]
+        p = NO_DATA if c.p_adjusted is None else format_p(c.p_adjusted)
         rows.append(
-            [gap.condition or "all", norm, str(c.batch_size), mode, f"{c.a_mean:.3f}", f"{c.b_mean:.3f}"]
-            + [format_difference(c), p, verdict]
+            [
+                norm,
+                str(c.batch_size),
+                mode,
+                f"{c.a_mean:.3f}",
+                f"{c.b_mean:.3f}",
+                format_difference(c, verdict=False),
+            ]
+            + [p, verdict_word(c.verdict, family.margin)]
         )
-    return markdown_table(header, rows, align="llrlrrrrl")
+    return markdown_table(header, rows, align="lrlrrrrl")
 
 
 def convergence_table(summary: Summary) -> str:
-    """Per cell: how many seeds were still improving at the end of training."""
+    """Per cell: how many seeds were still improving at the end, and what the flag was computed on."""
     rows = []
     for row in summary.rows:
         cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
-        rows.append(
-            [row]
-            + [
-                NO_DATA if c is None or not c.with_flag else f"{c.still_improving}/{c.with_flag}"
-                for c in cells
-            ]
-        )
-    return markdown_table(_header(summary, "still improving"), rows)
+        counts = [
+            NO_DATA if c is None or not c.with_flag else f"{c.still_improving}/{c.with_flag}" for c in cells
+        ]
+        metrics = sorted({m for c in cells if c is not None for m in c.flag_metrics})
+        rows.append([row] + counts + [", ".join(metrics) or NO_DATA])
+    header = _header(summary, "still improving") + ["flag computed on"]
+    return markdown_table(header, rows, align="l" + "r" * len(summary.batch_sizes) + "l")
+
+
+def format_ci(cell: Cell | None, mode: str | None) -> str:
+    """The cell mean's 95% interval from the same model as the comparisons (§: seeds only)."""
+    found = paired(cell.values(mode)) if cell is not None else None
+    if found is None:
+        return NO_DATA
+    if found.estimate is None:
+        return f"{found.a_mean:.3f} (n=1, no interval)"
+    half = found.estimate.half_width(0.05)
+    mark = SEEDS_ONLY_MARK if found.estimate.method == SEEDS_ONLY else ""
+    return f"{found.estimate.mean:.3f} [{found.estimate.mean - half:.3f}, {found.estimate.mean + half:.3f}]{mark}"
 
 
 def ci_table(summary: Summary) -> str:
-    """The 95% t-intervals of the same cells."""
     rows = []
     for label, row, mode in _ordered_rows(summary):
-        cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
-        rows.append([label] + [format_ci(c.interval(mode) if c else None) for c in cells])
+        rows.append([label] + [format_ci(summary.cell(row, bs), mode) for bs in summary.batch_sizes])
     return markdown_table(_header(summary, "norm"), rows)
 
 
@@ -305,119 +288,3 @@ def cost_table(summary: Summary) -> str:
         for row in summary.rows
     ]
     return markdown_table(_header(summary, "norm"), rows)
-
-
-# ---------------------------------------------------------------- CSV files
-
-
-def _num(value: float | None, digits: int = 6) -> str:
-    return "" if value is None else f"{value:.{digits}g}"
-
-
-def _interval_columns(prefix: str, interval: Interval | None) -> dict[str, str]:
-    if interval is None:
-        return {f"{prefix}_{k}": "" for k in ("n", "mean", "std", "ci95_low", "ci95_high")}
-    return {
-        f"{prefix}_n": str(interval.n),
-        f"{prefix}_mean": _num(interval.mean),
-        f"{prefix}_std": _num(interval.std),
-        f"{prefix}_ci95_low": _num(interval.low),
-        f"{prefix}_ci95_high": _num(interval.high),
-    }
-
-
-def _test_columns(prefix: str, comparison: Comparison | None) -> dict[str, str]:
-    test = comparison.test if comparison else None
-    if test is None:
-        return {f"{prefix}_{k}": "" for k in ("mean", "ci95_low", "ci95_high", "p", "p_holm")}
-    return {
-        f"{prefix}_mean": _num(test.mean_diff),
-        f"{prefix}_ci95_low": _num(test.ci_low),
-        f"{prefix}_ci95_high": _num(test.ci_high),
-        f"{prefix}_p": _num(test.p_value),
-        f"{prefix}_p_holm": _num(comparison.p_holm),  # type: ignore[union-attr]
-    }
-
-
-def results_rows(analysis: Analysis) -> list[dict[str, str]]:
-    """One row per (condition, norm, batch size) cell."""
-    rows = []
-    for summary in analysis.conditions:
-        for row in summary.rows:
-            for bs in summary.batch_sizes:
-                cell = summary.cell(row, bs)
-                if cell is not None:
-                    rows.append(_results_row(summary, cell))
-    return rows
-
-
-def _results_row(summary: Summary, cell: Cell) -> dict[str, str]:
-    counts = cell.status_counts
-    line = {
-        "condition": summary.condition,
-        "norm": cell.row,
-        "batch_size": str(cell.batch_size),
-        "n_seeds_expected": str(cell.n_expected),
-        "n_seeds_completed": str(cell.n_completed),
-        "n_failed": str(cell.n_failed),
-        "n_running": str(counts["running"]),
-        "n_interrupted": str(counts["interrupted"]),
-        "seeds_completed": " ".join(str(s) for s in sorted(cell.by_seed)),
-    }
-    line.update(_interval_columns(summary.metric, cell.metric))
-    line.update(_interval_columns("val_hd95", cell.hd95))
-    for mode in summary.eval_modes:
-        line.update(_interval_columns(f"eval_{mode}", cell.eval_modes.get(mode)))
-    line.update(_test_columns(f"minus_{summary.reference}", summary.delta(cell.row, cell.batch_size)))
-    line["n_still_improving"] = str(cell.still_improving)
-    line["mean_samples_per_s"] = _num(cell.samples_per_s)
-    line["mean_peak_memory_mb"] = _num(cell.peak_memory_mb)
-    line["mean_peak_cuda_memory_mb"] = _num(cell.peak_cuda_memory_mb)
-    line["status"] = cell.status_summary
-    return line
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'eval_modes': {'batch': 0.8}} -> {'eval_modes.batch': 0.8}."""
-    flat = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        elif isinstance(value, list):
-            # Per-step histories (lists of dicts) belong in TensorBoard, not in a spreadsheet cell.
-            if not any(isinstance(v, dict | list) for v in value):
-                flat[name] = " ".join(str(v) for v in value)
-        else:
-            flat[name] = "" if value is None else value
-    return flat
-
-
-def runs_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
-    """One row per run with every metrics.json field flattened, plus the file it came from."""
-    rows = []
-    for run in runs:
-        flat = _flatten(run.data)
-        flat["path"] = str(run.path)
-        rows.append(flat)
-    return rows
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]], leading: Sequence[str] = ()) -> None:
-    """Write dict rows; columns are `leading` (those present) then every other key in order of appearance."""
-    present = {k for row in rows for k in row}
-    columns = [c for c in leading if c in present]
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_results_csv(analysis: Analysis, path: Path) -> None:
-    write_csv(path, results_rows(analysis))
-
-
-def write_runs_csv(runs: Sequence[Run], path: Path) -> None:
-    write_csv(path, runs_rows(runs), leading=RUN_COLUMNS + ("path",))

@@ -12,6 +12,19 @@ import pytest
 from norm_experiments.norms import registry
 
 BN_FAMILY = registry.bn_family()
+BATCH_DEPENDENT = frozenset(n for n, r in registry.records().items() if r.batch_dependent)
+
+
+def per_case(scores: dict[str, dict[str, float]], hd95: float = 4.0) -> dict:
+    """The metrics.json `per_case` block: {mode: {case: score}} -> one class "fg" per case with that Dice
+    (a second class "absent" is null everywhere: a class missing from the case, which must not count)."""
+    return {
+        mode: {
+            case: {"dice": {"fg": value, "absent": None}, "hd95": {"fg": hd95, "absent": None}}
+            for case, value in cases.items()
+        }
+        for mode, cases in scores.items()
+    }
 
 
 def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None = 0.7, **overrides) -> dict:
@@ -24,10 +37,12 @@ def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None =
         "run_name": f"norm={norm},bs={batch_size},seed={seed}",
         "norm": norm,
         "bn_family": norm in BN_FAMILY,
+        "batch_dependent": norm in BATCH_DEPENDENT,
         "model": "unet",
         "seed": seed,
         "batch_size": batch_size,
         "patches_per_volume": 1,
+        "accumulate_steps": 1,
         "effective_batch": batch_size,
         "samples_seen": 1200,
         "steps": 1200 // batch_size,
@@ -45,6 +60,7 @@ def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None =
     }
     if norm in BN_FAMILY and val_dice is not None:
         data["eval_modes"] = {"running": val_dice, "precise": val_dice + 0.05, "batch": val_dice + 0.1}
+        data["batch_stats_windows"] = 4
     data.update(overrides)
     return data
 
@@ -89,3 +105,47 @@ def small_sweep(tmp_path, write_run):
         for seed, value in enumerate(dice):
             write_run(sweep, norm, bs, seed, value)
     return sweep
+
+
+# A reference design for per-case tests: 3 seeds x 4 validation cases; seed and case effects, no interaction.
+SEED_EFFECT = (0.0, 0.02, -0.02)
+CASE_EFFECT = (0.0, 0.05, -0.05, 0.1)
+CASES = ("case_a", "case_b", "case_c", "case_d")
+
+
+def grid(base: float, shift=lambda s, c: 0.0, seeds: int = 3) -> list[list[float]]:
+    """Scores [seed][case] = base + seed effect + case effect + shift(seed, case)."""
+    return [
+        [base + SEED_EFFECT[s] + CASE_EFFECT[c] + shift(s, c) for c in range(len(CASES))]
+        for s in range(seeds)
+    ]
+
+
+@pytest.fixture
+def write_cases(write_run):
+    """write_cases(sweep, norm, bs, running, batch=None, precise=None, **fields): one run per seed (row of the
+    grid), with per-case scores for each given evaluation mode and val_dice = the mean of its running row."""
+
+    def _write(sweep: Path, norm: str, batch_size: int, running, batch=None, precise=None, **fields) -> None:
+        for seed, row in enumerate(running):
+            modes = {"running": dict(zip(CASES, row))}
+            for mode, rows in (("batch", batch), ("precise", precise)):
+                if rows is not None:
+                    modes[mode] = dict(zip(CASES, rows[seed]))
+            means = {mode: sum(v.values()) / len(v) for mode, v in modes.items()}
+            extra = {"eval_modes": means} if norm in BN_FAMILY else {}
+            tag = ",".join(f"{k}={v}" for k, v in sorted(fields.items()) if isinstance(v, str | int))
+            name = f"{tag or 'runs'}/{norm}/{batch_size}/{seed}"
+            write_run(
+                sweep,
+                norm,
+                batch_size,
+                seed,
+                means["running"],
+                subdir=name,
+                run_id=name,
+                per_case=per_case(modes),
+                **(extra | fields),
+            )
+
+    return _write

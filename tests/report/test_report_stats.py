@@ -8,7 +8,6 @@ import pytest
 
 from norm_experiments.report.stats import (
     mean,
-    paired_t_test,
     regularized_incomplete_beta,
     sample_std,
     t_cdf,
@@ -71,34 +70,3 @@ def test_incomplete_beta_edges_and_symmetry():
     assert regularized_incomplete_beta(2.5, 0.5, 0.7) == pytest.approx(
         1 - regularized_incomplete_beta(0.5, 2.5, 0.3)
     )
-
-
-def test_paired_t_test_exact_value():
-    # Differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 2*sqrt(3), df = 2 -> p = 1 - t / sqrt(t^2 + 2).
-    a = {0: 0.6, 1: 0.7, 2: 0.8}
-    b = {0: 0.5, 1: 0.5, 2: 0.5}
-    test = paired_t_test(a, b)
-    t = 2 * math.sqrt(3)
-    assert test.n_pairs == 3 and test.df == 2
-    assert test.mean_diff == pytest.approx(0.2)
-    assert test.t == pytest.approx(t)
-    assert test.p_value == pytest.approx(1 - t / math.sqrt(t * t + 2))
-
-
-def test_paired_t_test_pairs_by_seed_only():
-    a = {0: 0.9, 1: 0.8, 7: 0.1}  # seed 7 has no partner and must be ignored
-    b = {0: 0.7, 1: 0.5, 3: 0.9}
-    test = paired_t_test(a, b)
-    assert test.seeds == (0, 1)
-    assert test.mean_diff == pytest.approx(0.25)
-
-
-def test_paired_t_test_needs_two_pairs():
-    assert paired_t_test({0: 0.9, 1: 0.8}, {0: 0.7, 2: 0.5}) is None
-    assert paired_t_test({}, {}) is None
-
-
-def test_paired_t_test_without_noise():
-    assert paired_t_test({0: 0.75, 1: 0.5}, {0: 0.5, 1: 0.25}).p_value == 0.0  # exact in binary
-    assert paired_t_test({0: 0.9, 1: 0.8}, {0: 0.8, 1: 0.7}).p_value < 1e-12  # rounding leaves ~1e-16
-    assert paired_t_test({0: 0.9, 1: 0.8}, {0: 0.9, 1: 0.8}).p_value == 1.0

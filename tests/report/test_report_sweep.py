@@ -56,28 +56,39 @@ def test_two_norms_two_batch_sizes(small_sweep):
     assert first["status"] == "3 completed"
 
 
-def test_best_norm_row_uses_paired_test(small_sweep):
-    report = build_report([small_sweep])
+def test_highest_mean_row_reuses_the_reference_verdicts(small_sweep):
+    # Without the reference norm (instance) in the sweep, the row only names the highest mean: no test.
+    assert table_rows(build_report([small_sweep]).table)["**highest mean**"] == ["group", "group"]
+    # With group as the reference, batch - group per seed: bs 1 -0.39, -0.30, -0.21 (mean -0.30, sd 0.09),
+    # bs 2 -0.20, -0.11, -0.02. m = 2: the 97.5% interval is -0.30 +- t(0.9875, 2) 0.09/sqrt(3) = [-0.622, +0.022]:
+    # it reaches past 0, so inconclusive, and the highest-mean row says the reference is the highest.
+    report = build_report([small_sweep], reference="group")
     rows = table_rows(report.table)
-    # bs 1: group leads by 0.3 with small paired noise; bs 2: lead 0.11 with large paired noise.
-    assert rows["**best (ties)**"] == ["group; ahead of all", "group; ties: batch"]
-    best = report.analysis.conditions[0].best
-    assert best[1].comparisons[0].p_holm == pytest.approx(best[1].comparisons[0].test.p_value)  # m = 1
-    assert best[2].indistinguishable == ["group", "batch"]
+    assert rows["**highest mean**"] == ["group (the reference)", "group (the reference)"]
+    delta = report.analysis.conditions[0].delta("batch", 1)
+    assert delta.verdict.value == "inconclusive"
+    assert (delta.low, delta.high) == (pytest.approx(-0.622, abs=1e-3), pytest.approx(0.022, abs=1e-3))
+    assert "ties" not in report.markdown and "tie:" not in report.markdown
 
 
-def test_best_norm_needs_two_paired_seeds(tmp_path, write_run):
+def test_one_shared_seed_is_untestable(tmp_path, write_run):
     write_run(tmp_path, "batch", 1, 0, 0.5)
     write_run(tmp_path, "group", 1, 1, 0.8)
-    rows = table_rows(build_report([tmp_path]).table)
-    assert rows["**best (ties)**"] == ["group; untested: batch"]
+    report = build_report([tmp_path], reference="group")
+    rows = table_rows(report.table)
+    assert rows["**highest mean**"] == ["group (the reference)"]
     assert rows["group"] == ["0.800 (n=1/2)"]  # seeds 0 and 1 exist in the sweep, group has only one
+    assert "-0.300 (untestable: 0 shared seeds)" in report.markdown
+    assert (
+        "`batch` minus `group`, same batch size and seed: untestable at bs 1 (0 shared seeds)."
+        in report.markdown
+    )
 
 
 def test_eval_mode_rows_only_for_bn_family(small_sweep):
     report = build_report([small_sweep])
     labels = list(table_rows(report.table))
-    assert labels == ["batch", "batch (precise BN)", "batch (batch stats)", "group", "**best (ties)**"]
+    assert labels == ["batch", "batch (precise BN)", "batch (batch stats)", "group", "**highest mean**"]
     assert table_rows(report.table)["batch (batch stats)"] == ["0.600 ± 0.100", "0.800 ± 0.100"]
 
 
@@ -197,10 +208,14 @@ def test_no_bn_plot_without_bn_family(tmp_path, write_run):
 
 def test_reading_is_generated_from_numbers(small_sweep):
     md = build_report([small_sweep]).markdown
-    # The fixture's batch-stats evaluation is exactly running + 0.1 for every seed: no noise, p = 0.
-    assert "`batch`: at batch size 1 its running statistics score 0.500 and its batch statistics 0.600" in md
-    assert "significantly (Holm) at batch sizes 1, 2." in md
-    assert "bs 1: group; bs 2: group, batch." in md
+    # The fixture's batch-stats evaluation is running + 0.1 on every seed: no noise, so "better" everywhere.
+    assert (
+        "- `batch`, batch statistics minus running statistics (same weights): better at bs 1 (+0.100 [+0.100, +0.100]), 2 (+0.100 [+0.100, +0.100])."
+        in md
+    )
+    assert "Highest mean (descriptive; not tested): bs 1 `group` (0.800), bs 2 `group` (0.810)." in md
+    assert "No `instance` runs: no difference to the reference was tested." in md
+    assert "have no result" not in md  # the failure sentence only where runs failed (see test_failed_run...)
 
 
 def test_different_models_are_separate_rows(tmp_path, write_run):
@@ -231,7 +246,7 @@ def test_sweep_where_nothing_completed(tmp_path, write_run, recwarn):
     rows = table_rows(report.table)
     assert rows["batch"] == ["failed (1/1)", "—"]
     assert rows["group"] == ["—", "running (1/1)"]
-    assert rows["**best (ties)**"] == ["—", "—"]
+    assert rows["**highest mean**"] == ["—", "—"]
     assert "Expected more than 1 value per channel" in report.markdown
     assert (tmp_path / "dice_vs_batch_size.png").exists()
     assert not [w for w in recwarn if "matplotlib" in str(w.filename)]

@@ -1,0 +1,151 @@
+"""What the report refuses, splits and names, and how its files land: a batch-dependent reference, runs that
+differ in more than the seed, gradient accumulation, the batch-statistics setting, concurrent writers and a
+full disk."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from norm_experiments.norms import registry
+from norm_experiments.report import build_report, plots
+from norm_experiments.report.analysis import DEFAULT_REFERENCE
+from norm_experiments.report.cli import main as report_main
+from norm_experiments.report.publish import STAGING_PREFIX
+from tests.report.test_report_cli import run_cli
+from tests.report.test_report_sweep import table_rows
+
+
+def test_default_reference_is_the_registry_s_and_batch_independent() -> None:
+    record = registry.report_reference()
+    assert record.name == DEFAULT_REFERENCE and not record.batch_dependent
+
+
+def test_a_batch_dependent_reference_is_refused_with_one_line(small_sweep) -> None:
+    result = run_cli(str(small_sweep), "--reference", "batch")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --reference batch: its runs record batch_dependent: true; the reference must be a "
+        "batch-independent norm (default: instance)"
+    ]
+    assert not (small_sweep / "report.md").exists()
+    assert result.stdout == ""
+
+
+def test_the_report_does_not_import_torch(small_sweep) -> None:
+    code = (
+        "import sys; from pathlib import Path; from norm_experiments.report import write_report; "
+        f"write_report([Path({str(small_sweep)!r})]); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_accumulation_is_a_row_of_its_own(tmp_path, write_run) -> None:
+    for seed in range(3):
+        write_run(tmp_path, "batch", 1, seed, 0.3, subdir=f"plain/{seed}", run_id=f"plain{seed}")
+        write_run(
+            tmp_path, "batch", 1, seed, 0.5, subdir=f"acc/{seed}", run_id=f"acc{seed}", accumulate_steps=4
+        )
+    report = build_report([tmp_path])
+    rows = table_rows(report.table)
+    assert rows["batch"] == ["0.300 ± 0.000"]
+    assert rows["batch [accumulate 4]"] == ["0.500 ± 0.000"]
+    assert rows["batch [accumulate 4] (batch stats)"] == ["0.600 ± 0.000"]
+    assert "the optimizer steps every k micro-batches" in report.markdown
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_split_and_named(tmp_path, write_run) -> None:
+    for seed, budget in enumerate((1200, 1200, 2400)):
+        write_run(tmp_path, "group", 1, seed, 0.6 + 0.1 * (budget > 1200), samples_budget=budget)
+    report = build_report([tmp_path])
+    rows = table_rows(report.table)
+    assert rows["group [samples_budget=1200]"] == ["0.600 ± 0.000 (n=2/3)"]
+    assert rows["group [samples_budget=2400]"] == ["0.700 (n=1/3)"]
+    assert (
+        "group bs=1: runs differ in samples_budget (1200; 2400): split into rows, never averaged"
+        in report.markdown
+    )
+
+
+@pytest.mark.parametrize(
+    ("windows", "expected"),
+    [
+        (1, "batch stats = each window alone, normalized with its own statistics (batch_stats_windows = 1)"),
+        (4, "batch stats = 4 sliding windows of one validation volume per forward"),
+    ],
+)
+def test_batch_statistics_evaluation_is_named(tmp_path, write_run, windows, expected) -> None:
+    for seed in range(2):
+        write_run(tmp_path, "batch", 1, seed, 0.5 + 0.01 * seed, batch_stats_windows=windows)
+    assert expected in build_report([tmp_path]).markdown
+
+
+def _staged_report(out) -> bool:
+    return any((d / "report.md").exists() for d in out.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_a_second_writer_waits_for_the_lock(small_sweep, tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another report is moving its files in
+    cmd = [sys.executable, "-m", "norm_experiments.report.cli", str(small_sweep), "--out", str(out)]
+    writer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while not _staged_report(out) and time.time() < deadline:
+            time.sleep(0.1)
+        assert _staged_report(out), "the writer never finished staging"
+        time.sleep(0.5)
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(STAGING_PREFIX)) == []
+    finally:
+        os.close(fd)
+    _, stderr = writer.communicate(timeout=60)
+    assert writer.returncode == 0, stderr
+    assert {"report.md", "results.csv", "runs.csv", "bn_eval_gap.png"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob(f"{STAGING_PREFIX}*"))
+
+
+def test_two_concurrent_reports_never_mix(tmp_path, write_run) -> None:
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "out"
+    for seed in range(2):
+        write_run(first, "group", 1, seed, 0.8)
+        write_run(second, "instance", 2, seed, 0.7)
+    cmds = [
+        [sys.executable, "-m", "norm_experiments.report.cli", str(d), "--out", str(out)]
+        for d in (first, second)
+    ]
+    writers = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in cmds]
+    assert [w.wait(timeout=120) for w in writers] == [0, 0]
+    winner = first if f"`{first}`" in (out / "report.md").read_text() else second
+    runs = (out / "runs.csv").read_text()
+    assert str(winner) in runs and str(second if winner == first else first) not in runs
+    assert ("group" in (out / "results.csv").read_text()) == (winner == first)
+
+
+def test_a_full_disk_leaves_the_previous_report(small_sweep, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "out"
+    report_main([str(small_sweep), "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(analysis, path):
+        path.write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(plots, "plot_bn_eval_gap", full_disk)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(small_sweep), "--out", str(out), "--reference", "group"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: cannot write the report: ") and line.endswith(": No space left on device")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing new, nothing half-written
