@@ -141,7 +141,7 @@ def summarize(
 
 
 @torch.inference_mode()
-def score_volumes(
+def score_each_volume(
     model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference, surface: bool = False
 ) -> tuple[torch.Tensor, tuple | None]:
     """Per-class totals of each of `volumes` (volumes, 3, classes; see volume_scores) and an example slice
@@ -165,11 +165,19 @@ def score_volumes(
     return totals, example
 
 
+def score_volumes(
+    model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference, surface: bool = False
+) -> tuple[torch.Tensor, tuple | None]:
+    """Per-class totals summed over `volumes` (3, classes) and an example slice (see score_each_volume)."""
+    totals, example = score_each_volume(model, volumes, num_classes, inf, surface)
+    return totals.sum(0), example
+
+
 def evaluate(
     model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference, surface: bool = False
 ) -> ValResult:
     """Dice (and HD95 in mm when `surface`) of `model` on every validation volume."""
-    totals, example = score_volumes(model, volumes, num_classes, inf, surface)
+    totals, example = score_each_volume(model, volumes, num_classes, inf, surface)
     return summarize(totals, surface, example, case_names=[v.name for v in volumes])
 
 
@@ -187,7 +195,7 @@ def evaluate_built(built: Built, model: nn.Module, mode: str = "running", surfac
     every = built.data.val
     with bn_eval_mode(model, mode), distributed.local_batch_statistics(model):
         volumes = distributed.shard(every)
-        mine, example = score_volumes(
+        mine, example = score_each_volume(
             model, volumes, built.num_classes, built.inference.for_mode(mode), surface
         )
     totals = mine
