@@ -179,6 +179,8 @@ SCHEMA: dict[str, Check] = {
     "trainer.runs_per_gpu": POSITIVE,  # training/build.py memory_share
     "trainer.num_threads": optional(POSITIVE),
     "trainer.sw_batch_size": POSITIVE,
+    "trainer.batch_stats_windows": optional(POSITIVE),  # training/evaluate.py Inference.for_mode
+    "trainer.accumulate_steps": POSITIVE,  # training/loop.py Run.optimizer_step
     "trainer.sw_overlap": number(0, 1, open_high=True),
     "trainer.eval_modes": boolean,
     "trainer.precise_bn_samples": POSITIVE,

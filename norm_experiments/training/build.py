@@ -40,8 +40,9 @@ class Plan:
     run_id: str  # hash of the config without execution-only keys (config.run_identity)
     spec: NormSpec
     world_size: int  # processes (GPUs) of a torchrun launch; 1 otherwise
-    effective_batch: int  # patches per rank and step: what a plain BatchNorm layer sees
-    global_batch: int  # patches per optimizer step over all ranks: what the budget counts
+    effective_batch: int  # patches per rank and forward (micro-batch): what a plain BatchNorm layer sees
+    accumulate_steps: int  # micro-batches whose gradients add up to one optimizer step
+    global_batch: int  # patches per optimizer step over all ranks and micro-batches: what the budget counts
     bn_batch: int | None  # patches each training-mode batch statistic is computed over (None: none)
     total_steps: int
     val_steps: frozenset[int]  # the steps after which the run validates
@@ -51,7 +52,11 @@ class Plan:
 
 def make_plan(cfg: DictConfig, job_num: int = 0) -> Plan:
     """Validate the config and work out sizes, budget and device. Under torchrun the number of processes
-    becomes part of the config (2 GPUs x batch 1 is not the run 1 GPU x batch 1)."""
+    becomes part of the config (2 GPUs x batch 1 is not the run 1 GPU x batch 1).
+
+    A step is one optimizer step: trainer.accumulate_steps micro-batches of data.batch_size volumes per rank.
+    The budget, the schedule, validations, checkpoints and logging count these steps; BatchNorm sees one
+    micro-batch per forward."""
     validate_config(cfg)
     world_size = distributed.world_size()
     if world_size > 1:
@@ -59,8 +64,9 @@ def make_plan(cfg: DictConfig, job_num: int = 0) -> Plan:
             cfg.trainer.world_size = world_size
     spec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options))  # type: ignore[arg-type]
     effective = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)  # data.batch_size: per GPU
-    global_batch = effective * world_size
-    bn_batch = spec.bn_batch(effective, global_batch)
+    accumulate = int(cfg.trainer.accumulate_steps)
+    global_batch = effective * world_size * accumulate
+    bn_batch = spec.bn_batch(effective, effective * world_size)  # one forward: accumulation adds no patches
     preflight(spec, cfg.model, list(cfg.data.patch_size), bn_batch or effective)
     total = budget_steps(cfg.trainer, global_batch)
     gpu_index = distributed.local_rank() if world_size > 1 else job_num
@@ -69,6 +75,7 @@ def make_plan(cfg: DictConfig, job_num: int = 0) -> Plan:
         spec=spec,
         world_size=world_size,
         effective_batch=effective,
+        accumulate_steps=accumulate,
         global_batch=global_batch,
         bn_batch=bn_batch,
         total_steps=total,
@@ -80,7 +87,8 @@ def make_plan(cfg: DictConfig, job_num: int = 0) -> Plan:
 
 def budget_steps(trainer_cfg: DictConfig, global_batch: int) -> int:
     """Optimizer steps of a run. budget_unit=patches: trainer.samples patches whatever the batch size (the
-    same data, fewer steps at larger batches); budget_unit=steps: trainer.steps steps at every batch size."""
+    same data, fewer steps at larger batches or more accumulation); budget_unit=steps: trainer.steps steps at
+    every batch size (each of trainer.accumulate_steps micro-batches)."""
     if trainer_cfg.budget_unit == "steps":
         return int(trainer_cfg.steps)
     return math.ceil(int(trainer_cfg.samples) / global_batch)
@@ -315,5 +323,6 @@ def build(cfg: DictConfig, plan: Plan, data: DataBundle | None = None) -> Built:
         overlap=float(cfg.trainer.sw_overlap),
         device=device,
         autocast=built.autocast,
+        batch_stats_windows=cfg.trainer.batch_stats_windows,
     )
     return built

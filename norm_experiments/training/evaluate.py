@@ -1,5 +1,6 @@
-"""Validation: sliding-window inference on whole volumes, per-class Dice and HD95, BatchNorm's evaluation
-modes (running statistics, PreciseBN, batch statistics) and the split of the volumes across ranks.
+"""Validation: sliding-window inference on whole volumes, per-class Dice and HD95 (per case and averaged),
+BatchNorm's evaluation modes (running statistics, PreciseBN, batch statistics) and the split of the volumes
+across ranks. docs/explanation/evaluation_modes.md explains the modes.
 
 What counts, per class c and validation volume v:
 - c absent from v's ground truth: v says nothing about c (Dice and HD95 skipped for that pair), whatever
@@ -8,11 +9,13 @@ What counts, per class c and validation volume v:
 - c present but not predicted at all: Dice 0, and HD95 = the volume's diagonal in mm (the largest distance
   inside the image; MONAI would return inf, which would make every mean inf).
 Per-class values are means over the volumes holding the class; the reported mean is over present classes.
+Every volume's own scores are kept too (ValResult.case_totals; metrics.json's per_case).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +49,23 @@ class ValResult:
     hd95_per_class: list[float | None] | None
     absent: list[int]  # foreground classes (1-based) absent from every validation volume
     example: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (image, label, prediction) of a volume
+    # Each volume's totals (volume_scores), (volumes, 3, classes), in the order of case_names.
+    case_totals: torch.Tensor | None = None
+    case_names: list[str] = dataclasses.field(default_factory=list)
+
+    def per_case(self, class_names: Sequence[str]) -> dict[str, dict[str, dict[str, float | None]]]:
+        """{case: {"dice": {class: value}, "hd95": {class: value}}}, None where the class is absent from the
+        case (and for HD95 when surface distances were not computed)."""
+        if self.case_totals is None:
+            return {}
+        surface = self.hd95_per_class is not None
+        cases = {}
+        for name, totals in zip(self.case_names, self.case_totals):
+            present = (totals[PRESENT] > 0).tolist()
+            dice = [float(v) if p else None for v, p in zip(totals[DICE], present)]
+            hd95 = [float(v) if p and surface else None for v, p in zip(totals[HD95], present)]
+            cases[name] = {"dice": dict(zip(class_names, dice)), "hd95": dict(zip(class_names, hd95))}
+        return cases
 
 
 @dataclass
@@ -57,6 +77,15 @@ class Inference:
     overlap: float
     device: torch.device
     autocast: Callable[[], object]
+    # Windows per forward in BatchNorm's "batch" evaluation mode, where each forward normalizes with its own
+    # statistics (trainer.batch_stats_windows): None = sw_batch_size; 1 = every window alone.
+    batch_stats_windows: int | None = None
+
+    def for_mode(self, mode: str) -> Inference:
+        """The inference of a BatchNorm evaluation mode: only "batch" may batch windows differently."""
+        if mode != "batch" or self.batch_stats_windows is None:
+            return self
+        return dataclasses.replace(self, sw_batch_size=self.batch_stats_windows)
 
 
 def volume_scores(
@@ -87,8 +116,13 @@ def _hd95(pred: torch.Tensor, label: torch.Tensor, present: torch.Tensor, spacin
     return torch.where(present, hd, 0.0)
 
 
-def summarize(totals: torch.Tensor, surface: bool, example=None) -> ValResult:
-    """Means over the volumes that hold each class, and over present classes (see the module docstring)."""
+def summarize(
+    totals: torch.Tensor, surface: bool, example=None, case_totals=None, case_names=None
+) -> ValResult:
+    """Means over the volumes that hold each class, and over present classes (see the module docstring).
+    `totals` may also be the per-volume totals (volumes, 3, classes): they are summed and kept."""
+    if totals.dim() == 3:
+        case_totals, totals = totals, totals.sum(0)
     count = totals[PRESENT]
     present = count > 0
 
@@ -102,19 +136,21 @@ def summarize(totals: torch.Tensor, surface: bool, example=None) -> ValResult:
     dice = per_class(DICE)
     hd95 = per_class(HD95) if surface else None
     absent = [c + 1 for c, p in enumerate(present.tolist()) if not p]
-    return ValResult(mean(dice), dice, mean(hd95) if hd95 else None, hd95, absent, example)
+    hd95_mean = mean(hd95) if hd95 else None
+    return ValResult(mean(dice), dice, hd95_mean, hd95, absent, example, case_totals, list(case_names or []))
 
 
 @torch.inference_mode()
-def score_volumes(
+def score_each_volume(
     model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference, surface: bool = False
 ) -> tuple[torch.Tensor, tuple | None]:
-    """Per-class totals over `volumes` (see volume_scores) and an example slice from the first volume.
+    """Per-class totals of each of `volumes` (volumes, 3, classes; see volume_scores) and an example slice
+    from the first volume.
 
     The model is used as it is: the caller chooses train/eval/BN mode."""
-    totals = torch.zeros(3, num_classes - 1, dtype=torch.float64)
+    totals = torch.zeros(len(volumes), 3, num_classes - 1, dtype=torch.float64)
     example = None
-    for vol in volumes:
+    for i, vol in enumerate(volumes):
         image = vol.image.unsqueeze(0).to(inf.device, non_blocking=True)  # no copy if cached there already
         with inf.autocast():
             logits = sliding_window_inference(
@@ -123,35 +159,52 @@ def score_volumes(
         # Scores in host memory: one-hot tensors (classes x volume) could exhaust a GPU's memory.
         pred = logits.argmax(dim=1)[0].cpu()
         label = vol.label[0].long().cpu()
-        totals += volume_scores(pred, label, num_classes, vol.spacing if surface else None)
+        totals[i] = volume_scores(pred, label, num_classes, vol.spacing if surface else None)
         if example is None:
             example = (vol.image[0].cpu(), label, pred)
     return totals, example
+
+
+def score_volumes(
+    model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference, surface: bool = False
+) -> tuple[torch.Tensor, tuple | None]:
+    """Per-class totals summed over `volumes` (3, classes) and an example slice (see score_each_volume)."""
+    totals, example = score_each_volume(model, volumes, num_classes, inf, surface)
+    return totals.sum(0), example
 
 
 def evaluate(
     model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference, surface: bool = False
 ) -> ValResult:
     """Dice (and HD95 in mm when `surface`) of `model` on every validation volume."""
-    totals, example = score_volumes(model, volumes, num_classes, inf, surface)
-    return summarize(totals, surface, example)
+    totals, example = score_each_volume(model, volumes, num_classes, inf, surface)
+    return summarize(totals, surface, example, case_names=[v.name for v in volumes])
 
 
 def evaluate_built(built: Built, model: nn.Module, mode: str = "running", surface: bool = False) -> ValResult:
-    """Dice (and HD95 when `surface`) of a run's `model` on its validation volumes, with BatchNorm layers in
-    `mode` (running | batch, see bn_eval_mode).
+    """Dice (and HD95 when `surface`) of a run's `model` on its validation volumes, per case and averaged,
+    with BatchNorm layers in `mode` (running | batch, see bn_eval_mode; "batch" forwards
+    trainer.batch_stats_windows windows at a time).
 
-    With several ranks, each evaluates every world_size-th volume and the per-class sums are added: the
-    same numbers as one process. No forward communicates: sync layers use their rank's batch statistics
-    ("batch" mode normalizes each forward with its own statistics, as in one process), so ranks with
-    different numbers of forwards never wait.
+    With several ranks, each evaluates every world_size-th volume and writes its volumes' rows of a table of
+    every volume, which the ranks then add up: every rank gets every case's scores, the same numbers as one
+    process. No forward communicates: sync layers use their rank's batch statistics ("batch" mode normalizes
+    each forward with its own statistics, as in one process), so ranks with different numbers of forwards
+    never wait.
     """
+    every = built.data.val
     with bn_eval_mode(model, mode), distributed.local_batch_statistics(model):
-        volumes = distributed.shard(built.data.val)
-        totals, example = score_volumes(model, volumes, built.num_classes, built.inference, surface)
+        volumes = distributed.shard(every)
+        mine, example = score_each_volume(
+            model, volumes, built.num_classes, built.inference.for_mode(mode), surface
+        )
+    totals = mine
     if built.plan.world_size > 1:
+        # shard() gives rank r the volumes r, r + world, ...: put its rows there; the others' rows stay 0.
+        totals = torch.zeros(len(every), *mine.shape[1:], dtype=mine.dtype)
+        totals[distributed.rank() :: built.plan.world_size] = mine
         totals = distributed.sum_across_ranks(totals)
-    return summarize(totals, surface, example)
+    return summarize(totals, surface, example, case_names=[v.name for v in every])
 
 
 def precise_bn_batches(built: Built) -> Iterator[torch.Tensor]:
@@ -174,7 +227,8 @@ def evaluate_bn_modes(built: Built, running: ValResult) -> dict[str, ValResult]:
     """Scores under BatchNorm's three evaluation modes, without retraining.
 
     running: the running averages BatchNorm kept during training (what model.eval() uses).
-    batch:   each forward normalizes with its own statistics (the windows of one sliding-window batch).
+    batch:   each forward normalizes with its own statistics: trainer.batch_stats_windows windows of one
+             volume at a time (trainer.sw_batch_size by default; 1 = each window alone).
     precise: population statistics recomputed over training patches after training (PreciseBN), on a copy,
              with the forwards under the training precision (autocast), as the statistics were seen in training.
     """
@@ -192,26 +246,3 @@ def evaluate_bn_modes(built: Built, running: ValResult) -> dict[str, ValResult]:
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(D, H, W) class map -> (1, K, D, H, W) one-hot (uint8: an eighth of int64's memory)."""
     return torch.nn.functional.one_hot(labels, num_classes).to(torch.uint8).permute(3, 0, 1, 2).unsqueeze(0)
-
-
-# Validation Dice that rose by more than this over the second half of a run marks it as still improving. Below
-# it, changes between validations are within the seed-to-seed spread of short runs.
-STILL_IMPROVING_DICE = 0.01
-# The part of a run the flag looks at. Not just the last interval: with a cosine schedule the learning rate
-# is nearly 0 over the last quarter, so a flat last quarter says little about whether more steps would help.
-LATE_PART = 0.5
-
-
-def convergence(history: list[dict], total_steps: int) -> dict | None:
-    """Did validation Dice still rise over the second half of training? Compares the final validation with
-    the last one at or before the middle of the run. None when there is none (a single validation)."""
-    earlier = [h for h in history[:-1] if h["step"] <= total_steps * (1 - LATE_PART)]
-    if not earlier:
-        return None
-    before, final = earlier[-1], history[-1]
-    gain = final["val_dice"] - before["val_dice"]
-    return {
-        "since_fraction": before["step"] / total_steps,  # the comparison starts this far into the run
-        "late_gain": gain,
-        "still_improving": bool(gain > STILL_IMPROVING_DICE),
-    }

@@ -1,16 +1,20 @@
 """One training run, read top to bottom: plan, decide what the run folder needs, build, train, validate, write.
 
-The budget is training patches or optimizer steps (trainer.budget_unit), not epochs. Everything random is
-seeded; the batch of step t depends only on (seed, t), which is why a checkpoint plus the step number is
-enough to continue a run exactly. What is built (data, model, optimizer...) comes from training/build.py,
-validation from training/evaluate.py, the run folder's policy from training/run_folder.py.
+The budget is training patches or optimizer steps (trainer.budget_unit), not epochs. A step is one optimizer
+step: trainer.accumulate_steps micro-batches, each forwarded alone. Everything random is seeded; micro-batch
+m of a run depends only on (seed, m), and step t is micro-batches t*k .. t*k + k - 1, which is why a
+checkpoint (always between steps) plus the step number is enough to continue a run exactly. What is built
+(data, model, optimizer...) comes from training/build.py, validation from training/evaluate.py, the
+convergence flag from training/convergence.py, the run folder's policy from training/run_folder.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +29,8 @@ from norm_experiments.run_record import Status
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
 from norm_experiments.training.build import Built, Plan, build, make_plan
-from norm_experiments.training.evaluate import ValResult, convergence, evaluate_bn_modes, evaluate_built
+from norm_experiments.training.convergence import convergence
+from norm_experiments.training.evaluate import ValResult, evaluate_bn_modes, evaluate_built
 from norm_experiments.training.outputs import library_versions, machine, peak_rss_mb, reset_peak_rss
 from norm_experiments.training.prefetch import batch_executor
 from norm_experiments.training.progress import Progress
@@ -97,7 +102,8 @@ def train(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict:
 
 @dataclass
 class State:
-    """What a checkpoint restores besides the model/optimizer: counters and the validation history."""
+    """What a checkpoint restores besides the model/optimizer: counters, the validation history and the
+    logged training losses."""
 
     step: int = 0
     samples_seen: int = 0
@@ -107,6 +113,39 @@ class State:
     data_wait_seconds: float = 0.0
     amp_skipped_steps: int = 0
     history: list[dict] = field(default_factory=list)
+    # Mean training loss of each logging window ({"step", "loss"}; None where not finite): the convergence
+    # flag's points. The open window's sum and steps are saved with a checkpoint, so a resumed run logs the
+    # same means as an uninterrupted one.
+    loss_history: list[dict] = field(default_factory=list)
+    loss_window_sum: float = 0.0
+    loss_window_steps: int = 0
+
+
+class MicroBatches:
+    """The run's training micro-batches in order (micro-batch m = sampler.batch(m)), moved to the device;
+    `prefetch` cuts the next one while the current one trains. `waited`: seconds spent blocked on data
+    (with the inline executor the whole cut counts as waiting)."""
+
+    def __init__(self, built: Built, prefetch, start: int, end: int) -> None:
+        self.b, self.prefetch, self.end = built, prefetch, end
+        self.index = start
+        self.pending = prefetch.submit(built.sampler.batch, start) if start < end else None
+        self.waited = 0.0
+
+    def take(self, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        b = self.b
+        for _ in range(count):
+            t0 = time.perf_counter()
+            assert self.pending is not None, "no micro-batch left in the run's budget"
+            images, labels = self.pending.result()
+            self.index += 1
+            # in a thread (on CUDA): cut the next micro-batch while this one trains
+            self.pending = (
+                self.prefetch.submit(b.sampler.batch, self.index) if self.index < self.end else None
+            )
+            self.waited += time.perf_counter() - t0
+            images = images.to(b.device, non_blocking=True, memory_format=b.memory_format)
+            yield images, labels.to(b.device, non_blocking=True)
 
 
 class Run:
@@ -116,6 +155,7 @@ class Run:
         self.cfg, self.plan, self.run_dir = cfg, plan, run_dir
         self.state = State()
         self.built: Built | None = None  # set by train(); a run that fails before has none
+        self.loss_window: torch.Tensor | None = None  # the open logging window's loss sum, on the device
 
     @property
     def b(self) -> Built:
@@ -161,26 +201,26 @@ class Run:
 
     def label(self) -> str:
         gpus = f" x{self.plan.world_size} ranks" if self.plan.world_size > 1 else ""
-        return f"[{self.plan.spec.name} bs={self.cfg.data.batch_size}{gpus} seed={self.cfg.seed}]"
+        k = self.plan.accumulate_steps
+        acc = f" x{k} accumulated" if k > 1 else ""
+        return f"[{self.plan.spec.name} bs={self.cfg.data.batch_size}{acc}{gpus} seed={self.cfg.seed}]"
 
     def loop(self, writer, monitor: BNStatMonitor, progress: Progress, stop: StopRequest, prefetch) -> None:
         """The training steps, from the current state to the budget."""
-        s, total, b = self.state, self.plan.total_steps, self.b
+        s, total, b, k = self.state, self.plan.total_steps, self.b, self.plan.accumulate_steps
         every = int(self.cfg.trainer.log_every_steps)
+        stream = MicroBatches(b, prefetch, s.step * k, total * k)
+        self.loss_window = torch.tensor(s.loss_window_sum, device=b.device)  # on the device: no sync per step
         t0 = time.perf_counter()
-        next_batch = prefetch.submit(b.sampler.batch, s.step)
         while s.step < total:
-            images, labels = next_batch.result()
-            if s.step + 1 < total:  # in a thread: cut the next batch while this one trains
-                next_batch = prefetch.submit(b.sampler.batch, s.step + 1)
-            waited = time.perf_counter() - t0  # blocked on data (inline: the whole cut counts as waiting)
-            images = images.to(b.device, non_blocking=True, memory_format=b.memory_format)
-            labels = labels.to(b.device, non_blocking=True)
+            stream.waited = 0.0
             # BN diagnostics cost extra reductions: measure only the steps that are logged.
             monitor.enabled = (s.step + 1) % every == 0 or s.step + 1 == total
-            loss = self.train_step(images, labels)
+            loss = self.optimizer_step(stream.take(k), k)
             s.step += 1
-            s.samples_seen += images.shape[0] * self.plan.world_size
+            s.samples_seen += self.plan.global_batch
+            self.loss_window = self.loss_window + loss.float()
+            s.loss_window_steps += 1
             log_now = s.step % every == 0 or s.step == total
             checkpoint_now = s.step % self.plan.ckpt_every == 0 and s.step < total
             loss_value = None
@@ -190,7 +230,7 @@ class Run:
                 loss_value = float(loss)
                 self.check_finite(loss_value)
             s.train_seconds += time.perf_counter() - t0
-            s.data_wait_seconds += waited
+            s.data_wait_seconds += stream.waited
             if log_now:
                 self.log_diagnostics(writer, monitor, loss_value)
             if s.step in self.plan.val_steps and s.step < total:
@@ -204,23 +244,49 @@ class Run:
             t0 = time.perf_counter()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """One optimizer step; returns the loss as a tensor (no host sync here)."""
+        """One optimizer step on one batch; returns the loss as a tensor (no host sync here)."""
+        return self.optimizer_step([(images, labels)], 1)
+
+    def optimizer_step(
+        self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int
+    ) -> torch.Tensor:
+        """One optimizer step over `count` micro-batches (trainer.accumulate_steps); returns their mean loss
+        as a tensor (no host sync here).
+
+        Each micro-batch is forwarded and backpropagated alone, so BatchNorm normalizes it alone (and updates
+        its running statistics once per micro-batch); its loss is scaled by 1/count, so the summed gradients
+        are those of the mean loss over the micro-batches. Then one optimizer, loss-scaler and schedule step.
+        The fp16 loss scaler scales every backward and unscales, checks and steps once (PyTorch's recipe for
+        accumulation). Under DDP only the last backward averages gradients over ranks (no_sync before it).
+        """
         b = self.b
         if not b.model.training:  # evaluation restores the modes it changes; walking them costs per step
             b.net.train()
         for layer in b.renorm_layers:
             layer.set_progress(self.state.step / self.plan.total_steps)
         b.optimizer.zero_grad(set_to_none=True)
-        with b.autocast():
-            loss = b.loss_fn(b.net(images), labels)
-        b.scaler.scale(loss).backward()
+        total, used = None, 0
+        for images, labels in batches:
+            used += 1
+            with self.gradient_sync(last=used == count):
+                with b.autocast():
+                    loss = b.loss_fn(b.net(images), labels)
+                b.scaler.scale(loss / count).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        assert used == count and total is not None, f"{used} micro-batches for a step of {count}"
         scale_before = b.scaler.get_scale() if b.scaler.is_enabled() else None
         b.scaler.step(b.optimizer)
         b.scaler.update()
         if scale_before is not None and b.scaler.get_scale() < scale_before:
             self.state.amp_skipped_steps += 1  # fp16 overflow: the scaler skipped this step
         b.scheduler.step()
-        return loss.detach()
+        return total / count
+
+    def gradient_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """DDP all-reduces gradients in every backward; before the last micro-batch of a step the gradients
+        only need to add up locally, so its no_sync() skips that communication (DDP's own recipe)."""
+        no_sync = getattr(self.b.net, "no_sync", None)  # a DDP module (or a compiled one around it)
+        return contextlib.nullcontext() if last or no_sync is None else no_sync()
 
     def check_finite(self, loss: float) -> None:
         if math.isfinite(loss):
@@ -266,6 +332,7 @@ class Run:
     def log_diagnostics(self, writer, monitor: BNStatMonitor, loss: float | None) -> None:
         step, b = self.state.step, self.b
         writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("train/loss_window_mean", self.close_loss_window(), step)
         writer.add_scalar("train/lr", b.scheduler.get_last_lr()[0], step)
         if self.state.train_seconds > 0:
             writer.add_scalar("train/samples_per_s", self.state.samples_seen / self.state.train_seconds, step)
@@ -273,6 +340,15 @@ class Run:
             writer.add_scalar(f"bn_stats/{name}", value, step)
         for name, value in renorm_diagnostics(b.model).items():
             writer.add_scalar(f"batchrenorm/{name}", value, step)
+
+    def close_loss_window(self) -> float:
+        """The mean training loss since the last logging step, added to the loss history; a new window."""
+        s = self.state
+        mean = float(self.loss_window) / max(s.loss_window_steps, 1)
+        s.loss_history.append({"step": s.step, "loss": mean if math.isfinite(mean) else None})
+        self.loss_window = torch.zeros_like(self.loss_window)
+        s.loss_window_steps = 0
+        return mean
 
     def finish(self, writer, started: float) -> dict:
         """The final evaluation (HD95 too, and every BatchNorm evaluation mode), the weights and the record."""
@@ -287,20 +363,23 @@ class Run:
             "val_hd95": final.hd95_mean,
             "val_hd95_per_class": dict(zip(b.class_names, final.hd95_per_class or [])),
             "absent_classes": [b.class_names[c - 1] for c in final.absent],
-            "convergence": convergence(self.state.history, self.plan.total_steps),
+            "convergence": convergence(self.state.loss_history, self.plan.total_steps),
         }
+        modes = {"running": final}  # running: model.eval(), what val_dice is
         if self.plan.spec.bn_family and self.cfg.trainer.eval_modes:
             modes = evaluate_bn_modes(b, final)
             extra["eval_modes"] = {mode: result.dice_mean for mode, result in modes.items()}
             extra["eval_modes_hd95"] = {mode: result.hd95_mean for mode, result in modes.items()}
             for mode, result in modes.items():
                 self.log_scores(writer, result, suffix=f"_{mode}")
+        extra["per_case"] = {mode: result.per_case(b.class_names) for mode, result in modes.items()}
         self.save_checkpoint()
         if distributed.is_main():
             ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, b.model.state_dict())
         extra["wall_time_s"] = time.perf_counter() - started
         record = self.write_record(Status.COMPLETED, **extra)
         params = ("norm", "batch_size", "patches_per_volume", "effective_batch", "world_size", "global_batch")
+        params = (*params, "accumulate_steps")
         hparams = {k: record[k] for k in (*params, "seed", "lr", "model", "intensity", "budget_unit")}
         scores = {"hparam/val_dice": final.dice_mean, "hparam/best_val_dice": self.state.best_val_dice}
         scores["hparam/val_hd95"] = final.hd95_mean
@@ -319,6 +398,8 @@ class Run:
     # -- checkpoints
 
     def save_checkpoint(self) -> None:
+        if self.loss_window is not None:  # the open logging window's loss sum (a host sync: only here)
+            self.state.loss_window_sum = float(self.loss_window)
         if distributed.is_main():  # every rank holds the same state; rank 0 writes it
             ckpt.save_run(self.run_dir / ckpt.CHECKPOINT, self.plan.run_id, self.b, self.state.__dict__)
 
@@ -349,9 +430,10 @@ class Run:
             "seed": int(cfg.seed),
             "batch_size": int(cfg.data.batch_size),  # volumes per GPU (per rank)
             "patches_per_volume": int(cfg.data.patches_per_volume),
-            "effective_batch": plan.effective_batch,  # patches per rank and step
+            "effective_batch": plan.effective_batch,  # patches per rank and forward (micro-batch)
+            "accumulate_steps": plan.accumulate_steps,  # micro-batches per optimizer step
             "world_size": plan.world_size,
-            "global_batch": plan.global_batch,  # patches per optimizer step, all ranks
+            "global_batch": plan.global_batch,  # patches per optimizer step, all ranks and micro-batches
             "bn_batch": plan.bn_batch,  # patches per BatchNorm statistic in training (None: not batch-based)
             "lr": b.lr if b else None,
             "lr_scaling": str(cfg.optim.lr_scaling),
@@ -379,11 +461,21 @@ class Run:
             "machine": machine(),
             "versions": library_versions(),
             "history": s.history,
+            "loss_history": s.loss_history,  # mean training loss per logging window: the convergence flag's points
+            "batch_stats_windows": self.batch_stats_windows(),
             "preprocessing": b.data.preprocessing
             if b
             else None,  # intensity per channel, CT statistics, spacing
             **extra,
         }
+
+    def batch_stats_windows(self) -> int | None:
+        """Windows per forward in the "batch" evaluation mode (see Inference.for_mode); None when the run
+        scores no BatchNorm evaluation modes."""
+        trainer = self.cfg.trainer
+        if not (self.plan.spec.bn_family and trainer.eval_modes):
+            return None
+        return int(trainer.batch_stats_windows or trainer.sw_batch_size)
 
     def write_record(self, status: Status, error: str | None = None, **extra: object) -> dict:
         record = self.record(status, error, **extra)

@@ -96,3 +96,15 @@ def test_plan_sizes_for_batch_dependent_and_independent_norms() -> None:
         plan = make_plan(compose_config(overrides))
         assert (plan.effective_batch, plan.global_batch, plan.bn_batch) == (2, 2, bn_batch)
         assert plan.total_steps == math.ceil(16 / 2) and plan.val_steps == {4, 8}
+
+
+def test_plan_sizes_with_gradient_accumulation() -> None:
+    """accumulate_steps=4 at batch 1: 4 patches per optimizer step (the budget's and the LR scaling's batch),
+    BatchNorm's statistics over 1 patch, the same 16 patches in a quarter of the steps."""
+    overrides = ["experiment=smoke", "norm=batch", "data.batch_size=1", "optim.lr_scaling=linear"]
+    plan = make_plan(compose_config([*overrides, "trainer.accumulate_steps=4"]))
+    assert (plan.effective_batch, plan.accumulate_steps, plan.global_batch, plan.bn_batch) == (1, 4, 4, 1)
+    assert plan.total_steps == 4 and plan.val_steps == {2, 4} and plan.ckpt_every == 2  # 8 patches
+    assert make_plan(compose_config(overrides)).total_steps == 16
+    optim = compose_config(overrides).optim
+    assert scaled_lr(optim, plan.global_batch) == pytest.approx(float(optim.lr) * 4 / 2)  # reference_batch 2

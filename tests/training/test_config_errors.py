@@ -49,6 +49,12 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
         (["seed=-1"], "seed: must be a whole number in [0, 4294967295], got -1"),  # used to crash
         (["seed=4294967296"], "seed: must be a whole number in [0, 4294967295]"),
         (["trainer.sw_overlap=abc"], "trainer.sw_overlap: must be a number in [0, 1)"),
+        (["trainer.accumulate_steps=0"], "trainer.accumulate_steps: must be a whole number >= 1, got 0"),
+        (["trainer.accumulate_steps=1.5"], "trainer.accumulate_steps: must be a whole number >= 1, got 1.5"),
+        (
+            ["trainer.batch_stats_windows=0"],
+            "trainer.batch_stats_windows: must be a whole number >= 1, or null",
+        ),
         (["model.depth=-1"], "model.depth: must be a whole number >= 1, got -1"),
         (
             ["+trainer.sampels=10"],

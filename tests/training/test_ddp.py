@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from norm_experiments.models.unet import UNet3D
 from norm_experiments.norms import make_norm_spec
 from norm_experiments.training import distributed
-from norm_experiments.training.build import make_plan
+from norm_experiments.training.build import Built, make_plan
+from norm_experiments.training.loop import Run
 from tests.helpers import compose_config, free_port, metrics_of, run_cli
 
 # One memory format everywhere: channels_last=auto picks channels_last_3d for the batch-2 run on a CPU but
@@ -42,6 +43,7 @@ SMOKE = [
 # summation order moves a weight by ~2 lr, and 16 such steps amplify rounding to ~1e-2 in the deepest layers.
 BUDGET = ["trainer.samples=32", "trainer.checkpoint_every_samples=4", "optim=sgd"]
 BN_STATS = ("running_mean", "running_var")
+CLASSES = ("class1", "class2")  # the synthetic data's foreground classes
 
 
 def torchrun_command(args: list[str], nproc: int = 2) -> list[str]:
@@ -138,6 +140,18 @@ def test_two_syncbatch_ranks_at_batch_1_train_as_batchnorm_at_batch_2(sync_run, 
         assert a["val_dice"] == pytest.approx(b["val_dice"], abs=1e-3)
     for mode in ("running", "precise", "batch"):
         assert ddp["eval_modes"][mode] == pytest.approx(single["eval_modes"][mode], abs=1e-3), mode
+    # Per-case scores: each rank scored one of the 2 validation cases; both are in rank 0's record, in the
+    # single process's order, with the single process's scores.
+    for mode, cases in ddp["per_case"].items():
+        assert list(cases) == list(single["per_case"][mode]) and len(cases) == 2, mode
+        for name, scores in cases.items():
+            for cls, dice in scores["dice"].items():
+                assert dice == pytest.approx(single["per_case"][mode][name]["dice"][cls], abs=1e-2)
+        present = [
+            [case["dice"][c] for case in cases.values() if case["dice"][c] is not None] for c in CLASSES
+        ]
+        means = [sum(values) / len(values) for values in present]
+        assert sum(means) / 2 == pytest.approx(ddp["eval_modes"][mode], abs=1e-12), mode
     a, b = torch.load(sync_run[0] / "model.pt"), torch.load(single_run / "model.pt")
     assert a.keys() == b.keys()
     for key in a:
@@ -221,3 +235,78 @@ def test_one_synchronized_step_equals_batchnorm_on_the_global_batch(tmp_path: Pa
         "syncbatch": (2, 2, 4, 4, 4),  # ... or all 4 when synchronized
         "ghostbatch": (2, 2, 4, 1, 4),  # ... or its virtual batch
     }
+
+
+def _accumulated_steps_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    """Run.optimizer_step under DDP: 2 micro-batches of 1 volume on each rank, then a step of 1 micro-batch,
+    counting DDP's gradient all-reduces (spawned process; float64, GroupNorm)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )
+    torch.set_num_threads(1)
+    distributed.setup()
+    try:
+        model = _group_model()
+        net = distributed.wrap_ddp(model, torch.device("cpu"))
+        reduced: list[int] = []
+
+        def counting(state, bucket):
+            reduced.append(bucket.index())
+            return default_hooks.allreduce_hook(None, bucket)
+
+        net.register_comm_hook(None, counting)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        built = Built(  # what optimizer_step uses: the real modules, optimizer, scaler and schedule
+            cfg=None, plan=None, data=None, class_names=[], model=model, net=net, memory_format=None,
+            renorm_layers=[], lr=0.1, optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), amp=None,
+            scaler=torch.amp.GradScaler("cpu", enabled=False), loss_fn=torch.nn.CrossEntropyLoss(),
+            sampler=None, inference=None,
+        )  # fmt: skip
+        run = Run(None, None, Path(out))  # type: ignore[arg-type]
+        run.built = built
+        images, labels = _four_volumes()
+        mine = [(images[i : i + 1], labels[i : i + 1]) for i in (2 * rank, 2 * rank + 1)]
+        run.optimizer_step(mine, 2)
+        accumulated = len(reduced)
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        reduced.clear()
+        run.optimizer_step(mine[:1], 1)
+        if rank == 0:
+            torch.save({"grads": grads, "accumulated": accumulated, "single": len(reduced)}, out)
+    finally:
+        distributed.teardown()
+
+
+def _group_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return UNet3D(make_norm_spec("group", num_groups=2), 1, 3, depth=2, base_channels=4).double().train()
+
+
+def _four_volumes() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(4, 1, 16, 16, 16, generator=g, dtype=torch.float64)
+    return images, torch.randint(0, 3, (4, 16, 16, 16), generator=g)
+
+
+def test_accumulation_under_ddp_all_reduces_once_per_step_and_averages_every_micro_batch(
+    tmp_path: Path,
+) -> None:
+    """2 ranks x 2 accumulated micro-batches of 1 volume: the gradients of the mean loss over all 4 volumes
+    (as one process with the 4 in one batch), with one all-reduce per optimizer step (no_sync() on the
+    first micro-batch): a step of 2 micro-batches all-reduces as often as a step of 1."""
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_accumulated_steps_on_rank, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    ddp = torch.load(out)
+    assert ddp["single"] > 0 and ddp["accumulated"] == ddp["single"]
+    reference = _group_model()
+    images, labels = _four_volumes()
+    F.cross_entropy(reference(images), labels).backward()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(ddp["grads"][name], p.grad, atol=1e-12, rtol=1e-9, msg=name)

@@ -1,17 +1,21 @@
-"""Validation scores: Dice and HD95 per class, absent classes, missed classes, and the convergence flag."""
+"""Validation scores: Dice and HD95 per class and per case, absent classes, missed classes, the windows of
+the batch-statistics mode, and the convergence flag."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
+from scipy import stats
 
+from norm_experiments.training.convergence import convergence, trend
 from norm_experiments.training.evaluate import (
     DICE,
     HD95,
     PRESENT,
-    convergence,
+    Inference,
     summarize,
     volume_scores,
 )
@@ -71,17 +75,93 @@ def test_no_class_anywhere_gives_nan_not_zero() -> None:
     assert math.isnan(result.dice_mean) and result.absent == [1] and result.dice_per_class == [None]
 
 
-def history(*dice: float, every: int = 10) -> list[dict]:
-    return [{"step": every * (i + 1), "val_dice": d} for i, d in enumerate(dice)]
+def test_per_case_scores_keep_each_volume_and_average_to_the_reported_means() -> None:
+    """per_case holds every case's own Dice and HD95 (None where the case lacks the class), and the mean over
+    the cases holding a class is the per-class value the run reports (val_dice is their mean)."""
+    cases = torch.stack(
+        [
+            volume_scores(slab(8, 10), slab(8, 10), 3, SPACING),  # class 1 perfect; class 2 absent
+            volume_scores(slab(12, 14), slab(8, 10), 3, SPACING),  # class 1 missed by 4 voxels
+            volume_scores(slab(8, 10, value=2), slab(8, 11, value=2), 3, SPACING),  # class 2 only: Dice 0.8
+        ]
+    )
+    result = summarize(cases, surface=True, case_names=["a", "b", "c"])
+    per_case = result.per_case(["liver", "tumour"])
+    assert per_case == {
+        "a": {"dice": {"liver": 1.0, "tumour": None}, "hd95": {"liver": 0.0, "tumour": None}},
+        "b": {"dice": {"liver": 0.0, "tumour": None}, "hd95": {"liver": pytest.approx(8.0), "tumour": None}},
+        "c": {"dice": {"liver": None, "tumour": pytest.approx(0.8)}, "hd95": {"liver": None, "tumour": 2.0}},
+    }
+    for c, name in enumerate(["liver", "tumour"]):
+        present = [case["dice"][name] for case in per_case.values() if case["dice"][name] is not None]
+        assert result.dice_per_class[c] == pytest.approx(sum(present) / len(present))
+    assert result.dice_mean == pytest.approx((0.5 + 0.8) / 2)
+    # the same totals as summing first: one code path for the means
+    assert summarize(cases.sum(0), surface=True).dice_per_class == result.dice_per_class
 
 
-def test_convergence_flags_a_run_whose_dice_still_rises_in_its_second_half() -> None:
-    rising = convergence(history(0.3, 0.5, 0.6, 0.7), total_steps=40)  # validations at 10, 20, 30, 40
-    assert rising == {"since_fraction": 0.5, "late_gain": pytest.approx(0.2), "still_improving": True}
-    flat = convergence(history(0.3, 0.7, 0.705, 0.708), total_steps=40)
-    assert flat["still_improving"] is False and flat["late_gain"] == pytest.approx(0.008)
-    odd = convergence(history(0.3, 0.7, 0.705), total_steps=30)  # middle: step 15 -> the one at step 10
-    assert odd["since_fraction"] == pytest.approx(1 / 3) and odd["still_improving"] is True
-    falling = convergence(history(0.7, 0.6), total_steps=20)
-    assert falling["still_improving"] is False and falling["late_gain"] == pytest.approx(-0.1)
-    assert convergence(history(0.5), total_steps=10) is None  # one validation: nothing to compare
+def test_per_case_hd95_is_none_when_surface_distances_were_not_computed() -> None:
+    cases = volume_scores(slab(8, 10), slab(8, 10), 2, None).unsqueeze(0)
+    per_case = summarize(cases, surface=False, case_names=["a"]).per_case(["c1"])
+    assert per_case == {"a": {"dice": {"c1": 1.0}, "hd95": {"c1": None}}}
+
+
+def test_only_the_batch_mode_batches_windows_by_batch_stats_windows() -> None:
+    inf = Inference([16, 16, 16], 4, 0.25, torch.device("cpu"), lambda: None)
+    assert inf.for_mode("batch").sw_batch_size == 4  # null: sw_batch_size
+    alone = Inference([16, 16, 16], 4, 0.25, torch.device("cpu"), lambda: None, batch_stats_windows=1)
+    assert alone.for_mode("batch").sw_batch_size == 1 and alone.for_mode("running").sw_batch_size == 4
+
+
+def losses(values: list[float | None], every: int = 1) -> list[dict]:
+    return [{"step": every * (i + 1), "loss": v} for i, v in enumerate(values)]
+
+
+def noisy(start: float, per_step: float, steps: int, noise: float, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    return [start + per_step * i + rng.gauss(0, noise) for i in range(steps)]
+
+
+def test_trend_matches_scipys_least_squares_fit() -> None:
+    xs, ys = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0], [1.0, 0.9, 0.95, 0.7, 0.72, 0.6]
+    slope, se = trend(xs, ys)
+    reference = stats.linregress(xs, ys)
+    assert slope == pytest.approx(reference.slope) and se == pytest.approx(reference.stderr)
+
+
+def test_a_loss_still_falling_through_its_noise_is_still_improving() -> None:
+    history = losses(noisy(1.0, -0.005, 40, noise=0.02))  # falls 0.1 over the late 20 steps, noise 0.02
+    flag = convergence(history, total_steps=40)
+    assert flag is not None and flag["still_improving"] is True and flag["metric"] == "train_loss"
+    assert flag["points"] == 21 and flag["since_fraction"] == 0.5  # steps 20..40
+    late = [h for h in history if h["step"] >= 20]
+    reference = stats.linregress([h["step"] / 40 for h in late], [h["loss"] for h in late])
+    assert flag["slope"] == pytest.approx(reference.slope) and flag["se"] == pytest.approx(reference.stderr)
+    assert flag["t"] == pytest.approx(reference.slope / reference.stderr)
+    assert flag["p"] == pytest.approx(reference.pvalue / 2) and flag["p"] < 0.05  # one-sided
+
+
+def test_a_flat_noisy_or_rising_loss_is_not_still_improving() -> None:
+    flat = convergence(losses(noisy(0.5, 0.0, 40, noise=0.05, seed=3)), total_steps=40)
+    assert flat is not None and flat["still_improving"] is False and flat["p"] > 0.05
+    # A fall hidden in noise: first and last late points (steps 5 and 9) would have called it a gain.
+    hidden = [0.6, 0.2, 0.9, 0.1, 0.7, 0.3, 0.8, 0.2, 0.5]
+    weak = convergence(losses(hidden), total_steps=9)
+    assert hidden[-1] < hidden[4] and weak is not None and weak["still_improving"] is False
+    rising = convergence(losses(noisy(0.5, 0.01, 40, noise=0.01)), total_steps=40)
+    assert rising is not None and rising["still_improving"] is False and rising["slope"] > 0
+
+
+def test_the_flag_needs_three_finite_points_in_the_late_half() -> None:
+    assert convergence(losses([1.0, 0.9, 0.8]), total_steps=3) is None  # late half: steps 2 and 3 only
+    assert convergence([], total_steps=10) is None
+    skipped = convergence(losses([1.0, 0.9, 0.8, None, 0.6, 0.5]), total_steps=6)  # step 4 was not finite
+    assert skipped is not None and skipped["points"] == 3  # steps 3, 5, 6
+
+
+def test_points_exactly_on_a_line_decide_by_the_sign_of_the_slope() -> None:
+    falling = convergence(losses([1.0, 0.9, 0.8, 0.7]), total_steps=4)  # steps 2, 3, 4
+    assert falling is not None and falling["points"] == 3 and falling["se"] == pytest.approx(0, abs=1e-12)
+    assert falling["still_improving"] is True and falling["slope"] == pytest.approx(-0.4)  # per whole run
+    rising = convergence(losses([0.7, 0.8, 0.9, 1.0]), total_steps=4)
+    assert rising is not None and rising["still_improving"] is False

@@ -34,6 +34,9 @@ COMPARED = (
     "samples_seen",
     "steps",
     "history",
+    "loss_history",  # the open logging window's loss sum is saved with the checkpoint
+    "convergence",
+    "per_case",
 )
 
 

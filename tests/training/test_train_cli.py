@@ -42,16 +42,40 @@ def test_smoke_run_writes_truthful_metrics(smoke_run: tuple[Path, Path]) -> None
         0 <= v <= 24 * (1.5**2 * 2 + 4) ** 0.5 for v in hd95.values()
     )
     assert metrics["val_hd95"] == pytest.approx(sum(hd95.values()) / 2)
-    # Two validations (trainer.validations=2): half way and at the end; the flag compares them.
+    # Two validations (trainer.validations=2): half way and at the end.
     assert [h["step"] for h in metrics["history"]] == [8, 16]
-    late = metrics["history"][1]["val_dice"] - metrics["history"][0]["val_dice"]
-    assert metrics["convergence"]["late_gain"] == pytest.approx(late)
-    assert metrics["convergence"]["since_fraction"] == 0.5
+    # The convergence flag: a trend through the late half of the logged training losses (every 2 steps).
+    assert [h["step"] for h in metrics["loss_history"]] == list(range(2, 17, 2))
+    flag = metrics["convergence"]
+    assert flag["metric"] == "train_loss" and flag["points"] == 5 and flag["since_fraction"] == 0.5
+    assert isinstance(flag["still_improving"], bool) and flag["still_improving"] == (flag["p"] < 0.05)
+    assert metrics["accumulate_steps"] == 1 and metrics["global_batch"] == 1
+    assert metrics["batch_stats_windows"] == 4  # null: trainer.sw_batch_size
     assert metrics["samples_per_s"] > 0 and 0 <= metrics["data_wait_fraction"] < 1
     assert metrics["peak_memory_mb"] > 50 and metrics["device"] == "cpu"
     assert metrics["versions"]["torch"] and metrics["wall_time_s"] > 0
     for name in ("model.pt", "best_model.pt", "checkpoint.pt", ".hydra/config.yaml", "run_config.yaml"):
         assert (run_dir / name).exists(), name
+
+
+def test_per_case_scores_of_every_evaluation_mode_average_to_its_reported_score(
+    smoke_run: tuple[Path, Path],
+) -> None:
+    metrics = metrics_of(smoke_run[1])
+    per_case = metrics["per_case"]
+    assert set(per_case) == {"running", "precise", "batch"}
+    for mode, cases in per_case.items():
+        assert len(cases) == 2 and all(name.startswith("synth_") for name in cases)  # the validation cases
+        class_means = []
+        for name in ("class1", "class2"):
+            values = [case["dice"][name] for case in cases.values() if case["dice"][name] is not None]
+            class_means.append(sum(values) / len(values))
+            if mode == "running":
+                assert class_means[-1] == pytest.approx(metrics["val_dice_per_class"][name], abs=1e-12)
+            hd95 = [case["hd95"][name] for case in cases.values() if case["hd95"][name] is not None]
+            assert len(hd95) == len(values)
+        assert sum(class_means) / 2 == pytest.approx(metrics["eval_modes"][mode], abs=1e-12), mode
+    assert per_case["running"] != per_case["batch"]
 
 
 def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
@@ -90,6 +114,20 @@ def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
         hparams
     )
     assert "hparam/val_dice" in scalars
+
+
+def test_accumulation_at_batch_1_with_batchnorm_runs_through_the_cli(tmp_path: Path) -> None:
+    """`norm-exp-train trainer.accumulate_steps=4 norm=batch data.batch_size=1`: the same 16 patches in 4
+    optimizer steps of 4 micro-batches; BatchNorm's statistics still come from 1 patch."""
+    args = [*SMOKE, "trainer.accumulate_steps=4", "norm=batch", "data.batch_size=1"]
+    result = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = metrics_of(tmp_path / "run")
+    assert metrics["status"] == "completed" and metrics["accumulate_steps"] == 4
+    assert metrics["steps"] == metrics["total_steps"] == 4 and metrics["samples_seen"] == 16
+    assert (metrics["effective_batch"], metrics["global_batch"], metrics["bn_batch"]) == (1, 4, 1)
+    assert [h["step"] for h in metrics["history"]] == [2, 4]
+    assert set(metrics["per_case"]) == {"running", "precise", "batch"}
 
 
 def test_same_command_again_skips_the_completed_run(smoke_run: tuple[Path, Path]) -> None:

@@ -1,8 +1,12 @@
 """Run.train_step keeps its per-step work small (no walk over every module) but still trains in training
-mode and moves BatchRenorm's limits along the step budget."""
+mode and moves BatchRenorm's limits along the step budget; gradient accumulation (trainer.accumulate_steps)
+is one optimizer step over k micro-batches, each normalized alone; the batch-statistics evaluation mode
+forwards trainer.batch_stats_windows windows at a time."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -122,22 +126,30 @@ def test_default_cpu_run_trains_channels_last(batch_run: Run) -> None:
 
 
 class _CountedLoss(torch.Tensor):
-    """A loss tensor that counts how often it is read back to the host (float() syncs with a GPU)."""
+    """A loss tensor that notes the step at which it is read back to the host (float() syncs with a GPU);
+    sums of it (the logging window's loss) are read through it too."""
 
-    reads = 0
+    reads: list[int] = []
+    step = 0
 
     def __float__(self) -> float:
-        type(self).reads += 1
+        type(self).reads.append(type(self).step)
         return super().__float__()
 
 
 @pytest.mark.parametrize("progress", ["bar", "log", "none"])
 def test_the_loss_is_read_back_only_at_logging_steps(tmp_path: Path, progress: str, monkeypatch) -> None:
-    """Reading the loss waits for the GPU: whatever the progress display, only every log_every_steps."""
+    """Reading the loss waits for the GPU: whatever the progress display, only every log_every_steps (and at
+    a checkpoint), never on the steps in between."""
     run = built_run(tmp_path, f"trainer.progress={progress}", "trainer.log_every_steps=4", "norm=group")
-    real_step = run.train_step
-    monkeypatch.setattr(run, "train_step", lambda x, y: real_step(x, y).as_subclass(_CountedLoss))
-    _CountedLoss.reads = 0
+    real_step = run.optimizer_step
+
+    def counted(*args):
+        _CountedLoss.step += 1
+        return real_step(*args).as_subclass(_CountedLoss)
+
+    monkeypatch.setattr(run, "optimizer_step", counted)
+    _CountedLoss.reads, _CountedLoss.step = [], 0
     steps = run.plan.total_steps  # 8 at the smoke budget; logging at 4 and 8, a checkpoint at 4
     monitor = BNStatMonitor(run.b.model)
     progress_display = Progress(steps, 0, progress, "test")
@@ -145,4 +157,137 @@ def test_the_loss_is_read_back_only_at_logging_steps(tmp_path: Path, progress: s
     run.loop(writer, monitor, progress_display, StopRequest(), InlineExecutor())
     progress_display.close()
     assert run.state.step == steps == 8
-    assert _CountedLoss.reads == 2
+    assert set(_CountedLoss.reads) == {4, 8}, _CountedLoss.reads
+
+
+# ------------------------------------------------------------------------------ gradient accumulation
+
+ACCUMULATE = ["optim=sgd", "trainer.cpu_conv=torch", "trainer.channels_last=false", "trainer.num_threads=1"]
+
+
+def _state(run: Run) -> dict:
+    b = run.b
+    return copy.deepcopy(
+        {
+            "model": b.model.state_dict(),
+            "optimizer": b.optimizer.state_dict(),
+            "sched": b.scheduler.state_dict(),
+        }
+    )
+
+
+def _restore(run: Run, state: dict) -> None:
+    b = run.b
+    b.model.load_state_dict(state["model"])
+    b.optimizer.load_state_dict(state["optimizer"])
+    b.scheduler.load_state_dict(state["sched"])
+
+
+def _step(run: Run, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, dict, dict]:
+    """(loss, gradients, parameters) after one optimizer step over `micro`."""
+    loss = run.optimizer_step(micro, len(micro))
+    model = run.b.model
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return float(loss), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _two_micro_batches(run: Run) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [run.b.sampler.batch(m) for m in (0, 1)]  # micro-batches 0 and 1: optimizer step 0
+
+
+def test_accumulating_k_micro_batches_is_one_batch_k_times_larger_for_a_batch_independent_norm(
+    tmp_path: Path,
+) -> None:
+    """GroupNorm, 2 micro-batches of 1 patch vs the same 2 patches as one batch: the same loss, gradients and
+    update (the loss is scaled by 1/k; DiceCE averages over patches). In float64: in float32 the two orders
+    of summation differ by up to 1e-3 of a layer's largest gradient, which would hide a real difference."""
+    run = built_run(tmp_path, "norm=group", "data.batch_size=1", "trainer.accumulate_steps=2", *ACCUMULATE)
+    assert (run.plan.effective_batch, run.plan.global_batch, run.plan.accumulate_steps) == (1, 2, 2)
+    run.b.model.double()  # the same Parameter objects: the optimizer keeps them
+    micro = [(images.double(), labels) for images, labels in _two_micro_batches(run)]
+    start = _state(run)
+    accumulated = _step(run, micro)
+    _restore(run, start)
+    images, labels = (torch.cat(parts) for parts in zip(*micro))
+    whole = _step(run, [(images, labels)])
+    assert accumulated[0] == pytest.approx(whole[0], rel=1e-12)
+    for name in whole[1]:
+        torch.testing.assert_close(accumulated[1][name], whole[1][name], rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(accumulated[2][name], whole[2][name], rtol=1e-9, atol=1e-12, msg=name)
+    _restore(run, start)
+    first_only = _step(run, micro[:1])  # not what accumulation does: the second micro-batch counts
+    assert any(not torch.allclose(first_only[1][n], whole[1][n], atol=1e-5) for n in whole[1])
+
+
+def test_batchnorm_normalizes_each_micro_batch_alone(tmp_path: Path) -> None:
+    """BatchNorm with 2 micro-batches of 1: its running statistics are updated once per micro-batch, and the
+    gradients are not those of one batch of 2 (whose statistics would span both patches)."""
+    run = built_run(tmp_path, "norm=batch", "data.batch_size=1", "trainer.accumulate_steps=2", *ACCUMULATE)
+    assert run.plan.bn_batch == 1 and run.plan.global_batch == 2
+    bn = [m for m in run.b.model.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    start, micro = _state(run), _two_micro_batches(run)
+    accumulated = _step(run, micro)
+    assert all(int(m.num_batches_tracked) == 2 for m in bn)
+    _restore(run, start)
+    images, labels = (torch.cat(parts) for parts in zip(*micro))
+    whole = _step(run, [(images, labels)])
+    assert all(int(m.num_batches_tracked) == 1 for m in bn)
+    assert any(not torch.allclose(accumulated[1][n], whole[1][n], atol=1e-4) for n in whole[1])
+
+
+def test_an_enabled_loss_scaler_gives_the_unscaled_accumulated_update(tmp_path: Path) -> None:
+    """fp16's GradScaler with accumulation: every backward scaled, one unscale and step; the update equals
+    the one without loss scaling (on a CPU the scaler is off by default: enable one to check the recipe)."""
+    run = built_run(tmp_path, "norm=group", "data.batch_size=1", "trainer.accumulate_steps=2", *ACCUMULATE)
+    start, micro = _state(run), _two_micro_batches(run)
+    plain = _step(run, micro)
+    _restore(run, start)
+    run.b.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaled = _step(run, micro)
+    assert run.b.scaler.get_scale() == 2.0**12 and run.state.amp_skipped_steps == 0
+    for name in plain[2]:
+        torch.testing.assert_close(scaled[1][name], plain[1][name], rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(scaled[2][name], plain[2][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_loop_takes_k_micro_batches_per_step_and_counts_steps_and_patches(tmp_path: Path) -> None:
+    """Step t trains on micro-batches t*k .. t*k+k-1 (also from a resumed step), the schedule steps once per
+    optimizer step, and samples_seen counts every micro-batch's patches."""
+    run = built_run(
+        tmp_path, "norm=group", "data.batch_size=1", "trainer.accumulate_steps=2", "trainer.validations=1"
+    )
+    assert run.plan.total_steps == 8 and run.plan.ckpt_every == 4  # 16 patches, 8 per checkpoint
+    drawn: list[int] = []
+    real_batch = run.b.sampler.batch
+    run.b.sampler.batch = lambda m: drawn.append(m) or real_batch(m)  # type: ignore[method-assign]
+    run.state.step, run.state.samples_seen = 3, 6  # as a run resumed at step 3 would be
+    run.b.scheduler.last_epoch = 3
+    writer = torch.utils.tensorboard.SummaryWriter(str(tmp_path / "tb"))
+    run.loop(
+        writer, BNStatMonitor(run.b.model), Progress(8, 3, "none", "test"), StopRequest(), InlineExecutor()
+    )
+    assert drawn == list(range(6, 16))
+    assert run.state.step == 8 and run.state.samples_seen == 16 and run.b.scheduler.last_epoch == 8
+    assert [h["step"] for h in run.state.loss_history] == [4, 6, 8]  # smoke: log_every_steps=2
+
+
+def test_windows_per_forward_in_the_batch_statistics_mode(batch_run: Run) -> None:
+    """ "batch" mode forwards trainer.batch_stats_windows windows of a volume at a time (null: sw_batch_size,
+    4); 1 scores each window alone; the running mode keeps sw_batch_size whatever the setting."""
+    run, sizes = batch_run, []
+    hook = run.b.model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    default = run.b.inference
+    try:
+        evaluate_built(run.b, run.b.model, "batch")
+        assert sizes == [4, 4] * len(run.b.data.val)  # 24^3 volumes, 16^3 windows, overlap 0.25: 8 windows
+        run.b.inference = dataclasses.replace(default, batch_stats_windows=1)
+        sizes.clear()
+        alone = evaluate_built(run.b, run.b.model, "batch")
+        assert sizes == [1] * 8 * len(run.b.data.val)
+        sizes.clear()
+        evaluate_built(run.b, run.b.model, "running")
+        assert sizes == [4, 4] * len(run.b.data.val)
+    finally:
+        hook.remove()
+        run.b.inference = default
+    assert set(alone.per_case(run.b.class_names)) == {v.name for v in run.b.data.val}
