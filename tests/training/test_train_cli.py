@@ -152,3 +152,12 @@ def test_resume_of_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     result = run_cli(["resume=outputs/runs/nothing-here"], cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: resume=outputs/runs/nothing-here: not a run folder")
+
+
+def test_every_metrics_field_is_documented(smoke_run: tuple[Path, Path]) -> None:
+    """docs/reference/run_folder.md lists every field a completed run writes: a new field fails here until it
+    is documented."""
+    _, run_dir = smoke_run
+    page = (Path(__file__).parents[2] / "docs" / "reference" / "run_folder.md").read_text(encoding="utf-8")
+    missing = [key for key in metrics_of(run_dir) if f"`{key}`" not in page]
+    assert not missing, f"metrics.json fields not in docs/reference/run_folder.md: {missing}"
