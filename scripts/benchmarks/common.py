@@ -25,22 +25,13 @@ from scipy import stats
 from norm_experiments.config import CONFIG_DIR, register_resolvers
 from norm_experiments.data.pipeline import load_data
 from norm_experiments.models import build_model
+from norm_experiments.norms import registry
 from norm_experiments.training.build import Built, build, make_optimizer, make_plan
 from norm_experiments.training.loop import Run
 from norm_experiments.training.outputs import peak_rss_mb, reset_peak_rss
 
-ALL_NORMS = (
-    "batch",
-    "instance",
-    "group",
-    "layer",
-    "batchrenorm",
-    "ghostbatch",
-    "ws_group",
-    "weightnorm",
-    "frn",
-    "none",
-)
+# Every registered norm that runs in one process (syncbatch needs several): the registry is the only list.
+ALL_NORMS = tuple(name for name, record in registry.records().items() if not record.syncs_ranks)
 
 
 @dataclass(frozen=True)
