@@ -48,7 +48,6 @@ from norm_experiments.errors import UserError
 
 log = logging.getLogger(__name__)
 
-INTENSITY_SETTINGS = ("auto", "zscore", "ct", "none")
 # Bump when the statistics change for the same files, so that old cached statistics are not reused.
 STATS_VERSION = 1
 MAX_FOREGROUND_VOXELS = 10**7  # float64 samples held at once: 80 MB (nnU-Net samples 10^8)

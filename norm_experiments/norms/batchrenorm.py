@@ -14,7 +14,8 @@ Why fractions: the paper keeps plain BN for 5k steps and relaxes until 25k-40k s
 a few thousand steps would never leave plain BN. So the schedule is plain BN until ``warmup_fraction`` of
 the step budget, then r_max and d_max rise linearly to their targets by ``relax_end_fraction`` (one end
 for both; the paper's d_max finishes earlier than r_max, a detail not worth a second knob here).
-The training loop drives it with ``set_renorm_progress(model, step / total_steps)``.
+The training loop calls ``set_progress(step / total_steps)`` on every layer ``renorm_layers(model)`` found
+once at build time.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ where MONAI has no norm of that name (``("frn", {})``, ``("batchrenorm", {...})`
 never replaced, and mean MONAI's layers: its "layer" is nn.LayerNorm (ours is GroupNorm with one group), its
 "instance" has affine=False by default (ours True), its "syncbatch" is nn.SyncBatchNorm (ours also runs on
 CPU/gloo). ws_group and weightnorm change the conv, which a norm name cannot reach: models.build_model
-replaces MONAI's convs for them (models/monai_nets.py).
+replaces MONAI's convs for them (models/basic_unet.py).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from torch import nn
 from norm_experiments.errors import UserError
 from norm_experiments.norms import registry
 from norm_experiments.norms.options import Option, count, eps
+from norm_experiments.norms.reference_page import page
 from norm_experiments.report import build_report
 from norm_experiments.training.build import make_plan
 from norm_experiments.training.loop import train
@@ -69,3 +70,8 @@ def test_a_new_norm_gets_the_checks_every_norm_gets(new_norm) -> None:
                 ["experiment=smoke", "norm=group", "norm.name=half_gruop", "~norm.options.num_groups"]
             )
         )
+
+
+def test_a_new_norm_appears_in_the_generated_reference_page(new_norm) -> None:
+    row = [line for line in page().splitlines() if line.startswith(f"| `{new_norm.name}`")]
+    assert len(row) == 1 and "`divisor` (2)" in row[0] and "| no | no |" in row[0]
