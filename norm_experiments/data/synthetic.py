@@ -38,6 +38,10 @@ How each knob affects the normalization comparison:
   class_imbalance = f: class c (1-based) has its radii multiplied by f ** (-(c - 1) / 3), so each class has
   about 1/f of the expected volume of the class before it (f = 1: all classes alike; f < 1 is allowed and
   makes higher classes larger).
+- air_margin: the share of each axis, at each end, that is air: no tissue there, only noise (as outside a
+  head in MR), and objects only inside the body. Patches then differ by what they hold (air, tissue, objects)
+  even after a per-case z-score, as patches of real anatomy do (docs/explanation/batchnorm_at_batch_1.md);
+  0 (the default) keeps the whole volume tissue.
 - shape and spacing: only the volume size and the spacing written into the NIfTI header; the objects are
   defined in voxels.
 
@@ -96,6 +100,7 @@ class SynthConfig:
     gamma_range: tuple[float, float] = (0.7, 1.4)
     bias_field: tuple[float, float] = (0.0, 0.3)
     seed: int = 0
+    air_margin: float = 0.0  # share of each axis, at each end, that is air around the body (0 = no air)
     kind = "synthetic"  # not a field (no annotation): the cache folder prefix of generated.Generator
 
     def __post_init__(self) -> None:
@@ -115,6 +120,7 @@ class SynthConfig:
             "gamma_range": lambda v: tuple(float(x) for x in v),
             "bias_field": _range,
             "seed": int,
+            "air_margin": float,
         }
         for name, fn in conv.items():
             try:
@@ -153,11 +159,16 @@ class SynthConfig:
         require(
             0 <= lo <= hi < 1, "bias_field", "must be in [0, 1) (one value, or (min, max) with min <= max)"
         )
+        require(0 <= self.air_margin < 0.4, "air_margin", "must be in [0, 0.4)")
+        body = [n - 2 * round(self.air_margin * n) for n in self.shape]
+        require(min(body) >= 8, "air_margin", f"leaves a body of {body} voxels; each side must be >= 8")
 
     def key(self) -> str:
         """Short stable hash of every field (and the generator version): the cache folder name."""
         fields = dataclasses.asdict(self)
         fields["generator_version"] = GENERATOR_VERSION
+        if not self.air_margin:  # added later: datasets without air keep their cache folders
+            del fields["air_margin"]
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -235,8 +246,9 @@ class _Object:
     intensity: float
 
 
-def _draw_objects(rng: np.random.Generator, cfg: SynthConfig) -> list[_Object]:
-    shape = np.array(cfg.shape, dtype=float)
+def _draw_objects(rng: np.random.Generator, cfg: SynthConfig, body: tuple[int, ...]) -> list[_Object]:
+    """Objects inside a body of shape `body` (the whole volume, or the box inside the air margin)."""
+    shape = np.array(body, dtype=float)
     max_radii = (shape - 3) / 2  # keep every object inside the volume with a voxel to spare
     objects: list[_Object] = []
     for c in range(1, cfg.num_classes + 1):
@@ -317,11 +329,20 @@ def make_case(cfg: SynthConfig, index: int) -> tuple[np.ndarray, np.ndarray, dic
     function of (cfg, index)."""
     rng = np.random.default_rng([cfg.seed, index])
     shape = cfg.shape
-    label, contrast_map = _object_maps(_draw_objects(rng, cfg), shape)
+    margin = tuple(int(round(cfg.air_margin * n)) for n in shape)
+    body = tuple(slice(m, n - m) for m, n in zip(margin, shape))
+    body_shape = tuple(b.stop - b.start for b in body)
+    body_label, body_contrast = _object_maps(_draw_objects(rng, cfg, body_shape), body_shape)
+    label, contrast_map = np.zeros(shape, np.uint8), np.zeros(shape)
+    label[body], contrast_map[body] = body_label, body_contrast
     case = scanner(rng, cfg)
     tissue = (
         BACKGROUND + TEXTURE_STD * smooth_noise(rng, shape, TEXTURE_SIGMA) + case["contrast"] * contrast_map
     )
+    if any(margin):  # air: no signal outside the body, only the noise added below (as outside a head in MR)
+        inside = np.zeros(shape, dtype=bool)
+        inside[body] = True
+        tissue = np.where(inside, tissue, 0.0)
     curved = BACKGROUND * (np.maximum(tissue, 0.0) / BACKGROUND) ** case["gamma"]
     clean = (1.0 + case["bias_field"] * bias_field(rng, shape)) * curved
     noisy = clean + case["noise_std"] * rng.standard_normal(shape)
@@ -404,6 +425,12 @@ def _parser() -> argparse.ArgumentParser:
         help="bias field strength: one value, or LO HI drawn per case (0 = off)",
     )
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--air-margin",
+        type=float,
+        default=d.air_margin,
+        help="share of each axis, at each end, that is air around the body (0 = none)",
+    )
     return p
 
 
@@ -426,6 +453,7 @@ def main(argv: list[str] | None = None) -> None:
         gamma_range=a.gamma_range,
         bias_field=a.bias_field[0] if len(a.bias_field) == 1 else a.bias_field,
         seed=a.seed,
+        air_margin=a.air_margin,
     )
     out = generate_dataset(a.out_dir, cfg, a.layout)
     shape = "x".join(map(str, cfg.shape))

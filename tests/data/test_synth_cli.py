@@ -72,6 +72,7 @@ def test_every_config_field_is_reachable(tmp_path, monkeypatch):
         gamma_range=(0.9, 1.1),
         bias_field=0.1,
         seed=11,
+        air_margin=0.1,
     )
     # argv lists every option: the test fails when a new SynthConfig field has no option.
     synthetic.main(
@@ -79,7 +80,7 @@ def test_every_config_field_is_reachable(tmp_path, monkeypatch):
         + ["--spacing", "0.8", "0.9", "3", "--classes", "3", "--objects-per-class", "2", "4"]
         + ["--radius-range", "3", "6", "--class-imbalance", "2", "--noise", "0.2", "0.5"]
         + ["--scale-range", "0.5", "2", "--offset-range", "-1", "3", "--contrast-range", "0.8", "1.2"]
-        + ["--gamma-range", "0.9", "1.1", "--bias-field", "0.1", "--seed", "11"]
+        + ["--gamma-range", "0.9", "1.1", "--bias-field", "0.1", "--seed", "11", "--air-margin", "0.1"]
     )
     assert seen["cfg"] == expected and seen["layout"] == "folder"
     defaults = {f: getattr(SynthConfig(), f) for f in SynthConfig.__dataclass_fields__}

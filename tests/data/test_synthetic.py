@@ -361,3 +361,22 @@ def test_ensure_synthetic_is_safe_with_two_concurrent_processes(tmp_path, small_
     assert [p.name for p in tmp_path.iterdir()] == [f"synthetic-{small_cfg.key()}"], "loser's copy discarded"
     cases, _ = find_cases("msd", Path(paths.pop()))
     assert len(cases) == small_cfg.num_cases
+
+
+def test_air_margin_leaves_only_noise_and_no_labels_outside_the_body() -> None:
+    cfg = SynthConfig(shape=(32, 32, 32), radius_range=(3.0, 5.0), air_margin=0.25, noise_std=0.3)
+    image, label, case = make_case(cfg, 0)
+    outside = np.ones(cfg.shape, dtype=bool)
+    outside[8:24, 8:24, 8:24] = False
+    assert label[outside].max() == 0 and set(np.unique(label[~outside])) == {0, 1, 2}
+    air = image[outside]
+    assert air.mean() == pytest.approx(case["offset"], abs=0.05 * case["gain"])  # no tissue signal
+    assert air.std() == pytest.approx(case["gain"] * 0.3, rel=0.05)  # only the noise
+    # Without air the same case keeps its old arrays (and cache key): the default changes nothing.
+    plain = SynthConfig(shape=(32, 32, 32), radius_range=(3.0, 5.0), noise_std=0.3)
+    assert (
+        plain.key()
+        == SynthConfig(shape=(32, 32, 32), radius_range=(3.0, 5.0), noise_std=0.3, air_margin=0).key()
+    )
+    with pytest.raises(UserError, match="air_margin"):
+        SynthConfig(shape=(16, 16, 16), air_margin=0.3)
