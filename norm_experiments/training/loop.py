@@ -27,6 +27,7 @@ from norm_experiments.training import distributed
 from norm_experiments.training.build import Built, Plan, build, make_plan
 from norm_experiments.training.evaluate import ValResult, convergence, evaluate_bn_modes, evaluate_built
 from norm_experiments.training.outputs import library_versions, machine, peak_rss_mb, reset_peak_rss
+from norm_experiments.training.predictions import write_predictions
 from norm_experiments.training.prefetch import batch_executor
 from norm_experiments.training.progress import Progress
 from norm_experiments.training.run_folder import (
@@ -295,6 +296,8 @@ class Run:
             extra["eval_modes_hd95"] = {mode: result.hd95_mean for mode, result in modes.items()}
             for mode, result in modes.items():
                 self.log_scores(writer, result, suffix=f"_{mode}")
+        if self.cfg.trainer.save_predictions:  # label maps per case and mode, to open in a viewer
+            write_predictions(b, self.run_dir)
         self.save_checkpoint()
         if distributed.is_main():
             ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, b.model.state_dict())
