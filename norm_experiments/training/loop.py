@@ -41,6 +41,7 @@ from norm_experiments.training.signals import StopRequest
 from norm_experiments.training.tensorboard import (
     NoWriter,
     log_hparams,
+    log_mode_panel,
     open_writer,
     remove_events,
     slice_panel,
@@ -141,7 +142,9 @@ class Run:
             if distributed.is_main():
                 if not resumed:
                     remove_events(self.run_dir)  # a killed attempt's curves would overlap this one's
-                writer = open_writer(self.run_dir, self.state.step if resumed else None)
+                writer = open_writer(
+                    self.run_dir, self.state.step if resumed else None, self.plan.global_batch
+                )
             monitor = BNStatMonitor(self.b.model)
             progress = Progress(self.plan.total_steps, self.state.step, self.progress_mode(), self.label())
             try:
@@ -296,6 +299,7 @@ class Run:
             extra["eval_modes_hd95"] = {mode: result.hd95_mean for mode, result in modes.items()}
             for mode, result in modes.items():
                 self.log_scores(writer, result, suffix=f"_{mode}")
+            log_mode_panel(writer, {m: r.example for m, r in modes.items()}, b.num_classes, self.state.step)
         if self.cfg.trainer.save_predictions:  # label maps per case and mode, to open in a viewer
             write_predictions(b, self.run_dir)
         self.save_checkpoint()
@@ -303,12 +307,7 @@ class Run:
             ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, b.model.state_dict())
         extra["wall_time_s"] = time.perf_counter() - started
         record = self.write_record(Status.COMPLETED, **extra)
-        params = ("norm", "batch_size", "patches_per_volume", "effective_batch", "world_size", "global_batch")
-        hparams = {k: record[k] for k in (*params, "seed", "lr", "model", "intensity", "budget_unit")}
-        scores = {"hparam/val_dice": final.dice_mean, "hparam/best_val_dice": self.state.best_val_dice}
-        scores["hparam/val_hd95"] = final.hd95_mean
-        scores.update({f"hparam/val_dice_{m}": d for m, d in extra.get("eval_modes", {}).items()})  # type: ignore[union-attr]
-        log_hparams(writer, hparams, scores)
+        log_hparams(writer, record)  # the HParams view reads the val/ scalars
         return record
 
     def stopped(self) -> None:
