@@ -300,11 +300,11 @@ class Run:
             for mode, result in modes.items():
                 self.log_scores(writer, result, suffix=f"_{mode}")
             log_mode_panel(writer, {m: r.example for m, r in modes.items()}, b.num_classes, self.state.step)
-        if self.cfg.trainer.save_predictions:  # label maps per case and mode, to open in a viewer
-            write_predictions(b, self.run_dir)
         self.save_checkpoint()
         if distributed.is_main():
             ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, b.model.state_dict())
+        if self.cfg.trainer.save_predictions:  # label maps per case and mode, to open in a viewer
+            write_predictions(b, self.run_dir)  # after the weights: a failure here loses no training
         extra["wall_time_s"] = time.perf_counter() - started
         record = self.write_record(Status.COMPLETED, **extra)
         log_hparams(writer, record)  # the HParams view reads the val/ scalars

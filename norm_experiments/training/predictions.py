@@ -35,6 +35,7 @@ from torch import nn
 
 from norm_experiments.data.layouts import Case, find_cases
 from norm_experiments.data.pipeline import Volume
+from norm_experiments.errors import UserError
 from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 from norm_experiments.training import distributed
 from norm_experiments.training.evaluate import DICE, PRESENT, precise_bn_batches, score_volumes
@@ -74,21 +75,36 @@ def write_predictions(built: Built, run_dir: Path) -> Path | None:
         vol.name: {"image": [str(p) for p in sources[vol.name].images], "label": str(sources[vol.name].label)}
         for vol in built.data.val
     }
-    for mode, model, bn_mode in mode_models(built):
+    try:
+        for mode, model, bn_mode in mode_models(built):
+            if distributed.is_main():
+                write_mode(built, model, mode, bn_mode, sources, index, folder)
         if not distributed.is_main():
-            continue
-        with bn_eval_mode(model, bn_mode), distributed.local_batch_statistics(model):
-            for vol in built.data.val:
-                totals, example = score_volumes(model, [vol], built.num_classes, built.inference)
-                assert example is not None
-                index[vol.name].setdefault("dice", {})[mode] = case_dice(totals, built.class_names)
-                grid = preprocessed_affine(vol, sources[vol.name], built)
-                write_case(vol, sources[vol.name], grid, example[2], mode, folder / vol.name)
-    if not distributed.is_main():
-        return None
-    atomic_write_text(folder / INDEX, json.dumps(index, indent=2) + "\n")
+            return None
+        atomic_write_text(folder / INDEX, json.dumps(index, indent=2) + "\n")
+    except OSError as err:  # a full disk, a read-only folder, a dataset file gone since training
+        raise UserError(f"trainer.save_predictions: could not write {folder}: {err}") from err
     log.info("predictions: %d validation cases written to %s", len(index), folder)
     return folder
+
+
+def write_mode(
+    built: Built,
+    model: nn.Module,
+    mode: str,
+    bn_mode: str,
+    sources: dict[str, Case],
+    index: dict,
+    folder: Path,
+) -> None:
+    """Every validation case's maps in one evaluation mode, and its Dice per class into `index`."""
+    with bn_eval_mode(model, bn_mode), distributed.local_batch_statistics(model):
+        for vol in built.data.val:
+            totals, example = score_volumes(model, [vol], built.num_classes, built.inference)
+            assert example is not None  # one volume scored: its (image, label, prediction)
+            index[vol.name].setdefault("dice", {})[mode] = case_dice(totals, built.class_names)
+            grid = preprocessed_affine(vol, sources[vol.name], built)
+            write_case(vol, sources[vol.name], grid, example[2], mode, folder / vol.name)
 
 
 def source_cases(built: Built) -> dict[str, Case]:
