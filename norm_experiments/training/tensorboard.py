@@ -77,7 +77,10 @@ class PatchStepWriter(SummaryWriter):
 
     def __init__(self, log_dir: str, purge_step: int | None, patches_per_step: int) -> None:
         self.patches_per_step = patches_per_step
-        super().__init__(log_dir=log_dir, purge_step=self._x(purge_step))
+        # Steps up to the checkpoint's are kept (that step's validation was logged before it was saved); a
+        # resumed run logs from the next step on: whatever lies beyond the checkpoint is discarded.
+        purge = None if purge_step is None else purge_step * patches_per_step + 1
+        super().__init__(log_dir=log_dir, purge_step=purge)
 
     def _x(self, step: int | None) -> int | None:
         return None if step is None else step * self.patches_per_step
@@ -90,8 +93,8 @@ class PatchStepWriter(SummaryWriter):
 
 
 def open_writer(run_dir: Path, resume_step: int | None = None, patches_per_step: int = 1) -> SummaryWriter:
-    """A writer into run_dir, x in training patches (see PatchStepWriter), with the chart layout; on resume,
-    events after the checkpoint's step are discarded (purge_step)."""
+    """A writer into run_dir, x in training patches (see PatchStepWriter), with the chart layout; on resume
+    (resume_step: the checkpoint's step), what the interrupted attempt logged after it is discarded."""
     writer = PatchStepWriter(str(run_dir), resume_step, patches_per_step)
     if resume_step is None:
         writer.add_custom_scalars(LAYOUT)
