@@ -134,3 +134,28 @@ def test_saved_maps_score_what_the_run_recorded(dynunet_run) -> None:
             if scores:
                 per_class.append(float(np.mean(scores)))
         assert float(np.mean(per_class)) == pytest.approx(record["eval_modes"][mode], abs=1e-6)
+
+
+def test_norm_exp_check_reads_the_dynunet_planned_for_anisotropic_voxels(dynunet_run) -> None:
+    """The dataset's voxels are 1 x 1.5 x 2 mm: DynUNet's plan (and so its weights' shapes) depends on them, and
+    norm-exp-check plans it from the same data."""
+    run_dir, root = dynunet_run
+    result = run_cli(
+        [
+            f"weights={run_dir / 'model.pt'}",
+            "model=dynunet",
+            "model.base_channels=8",
+            "norm=batch",
+            "data=msd",
+            f"data.root={root}",
+            "data.patch_size=[16,16,16]",
+            "data.val_fraction=0.5",
+            "data.batch_size=1",
+            "trainer.precise_bn_samples=4",
+            "trainer.num_threads=1",
+        ],
+        cwd=run_dir.parent,
+        module="norm_experiments.check",
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "model=dynunet" in result.stdout and "Verdict:" in result.stdout
