@@ -125,9 +125,7 @@ def build_network(
     spec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options))
     effective_batch = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
     preflight(spec, cfg.model, list(cfg.data.patch_size), effective_batch)
-    model = build_model(
-        cfg.model, spec, num_channels, num_classes, spacing
-    )  # DynUNet: planned as in training
+    model = build_model(cfg.model, spec, num_channels, num_classes, spacing)  # DynUNet: as in training
     return Network(model, f"ours, model={cfg.model.name}, norm={spec.name}")
 
 
