@@ -36,7 +36,7 @@ from norm_experiments.config import CONFIG_DIR, register_resolvers, validate_con
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, Volume, load_data
 from norm_experiments.errors import USER_ERROR_EXIT, UserError, exit_on_user_error
 from norm_experiments.explain import Stats, bn_layers, gap, gap_table, layer_shapes, pre_hooks, table
-from norm_experiments.models import build_model
+from norm_experiments.models import build_model, median_spacing
 from norm_experiments.models.preflight import preflight
 from norm_experiments.norms import bn_eval_mode, make_norm_spec, recompute_bn_statistics, register_monai_norms
 from norm_experiments.norms.bn_common import tracks_running_stats
@@ -116,14 +116,16 @@ def instantiate_net(net_cfg: DictConfig) -> nn.Module:
     return model
 
 
-def build_network(cfg: DictConfig, num_channels: int, num_classes: int) -> Network:
+def build_network(
+    cfg: DictConfig, num_channels: int, num_classes: int, spacing: list[float] | None = None
+) -> Network:
     if cfg.net is not None:
         net_cfg = net_config(cfg.net)
         return Network(instantiate_net(net_cfg), str(net_cfg._target_))
     spec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options))
     effective_batch = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
     preflight(spec, cfg.model, list(cfg.data.patch_size), effective_batch)
-    model = build_model(cfg.model, spec, num_channels, num_classes)
+    model = build_model(cfg.model, spec, num_channels, num_classes, spacing)  # DynUNet: as in training
     return Network(model, f"ours, model={cfg.model.name}, norm={spec.name}")
 
 
@@ -524,7 +526,7 @@ def check(cfg: DictConfig) -> None:
     weights = ckpt.load_weights(weights_path, trust=bool(cfg.trust_weights), trust_flag=TRUST_FLAG)
     device = select_device(str(cfg.trainer.device))
     data = load_data(cfg.data)
-    net = build_network(cfg, data.info.num_channels, len(data.info.labels))
+    net = build_network(cfg, data.info.num_channels, len(data.info.labels), median_spacing(data.train))
     check_input_channels(net.model, data.info.num_channels, data)
     load_into(net, weights_path, weights, data)
     net.model.to(device)

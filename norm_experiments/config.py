@@ -61,6 +61,9 @@ def register_resolvers() -> None:
     """Resolvers used in configs/; registering twice is harmless."""
     if not OmegaConf.has_resolver("run_dirname"):
         OmegaConf.register_new_resolver("run_dirname", run_dirname)
+    from norm_experiments.sweep.run_names import register  # the sweep's folder names
+
+    register()
     if not OmegaConf.has_resolver("execution_keys"):
         OmegaConf.register_new_resolver("execution_keys", lambda: [*EXECUTION_KEYS, *LAUNCHER_KEYS])
 

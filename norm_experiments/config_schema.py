@@ -147,12 +147,14 @@ SCHEMA: dict[str, Check] = {
     "data.cache_on_device": boolean,
     "data.check_files": boolean,
     # model
-    "model.name": choice("unet", "basic_unet"),
+    "model.name": choice("unet", "basic_unet", "dynunet"),
     "model.depth": POSITIVE,
     "model.base_channels": POSITIVE,
     "model.growth": number(0, open_low=True),
     "model.max_channels": POSITIVE,
     "model.features": sequence(6, integer(1), "whole numbers >= 1"),
+    "model.patch_size": SIZES,  # dynunet: the patch it is planned for (data.patch_size)
+    "model.max_depth": POSITIVE,  # dynunet: most downsamplings
     # norm (name and options: the norm registry)
     "norm.name": text,
     # optim
@@ -183,6 +185,7 @@ SCHEMA: dict[str, Check] = {
     "trainer.accumulate_steps": POSITIVE,  # training/loop.py Run.optimizer_step
     "trainer.sw_overlap": number(0, 1, open_high=True),
     "trainer.eval_modes": boolean,
+    "trainer.save_predictions": boolean,  # training/predictions.py
     "trainer.precise_bn_samples": POSITIVE,
     "trainer.checkpoint_every_samples": POSITIVE,
     "trainer.log_every_steps": POSITIVE,

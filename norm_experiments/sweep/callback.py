@@ -9,6 +9,7 @@ sweep folder into report.md, results.csv and plots.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from norm_experiments import run_record
 from norm_experiments.errors import UserError
+from norm_experiments.sweep.run_names import SWEPT_KEYS_ENV, swept_keys
 
 log = logging.getLogger("norm_experiments.sweep")
 
@@ -41,6 +43,10 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
+        # The jobs' folder names put the swept keys first (sweep/run_names.py); a job's config no longer
+        # shows which of its command-line overrides were sweeps, so they travel in the environment.
+        keys = swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params"))
+        os.environ[SWEPT_KEYS_ENV] = ",".join(keys)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

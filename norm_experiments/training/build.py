@@ -25,7 +25,7 @@ from torch import nn
 from norm_experiments.config import run_identity, validate_config
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, keep_on_device, load_data
 from norm_experiments.errors import UserError
-from norm_experiments.models import build_model
+from norm_experiments.models import build_model, median_spacing
 from norm_experiments.models.preflight import preflight
 from norm_experiments.norms import NormSpec, make_norm_spec, renorm_layers
 from norm_experiments.norms.cpu_conv import set_cpu_conv
@@ -274,7 +274,8 @@ def build(cfg: DictConfig, plan: Plan, data: DataBundle | None = None) -> Built:
         keep_on_device(data, device)
     labels = data.info.labels
     class_names = [labels[i] for i in sorted(labels) if i != 0]
-    model = build_model(cfg.model, plan.spec, data.info.num_channels, len(labels)).to(device)
+    spacing = median_spacing(data.train)  # DynUNet is planned for it
+    model = build_model(cfg.model, plan.spec, data.info.num_channels, len(labels), spacing).to(device)
     set_cpu_conv(model, str(cfg.trainer.cpu_conv))  # batch-1 conv3d on a CPU: norms/cpu_conv.py
     memory_format = torch.contiguous_format
     if use_channels_last(cfg.trainer.channels_last, device, plan.effective_batch):

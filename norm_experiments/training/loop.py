@@ -32,6 +32,7 @@ from norm_experiments.training.build import Built, Plan, build, make_plan
 from norm_experiments.training.convergence import convergence
 from norm_experiments.training.evaluate import ValResult, evaluate_bn_modes, evaluate_built
 from norm_experiments.training.outputs import library_versions, machine, peak_rss_mb, reset_peak_rss
+from norm_experiments.training.predictions import write_predictions
 from norm_experiments.training.prefetch import batch_executor
 from norm_experiments.training.progress import Progress
 from norm_experiments.training.run_folder import (
@@ -45,6 +46,7 @@ from norm_experiments.training.signals import StopRequest
 from norm_experiments.training.tensorboard import (
     NoWriter,
     log_hparams,
+    log_mode_panel,
     open_writer,
     remove_events,
     slice_panel,
@@ -180,7 +182,9 @@ class Run:
             if distributed.is_main():
                 if not resumed:
                     remove_events(self.run_dir)  # a killed attempt's curves would overlap this one's
-                writer = open_writer(self.run_dir, self.state.step if resumed else None)
+                writer = open_writer(
+                    self.run_dir, self.state.step if resumed else None, self.plan.global_batch
+                )
             monitor = BNStatMonitor(self.b.model)
             progress = Progress(self.plan.total_steps, self.state.step, self.progress_mode(), self.label())
             try:
@@ -372,19 +376,16 @@ class Run:
             extra["eval_modes_hd95"] = {mode: result.hd95_mean for mode, result in modes.items()}
             for mode, result in modes.items():
                 self.log_scores(writer, result, suffix=f"_{mode}")
+            log_mode_panel(writer, {m: r.example for m, r in modes.items()}, b.num_classes, self.state.step)
         extra["per_case"] = {mode: result.per_case(b.class_names) for mode, result in modes.items()}
         self.save_checkpoint()
         if distributed.is_main():
             ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, b.model.state_dict())
+        if self.cfg.trainer.save_predictions:  # label maps per case and mode, to open in a viewer
+            write_predictions(b, self.run_dir)  # after the weights: a failure here loses no training
         extra["wall_time_s"] = time.perf_counter() - started
         record = self.write_record(Status.COMPLETED, **extra)
-        params = ("norm", "batch_size", "patches_per_volume", "effective_batch", "world_size", "global_batch")
-        params = (*params, "accumulate_steps")
-        hparams = {k: record[k] for k in (*params, "seed", "lr", "model", "intensity", "budget_unit")}
-        scores = {"hparam/val_dice": final.dice_mean, "hparam/best_val_dice": self.state.best_val_dice}
-        scores["hparam/val_hd95"] = final.hd95_mean
-        scores.update({f"hparam/val_dice_{m}": d for m, d in extra.get("eval_modes", {}).items()})  # type: ignore[union-attr]
-        log_hparams(writer, hparams, scores)
+        log_hparams(writer, record)  # the HParams view reads the val/ scalars
         return record
 
     def stopped(self) -> None:

@@ -1,22 +1,104 @@
-"""TensorBoard output of a run: scalars, a validation slice, and the HParams view, all in the run dir.
+"""TensorBoard output of a run: scalars, captioned validation slices, a chart layout and the HParams view,
+all in the run dir.
 
 Events go straight into the run dir (not a sub-folder), so `tensorboard --logdir SWEEP_DIR` names each run
-after its folder (norm, batch size, seed). The HParams summary is written into the same event file instead of
-SummaryWriter.add_hparams, which would create an extra, time-stamped run.
+after its folder. Every point is logged at x = training patches seen (optimizer steps x patches per step, all
+ranks), so that runs at different batch sizes line up on the same data. The HParams summary is written into
+the same event file instead of SummaryWriter.add_hparams, which would create an extra, time-stamped run;
+every run writes the same experiment declaration (TensorBoard shows the first one it finds), which names the
+study's axes as differing and lists every metric, BatchNorm's evaluation modes included.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
+from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
+
+from norm_experiments.norms.registry import EVAL_MODES
+
+# HParams columns: (record key, column title). The study's axes are declared as differing, so TensorBoard
+# shows them (and only them) by default and draws them in the parallel-coordinates view.
+STUDY_AXES = {
+    "norm": "norm",
+    "batch_size": "batch size",
+    "seed": "seed",
+    "intensity": "intensity",
+    "dataset": "dataset",
+}
+OTHER_HPARAMS = {
+    "lr": "learning rate",
+    "model": "model",
+    "patches_per_volume": "patches per volume",
+    "effective_batch": "patches per step",
+    "world_size": "GPUs",
+    "global_batch": "patches per step, all GPUs",
+    "budget_unit": "budget unit",
+    "lr_scaling": "lr scaling",
+}
+# Metrics: the run's own val/ scalars (their last value is the final score).
+METRICS = {
+    "val/dice_mean": "Dice (model.eval())",
+    "val/hd95_mean": "HD95 mm (model.eval())",
+    **{f"val/dice_mean_{mode}": f"Dice, {mode} statistics" for mode in EVAL_MODES},
+    **{f"val/hd95_mean_{mode}": f"HD95 mm, {mode} statistics" for mode in EVAL_MODES},
+}
+# The Custom Scalars tab: validation first, BatchNorm's evaluation modes on one chart.
+LAYOUT = {
+    "validation (x: training patches seen)": {
+        "Dice, model.eval()": ["Multiline", [r"^val/dice_mean$"]],
+        "Dice per class": ["Multiline", [r"^val/dice_(?!mean)"]],
+        "HD95 mm (final)": ["Multiline", [r"^val/hd95_mean"]],
+    },
+    "BatchNorm evaluation modes (x: training patches seen)": {
+        "Dice: model.eval() curve, final running / precise / batch statistics": [
+            "Multiline",
+            [r"^val/dice_mean(_running|_precise|_batch)?$"],
+        ],
+    },
+    "training (x: training patches seen)": {
+        "loss": ["Multiline", [r"^train/loss$"]],
+        "learning rate": ["Multiline", [r"^train/lr$"]],
+    },
+}
 
 
-def open_writer(run_dir: Path, resume_step: int | None = None) -> SummaryWriter:
-    """A writer into run_dir; on resume, events after the checkpoint's step are discarded (purge_step)."""
-    return SummaryWriter(log_dir=str(run_dir), purge_step=resume_step)
+COLOUR_NAMES = ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")  # tab10
+
+
+class PatchStepWriter(SummaryWriter):
+    """A SummaryWriter whose global_step arguments are optimizer steps and whose points land at x = training
+    patches seen (step x patches_per_step): the training loop counts steps, the charts count data."""
+
+    def __init__(self, log_dir: str, purge_step: int | None, patches_per_step: int) -> None:
+        self.patches_per_step = patches_per_step
+        # Steps up to the checkpoint's are kept (that step's validation was logged before it was saved); a
+        # resumed run logs from the next step on: whatever lies beyond the checkpoint is discarded.
+        purge = None if purge_step is None else purge_step * patches_per_step + 1
+        super().__init__(log_dir=log_dir, purge_step=purge)
+
+    def _x(self, step: int | None) -> int | None:
+        return None if step is None else step * self.patches_per_step
+
+    def add_scalar(self, tag, scalar_value, global_step=None, *args, **kwargs):  # type: ignore[override]
+        super().add_scalar(tag, scalar_value, self._x(global_step), *args, **kwargs)
+
+    def add_image(self, tag, img_tensor, global_step=None, *args, **kwargs):  # type: ignore[override]
+        super().add_image(tag, img_tensor, self._x(global_step), *args, **kwargs)
+
+
+def open_writer(run_dir: Path, resume_step: int | None = None, patches_per_step: int = 1) -> SummaryWriter:
+    """A writer into run_dir, x in training patches (see PatchStepWriter), with the chart layout; on resume
+    (resume_step: the checkpoint's step), what the interrupted attempt logged after it is discarded."""
+    writer = PatchStepWriter(str(run_dir), resume_step, patches_per_step)
+    if resume_step is None:
+        writer.add_custom_scalars(LAYOUT)
+    return writer
 
 
 def remove_events(run_dir: Path) -> None:
@@ -26,30 +108,108 @@ def remove_events(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def log_hparams(writer: SummaryWriter, params: dict, metrics: dict[str, float]) -> None:
-    """Hyperparameters with final metrics, shown in TensorBoard's HParams view."""
-    clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
-    for summary in hparams(clean, metrics):
+def log_hparams(writer: SummaryWriter, record: Mapping) -> None:
+    """The HParams view: this run's hyperparameters from its record, the experiment declaration shared by
+    every run (study axes differing; every metric, whether or not this run logs it) and its end."""
+    varied = dict(STUDY_AXES)
+    if record.get("lr_scaling", "none") != "none":
+        varied["lr"] = OTHER_HPARAMS["lr"]  # follows the batch size
+    start = plugin_data_pb2.SessionStartInfo()
+    infos = []
+    for key, title in {**STUDY_AXES, **OTHER_HPARAMS}.items():
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            start.hparams[key].string_value = str(value)
+            kind = api_pb2.DATA_TYPE_STRING
+        else:
+            start.hparams[key].number_value = float(value)
+            kind = api_pb2.DATA_TYPE_FLOAT64
+        infos.append(api_pb2.HParamInfo(name=key, display_name=title, type=kind, differs=key in varied))
+    metrics = [
+        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=title)
+        for tag, title in METRICS.items()
+    ]
+    experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
+    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
+    for tag, data in (
+        (metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+        (metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
+        (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)),
+    ):
+        data.version = metadata.PLUGIN_DATA_VERSION
+        plugin = SummaryMetadata.PluginData(
+            plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString()
+        )
+        summary = Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
         writer.file_writer.add_summary(summary)
-    for name, value in metrics.items():
-        writer.add_scalar(name, value)
+
+
+# ------------------------------------------------------------------------------------ the image panels
 
 
 def slice_panel(
     image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
-    """One axial slice as a (3, H, 3W) image: input | ground truth | prediction (classes as gray levels).
+    """Image | truth | prediction of one axial slice, captioned, classes as a colour overlay: (3, H, W)."""
+    return captioned_panel(image, label, {"prediction (model.eval())": pred}, num_classes)
 
-    The slice is the one with the most foreground, so the panel shows the structures being segmented.
-    """
-    depth_axis = -1
-    fg = (label > 0).flatten(0, -2).sum(0) if label.dim() == 3 else None
-    index = int(fg.argmax()) if fg is not None and fg.sum() > 0 else label.shape[depth_axis] // 2
-    img = image[..., index].float()
-    img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)
-    scale = max(num_classes - 1, 1)
-    panel = torch.cat([img, label[..., index].float() / scale, pred[..., index].float() / scale], dim=1)
-    return panel.unsqueeze(0).repeat(3, 1, 1)
+
+def log_mode_panel(
+    writer: SummaryWriter, examples: Mapping[str, tuple | None], num_classes: int, step: int
+) -> None:
+    """val/slice_eval_modes: the same slice predicted in each BatchNorm evaluation mode, side by side."""
+    first = next((e for e in examples.values() if e is not None), None)
+    if first is None:
+        return
+    image, label, _ = first
+    ordered = [mode for mode in EVAL_MODES if examples.get(mode) is not None]
+    predictions = {f"{mode} statistics": examples[mode][2] for mode in ordered}  # type: ignore[index]
+    writer.add_image("val/slice_eval_modes", captioned_panel(image, label, predictions, num_classes), step)
+
+
+def radiological(slice_xy: torch.Tensor) -> np.ndarray:
+    """An axial slice of a RAS volume (the pipeline reorients every case to RAS), (x, y) -> (rows, columns)
+    as radiologists view it: the patient's right on the left of the screen, anterior at the top."""
+    return slice_xy.flip(0).flip(1).T.cpu().numpy()
+
+
+def captioned_panel(
+    image: torch.Tensor, label: torch.Tensor, predictions: Mapping[str, torch.Tensor], num_classes: int
+) -> torch.Tensor:
+    """One axial slice (the one with the most foreground in the truth): the image, then the truth and each
+    prediction as colours over it, each with its caption. Returns a (3, H, W) uint8 image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import colormaps
+    from matplotlib import pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    foreground = (label > 0).flatten(0, 1).sum(0)
+    index = int(foreground.argmax()) if foreground.sum() > 0 else label.shape[-1] // 2
+    gray = radiological(image[..., index].float())
+    colours = [(0, 0, 0, 0)] + [(*colormaps["tab10"](c % 10)[:3], 0.55) for c in range(num_classes - 1)]
+    overlay = ListedColormap(colours)
+    maps = {"truth": label, **predictions}
+    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.4 * (1 + len(maps)), 2.9), dpi=80)
+    for ax, (title, labels) in zip(axes, [("image", None), *maps.items()]):
+        ax.imshow(gray, cmap="gray", interpolation="nearest")
+        if labels is not None:
+            values = radiological(labels[..., index])
+            ax.imshow(values, cmap=overlay, vmin=0, vmax=num_classes - 1, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=8, va="center")
+    names = ", ".join(f"{c} {COLOUR_NAMES[(c - 1) % 10]}" for c in range(1, num_classes))
+    fig.suptitle(
+        f"axial slice {index}, radiological view (patient's right on the left); classes: {names}", fontsize=9
+    )
+    fig.tight_layout()
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 class NoWriter:

@@ -43,7 +43,8 @@ def test_grid_sweep_reports_four_cells_with_the_failure(grid_sweep) -> None:
     found = statuses(sweep_dir)
     assert len(found) == 4
     failed = [name for name, status in found.items() if status == "failed"]
-    assert failed == ["data.batch_size=1,data.patch_size=_4,4,4_,experiment=smoke,norm=batch"]
+    # the swept keys first, in the order of the command line; lists readable
+    assert failed == ["norm=batch,data.batch_size=1,data.patch_size=4x4x4,experiment=smoke"]
     assert sorted(found.values()) == ["completed", "completed", "completed", "failed"]
     error = metrics_of(sweep_dir / failed[0])["error"]
     assert "one value per channel" in error

@@ -1,50 +1,129 @@
-"""`tensorboard --logdir SWEEP_DIR` shows every run of a sweep side by side: a real TensorBoard server on
-loopback, read back through its HTTP data API."""
+"""TensorBoard at a glance, read back from a real 2-run sweep through the CLI: run folders named with the swept
+key first, per-mode Dice scalars at x = training patches seen, captioned colour panels, one chart layout, and
+one HParams experiment (the study's axes differing, every metric listed by every run); then a real
+TensorBoard server on loopback serves the same through its HTTP data API."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from norm_experiments.training.loop import train
-from tests.helpers import compose_config, free_port
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from norm_experiments.training.tensorboard import METRICS, STUDY_AXES
+from tests.helpers import free_port, metrics_of, run_cli
+
+SWEEP = ["-m", "experiment=smoke", "name=tb", "norm=batch,group", "seed=1", "trainer.num_threads=1"]
+RUNS = ["norm=batch,experiment=smoke,seed=1", "norm=group,experiment=smoke,seed=1"]
+MODES = ("running", "precise", "batch")
 
 
-def get_json(url: str) -> object:
-    with urllib.request.urlopen(url, timeout=5) as response:
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("tb")
+    result = run_cli(SWEEP, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "outputs" / "sweeps" / "tb"
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def hparams_data(acc: EventAccumulator, tag: str) -> plugin_data_pb2.HParamsPluginData:
+    return plugin_data_pb2.HParamsPluginData.FromString(acc.PluginTagToContent("hparams")[tag])
+
+
+def test_run_folders_start_with_the_swept_key(sweep: Path) -> None:
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == RUNS
+
+
+def test_mode_scalars_at_patches_seen(sweep: Path) -> None:
+    for name in RUNS:
+        acc, record = events(sweep / name), metrics_of(sweep / name)
+        dice = acc.Scalars("val/dice_mean")
+        assert [e.step for e in dice] == [h["samples_seen"] for h in record["history"]]  # x: patches seen
+        assert dice[-1].step == record["samples_seen"] == 16 and record["steps"] == 8
+        assert dice[-1].value == pytest.approx(record["val_dice"], abs=1e-6)
+        assert not any(tag.startswith("hparam/") for tag in acc.Tags()["scalars"])  # no duplicate points
+    acc, record = events(sweep / RUNS[0]), metrics_of(sweep / RUNS[0])
+    for mode in MODES:
+        points = acc.Scalars(f"val/dice_mean_{mode}")
+        assert points[-1].step == 16
+        assert points[-1].value == pytest.approx(record["eval_modes"][mode], abs=1e-6)
+    assert not any(tag.startswith("val/dice_mean_") for tag in events(sweep / RUNS[1]).Tags()["scalars"])
+
+
+def decoded(acc: EventAccumulator, tag: str) -> np.ndarray:
+    return mpimg.imread(io.BytesIO(acc.Images(tag)[-1].encoded_image_string), format="png")
+
+
+def test_image_panels_are_captioned_colour_overlays(sweep: Path) -> None:
+    batch, group = events(sweep / RUNS[0]), events(sweep / RUNS[1])
+    assert "val/slice_eval_modes" not in group.Tags()["images"]  # no modes to compare
+    single = decoded(group, "val/slice_input_truth_prediction")
+    modes = decoded(batch, "val/slice_eval_modes")
+    assert modes.shape[1] > 1.5 * single.shape[1]  # image, truth and three predictions vs one
+    for panel in (single, modes):
+        rgb = panel[..., :3]
+        coloured = (rgb.max(-1) - rgb.min(-1)) > 0.25  # the class overlay; the image itself is gray
+        assert coloured.mean() > 0.01
+        dark = rgb.max(-1) < 0.2  # caption text (and the darkest image voxels)
+        assert dark[: panel.shape[0] // 8].any()  # the title line above the slices
+
+
+def test_one_hparams_experiment_with_the_study_axes_and_every_metric(sweep: Path) -> None:
+    experiments = []
+    for name in RUNS:
+        acc = events(sweep / name)
+        experiment = hparams_data(acc, "_hparams_/experiment").experiment
+        experiments.append(experiment.SerializeToString())
+        differing = {info.name for info in experiment.hparam_infos if info.differs}
+        assert differing == set(STUDY_AXES)  # smoke: lr_scaling none, so lr stays constant
+        assert [m.name.tag for m in experiment.metric_infos] == list(METRICS)
+        assert {f"val/dice_mean_{mode}" for mode in MODES} <= set(METRICS)
+        start = hparams_data(acc, "_hparams_/session_start_info").session_start_info
+        assert start.hparams["norm"].string_value == name.split(",")[0].split("=")[1]
+        assert start.hparams["batch_size"].number_value == 2 and start.hparams["seed"].number_value == 1
+    assert experiments[0] == experiments[1]  # whichever run TensorBoard reads first, the same declaration
+
+
+def test_custom_scalars_put_the_three_modes_on_one_chart(sweep: Path) -> None:
+    acc = events(sweep / RUNS[0])
+    content = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(content)
+    assert layout.category[0].title.startswith("validation")
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    modes_chart = next(tags for title, tags in charts.items() if "precise" in title)
+    matched = {t for t in acc.Tags()["scalars"] if any(re.search(p, t) for p in modes_chart)}
+    assert matched == {"val/dice_mean", *(f"val/dice_mean_{mode}" for mode in MODES)}
+
+
+def get_json(url: str, body: dict | None = None) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
-def test_tensorboard_serves_each_run_with_its_scalars(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    names, final_dice = [], {}
-    for norm, seed in (("batch", 0), ("group", 1)):
-        name = f"norm={norm},seed={seed}"
-        cfg = compose_config(["experiment=smoke", "trainer.samples=4", f"norm={norm}", f"seed={seed}"])
-        metrics = train(cfg, sweep / name)
-        assert metrics["status"] == "completed"
-        names.append(name)
-        final_dice[name] = metrics["val_dice"]
-
+def test_tensorboard_serves_runs_scalars_and_one_hparams_experiment(sweep: Path) -> None:
     port = free_port()
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tensorboard.main",
-            "--logdir",
-            str(sweep),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--load_fast",
-            "false",
-        ],
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1"]
+        + ["--port", str(port), "--load_fast", "false"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -52,22 +131,27 @@ def test_tensorboard_serves_each_run_with_its_scalars(tmp_path: Path) -> None:
         base = f"http://127.0.0.1:{port}"
         runs: list = []
         deadline = time.time() + 60
-        while time.time() < deadline and sorted(runs) != names:
+        while time.time() < deadline and sorted(runs) != RUNS:
             try:
                 runs = get_json(f"{base}/data/runs")  # type: ignore[assignment]
             except OSError:
                 pass
             time.sleep(0.5)
-        assert sorted(runs) == names, runs
+        assert sorted(runs) == RUNS, runs
         tags = get_json(f"{base}/data/plugin/scalars/tags")
-        for name in names:
-            assert {"train/loss", "val/dice_mean", "hparam/val_dice"} <= set(tags[name])  # type: ignore[index]
-        assert "val/dice_mean_running" in tags["norm=batch,seed=0"]  # type: ignore[index]
+        assert {"train/loss", "val/dice_mean", "val/dice_mean_precise"} <= set(tags[RUNS[0]])  # type: ignore[index]
         points = get_json(
-            f"{base}/data/plugin/scalars/scalars?run=norm%3Dgroup%2Cseed%3D1&tag=val%2Fdice_mean"
+            f"{base}/data/plugin/scalars/scalars?run={RUNS[1]}&tag=val/dice_mean".replace(",", "%2C")
         )
-        # [wall_time, step, value]: the server shows the final Dice the run recorded
-        assert points[-1][1] == 2 and abs(points[-1][2] - final_dice["norm=group,seed=1"]) < 1e-6
+        final = metrics_of(sweep / RUNS[1])["val_dice"]
+        assert points[-1][1] == 16 and abs(points[-1][2] - final) < 1e-6  # type: ignore[index]
+        experiment = get_json(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        infos = {h["name"]: h for h in experiment["hparamInfos"]}  # type: ignore[index]
+        assert {name for name, h in infos.items() if h.get("differs")} == set(STUDY_AXES)
+        metric_tags = [m["name"]["tag"] for m in experiment["metricInfos"]]  # type: ignore[index]
+        assert metric_tags == list(METRICS)
+        layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
+        assert layout["category"][0]["title"].startswith("validation")  # type: ignore[index]
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -1,0 +1,92 @@
+"""Folder names of a sweep's runs: the swept keys first, in the order the sweep lists them, then the keys
+every run of the sweep shares, so that `tensorboard --logdir SWEEP_DIR` (which names each run after its
+folder) shows norm=, data.batch_size=, seed= ... where a cut-off name still shows them. Lists read as
+`16x16x16` (numbers) or `a+b` instead of `_16,16,16_`.
+
+Which keys are swept: the sweep's own `hydra.sweeper.params` (the presets) and the command line's sweeps
+(`norm=batch,group`), which the job's config no longer shows: the sweep callback (sweep/callback.py) puts
+their keys into the environment (SWEPT_KEYS_ENV) before Hydra starts the jobs, which inherit it.
+
+A folder an earlier version named (the overrides sorted alphabetically, config.run_dirname) is kept when it
+exists, so that running a sweep's command again still finds, skips or continues its runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+SWEPT_KEYS_ENV = "NORM_EXP_SWEPT_KEYS"
+MAX_NAME = 120  # as config.run_dirname: readable, and well under file systems' 255
+
+
+def swept_keys(task_overrides: Iterable[str], sweeper_params: Any) -> list[str]:
+    """Keys a multirun varies: the sweeper's params, then the command line's sweep overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = [str(k) for k in (sweeper_params or {})]
+    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
+        if override.is_sweep_override() and override.key_or_group not in keys:
+            keys.append(override.key_or_group)
+    return keys
+
+
+def readable(value: Any) -> str:
+    """A value as it reads in a folder name: lists joined by 'x' (numbers) or '+' (anything else)."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        items = [readable(v) for v in value]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        return ("x" if numbers else "+").join(items)
+    if isinstance(value, (dict, DictConfig)):
+        return "+".join(f"{k}-{readable(v)}" for k, v in value.items())
+    return str(value)
+
+
+def safe(name: str) -> str:
+    """Filesystem-safe and at most MAX_NAME characters (a hash keeps distinct names apart when cut)."""
+    cleaned = re.sub(r"[^A-Za-z0-9=,._+-]", "_", name)
+    if len(cleaned) > MAX_NAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        cleaned = f"{cleaned[: MAX_NAME - 9]}-{digest}"
+    return cleaned
+
+
+def sweep_run_name(task_overrides: Iterable[str], swept: list[str], exclude_keys: Iterable[str] = ()) -> str:
+    """`key=value` of the job's overrides joined by ',': swept keys first (in `swept` order), the rest
+    sorted; `exclude_keys` (execution-only keys, config.EXECUTION_KEYS) left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    excluded = set(exclude_keys)
+    items: dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
+        key = override.key_or_group
+        if key not in excluded:
+            value = override.value()
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            items[key] = f"{key}={readable(value)}"
+    first = [items.pop(k) for k in swept if k in items]
+    return safe(",".join(first + sorted(items.values()))) if first or items else "default"
+
+
+def sweep_subdir(sweep_dir: str, override_dirname: str, task_overrides: Any, sweeper_params: Any) -> str:
+    """The `sweep_run_dirname` resolver (configs/hydra/default.yaml): a job's folder inside the sweep."""
+    from norm_experiments.config import EXECUTION_KEYS, LAUNCHER_KEYS, run_dirname
+
+    legacy = run_dirname(override_dirname)
+    if (Path(sweep_dir) / legacy).is_dir():
+        return legacy
+    task = list(task_overrides or [])
+    keys = swept_keys([], sweeper_params)
+    keys += [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k and k not in keys]
+    return sweep_run_name(task, keys, [*EXECUTION_KEYS, *LAUNCHER_KEYS])
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("sweep_run_dirname"):
+        OmegaConf.register_new_resolver("sweep_run_dirname", sweep_subdir)
