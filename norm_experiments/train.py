@@ -28,7 +28,7 @@ from typing import NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from norm_experiments.config import (
     CONFIG_DIR,
@@ -47,7 +47,7 @@ from norm_experiments.training.loop import (
     RunInterrupted,
     train,
 )
-from norm_experiments.training.run_folder import RunFolderBusy, record_failure
+from norm_experiments.training.run_folder import RunFolderBusy, record_failure, saved_overrides
 
 log = logging.getLogger("norm_experiments.train")
 
@@ -171,15 +171,9 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not resume:
         return argv
     run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
-    overrides = [str(o) for o in OmegaConf.load(saved) if not str(o).startswith("hydra.run.dir=")]
-    # Hydra writes only the task's overrides there: a Hydra setting (e.g. a callback's _target_, which Hydra
-    # would import and call) means a crafted file.
-    crafted = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    if crafted:
-        raise UserError(f"resume={run_dir}: {saved} sets {crafted[0]}, which a run's overrides never do")
+    # Only plain key=value overrides of configs/ (run_folder.saved_overrides): the folder may be someone
+    # else's, and its file becomes part of this command line.
+    overrides = saved_overrides(run_dir, CONFIG_DIR)
     # One-time instructions are never replayed: the trust opt-in holds for one load, and overwrite=true would
     # discard the very checkpoint a resume continues from.
     once = ("trainer.trust_checkpoint=", "trainer.overwrite=")
