@@ -589,10 +589,10 @@ def check(cfg: DictConfig) -> None:
             f"{', '.join(missing)}: required (e.g. weights=model.pt net=unet.yaml data=msd data.root=DIR)"
         )
     validate_config(cfg, extra=CHECK_KEYS)
-    if cfg.net is not None:
-        net_config(cfg.net)  # refuses a _target_ that is no network before anything else runs
     weights_path = Path(str(cfg.weights)).expanduser()
     target = repaired_target(cfg, weights_path)
+    if cfg.net is not None:
+        net_config(cfg.net)  # refuses a _target_ that is no network before anything else runs
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     weights = ckpt.load_weights(weights_path, trust=bool(cfg.trust_weights), trust_flag=TRUST_FLAG)
