@@ -38,7 +38,13 @@ from norm_experiments import safe_io
 from norm_experiments.config import CONFIG_DIR, register_resolvers, validate_config
 from norm_experiments.data.checks import duplicate_images
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, Volume, load_data
-from norm_experiments.errors import USER_ERROR_EXIT, UserError, exit_on_user_error
+from norm_experiments.errors import (
+    USER_ERROR_EXIT,
+    UserError,
+    exit_on_user_error,
+    flush_stdout,
+    guard_stdout,
+)
 from norm_experiments.explain import Stats, bn_layers, gap, gap_table, layer_shapes, pre_hooks, table
 from norm_experiments.models import build_model, median_spacing
 from norm_experiments.models.preflight import preflight
@@ -657,7 +663,9 @@ def main() -> None:
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         print("error: norm-exp-check runs once: drop -m/--multirun", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
+    guard_stdout()  # a closed pipe or a full disk on stdout: one line, not a traceback
     hydra_main()
+    flush_stdout()
 
 
 if __name__ == "__main__":

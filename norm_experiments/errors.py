@@ -30,3 +30,64 @@ def exit_on_user_error(func: F) -> F:
             sys.exit(USER_ERROR_EXIT)
 
     return wrapper  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ standard output
+
+
+class StdoutError(UserError):
+    """Standard output cannot be written: a closed pipe (`| head`), a full disk, /dev/full."""
+
+
+class _GuardedStdout:
+    """sys.stdout, with a write error turned into StdoutError (one line, exit 2) instead of a traceback.
+
+    On the first error fd 1 is pointed at /dev/null, so that the flushes still to come (Python flushes
+    stdout at exit) succeed instead of printing 'Exception ignored ... BrokenPipeError'."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _failed(self, err: OSError) -> StdoutError:
+        import os
+
+        from norm_experiments.safe_io import os_reason
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        return StdoutError(f"cannot write to standard output ({os_reason(err)}); output lost")
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            raise self._failed(err) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            raise self._failed(err) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def guard_stdout() -> None:
+    """Install the guard on sys.stdout (an entry point calls it first; twice is harmless)."""
+    if not isinstance(sys.stdout, _GuardedStdout) and hasattr(sys.stdout, "fileno"):
+        try:
+            sys.stdout.fileno()
+        except (OSError, ValueError):  # not a real file (a test's capture): nothing to guard
+            return
+        sys.stdout = _GuardedStdout(sys.stdout)  # type: ignore[assignment]
+
+
+def flush_stdout() -> None:
+    """Flush standard output at the end of an entry point: a failure is one `error:` line and exit 2."""
+    try:
+        sys.stdout.flush()
+    except StdoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)

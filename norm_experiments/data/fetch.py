@@ -46,7 +46,7 @@ from omegaconf import OmegaConf
 
 from norm_experiments.config import CONFIG_DIR, hydra_quote
 from norm_experiments.data.layouts import find_cases
-from norm_experiments.errors import UserError, exit_on_user_error
+from norm_experiments.errors import UserError, exit_on_user_error, flush_stdout, guard_stdout
 
 EXIT_INTERRUPTED = 3  # SIGTERM or Ctrl-C: the work folder was removed, nothing was kept
 DEFAULT_TIMEOUT = 60.0  # seconds without a byte (connecting, or between reads) before a download gives up
@@ -362,8 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     """norm-exp-fetch msd TASK [--url URL|PATH] [--md5 HEX] [--timeout S] [--cache-dir DIR]"""
     # SIGTERM unwinds like Ctrl-C, so that fetch_msd removes its work folder (a partial download) on the way.
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    guard_stdout()  # a closed pipe or a full disk on stdout: one line, not a traceback
     try:
         _fetch(argv)
+        flush_stdout()
     except KeyboardInterrupt:
         print("interrupted: nothing was kept; run the same command to start again", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)

@@ -80,7 +80,9 @@ def save(path: Path, state: dict) -> None:
     try:
         write_atomic(path, buffer.getvalue())
     except OSError as err:
-        raise UserError(f"could not write {path}: {err.strerror or err}; the previous file is kept") from err
+        raise UserError(
+            f"could not write {path}: {safe_io.os_reason(err)}; the previous file is kept"
+        ) from err
 
 
 def load(path: Path, trust: bool = False) -> dict:

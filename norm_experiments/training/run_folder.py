@@ -64,13 +64,21 @@ def locked(run_dir: Path) -> Iterator[None]:
         )
     try:
         if handle is not None:
-            handle.truncate(0)
-            handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-            handle.flush()
+            _write_holder(handle)
         yield
     finally:
         if handle is not None:
             handle.close()  # closing the file releases the lock
+
+
+def _write_holder(handle) -> None:
+    """Say who holds the lock, for the refusal another process prints. Unbuffered (os.write): on a full disk
+    the line is lost, but nothing is left in a buffer that would fail again when the file closes."""
+    try:
+        handle.truncate(0)
+        os.write(handle.fileno(), f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    except OSError:
+        pass  # the lock holds without the line
 
 
 def _flatten(node: object, prefix: str = "") -> dict[str, object]:
@@ -191,6 +199,34 @@ def record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
         run_record.write(run_dir, record)
     except (OSError, ValueError):
         pass  # an unwritable folder or an unresolvable config: the error is still reported
+
+
+_RUNNING, _FAILED = b'"status": "running"', b'"status": "failed" '  # the same length: see settle_record
+
+
+def settle_record(cfg: DictConfig, run_dir: Path) -> None:
+    """After a failure this process saw: a record of this run still saying `running` (its failed record
+    could not be written, e.g. on a full disk) is turned into `failed` in place. Same-length bytes written
+    over the file's own need no free space; a record that looked alive would otherwise stay `running`."""
+    from norm_experiments.config import run_identity
+
+    if not distributed.is_main():
+        return
+    path = run_record.path_in(run_dir)
+    try:
+        with contextlib.suppress(RunFolderBusy), locked(run_dir):  # not while another process holds it
+            record = run_record.read(run_dir)
+            if run_record.status_of(record) != Status.RUNNING or record.get("run_id") != run_identity(cfg):
+                return
+            data = path.read_bytes()
+            if data.count(_RUNNING) == 1:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, _FAILED, data.index(_RUNNING))
+                finally:
+                    os.close(fd)
+    except (OSError, ValueError):
+        pass  # a folder that cannot be written at all: the error line still says what happened
 
 
 # ------------------------------------------------------------------------------------------ resume=RUN_DIR
