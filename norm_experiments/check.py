@@ -663,6 +663,10 @@ def main() -> None:
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         print("error: norm-exp-check runs once: drop -m/--multirun", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
+    problem = safe_io.argument_problem(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
     guard_stdout()  # a closed pipe or a full disk on stdout: one line, not a traceback
     hydra_main()
     flush_stdout()

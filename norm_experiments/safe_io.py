@@ -155,3 +155,39 @@ def full_disk_problem(folder: Path) -> str | None:
     if free < MIN_FREE_BYTES:
         return f"{path}: the disk is full (ENOSPC: {free} bytes free); free some space and run again"
     return None
+
+
+# Command-line values that name files or folders (or, `name`, a sweep's folder).
+PATH_KEYS = (
+    "hydra.run.dir",
+    "hydra.sweep.dir",
+    "hydra.sweep.subdir",
+    "data.root",
+    "data.cache_dir",
+    "resume",
+    "name",
+    "weights",
+    "net",
+    "write_repaired",
+)
+NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows filesystems
+
+
+def argument_problem(argv: list[str]) -> str | None:
+    """An argument no file operation could use, said in one line (None if there is none): bytes that are
+    not UTF-8 anywhere (the shell passes them as they are; YAML, Hydra and the terminal then fail), or a
+    file or folder name longer than filesystems allow (mkdir would fail deep inside Hydra)."""
+    for arg in argv:
+        if any("\udc80" <= c <= "\udcff" for c in arg):
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            return f"{shown}: holds bytes that are not UTF-8; use a UTF-8 name"
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") not in PATH_KEYS:
+            continue
+        for part in value.strip("'\"").split("/"):
+            if len(part.encode()) > NAME_MAX:
+                return (
+                    f"{key}: the name {part[:20]}... is {len(part.encode())} bytes long, more than the "
+                    f"{NAME_MAX} a file or folder name can have"
+                )
+    return None

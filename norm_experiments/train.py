@@ -38,6 +38,7 @@ from norm_experiments.config import (
     register_resolvers,
 )
 from norm_experiments.errors import USER_ERROR_EXIT, StdoutError, UserError, flush_stdout, guard_stdout
+from norm_experiments.safe_io import argument_problem
 from norm_experiments.training import distributed
 from norm_experiments.training.loop import (
     EXIT_CRASHED,
@@ -206,8 +207,12 @@ def main() -> None:
     logging.raiseExceptions = False
     try:
         distributed.setup()  # under torchrun: join the other ranks (one process per GPU); else nothing
+        problem = argument_problem(sys.argv[1:])  # before resume= reads the folder it names
+        if problem:
+            raise UserError(problem)
         sys.argv = resume_argv(sys.argv)
-        problem = quoting_problem(sys.argv[1:]) or output_dir_problem(sys.argv[1:])
+        argv = sys.argv[1:]
+        problem = argument_problem(argv) or quoting_problem(argv) or output_dir_problem(argv)
         if problem:
             raise UserError(problem)
     except UserError as err:

@@ -44,6 +44,7 @@ from urllib.request import url2pathname, urlopen
 
 from omegaconf import OmegaConf
 
+from norm_experiments import safe_io
 from norm_experiments.config import CONFIG_DIR, hydra_quote
 from norm_experiments.data.layouts import find_cases
 from norm_experiments.errors import UserError, exit_on_user_error, flush_stdout, guard_stdout
@@ -375,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
 
 @exit_on_user_error
 def _fetch(argv: list[str] | None) -> None:
+    problem = safe_io.argument_problem(sys.argv[1:] if argv is None else argv)
+    if problem:
+        raise UserError(problem)
     args = _parser().parse_args(argv)
     if not args.timeout > 0:
         raise UserError(f"--timeout {args.timeout:g}: must be a positive number of seconds")

@@ -245,7 +245,7 @@ def saved_overrides(run_dir: Path, config_dir: Path) -> list[str]:
     """The overrides of the run in run_dir, each checked to be a plain key=value of the configs in
     config_dir; raises UserError naming the file and the first line it refuses."""
     saved = run_dir / ".hydra" / OVERRIDES
-    if not saved.is_file():
+    if not saved.exists():  # something else than a file (a FIFO, a device) is refused below, by its kind
         raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
     try:
         overrides = OmegaConf.to_container(OmegaConf.create(safe_io.read_text(saved, safe_io.MAX_YAML_BYTES)))
