@@ -241,3 +241,16 @@ def test_train_with_line_works_when_home_is_unset(archive: Path, tmp_path: Path)
     finally:
         os.environ["HOME"] = env.get("HOME", "/root") if "HOME" in env else os.path.expanduser("~root")
     assert (Path(cfg.data.root) / "dataset.json").is_file()
+
+
+def test_output_into_a_full_stdout_is_one_line_and_the_task_is_fetched(archive: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "norm_experiments.data.fetch", "msd", TASK, "--url", str(archive)]
+    command += ["--md5", md5_of(archive), "--cache-dir", str(tmp_path / "cache")]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr
+        == "error: cannot write to standard output (ENOSPC: No space left on device); output lost\n"
+    )
+    assert (tmp_path / "cache" / "msd" / TASK / "dataset.json").is_file()
