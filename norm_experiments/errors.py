@@ -98,6 +98,9 @@ def guard_stdout() -> None:
 
 
 def _unwrap(guarded: _GuardedStdout) -> None:
+    """At exit: the error (if any) has been said; later flushes (logging's handlers at shutdown) go quietly
+    to /dev/null, which fd 1 points at since the error."""
+    guarded._error = None
     if sys.stdout is guarded:
         sys.stdout = guarded._stream
 

@@ -47,7 +47,13 @@ from omegaconf import OmegaConf
 from norm_experiments import safe_io
 from norm_experiments.config import CONFIG_DIR, hydra_quote
 from norm_experiments.data.layouts import find_cases
-from norm_experiments.errors import UserError, exit_on_user_error, flush_stdout, guard_stdout
+from norm_experiments.errors import (
+    StdoutError,
+    UserError,
+    exit_on_user_error,
+    flush_stdout,
+    guard_stdout,
+)
 
 EXIT_INTERRUPTED = 3  # SIGTERM or Ctrl-C: the work folder was removed, nothing was kept
 DEFAULT_TIMEOUT = 60.0  # seconds without a byte (connecting, or between reads) before a download gives up
@@ -173,12 +179,12 @@ def _obtain(source: str, md5: str, work: Path, timeout: float) -> Path:
     if local is not None:
         if not local.is_file():
             raise UserError(f"{local}: archive not found")
-        print(f"checking the MD5 of {local}", flush=True)
+        _say(f"checking the MD5 of {local}")
         if not check_hash(local, md5, "md5"):
             raise UserError(_md5_message(str(local), md5))
         return local
     archive = work / (PurePosixPath(urlparse(source).path).name or "archive")
-    print(f"downloading {source} (MD5 {md5}) ...", flush=True)
+    _say(f"downloading {source} (MD5 {md5}) ...")
     again = "nothing was kept: run the same command to start again"
     try:
         digest = _download(source, archive, timeout)
@@ -210,6 +216,15 @@ def _download(source: str, archive: Path, timeout: float) -> str:
     if promised is not None and promised.isdigit() and archive.stat().st_size != int(promised):
         raise OSError(f"the server sent {archive.stat().st_size} of {promised} bytes")
     return digest.hexdigest()
+
+
+def _say(line: str) -> None:
+    """A progress line. Standard output that cannot be written (a closed pipe) does not stop the fetch:
+    main() reports it in one line at the end (errors.flush_stdout), the dataset in place."""
+    try:
+        print(line, flush=True)
+    except StdoutError:
+        pass
 
 
 def _md5_message(source: str, md5: str) -> str:
@@ -277,7 +292,7 @@ def _extract(archive: Path, dest: Path, task: str) -> Path:
 
     kind = _archive_kind(archive, archive.name)
     folder = _dataset_folder(_member_names(archive, kind), task, archive.name)
-    print(f"extracting {archive.name} ...", flush=True)
+    _say(f"extracting {archive.name} ...")
     dest.mkdir()
     try:
         extractall(archive, dest, file_type=kind, has_base=False)
@@ -385,10 +400,10 @@ def _fetch(argv: list[str] | None) -> None:
     cache_root = args.cache_dir or default_cache_root()
     fetched = fetch_msd(args.task, cache_root, args.url, args.md5, args.timeout)
     if fetched.already:
-        print(f"{args.task}: already fetched ({fetched.cases} training cases) at {fetched.path}")
+        _say(f"{args.task}: already fetched ({fetched.cases} training cases) at {fetched.path}")
     else:
-        print(f"fetched {args.task}: {fetched.cases} training cases at {fetched.path}")
-    print(f"train with: norm-exp-train {train_override(args.task, fetched, cache_root)}")
+        _say(f"fetched {args.task}: {fetched.cases} training cases at {fetched.path}")
+    _say(f"train with: norm-exp-train {train_override(args.task, fetched, cache_root)}")
 
 
 if __name__ == "__main__":
