@@ -21,20 +21,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
+from hydra._internal.utils import _locate
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from norm_experiments import config_schema as schema
+from norm_experiments import safe_io
 from norm_experiments.config import CONFIG_DIR, register_resolvers, validate_config
+from norm_experiments.data.checks import duplicate_images
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, Volume, load_data
-from norm_experiments.errors import USER_ERROR_EXIT, UserError, exit_on_user_error
+from norm_experiments.errors import (
+    USER_ERROR_EXIT,
+    UserError,
+    exit_on_user_error,
+    flush_stdout,
+    guard_stdout,
+)
 from norm_experiments.explain import Stats, bn_layers, gap, gap_table, layer_shapes, pre_hooks, table
 from norm_experiments.models import build_model, median_spacing
 from norm_experiments.models.preflight import preflight
@@ -80,7 +90,8 @@ class Checked:
 
 
 def net_config(net: object) -> DictConfig:
-    """The `net` key as a config with a _target_: given inline, or as the path of a YAML file."""
+    """The `net` key as a config with a _target_: given inline, or as the path of a YAML file; checked
+    (allowed_targets) before anything in it is imported or called."""
     if isinstance(net, str):
         path = Path(net).expanduser()
         if not path.is_file():
@@ -88,14 +99,74 @@ def net_config(net: object) -> DictConfig:
                 f"net={net}: no such file (give a YAML file with a _target_, or the network inline)"
             )
         try:
-            net = OmegaConf.load(path)
+            net = OmegaConf.create(safe_io.read_text(path, safe_io.MAX_YAML_BYTES))
+        except safe_io.UnsafeFile as err:
+            raise UserError(f"net={err}") from None
         except Exception as err:
             raise UserError(f"net={net}: not a readable YAML file ({err.__class__.__name__})") from None
     if not isinstance(net, DictConfig) or "_target_" not in net:
         raise UserError(
             "net: needs a _target_, e.g. net='{_target_: monai.networks.nets.UNet, spatial_dims: 3, ...}'"
         )
+    allowed_targets(net)
     return net
+
+
+# A net= config may build a network, nothing else: Hydra imports and calls any _target_ it is given (a shared
+# YAML file with builtins.open or a nested _target_ would run code). Targets are named by these modules.
+NETWORK_MODULES = ("monai.networks.nets.", "norm_experiments.models.")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def allowed_targets(net_cfg: DictConfig) -> None:
+    """Refuse, before anything is imported or called, a net config with a _target_ (at any depth) that is
+    not a network class of MONAI or ours, or an interpolation that calls a resolver (${oc.env:...})."""
+    plain = OmegaConf.to_container(net_cfg, resolve=False)
+    for where, target in _targets(plain, "net"):
+        _check_target(where, target)
+    for where, text in _strings(plain, "net"):
+        if "${" in text and ":" in text[text.index("${") :]:
+            raise UserError(f"{where}={text}: a resolver in a network config is not allowed")
+
+
+def _targets(node: object, where: str):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_":
+                yield f"{where}._target_", value
+            else:
+                yield from _targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{where}[{i}]")
+
+
+def _strings(node: object, where: str):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{where}[{i}]")
+    elif isinstance(node, str):
+        yield where, node
+
+
+def _check_target(where: str, target: object) -> None:
+    """A MONAI or project network class, by its dotted name (only then imported, to check what it is)."""
+    allowed = "a network class of monai.networks.nets (e.g. UNet, BasicUNet, DynUNet, SegResNet) or ours"
+    if not isinstance(target, str) or not _DOTTED.fullmatch(target) or not target.startswith(NETWORK_MODULES):
+        raise UserError(f"{where}={target}: not allowed; a network config may only name {allowed}")
+    try:
+        found = _locate(target)
+    except ImportError:
+        raise UserError(f"{where}={target}: no such network class ({allowed})") from None
+    # The name alone is not enough: monai.networks.nets.unet.torch.save is reachable by attribute too.
+    module = getattr(found, "__module__", "") or ""
+    if not (
+        isinstance(found, type) and issubclass(found, nn.Module) and f"{module}.".startswith(NETWORK_MODULES)
+    ):
+        raise UserError(f"{where}={target}: not allowed, not a network class ({allowed})")
 
 
 def instantiate_net(net_cfg: DictConfig) -> nn.Module:
@@ -104,11 +175,6 @@ def instantiate_net(net_cfg: DictConfig) -> nn.Module:
     try:
         model = hydra.utils.instantiate(net_cfg, _convert_="all")
     except InstantiationException as err:
-        if str(err).startswith(("Error locating target", "Expected a callable target")):
-            raise UserError(
-                f"net._target_={target}: no such network class (e.g. monai.networks.nets.UNet, BasicUNet, "
-                "DynUNet, SegResNet)"
-            ) from None
         cause = err.__cause__ or err
         raise UserError(f"net: {target} refused its arguments: {str(cause).splitlines()[0]}") from None
     if not isinstance(model, nn.Module):
@@ -145,6 +211,16 @@ def unwrap_keys(weights: dict, model: nn.Module) -> dict:
         ):
             return {k[len(prefix) :]: v for k, v in weights.items()}
     return weights
+
+
+def check_finite(path: Path, weights: dict) -> None:
+    """Weights with NaN or infinite values score nothing real (every output NaN): refused, naming a tensor."""
+    for key, value in weights.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(
+                f"{path}: {key} holds {bad} NaN or infinite value(s); these weights score nothing"
+            )
 
 
 def check_input_channels(model: nn.Module, num_channels: int, data: DataBundle) -> None:
@@ -521,9 +597,12 @@ def check(cfg: DictConfig) -> None:
     validate_config(cfg, extra=CHECK_KEYS)
     weights_path = Path(str(cfg.weights)).expanduser()
     target = repaired_target(cfg, weights_path)
+    if cfg.net is not None:
+        net_config(cfg.net)  # refuses a _target_ that is no network before anything else runs
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     weights = ckpt.load_weights(weights_path, trust=bool(cfg.trust_weights), trust_flag=TRUST_FLAG)
+    check_finite(weights_path, weights)
     device = select_device(str(cfg.trainer.device))
     data = load_data(cfg.data)
     net = build_network(cfg, data.info.num_channels, len(data.info.labels), median_spacing(data.train))
@@ -544,6 +623,11 @@ def check(cfg: DictConfig) -> None:
         f"Checking {weights_path} (network: {net.description}) on {data.info.root} ({data.info.layout}): "
         f"{len(data.train)} training and {len(data.val)} validation cases, patch {patch}."
     )
+    for val_name, train_name in duplicate_images(data.train, data.val):
+        print(
+            f"LEAKAGE: validation case {val_name} holds the same voxels as training case {train_name}: its "
+            "scores measure what the network memorized, not how it generalizes; choose other data.val_cases"
+        )
     checked, precise = run_checks(net.model, cfg, data, inf)
     first = next(iter(checked.scores.values()))  # which classes are present does not depend on the mode
     if math.isnan(first.dice_mean):
@@ -579,7 +663,13 @@ def main() -> None:
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         print("error: norm-exp-check runs once: drop -m/--multirun", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
+    problem = safe_io.argument_problem(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    guard_stdout()  # a closed pipe or a full disk on stdout: one line, not a traceback
     hydra_main()
+    flush_stdout()
 
 
 if __name__ == "__main__":

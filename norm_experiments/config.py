@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments import config_schema
 from norm_experiments.errors import UserError
+from norm_experiments.safe_io import full_disk_problem
 
 # configs/ sits beside the package in the repository; the README's set-up installs the project in editable
 # mode, so this path holds from any working directory.
@@ -180,6 +181,9 @@ def output_dir_problem(argv: list[str]) -> str | None:
             return f"{label}: cannot create the folder, {path} is a file"
         if not os.access(path, os.W_OK):
             return f"{label}: cannot create the folder, {path} is not writable"
+        full = full_disk_problem(path)  # Hydra writes multirun.yaml, and a run .hydra/, before any check
+        if full:
+            return f"{label}: {full}"
     return None
 
 

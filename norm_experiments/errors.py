@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import sys
 from collections.abc import Callable
@@ -30,3 +31,84 @@ def exit_on_user_error(func: F) -> F:
             sys.exit(USER_ERROR_EXIT)
 
     return wrapper  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ standard output
+
+
+class StdoutError(UserError):
+    """Standard output cannot be written: a closed pipe (`| head`), a full disk, /dev/full."""
+
+
+class _GuardedStdout:
+    """sys.stdout, with a write error turned into StdoutError (one line, exit 2) instead of a traceback.
+
+    On the first error fd 1 is pointed at /dev/null, so that the flushes still to come (Python flushes
+    stdout at exit) succeed instead of printing 'Exception ignored ... BrokenPipeError'; every later write
+    raises the same StdoutError, so that an error a logging handler swallowed is still reported at the end."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._error: StdoutError | None = None
+
+    def _failed(self, err: OSError) -> StdoutError:
+        import os
+
+        from norm_experiments.safe_io import os_reason
+
+        if self._error is None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            self._error = StdoutError(f"cannot write to standard output ({os_reason(err)}); output lost")
+        return self._error
+
+    def write(self, text: str) -> int:
+        if self._error is not None:
+            raise StdoutError(str(self._error))
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            raise self._failed(err) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            raise self._failed(err) from None
+        if self._error is not None:
+            raise StdoutError(str(self._error))
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def guard_stdout() -> None:
+    """Install the guard on sys.stdout (an entry point calls it first; twice is harmless)."""
+    if not isinstance(sys.stdout, _GuardedStdout) and hasattr(sys.stdout, "fileno"):
+        try:
+            sys.stdout.fileno()
+        except (OSError, ValueError):  # not a real file (a test's capture): nothing to guard
+            return
+        guarded = _GuardedStdout(sys.stdout)
+        sys.stdout = guarded  # type: ignore[assignment]
+        # Python flushes sys.stdout once more after the atexit functions: the stream itself does it then
+        # (after an error it writes to /dev/null), so that no 'Exception ignored' follows the error line.
+        atexit.register(_unwrap, guarded)
+
+
+def _unwrap(guarded: _GuardedStdout) -> None:
+    """At exit: the error (if any) has been said; later flushes (logging's handlers at shutdown) go quietly
+    to /dev/null, which fd 1 points at since the error."""
+    guarded._error = None
+    if sys.stdout is guarded:
+        sys.stdout = guarded._stream
+
+
+def flush_stdout() -> None:
+    """Flush standard output at the end of an entry point: a failure is one `error:` line and exit 2."""
+    try:
+        sys.stdout.flush()
+    except StdoutError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)

@@ -15,6 +15,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from norm_experiments import safe_io
+
 FILENAME = "metrics.json"
 
 
@@ -72,7 +74,7 @@ def write(run_dir: Path, record: dict[str, Any]) -> None:
 def read(run_dir: Path) -> dict[str, Any] | None:
     """The record in run_dir, or None when it is missing, unreadable or not a JSON object."""
     try:
-        record = json.loads(path_in(run_dir).read_text(encoding="utf-8"))
+        record = safe_io.load_json(path_in(run_dir))  # bounded: no FIFO, no /dev/zero, no deep nesting
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None

@@ -28,7 +28,7 @@ from typing import NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from norm_experiments.config import (
     CONFIG_DIR,
@@ -37,7 +37,8 @@ from norm_experiments.config import (
     quoting_problem,
     register_resolvers,
 )
-from norm_experiments.errors import USER_ERROR_EXIT, UserError
+from norm_experiments.errors import USER_ERROR_EXIT, StdoutError, UserError, flush_stdout, guard_stdout
+from norm_experiments.safe_io import argument_problem
 from norm_experiments.training import distributed
 from norm_experiments.training.loop import (
     EXIT_CRASHED,
@@ -47,7 +48,12 @@ from norm_experiments.training.loop import (
     RunInterrupted,
     train,
 )
-from norm_experiments.training.run_folder import RunFolderBusy, record_failure
+from norm_experiments.training.run_folder import (
+    RunFolderBusy,
+    record_failure,
+    saved_overrides,
+    settle_record,
+)
 
 log = logging.getLogger("norm_experiments.train")
 
@@ -76,14 +82,17 @@ def hydra_main(cfg: DictConfig) -> float:
     except RunInterrupted:
         sys.exit(EXIT_INTERRUPTED)  # stops a sweep too: the user or the scheduler asked to stop
     except (UserError, RunDiverged) as err:
+        if not isinstance(err, RunFolderBusy):  # that folder is another process's
+            settle_record(cfg, run_dir)
         if in_sweep:  # recorded in metrics.json; the other runs of the sweep go on
             log.error("%s: %s", run_dir.name, err)
-            if not isinstance(err, RunFolderBusy):  # that folder is another process's
+            if not isinstance(err, RunFolderBusy):
                 record_failure(cfg, run_dir, str(err))
             return math.nan
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED if isinstance(err, RunDiverged) else USER_ERROR_EXIT)
     except Exception as err:  # a bug, not a user mistake: one line here, the traceback in a file
+        settle_record(cfg, run_dir)
         line = crash_line(err, write_crash_log(err, run_dir))
         if not in_sweep:
             print(f"error: {line}", file=sys.stderr)
@@ -92,7 +101,11 @@ def hydra_main(cfg: DictConfig) -> float:
         record_failure(cfg, run_dir, f"internal error: {summary(err)}")
         return math.nan
     if not in_sweep and distributed.is_main():
-        _print_summary(metrics, run_dir)
+        try:
+            _print_summary(metrics, run_dir)
+        except StdoutError as err:  # the run is complete and recorded; only its summary line is lost
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
     return float(metrics.get("val_dice") or math.nan)
 
 
@@ -171,15 +184,9 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not resume:
         return argv
     run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not saved.is_file():
-        raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
-    overrides = [str(o) for o in OmegaConf.load(saved) if not str(o).startswith("hydra.run.dir=")]
-    # Hydra writes only the task's overrides there: a Hydra setting (e.g. a callback's _target_, which Hydra
-    # would import and call) means a crafted file.
-    crafted = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
-    if crafted:
-        raise UserError(f"resume={run_dir}: {saved} sets {crafted[0]}, which a run's overrides never do")
+    # Only plain key=value overrides of configs/ (run_folder.saved_overrides): the folder may be someone
+    # else's, and its file becomes part of this command line.
+    overrides = saved_overrides(run_dir, CONFIG_DIR)
     # One-time instructions are never replayed: the trust opt-in holds for one load, and overwrite=true would
     # discard the very checkpoint a resume continues from.
     once = ("trainer.trust_checkpoint=", "trainer.overwrite=")
@@ -194,10 +201,18 @@ def main() -> None:
     # SIGTERM (a scheduler's preemption) outside the training loop stops the run as Ctrl-C does: with exit
     # status 3 and one line, instead of dying silently with 143. The loop installs its own handlers.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    guard_stdout()  # a closed pipe or a full disk on stdout: one line, not a traceback
+    # A log line that cannot be written (a full disk under train.log, a closed stdout) is dropped instead
+    # of printing logging's own traceback; the failures that matter are reported by the code that writes.
+    logging.raiseExceptions = False
     try:
         distributed.setup()  # under torchrun: join the other ranks (one process per GPU); else nothing
+        problem = argument_problem(sys.argv[1:])  # before resume= reads the folder it names
+        if problem:
+            raise UserError(problem)
         sys.argv = resume_argv(sys.argv)
-        problem = quoting_problem(sys.argv[1:]) or output_dir_problem(sys.argv[1:])
+        argv = sys.argv[1:]
+        problem = argument_problem(argv) or quoting_problem(argv) or output_dir_problem(argv)
         if problem:
             raise UserError(problem)
     except UserError as err:
@@ -210,6 +225,7 @@ def main() -> None:
         if not distributed.is_main():
             sys.argv += OTHER_RANK_OVERRIDES
         hydra_main()
+        flush_stdout()
     except KeyboardInterrupt:
         # Ctrl-C outside the training loop (while the data loads, say): nothing half-written to undo.
         print("interrupted: run the same command again to start or continue the run", file=sys.stderr)

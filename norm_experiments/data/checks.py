@@ -13,7 +13,10 @@ validation split without any foreground.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,9 @@ import torch
 
 from norm_experiments.data.layouts import Case, DatasetInfo, shown
 from norm_experiments.errors import UserError
+from norm_experiments.safe_io import memory_bytes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +61,39 @@ def check_cases(cases: list[Case], info: DatasetInfo) -> None:
     """check_case for every case; stops at the first error."""
     for case in cases:
         check_case(case, info)
+
+
+# Bytes a case takes per voxel once cached (pipeline.py): a float32 image per channel, a float32 label, and
+# the int64 foreground/background index of every voxel of a training case.
+CACHED_BYTES_PER_VOXEL = {"per_channel": 4, "label": 4, "indices": 8}
+
+
+def check_memory(cases: list[Case], info: DatasetInfo) -> None:
+    """Refuse, from the headers alone and before any voxel is read, a dataset that held in memory would take
+    more than this machine has: a small .nii.gz can claim a huge shape (a compressed block of zeros), and
+    reading it would exhaust the memory with no message. The message names the largest file."""
+    per_voxel = CACHED_BYTES_PER_VOXEL
+    total, largest = 0, (0, "", ())
+    for case in cases:
+        try:
+            shape = tuple(int(s) for s in nib.load(str(case.images[0])).shape)
+        except Exception:  # noqa: BLE001 - an unreadable file: check_case names it
+            continue
+        voxels = math.prod(shape[:3])
+        size = voxels * (
+            per_voxel["per_channel"] * info.num_channels + per_voxel["label"] + per_voxel["indices"]
+        )
+        total += size
+        if size > largest[0]:
+            largest = (size, shown(case.images[0], info.root), shape)
+    memory = memory_bytes()
+    if total > memory:
+        size, name, shape = largest
+        raise UserError(
+            f"{name}: its header claims {'x'.join(map(str, shape))} voxels; held in memory for training, the "
+            f"dataset would take {total / 2**30:.3g} GiB ({size / 2**30:.3g} GiB for this case), more than this "
+            f"machine's {memory / 2**30:.3g} GiB"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -275,6 +314,13 @@ def check_preprocessed(
                     f"{files[vol.name]}: {bad} voxels are NaN or infinite after preprocessing (intensity "
                     "normalization or resampling of extreme values); fix or clip the image"
                 )
+    for val_name, train_name in duplicate_images(splits.get("training", []), splits.get("validation", [])):
+        log.warning(
+            "leakage: validation case %s holds the same voxels as training case %s; its validation scores "
+            "measure memorization (choose other data.val_cases)",
+            val_name,
+            train_name,
+        )
     for split, volumes in splits.items():
         if volumes and not any(bool((vol.label > 0).any()) for vol in volumes):
             names = ", ".join(vol.name for vol in volumes[:4]) + (", ..." if len(volumes) > 4 else "")
@@ -282,3 +328,19 @@ def check_preprocessed(
                 f"the {split} split ({len(volumes)} case(s): {names}) has no foreground voxel (every label is "
                 f"0, background): there is nothing to learn or to score; check the labels, or {where[split]}"
             )
+
+
+def duplicate_images(train: Sequence[Any], val: Sequence[Any]) -> list[tuple[str, str]]:
+    """(validation case, training case) pairs whose preprocessed images hold the same voxels: the same scan
+    under two names, a leak that makes validation scores measure memorization."""
+    seen: dict[str, str] = {}
+    for vol in train:
+        seen.setdefault(_voxel_hash(vol.image), vol.name)
+    return [(vol.name, seen[h]) for vol in val if (h := _voxel_hash(vol.image)) in seen]
+
+
+def _voxel_hash(image: torch.Tensor) -> str:
+    array = image.detach().cpu().contiguous().numpy()
+    digest = hashlib.blake2b(array.tobytes(), digest_size=16)
+    digest.update(repr((array.shape, array.dtype.str)).encode())
+    return digest.hexdigest()

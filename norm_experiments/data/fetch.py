@@ -5,7 +5,8 @@
     norm-exp-fetch msd Task04_Hippocampus --url ~/Downloads/Task04_Hippocampus.tar   # a local copy
 
 The archive URLs and their published MD5 sums are MONAI's (monai.apps.DecathlonDataset.resource / .md5);
-the download and the checksum are MONAI's too (monai.apps.download_url). The task lands in
+the download is ours (urllib, with a connect and read timeout, --timeout), into the work folder below, its
+MD5 computed as it arrives and compared without regard to case. The task lands in
 CACHE/msd/TASK, CACHE being ${NORM_EXP_CACHE:-~/.cache/norm-experiments} or --cache-dir, where the
 presets (data=msd_hippocampus, data=msd_spleen) look for it. Nothing is ever downloaded by a training run.
 
@@ -13,18 +14,25 @@ Nothing that looks like a dataset is left by a failure: the archive is downloade
 hidden work folder beside the target (.TASK.tmp-HOST-PID-*), every member is checked before anything is
 extracted (no absolute paths, no "..", no links), the extracted dataset.json and the files it lists are
 checked, and only then is the dataset renamed into place (one atomic rename). A failed or interrupted fetch
-removes its work folder (a killed one's is removed by the next fetch); running the command again starts
-the download afresh. A task already in place is not fetched again.
+removes its work folder, SIGTERM and Ctrl-C included (exit status 3; a kill -9'd one's is removed by the
+next fetch); running the command again starts the download afresh. A task already in place is not fetched
+again. The dataset.json of the archive is read with limits (size, nesting, digits) and every file it lists
+must lie inside the dataset folder (data/layouts.py checks that again whenever a dataset is loaded).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import logging
 import os
+import re
+import shlex
 import shutil
+import signal
 import socket
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -32,13 +40,24 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlparse
-from urllib.request import url2pathname
+from urllib.request import url2pathname, urlopen
 
 from omegaconf import OmegaConf
 
-from norm_experiments.config import CONFIG_DIR
+from norm_experiments import safe_io
+from norm_experiments.config import CONFIG_DIR, hydra_quote
 from norm_experiments.data.layouts import find_cases
-from norm_experiments.errors import UserError, exit_on_user_error
+from norm_experiments.errors import (
+    StdoutError,
+    UserError,
+    exit_on_user_error,
+    flush_stdout,
+    guard_stdout,
+)
+
+EXIT_INTERRUPTED = 3  # SIGTERM or Ctrl-C: the work folder was removed, nothing was kept
+DEFAULT_TIMEOUT = 60.0  # seconds without a byte (connecting, or between reads) before a download gives up
+_MD5 = re.compile(r"[0-9a-fA-F]{32}")
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +69,17 @@ def msd_tasks() -> dict[str, tuple[str, str]]:
     return {task: (url, DecathlonDataset.md5[task]) for task, url in DecathlonDataset.resource.items()}
 
 
+def config_cache_root() -> Path:
+    """data.cache_dir as the data configs resolve it here: ${oc.env:NORM_EXP_CACHE,${oc.env:HOME,.}/.cache/
+    norm-experiments}; relative (to the folder training starts in) when neither variable is set."""
+    if "NORM_EXP_CACHE" in os.environ:
+        return Path(os.environ["NORM_EXP_CACHE"])
+    return Path(os.environ.get("HOME", ".")) / ".cache" / "norm-experiments"
+
+
 def default_cache_root() -> Path:
-    """The cache root the data configs use: ${NORM_EXP_CACHE:-$HOME/.cache/norm-experiments}."""
-    return Path(os.environ.get("NORM_EXP_CACHE") or Path.home() / ".cache" / "norm-experiments")
+    """Where a fetch puts tasks without --cache-dir: the data configs' cache root, as an absolute path."""
+    return config_cache_root().expanduser().absolute()
 
 
 @dataclass(frozen=True)
@@ -66,13 +93,22 @@ class Fetched:
 # Fetching
 
 
-def fetch_msd(task: str, cache_root: Path, source: str | None = None, md5: str | None = None) -> Fetched:
+def fetch_msd(
+    task: str,
+    cache_root: Path,
+    source: str | None = None,
+    md5: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Fetched:
     """Put MSD `task` at cache_root/msd/task, from `source` (URL or local archive; default: MONAI's URL),
     checked against `md5` (default: the published MD5). Raises UserError with one line for every failure."""
     tasks = msd_tasks()
     if task not in tasks:
         raise UserError(f"unknown MSD task {task!r}; choose one of {', '.join(tasks)}")
+    if md5 is not None and not _MD5.fullmatch(md5):
+        raise UserError(f"--md5 {md5}: not an MD5 sum (32 hexadecimal digits)")
     url, published_md5 = tasks[task]
+    logging.getLogger("monai.apps").setLevel(logging.CRITICAL)  # our own lines say what happens
     target = cache_root.expanduser() / "msd" / task
     if (target / "dataset.json").is_file():
         return Fetched(target, _count_cases(target), already=True)
@@ -84,7 +120,7 @@ def fetch_msd(task: str, cache_root: Path, source: str | None = None, md5: str |
     _remove_abandoned_work(target)
     work = Path(tempfile.mkdtemp(prefix=f"{_work_prefix(target)}{os.getpid()}-", dir=target.parent))
     try:
-        archive = _obtain(source or url, md5 or published_md5, work)
+        archive = _obtain(source or url, (md5 or published_md5).lower(), work, timeout)
         dataset = _extract(archive, work / "extract", task)
         cases = _check_dataset(dataset, task)
         try:
@@ -135,35 +171,60 @@ def _local_path(source: str) -> Path | None:
     return None
 
 
-def _obtain(source: str, md5: str, work: Path) -> Path:
+def _obtain(source: str, md5: str, work: Path, timeout: float) -> Path:
     """The archive, downloaded into `work` (or a local file, used in place), with its MD5 checked."""
-    from monai.apps.utils import HashCheckError, check_hash, download_url
+    from monai.apps.utils import check_hash
 
-    logging.getLogger("monai.apps").setLevel(logging.CRITICAL)  # our own lines say what happens
     local = _local_path(source)
     if local is not None:
         if not local.is_file():
             raise UserError(f"{local}: archive not found")
-        print(f"checking the MD5 of {local}", flush=True)
+        _say(f"checking the MD5 of {local}")
         if not check_hash(local, md5, "md5"):
             raise UserError(_md5_message(str(local), md5))
         return local
     archive = work / (PurePosixPath(urlparse(source).path).name or "archive")
-    print(f"downloading {source} (MD5 {md5}) ...", flush=True)
+    _say(f"downloading {source} (MD5 {md5}) ...")
+    again = "nothing was kept: run the same command to start again"
     try:
-        download_url(source, archive, hash_val=md5, hash_type="md5", progress=False)
-    except HashCheckError:
-        raise UserError(_md5_message(source, md5)) from None
-    except (URLError, http.client.HTTPException, OSError, RuntimeError) as err:
-        reason = err if isinstance(err, HTTPError) else getattr(err, "reason", None) or err
+        digest = _download(source, archive, timeout)
+    except TimeoutError:
         raise UserError(
-            f"download of {source} failed ({reason}); nothing was kept: run the same command to start again"
+            f"download of {source} stalled: no data for {timeout:g} s (--timeout); {again}"
         ) from None
-    if not archive.is_file():  # MONAI's download_url swallows some permission errors
-        raise UserError(
-            f"download of {source} failed (no file was written); run the same command to start again"
-        )
+    except (URLError, http.client.HTTPException, OSError, ValueError) as err:
+        reason = err if isinstance(err, HTTPError) else getattr(err, "reason", None) or err
+        if isinstance(reason, TimeoutError):  # while connecting
+            raise UserError(
+                f"download of {source} stalled: no data for {timeout:g} s (--timeout); {again}"
+            ) from None
+        raise UserError(f"download of {source} failed ({reason}); {again}") from None
+    if digest != md5:
+        raise UserError(_md5_message(source, md5))
     return archive
+
+
+def _download(source: str, archive: Path, timeout: float) -> str:
+    """Stream `source` into `archive`; its MD5. `timeout` bounds the connection and every read, so a
+    stalled server ends the download instead of hanging it."""
+    digest = hashlib.md5()
+    with urlopen(source, timeout=timeout) as response, open(archive, "wb") as out:  # noqa: S310 - http(s)/ftp URL the user gave
+        promised = response.headers.get("Content-Length")
+        while chunk := response.read1(2**20):  # what has arrived: a partial download is on disk
+            digest.update(chunk)
+            out.write(chunk)
+    if promised is not None and promised.isdigit() and archive.stat().st_size != int(promised):
+        raise OSError(f"the server sent {archive.stat().st_size} of {promised} bytes")
+    return digest.hexdigest()
+
+
+def _say(line: str) -> None:
+    """A progress line. Standard output that cannot be written (a closed pipe) does not stop the fetch:
+    main() reports it in one line at the end (errors.flush_stdout), the dataset in place."""
+    try:
+        print(line, flush=True)
+    except StdoutError:
+        pass
 
 
 def _md5_message(source: str, md5: str) -> str:
@@ -231,7 +292,7 @@ def _extract(archive: Path, dest: Path, task: str) -> Path:
 
     kind = _archive_kind(archive, archive.name)
     folder = _dataset_folder(_member_names(archive, kind), task, archive.name)
-    print(f"extracting {archive.name} ...", flush=True)
+    _say(f"extracting {archive.name} ...")
     dest.mkdir()
     try:
         extractall(archive, dest, file_type=kind, has_base=False)
@@ -262,12 +323,24 @@ def preset_for(task: str) -> str | None:
 
 
 def train_override(task: str, fetched: Fetched, cache_root: Path) -> str:
+    """The overrides that train on the fetched task, as the user types them in a shell."""
     preset = preset_for(task)
     if preset is None:
-        return f"data=msd data.root={fetched.path}"
-    if cache_root.expanduser().absolute() != default_cache_root().expanduser().absolute():
-        return f"data={preset} data.cache_dir={cache_root}"
+        return f"data=msd {_path_override('data.root', fetched.path.absolute())}"
+    cache = cache_root.expanduser().absolute()
+    configured = config_cache_root().expanduser()
+    # A configured root relative to the current folder (HOME unset) would differ in another folder.
+    if not configured.is_absolute() or cache != configured:
+        return f"data={preset} {_path_override('data.cache_dir', cache)}"
     return f"data={preset}"
+
+
+def _path_override(key: str, path: Path) -> str:
+    """KEY=PATH quoted for Hydra's grammar where it needs it (spaces, '=', ','), then for the shell."""
+    value = str(path)
+    if not re.fullmatch(r"[\w/.+@%-]+", value):
+        value = hydra_quote(value)
+    return shlex.quote(f"{key}={value}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,6 +360,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--md5", help="expected MD5 of the archive (default: the published one of TASK)")
     p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds without data (connecting, or between reads) before a download gives up (default {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
@@ -295,17 +374,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    """norm-exp-fetch msd TASK [--url URL|PATH] [--md5 HEX] [--cache-dir DIR]"""
+    """norm-exp-fetch msd TASK [--url URL|PATH] [--md5 HEX] [--timeout S] [--cache-dir DIR]"""
+    # SIGTERM unwinds like Ctrl-C, so that fetch_msd removes its work folder (a partial download) on the way.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    guard_stdout()  # a closed pipe or a full disk on stdout: one line, not a traceback
+    try:
+        _fetch(argv)
+        flush_stdout()
+    except KeyboardInterrupt:
+        print("interrupted: nothing was kept; run the same command to start again", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@exit_on_user_error
+def _fetch(argv: list[str] | None) -> None:
+    problem = safe_io.argument_problem(sys.argv[1:] if argv is None else argv)
+    if problem:
+        raise UserError(problem)
     args = _parser().parse_args(argv)
+    if not args.timeout > 0:
+        raise UserError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
     cache_root = args.cache_dir or default_cache_root()
-    fetched = fetch_msd(args.task, cache_root, args.url, args.md5)
+    fetched = fetch_msd(args.task, cache_root, args.url, args.md5, args.timeout)
     if fetched.already:
-        print(f"{args.task}: already fetched ({fetched.cases} training cases) at {fetched.path}")
+        _say(f"{args.task}: already fetched ({fetched.cases} training cases) at {fetched.path}")
     else:
-        print(f"fetched {args.task}: {fetched.cases} training cases at {fetched.path}")
-    print(f"train with: norm-exp-train {train_override(args.task, fetched, cache_root)}")
+        _say(f"fetched {args.task}: {fetched.cases} training cases at {fetched.path}")
+    _say(f"train with: norm-exp-train {train_override(args.task, fetched, cache_root)}")
 
 
 if __name__ == "__main__":

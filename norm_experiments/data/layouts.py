@@ -36,6 +36,7 @@ from pathlib import Path
 
 import nibabel as nib
 
+from norm_experiments import safe_io
 from norm_experiments.errors import UserError
 
 LAYOUTS = ("msd", "nnunet", "folder")
@@ -117,13 +118,15 @@ def read_dataset_json(root: Path, required: Sequence[str]) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: not found (data.root must contain the dataset's dataset.json)")
     try:
-        content = json.loads(path.read_text())
+        content = safe_io.load_json(path)  # bounded: size, nesting depth, digits of a number
     except json.JSONDecodeError as err:
         raise UserError(
             f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
         ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot be read ({err})") from None
+    except safe_io.UnsafeFile as err:
+        raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({safe_io.os_reason(err)})") from None
     if not isinstance(content, dict):
         raise UserError(f"{path}: expected a JSON object at the top level")
     for key in required:
@@ -230,6 +233,14 @@ def _entry_path(root: Path, entry: object, where: str, index: int, key: str) -> 
     if not isinstance(entry, str) or not entry:
         raise UserError(f"{where}: 'training'[{index}]['{key}'] must be a file path, got {entry!r}")
     path = Path(os.path.normpath(root / entry))
+    # A dataset.json may come with a download: what it lists must lie inside the dataset folder, links
+    # followed, or training would read files from anywhere on the machine.
+    real_root = root.resolve()
+    if not path.resolve().is_relative_to(real_root):
+        raise UserError(
+            f"{where}: 'training'[{index}]['{key}'] = {entry!r} lies outside the dataset folder {real_root}"
+            f" (it resolves to {path.resolve()}); refused"
+        )
     if not path.is_file():
         raise UserError(f"{shown(path, root)}: file not found (listed in {where} 'training'[{index}])")
     return path

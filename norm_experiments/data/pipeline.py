@@ -35,7 +35,7 @@ from monai.transforms import (
 from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments.data.brain import BrainConfig
-from norm_experiments.data.checks import check_cases, check_preprocessed
+from norm_experiments.data.checks import check_cases, check_memory, check_preprocessed
 from norm_experiments.data.generated import Generator, ensure_generated
 from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, shown, split_cases
 from norm_experiments.data.patches import Augmentation, cut_patch
@@ -219,6 +219,7 @@ def load_data(data_cfg: DictConfig) -> DataBundle:
     layout, root = dataset_root(data_cfg)
     labels = OmegaConf.to_container(data_cfg.labels) if "labels" in data_cfg and data_cfg.labels else None
     cases, info = find_cases(layout, root, labels=labels)
+    check_memory(cases, info)  # from the headers, before any voxel is read
     if data_cfg.check_files:
         check_cases(cases, info)
     val_cases = list(data_cfg.val_cases) if data_cfg.val_cases else None

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from norm_experiments import safe_io
 from norm_experiments.errors import UserError
 from norm_experiments.run_record import write_atomic
 
@@ -79,7 +80,9 @@ def save(path: Path, state: dict) -> None:
     try:
         write_atomic(path, buffer.getvalue())
     except OSError as err:
-        raise UserError(f"could not write {path}: {err.strerror or err}; the previous file is kept") from err
+        raise UserError(
+            f"could not write {path}: {safe_io.os_reason(err)}; the previous file is kept"
+        ) from err
 
 
 def load(path: Path, trust: bool = False) -> dict:
@@ -160,7 +163,12 @@ def _load(path: Path, trust: bool, trust_flag: str, hint: str) -> object:
     """torch.load with the safe loader. A file that needs other types is refused unless trust is set;
     with trust, it is unpickled (which can run code) and a warning says so."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with safe_io.open_regular(
+            path, safe_io.memory_bytes()
+        ) as f:  # a FIFO would block, /dev/zero fill memory
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except safe_io.UnsafeFile as err:
+        raise UserError(str(err)) from None
     except pickle.UnpicklingError as err:
         needed = _UNSAFE_GLOBAL.search(str(err))
         if not trust and needed is None:  # e.g. an opcode the safe loader does not know: a damaged file
@@ -176,7 +184,8 @@ def _load(path: Path, trust: bool, trust_flag: str, hint: str) -> object:
         raise UserError(f"{path}: not a readable checkpoint ({err.__class__.__name__}); {hint}") from err
     log.warning("%s: unpickling it with the unsafe loader, as %s asks", path, trust_flag)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with safe_io.open_regular(path, safe_io.memory_bytes()) as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as err:
         raise UserError(f"{path}: not a readable checkpoint ({err.__class__.__name__}); {hint}") from err
 

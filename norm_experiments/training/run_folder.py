@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments import run_record
+from norm_experiments import run_record, safe_io
 from norm_experiments.errors import UserError
 from norm_experiments.run_record import Status
 from norm_experiments.training import checkpoint as ckpt
@@ -25,6 +26,7 @@ RUN_CONFIG = (
 )
 
 
+OVERRIDES = "overrides.yaml"  # in .hydra/: the run's command-line overrides, which resume= replays
 LOCK = ".lock"  # holds the PID and host of the process that holds (or last held) the folder's lock
 
 
@@ -62,13 +64,21 @@ def locked(run_dir: Path) -> Iterator[None]:
         )
     try:
         if handle is not None:
-            handle.truncate(0)
-            handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-            handle.flush()
+            _write_holder(handle)
         yield
     finally:
         if handle is not None:
             handle.close()  # closing the file releases the lock
+
+
+def _write_holder(handle) -> None:
+    """Say who holds the lock, for the refusal another process prints. Unbuffered (os.write): on a full disk
+    the line is lost, but nothing is left in a buffer that would fail again when the file closes."""
+    try:
+        handle.truncate(0)
+        os.write(handle.fileno(), f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    except OSError:
+        pass  # the lock holds without the line
 
 
 def _flatten(node: object, prefix: str = "") -> dict[str, object]:
@@ -112,8 +122,8 @@ def existing_run(run_dir: Path, run_id: str, cfg: DictConfig) -> dict | None:
         return None
     diff = []
     if (run_dir / RUN_CONFIG).exists():
-        old = OmegaConf.to_container(OmegaConf.load(run_dir / RUN_CONFIG), resolve=True)
-        diff = config_diff(old, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        old = _saved_config(run_dir / RUN_CONFIG)
+        diff = config_diff(old, OmegaConf.to_container(cfg, resolve=True)) if old else []  # type: ignore[arg-type]
     raise UserError(
         f"{run_dir} holds a {previous.get('status')} run of a different config "
         f"({'; '.join(diff[:6]) or 'see its run_config.yaml'}). Use another hydra.run.dir, "
@@ -122,9 +132,30 @@ def existing_run(run_dir: Path, run_id: str, cfg: DictConfig) -> dict | None:
     )
 
 
+def _saved_config(path: Path) -> dict | None:
+    """run_config.yaml as plain data, never resolved (a crafted one may hold ${oc.env:...}); None when it is
+    no readable mapping: the refusal then only lacks the list of differences."""
+    try:
+        old = OmegaConf.to_container(OmegaConf.create(safe_io.read_text(path, safe_io.MAX_YAML_BYTES)))
+    except Exception:  # noqa: BLE001 - any unreadable file (UnsafeFile, YAML error, deep nesting): no diff
+        return None
+    return old if isinstance(old, dict) else None
+
+
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     if distributed.is_main():
-        OmegaConf.save(cfg, run_dir / RUN_CONFIG, resolve=True)
+        with written(run_dir / RUN_CONFIG):
+            OmegaConf.save(cfg, run_dir / RUN_CONFIG, resolve=True)
+
+
+@contextlib.contextmanager
+def written(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` (a full disk, a quota, a read-only folder) into one line naming
+    the file and the errno, so that the run is recorded as failed instead of crashing with a traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(f"could not write {path}: {safe_io.os_reason(err)}") from err
 
 
 def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
@@ -136,10 +167,14 @@ def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
         return
     hydra_cfg = HydraConfig.get()
     folder = run_dir / ".hydra"
-    folder.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, folder / "config.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
-    OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
+    with written(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    with written(folder / "config.yaml"):
+        OmegaConf.save(cfg, folder / "config.yaml")
+    with written(folder / "hydra.yaml"):
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+    with written(folder / OVERRIDES):
+        OmegaConf.save(hydra_cfg.overrides.task, folder / OVERRIDES)
 
 
 def record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
@@ -164,3 +199,106 @@ def record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
         run_record.write(run_dir, record)
     except (OSError, ValueError):
         pass  # an unwritable folder or an unresolvable config: the error is still reported
+
+
+_RUNNING, _FAILED = b'"status": "running"', b'"status": "failed" '  # the same length: see settle_record
+
+
+def settle_record(cfg: DictConfig, run_dir: Path) -> None:
+    """After a failure this process saw: a record of this run still saying `running` (its failed record
+    could not be written, e.g. on a full disk) is turned into `failed` in place. Same-length bytes written
+    over the file's own need no free space; a record that looked alive would otherwise stay `running`."""
+    from norm_experiments.config import run_identity
+
+    if not distributed.is_main():
+        return
+    path = run_record.path_in(run_dir)
+    try:
+        with contextlib.suppress(RunFolderBusy), locked(run_dir):  # not while another process holds it
+            record = run_record.read(run_dir)
+            if run_record.status_of(record) != Status.RUNNING or record.get("run_id") != run_identity(cfg):
+                return
+            data = path.read_bytes()
+            if data.count(_RUNNING) == 1:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, _FAILED, data.index(_RUNNING))
+                finally:
+                    os.close(fd)
+    except (OSError, ValueError):
+        pass  # a folder that cannot be written at all: the error line still says what happened
+
+
+# ------------------------------------------------------------------------------------------ resume=RUN_DIR
+
+# What resume= accepts from a run folder's .hydra/overrides.yaml: plain `key=value` overrides of the run's own
+# config, as save_hydra_files wrote them. The folder may come from someone else, and each line becomes part of
+# a Hydra command line: a flag (--config-dir) or a config group path (experiment=../../x) would load a config
+# from anywhere, and a Hydra key (a callback's _target_) or a resolver (${oc.env:...}) would run or read
+# whatever the file says.
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+_OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_PLAIN_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_.]*\}")  # ${data.batch_size}: another key's value
+
+
+def saved_overrides(run_dir: Path, config_dir: Path) -> list[str]:
+    """The overrides of the run in run_dir, each checked to be a plain key=value of the configs in
+    config_dir; raises UserError naming the file and the first line it refuses."""
+    saved = run_dir / ".hydra" / OVERRIDES
+    if not saved.exists():  # something else than a file (a FIFO, a device) is refused below, by its kind
+        raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.create(safe_io.read_text(saved, safe_io.MAX_YAML_BYTES)))
+    except safe_io.UnsafeFile as err:
+        raise UserError(f"resume={run_dir}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - YAML errors, deep nesting: a damaged or crafted file
+        raise UserError(
+            f"resume={run_dir}: {saved} is not a list of overrides ({type(err).__name__})"
+        ) from None
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise UserError(f"resume={run_dir}: {saved} is not a list of overrides")
+    for override in overrides:
+        problem = _override_problem(override, config_dir)
+        if problem:
+            raise UserError(f"resume={run_dir}: {saved} {problem}")
+    return overrides
+
+
+def _override_problem(override: str, config_dir: Path) -> str | None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    never = f"sets {override}, which a run's overrides never do"
+    if override.startswith("-"):
+        return f"{never} (a command-line flag)"
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except HydraException:
+        return f"holds {override!r}: not a key=value override"
+    key = parsed.key_or_group
+    if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+        return never
+    problem = _value_problem(override, parsed, config_dir)
+    return f"holds {override!r}: {problem}" if problem else None
+
+
+def _value_problem(override: str, parsed, config_dir: Path) -> str | None:
+    key = parsed.key_or_group
+    if parsed.package is not None or not _KEY.fullmatch(key):
+        return f"{key} is not a plain config key"
+    if parsed.is_sweep_override():
+        return "a sweep, not one run's value"
+    if "_target_" in override:
+        return "a _target_, which would be imported and called"
+    for start in (m.start() for m in re.finditer(r"\$\{", override)):
+        if not _PLAIN_REFERENCE.match(override, start):
+            return "an interpolation that calls a resolver (e.g. reads the environment)"
+    if (config_dir / key).is_dir():  # a config group: the value must name one of its files
+        value = parsed.value()
+        if value is not None and not (
+            isinstance(value, str)
+            and _OPTION.fullmatch(value)
+            and (config_dir / key / f"{value}.yaml").is_file()
+        ):
+            return f"{key} must name a file of {config_dir / key} (an option such as {key}=NAME)"
+    return None
