@@ -20,6 +20,9 @@ sys.path.insert(
 
 from benchmarks.common import interval_verdict, paired_ratio  # noqa: E402
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 NUMBER = r"\d+\.\d+"
 INTERVAL = rf"{NUMBER}x? \[{NUMBER}, {NUMBER}\]"

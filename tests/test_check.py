@@ -34,6 +34,9 @@ from norm_experiments.training.evaluate import ValResult
 from tests.helpers import compose_config, metrics_of, run_cli
 from tests.test_explain import section
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 MODULE = "norm_experiments.check"
 UNET = {
     "_target_": "monai.networks.nets.UNet",

@@ -17,6 +17,9 @@ from norm_experiments.patch_content import PatchStats, content_rows, window_star
 from norm_experiments.training.build import build, make_plan
 from tests.helpers import compose_config, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 MODULE = "norm_experiments.explain"
 
 

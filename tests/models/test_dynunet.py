@@ -19,6 +19,9 @@ from norm_experiments.norms.weight_std import WSConv3d
 from norm_experiments.training.loop import train
 from tests.helpers import compose_config, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 TINY = [
     "experiment=smoke",
     "model=dynunet",

@@ -12,6 +12,9 @@ import pytest
 
 from tests.helpers import metrics_of, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 # Patch 4^3 at depth 2 gives a 1x1x1 bottleneck: BatchNorm at batch size 1 is impossible there
 # (the pre-flight check refuses it), every other cell trains. Fast, and a natural failing cell.
 GRID = [

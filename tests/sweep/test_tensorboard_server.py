@@ -24,6 +24,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from norm_experiments.training.tensorboard import METRICS, STUDY_AXES
 from tests.helpers import free_port, metrics_of, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 SWEEP = ["-m", "experiment=smoke", "name=tb", "norm=batch,group", "seed=1", "trainer.num_threads=1"]
 RUNS = ["norm=batch,experiment=smoke,seed=1", "norm=group,experiment=smoke,seed=1"]
 MODES = ("running", "precise", "batch")

@@ -20,6 +20,9 @@ from norm_experiments.data.synthetic import SynthConfig, generate_dataset
 from norm_experiments.errors import UserError
 from tests.helpers import assert_clean_failure, compose_config, metrics_of, no_result_left, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 SMOKE = ["experiment=smoke", "trainer.num_threads=1", "data=msd"]
 VAL = ["data.val_cases=[synth_004,synth_005]"]
 

@@ -27,6 +27,9 @@ from norm_experiments.training.build import Built, make_plan
 from norm_experiments.training.loop import Run
 from tests.helpers import compose_config, free_port, metrics_of, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 # One memory format everywhere: channels_last=auto picks channels_last_3d for the batch-2 run on a CPU but
 # not for batch-1 ranks, and the two layouts round differently (beyond this file's tolerances after 16 steps).
 # One memory format and PyTorch's own conv path at every batch size: the ranks' batch-1 convs and the single

@@ -13,6 +13,9 @@ from norm_experiments.norms import make_norm_spec, registry
 from norm_experiments.training.loop import train
 from tests.helpers import compose_config, metrics_of
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 FAST = ["experiment=smoke", "trainer.samples=4", "trainer.validations=1", "trainer.num_threads=1"]
 
 

@@ -8,6 +8,9 @@ import pytest
 
 from tests.helpers import metrics_of, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("layout", ["msd", "nnunet", "folder"])
 def test_train_on_a_synthesized_folder(layout: str, tmp_path: Path) -> None:

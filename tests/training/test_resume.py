@@ -16,6 +16,9 @@ import torch
 from norm_experiments import run_record
 from tests.helpers import metrics_of, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 # 32 steps at batch size 1, a checkpoint every 8: long enough to be killed in the middle.
 ARGS = [
     "experiment=smoke",

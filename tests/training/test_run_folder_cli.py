@@ -199,6 +199,9 @@ CRASHING_TRAIN = """
 from norm_experiments import train
 from norm_experiments.training import loop
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 real_make_plan = loop.make_plan
 
 

@@ -23,6 +23,9 @@ from norm_experiments.train import resume_argv
 from norm_experiments.training import checkpoint as ckpt
 from tests.helpers import compose_config, metrics_of, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 # Long enough to be stopped by SIGTERM after the first checkpoint (step 4), short enough to finish in seconds.
 ARGS = [
     "experiment=smoke",
