@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from norm_experiments import run_record
+from norm_experiments import run_record, safe_io
 from norm_experiments.errors import UserError
 
 # Fields that define a condition of the study (the dataset, raw vs z-scored input, a budget in patches vs in steps): runs
@@ -168,13 +168,13 @@ def find_metrics_files(sweep_dir: Path) -> list[Path]:
 
 def read_run(path: Path) -> Run:
     """Read one metrics.json. Raises ValueError with a short reason if it is unusable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+    try:  # bounded: a FIFO, a device or a huge or deeply nested file is refused, not read
+        data = safe_io.load_json(path)
         mtime = path.stat().st_mtime
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read: {err}") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"cannot read: {err}") from err
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     for key in run_record.COORDINATES:

@@ -9,17 +9,21 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from norm_experiments import safe_io
 from norm_experiments.report.collect import Collection, Run
 
 
 def sweep_command(sweep_dir: Path) -> str | None:
     """The `norm-exp-train` command that made a sweep, from the multirun.yaml Hydra writes in its folder."""
     path = sweep_dir / "multirun.yaml"
-    try:
-        task = OmegaConf.select(OmegaConf.load(path), "hydra.overrides.task")
+    try:  # bounded read; never resolved: ${oc.env:...} in a shared sweep folder must not reach a document
+        plain = OmegaConf.to_container(
+            OmegaConf.create(safe_io.read_text(path, safe_io.MAX_YAML_BYTES)), resolve=False
+        )
     except (OSError, ValueError):
         return None
-    if task is None:
+    task = plain.get("hydra", {}).get("overrides", {}).get("task") if isinstance(plain, dict) else None
+    if not isinstance(task, list):
         return None
     return shlex.join(["norm-exp-train", *(str(o) for o in task)])
 
