@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from norm_experiments.errors import UserError, exit_on_user_error
+from norm_experiments.errors import UserError, exit_on_user_error, flush_stdout, guard_stdout
 from norm_experiments.report import write_report
 from norm_experiments.report.analysis import DEFAULT_REFERENCE
 from norm_experiments.report.collect import collect
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
+    guard_stdout()  # a closed pipe or a full disk on stdout: one line, not a traceback
     args = _parser().parse_args(argv)
     header = None
     if args.doc is not None:
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: {line}", file=sys.stderr)
     print(report.table)
     print(f"\nwrote {', '.join(str(p) for p in report.files.values())}")
+    flush_stdout()
 
 
 if __name__ == "__main__":

@@ -26,3 +26,28 @@ def test_a_fifo_as_metrics_json_is_refused_without_waiting(tmp_path: Path) -> No
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="cannot read"):
         read_run(fifo)  # would block forever on an unbounded open
+
+
+def test_report_to_a_full_standard_output_is_one_line(small_sweep, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "norm_experiments.report.cli",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "r"),
+            ],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip().count("\n") == 0 and "error: cannot write to standard output" in result.stderr
+    )
