@@ -35,6 +35,7 @@ from torch import nn
 
 from norm_experiments import config_schema as schema
 from norm_experiments import safe_io
+from norm_experiments.bn_probe import Stats, bn_layers, gap, gap_table, layer_shapes, pre_hooks, table
 from norm_experiments.config import CONFIG_DIR, register_resolvers, validate_config
 from norm_experiments.data.checks import duplicate_images
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, Volume, load_data
@@ -45,7 +46,6 @@ from norm_experiments.errors import (
     flush_stdout,
     guard_stdout,
 )
-from norm_experiments.explain import Stats, bn_layers, gap, gap_table, layer_shapes, pre_hooks, table
 from norm_experiments.models import build_model, median_spacing
 from norm_experiments.models.preflight import preflight
 from norm_experiments.norms import bn_eval_mode, make_norm_spec, recompute_bn_statistics, register_monai_norms

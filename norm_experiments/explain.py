@@ -25,9 +25,19 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import nn
 
-from norm_experiments.bn_probe import Stats, batch_stats, bn_layers, forward_until, pre_hooks
+from norm_experiments.bn_probe import (
+    Shape,
+    Stats,
+    batch_stats,
+    bn_layers,
+    forward_until,
+    gap,
+    gap_table,
+    layer_shapes,
+    pre_hooks,
+    table,
+)
 from norm_experiments.config import CONFIG_DIR, register_resolvers
 from norm_experiments.data.pipeline import BatchSampler
 from norm_experiments.errors import USER_ERROR_EXIT, exit_on_user_error
@@ -48,8 +58,6 @@ RUNNING_BATCHES = 20  # batches averaged into the running statistics (table 2)
 SPREAD_BATCHES = 16  # batches drawn per batch size (table 3)
 SPREAD_BATCH_SIZES = (1, 2, 4, 8)  # the batch sizes the project studies
 NOISY = 0.2  # a batch-mean spread or train/eval gap (in σ) above which running averages misfit volumes
-
-Shape = tuple[int, ...]
 
 
 @dataclass
@@ -87,16 +95,6 @@ def force_batchnorm(cfg: DictConfig) -> str:
 
 
 @torch.no_grad()
-def layer_shapes(model: nn.Module, images: torch.Tensor) -> dict[str, Shape]:
-    """Input shape of every BN layer, in forward order. Eval mode: it works even where training would fail."""
-    shapes: dict[str, Shape] = {}
-    with pre_hooks(model, list(bn_layers(model)), lambda n, x: shapes.update({n: tuple(x.shape)})):
-        with bn_eval_mode(model, "running"):
-            model(images)
-    return shapes
-
-
-@torch.no_grad()
 def collect(run: Built, sampler: BatchSampler, names: list[str], steps: range) -> dict[str, list[Stats]]:
     """Batch statistics of the named layers (in forward order) over the sampler's batches of these steps,
     normalizing with batch statistics as training does, but leaving the running statistics untouched."""
@@ -118,21 +116,6 @@ def running_gaps(run: Built, names: list[str]) -> dict[str, dict[str, float]]:
         forward_until(run.model, run.sampler.batch(step)[0].to(run.device), layers[names[-1]])
     batch = collect(run, run.sampler, names, range(RUNNING_BATCHES, RUNNING_BATCHES + 1))
     return {name: gap(batch[name][0], layers[name]) for name in names}
-
-
-def gap(stats: Stats, layer: nn.Module) -> dict[str, float]:
-    """Statistics of one batch (or one volume) against a BN layer's running statistics: means and variances
-    averaged over channels; gaps per channel, in units of the running σ (σ²), then averaged over channels."""
-    (mean_b, var_b), eps = stats, layer.eps
-    mean_r, var_r = layer.running_mean.detach().float().cpu(), layer.running_var.detach().float().cpu()
-    return {
-        "batch_mean": mean_b.mean().item(),
-        "running_mean": mean_r.mean().item(),
-        "batch_var": var_b.mean().item(),
-        "running_var": var_r.mean().item(),
-        "mean_gap": ((mean_b - mean_r).abs() / (var_r + eps).sqrt()).mean().item(),
-        "var_gap": ((var_b - var_r).abs() / (var_r + eps)).mean().item(),
-    }
 
 
 def spread(batches: list[Stats]) -> tuple[float, float]:
@@ -199,18 +182,6 @@ def content_at_batch_1(run: Built, name: str) -> list[ContentRow]:
 # ------------------------------------------------------------------------------------------ printing
 
 
-def table(title: str, header: list[str], rows: list[list[str]], note: str) -> str:
-    """Plain-text table: first column left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return "\n".join([title, note, line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def shape_table(f: Findings) -> str:
     def at_1(s: Shape) -> str:
         return f"{values(s, f.n1):,}" + ("  <- 1 value: error" if values(s, f.n1) == 1 else "")
@@ -221,22 +192,6 @@ def shape_table(f: Findings) -> str:
         ["BN layer", "input (N, C, D, H, W)", "N×D×H×W", f"at batch_size=1 (N={f.n1})"],
         rows,
         "at N=1 still D×H×W values, so the variance is not zero; only N×D×H×W = 1 fails (PyTorch raises)",
-    )
-
-
-def gap_table(gaps: dict[str, dict[str, float]], title: str, row: str = "BN layer", of: str = "B") -> str:
-    """One row per entry of `gaps` (rows of gap(): a layer's, or a volume's, statistics against running
-    statistics); `of` subscripts the compared statistics (B: a batch, v: a volume)."""
-    keys = ["batch_mean", "running_mean", "batch_var", "running_var"]
-    rows = [
-        [name, *(f"{g[k]:.3g}" for k in keys), f"{g['mean_gap']:.2f}", f"{g['var_gap']:.2f}"]
-        for name, g in gaps.items()
-    ]
-    return table(
-        title,
-        [row, f"mean μ_{of}", "running μ", f"var σ²_{of}", "running σ²", f"|μ_{of}−μ|/σ", f"|σ²_{of}−σ²|/σ²"],
-        rows,
-        "means and variances averaged over channels; gaps computed per channel, then averaged",
     )
 
 
