@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage
 
 from norm_experiments.data.generated import LAYOUTS, GeneratedCase, ensure_generated, generate_dataset
-from norm_experiments.data.synthetic import bias_field, smooth_noise
+from norm_experiments.data.synthetic import _log_uniform, bias_field, smooth_noise
 from norm_experiments.errors import UserError, exit_on_user_error
 
 # Bump when the generator's output changes for the same config, so old caches are not reused.
@@ -270,11 +270,6 @@ def anatomy(cfg: BrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.
         **{f"shift_mm_{a}": float(v) for a, v in zip("xyz", shift)},
     }
     return t1.reshape(shape).astype(np.float32), label.reshape(shape).astype(np.uint8), params
-
-
-def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
-    lo, hi = bounds
-    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
 def scan(t1: np.ndarray, cfg: BrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
