@@ -24,6 +24,9 @@ from norm_experiments.train import write_crash_log
 from norm_experiments.training.run_folder import locked
 from tests.helpers import assert_clean_failure, built_run, metrics_of, no_result_left, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 # 64 steps at batch size 1, a checkpoint every 4: stopped or killed early, finished in seconds.
 ARGS = [
     "experiment=smoke",
@@ -198,9 +201,6 @@ def test_a_signal_while_the_data_is_generated_is_one_line_and_leaves_nothing(tmp
 CRASHING_TRAIN = """
 from norm_experiments import train
 from norm_experiments.training import loop
-
-# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
-pytestmark = pytest.mark.slow
 
 real_make_plan = loop.make_plan
 
