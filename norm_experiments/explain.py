@@ -11,7 +11,7 @@ computed from them:
 2. one batch's statistics against the running averages of 20 batches (what model.eval() normalizes with);
 3. how much the batch statistics vary between batches at batch sizes 1, 2, 4, 8;
 4. where that spread comes from at batch size 1: training patches and validation windows grouped by how much
-   foreground they hold, and how far each group's statistics lie from the running averages (patch_content.py).
+   foreground they hold, and how far each group's statistics lie from the running averages (diagnose/patch_content.py).
 Exit status: 0 done, 2 a mistake in the config or the data (one `error:` line).
 """
 
@@ -26,7 +26,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from norm_experiments.bn_probe import (
+from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.data.pipeline import BatchSampler
+from norm_experiments.diagnose.patch_content import (
+    ContentRow,
+    content_rows,
+    measure,
+    training_patches,
+    validation_windows,
+)
+from norm_experiments.diagnose.probe import (
     Shape,
     Stats,
     batch_stats,
@@ -38,18 +47,9 @@ from norm_experiments.bn_probe import (
     pre_hooks,
     table,
 )
-from norm_experiments.config import CONFIG_DIR, register_resolvers
-from norm_experiments.data.pipeline import BatchSampler
 from norm_experiments.errors import USER_ERROR_EXIT, exit_on_user_error
 from norm_experiments.norms import bn_eval_mode
 from norm_experiments.norms.batch import RECORD as BATCHNORM  # the norm this command explains
-from norm_experiments.patch_content import (
-    ContentRow,
-    content_rows,
-    measure,
-    training_patches,
-    validation_windows,
-)
 from norm_experiments.training.build import Built, build, make_plan
 
 register_resolvers()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from norm_experiments.bn_probe import bn_layers
+from norm_experiments.diagnose.patch_content import PatchStats, content_rows, window_starts
+from norm_experiments.diagnose.probe import bn_layers
 from norm_experiments.explain import content_at_batch_1, force_batchnorm, spread, values
-from norm_experiments.patch_content import PatchStats, content_rows, window_starts
 from norm_experiments.training.build import build, make_plan
 from tests.helpers import compose_config, run_cli
 

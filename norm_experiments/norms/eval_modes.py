@@ -51,7 +51,7 @@ def bn_eval_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
             layer.track_running_stats = was_tracking
 
 
-class _PopulationStats:
+class PopulationStats:
     """Per-channel count, mean and sum of squared deviations of everything a layer saw, merged batch by
     batch (Chan et al.'s parallel update, in float64) so the result is the exact population statistic."""
 
@@ -108,7 +108,7 @@ def recompute_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor], d
     if not layers:
         logger.info("recompute_bn_statistics: the model has no BN layer with running statistics")
         return 0
-    stats = {name: _PopulationStats() for name in layers}
+    stats = {name: PopulationStats() for name in layers}
     hooks = [
         layer.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))
         for name, layer in layers.items()

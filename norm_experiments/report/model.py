@@ -30,6 +30,7 @@ from norm_experiments.report.stats import mean, sample_std, t_quantile, t_two_si
 
 SEEDS_AND_CASES = "seeds × cases"
 SEEDS_ONLY = "seeds only"
+CASES_ONLY = "cases of one model"
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Estimate:
 
     @property
     def method(self) -> str:
+        if self.n_seeds == 1:
+            return CASES_ONLY
         return SEEDS_AND_CASES if self.n_cases else SEEDS_ONLY
 
     @property
@@ -64,6 +67,15 @@ def seed_estimate(values: Sequence[float]) -> Estimate | None:
     if n < 2:
         return None
     return Estimate(mean(values), sample_std(values) / math.sqrt(n), n - 1, n, 0)
+
+
+def case_estimate(differences: Sequence[float]) -> Estimate | None:
+    """One trained model, one value per validation case (norm-exp-check): the paired t over cases (None below
+    2 cases)."""
+    n = len(differences)
+    if n < 2:
+        return None
+    return Estimate(mean(differences), sample_std(differences) / math.sqrt(n), n - 1, 1, n)
 
 
 def crossed_estimate(grid: Sequence[Sequence[float]]) -> Estimate | None:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from norm_experiments.bn_probe import batch_stats, forward_until
 from norm_experiments.data.pipeline import BatchSampler, Volume
+from norm_experiments.diagnose.probe import batch_stats, forward_until
 
 TRAIN_PATCHES = 64  # training patches drawn at batch size 1
 # Foreground share bins: (label, lower bound inclusive, upper bound exclusive).

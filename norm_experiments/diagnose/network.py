@@ -1,0 +1,324 @@
+"""The network a user hands norm-exp-check: built from a Hydra `_target_` config (checked first: only network
+classes of MONAI or ours may be named), or ours from model=/norm=; the weights matched against it key by key,
+with one line naming what differs; and one forward pass that shows the network segments the data."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra._internal.utils import _locate
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from norm_experiments import safe_io
+from norm_experiments.data.pipeline import DataBundle
+from norm_experiments.diagnose.probe import layer_shapes
+from norm_experiments.errors import UserError
+from norm_experiments.models import build_model
+from norm_experiments.models.preflight import preflight
+from norm_experiments.norms import bn_eval_mode, make_norm_spec, register_monai_norms
+
+# Prefixes that wrappers add to every key of a saved state dict: DDP, DataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class Network:
+    model: nn.Module
+    description: str  # e.g. "monai.networks.nets.UNet" or "ours, model=unet, norm=batch"
+
+
+def net_config(net: object) -> DictConfig:
+    """The `net` key as a config with a _target_: given inline, as the path of a YAML file, or as a MONAI
+    bundle's folder; checked (allowed_targets) before anything in it is imported or called."""
+    if isinstance(net, str) and Path(net).expanduser().is_dir():
+        net = bundle_network(Path(net).expanduser())
+    elif isinstance(net, str):
+        path = Path(net).expanduser()
+        if not path.is_file():
+            raise UserError(
+                f"net={net}: no such file (give a YAML file with a _target_, a MONAI bundle's folder, or the "
+                "network inline)"
+            )
+        try:
+            net = OmegaConf.create(safe_io.read_text(path, safe_io.MAX_YAML_BYTES))
+        except safe_io.UnsafeFile as err:
+            raise UserError(f"net={err}") from None
+        except Exception as err:
+            raise UserError(f"net={net}: not a readable YAML file ({err.__class__.__name__})") from None
+    if not isinstance(net, DictConfig) or "_target_" not in net:
+        raise UserError(
+            "net: needs a _target_, e.g. net='{_target_: monai.networks.nets.UNet, spatial_dims: 3, ...}'"
+        )
+    allowed_targets(net)
+    return net
+
+
+# A MONAI bundle (monai.bundle): its network is the `network_def` entry of its inference config.
+BUNDLE_CONFIGS = ("configs/inference.json", "configs/inference.yaml", "configs/inference.yml")
+BUNDLE_NETWORKS = "monai.networks.nets."  # where a bundle's short _target_ names ("UNet") live
+
+
+def bundle_network(folder: Path) -> DictConfig:
+    """A bundle's `network_def` as a network config: short target names completed, `@key` references to plain
+    values of the same config filled in. Expressions (`$...`) are refused, never evaluated: they run code."""
+    found = next((folder / name for name in BUNDLE_CONFIGS if (folder / name).is_file()), None)
+    if found is None:
+        raise UserError(
+            f"net={folder}: a folder, but not a MONAI bundle ({' or '.join(BUNDLE_CONFIGS)} not found)"
+        )
+    try:
+        text = safe_io.read_text(found, safe_io.MAX_JSON_BYTES)
+        if found.suffix == ".json":
+            config = safe_io.parse_json(text, found)
+        else:
+            config = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    except (safe_io.UnsafeFile, UserError) as err:
+        raise UserError(f"net={err}") from None
+    except Exception as err:
+        raise UserError(f"net={found}: not a readable bundle config ({err.__class__.__name__})") from None
+    network = config.get("network_def") if isinstance(config, dict) else None
+    if not isinstance(network, dict) or "_target_" not in network:
+        raise UserError(f"net={found}: no network_def with a _target_ in it")
+    network = _filled(network, config, f"{found}: network_def")
+    if isinstance(network["_target_"], str) and "." not in network["_target_"]:
+        network["_target_"] = BUNDLE_NETWORKS + network["_target_"]
+    return OmegaConf.create(network)
+
+
+def _filled(node: object, config: dict, where: str, references: int = 0) -> object:
+    if isinstance(node, dict):
+        return {k: _filled(v, config, f"{where}.{k}", references) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_filled(v, config, f"{where}[{i}]", references) for i, v in enumerate(node)]
+    if isinstance(node, str) and node.startswith(("$", "%")):
+        raise UserError(
+            f"{where}={node}: an expression or macro, which this check does not evaluate (it could run code); "
+            "write the value out in a YAML file and give that as net="
+        )
+    if isinstance(node, str) and node.startswith("@"):
+        value = config.get(node[1:]) if isinstance(config, dict) else None
+        if value is None or references >= 4 or (isinstance(value, str) and value.startswith(("$", "%", "@"))):
+            raise UserError(f"{where}={node}: refers to no plain value of the bundle config; write it out")
+        return _filled(value, config, f"{where} ({node})", references + 1)
+    return node
+
+
+# A net= config may build a network, nothing else: Hydra imports and calls any _target_ it is given (a shared
+# YAML file with builtins.open or a nested _target_ would run code). Targets are named by these modules.
+NETWORK_MODULES = ("monai.networks.nets.", "norm_experiments.models.")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def allowed_targets(net_cfg: DictConfig) -> None:
+    """Refuse, before anything is imported or called, a net config with a _target_ (at any depth) that is
+    not a network class of MONAI or ours, or an interpolation that calls a resolver (${oc.env:...})."""
+    plain = OmegaConf.to_container(net_cfg, resolve=False)
+    for where, target in _targets(plain, "net"):
+        _check_target(where, target)
+    for where, text in _strings(plain, "net"):
+        if "${" in text and ":" in text[text.index("${") :]:
+            raise UserError(f"{where}={text}: a resolver in a network config is not allowed")
+
+
+def _targets(node: object, where: str):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_":
+                yield f"{where}._target_", value
+            else:
+                yield from _targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _targets(value, f"{where}[{i}]")
+
+
+def _strings(node: object, where: str):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _strings(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _strings(value, f"{where}[{i}]")
+    elif isinstance(node, str):
+        yield where, node
+
+
+def _check_target(where: str, target: object) -> None:
+    """A MONAI or project network class, by its dotted name (only then imported, to check what it is)."""
+    allowed = "a network class of monai.networks.nets (e.g. UNet, BasicUNet, DynUNet, SegResNet) or ours"
+    if not isinstance(target, str) or not _DOTTED.fullmatch(target) or not target.startswith(NETWORK_MODULES):
+        raise UserError(f"{where}={target}: not allowed; a network config may only name {allowed}")
+    try:
+        found = _locate(target)
+    except ImportError:
+        raise UserError(f"{where}={target}: no such network class ({allowed})") from None
+    # The name alone is not enough: monai.networks.nets.unet.torch.save is reachable by attribute too.
+    module = getattr(found, "__module__", "") or ""
+    if not (
+        isinstance(found, type) and issubclass(found, nn.Module) and f"{module}.".startswith(NETWORK_MODULES)
+    ):
+        raise UserError(f"{where}={target}: not allowed, not a network class ({allowed})")
+
+
+def instantiate_net(net_cfg: DictConfig) -> nn.Module:
+    target = str(net_cfg._target_)
+    register_monai_norms()  # our norm names also work in a MONAI network's norm argument
+    try:
+        model = hydra.utils.instantiate(net_cfg, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        raise UserError(f"net: {target} refused its arguments: {str(cause).splitlines()[0]}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"net._target_={target}: built a {type(model).__name__}, not a torch network")
+    return model
+
+
+def build_network(
+    cfg: DictConfig, num_channels: int, num_classes: int, spacing: list[float] | None = None
+) -> Network:
+    if cfg.net is not None:
+        net_cfg = net_config(cfg.net)
+        return Network(instantiate_net(net_cfg), str(net_cfg._target_))
+    spec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options))
+    effective_batch = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
+    preflight(spec, cfg.model, list(cfg.data.patch_size), effective_batch)
+    model = build_model(cfg.model, spec, num_channels, num_classes, spacing)  # DynUNet: as in training
+    return Network(model, f"ours, model={cfg.model.name}, norm={spec.name}")
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first convolution (in registration order, which is the forward order of segmentation nets)."""
+    return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+
+
+def unwrap_keys(weights: dict, model: nn.Module) -> dict:
+    """Strip a DDP/torch.compile prefix that every key of the file has and none of the network's has."""
+    expected = model.state_dict()
+    for prefix in WRAPPER_PREFIXES:
+        if (
+            weights
+            and all(k.startswith(prefix) for k in weights)
+            and not any(k.startswith(prefix) for k in expected)
+        ):
+            return {k[len(prefix) :]: v for k, v in weights.items()}
+    return weights
+
+
+def check_finite(path: Path, weights: dict) -> None:
+    """Weights with NaN or infinite values score nothing real (every output NaN): refused, naming a tensor."""
+    for key, value in weights.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(
+                f"{path}: {key} holds {bad} NaN or infinite value(s); these weights score nothing"
+            )
+
+
+def check_input_channels(model: nn.Module, num_channels: int, data: DataBundle) -> None:
+    found = first_conv(model)
+    if found is not None and found[1].in_channels != num_channels:
+        raise UserError(
+            f"net: the network takes {found[1].in_channels} input channel(s) (first conv {found[0]}), the "
+            f"dataset {data.info.root} has {num_channels}; set the network's in_channels to {num_channels}"
+        )
+
+
+def weight_problems(expected: dict, weights: dict) -> list[str]:
+    """Missing keys, unexpected keys and shape mismatches between the network's and the file's state dicts."""
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} in the file vs {tuple(v.shape)} in the network"
+        for k, v in expected.items()
+        if k in weights and isinstance(weights[k], torch.Tensor) and weights[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {first(unexpected)}")
+    if shapes:
+        problems.append(f"shape {first(shapes)}")
+    return problems
+
+
+def channel_count_mismatch(
+    model: nn.Module, weights: dict, num_channels: int, num_classes: int
+) -> str | None:
+    """When the file's weights differ from the network only in the data's channel or class count, say that
+    (the network was built for the data; the file was trained for other data)."""
+    found = first_conv(model)
+    if found is not None:
+        key = f"{found[0]}.weight"
+        w = weights.get(key)
+        if (
+            isinstance(w, torch.Tensor)
+            and w.dim() == found[1].weight.dim()
+            and w.shape[1] != found[1].weight.shape[1]
+        ):
+            return f"the weights take {w.shape[1] * found[1].groups} input channel(s) ({key}), the dataset has {num_channels}"
+    name, last = list(model.named_parameters())[-1]  # a segmentation head's bias: one value per class
+    w = weights.get(name)
+    if last.dim() == 1 and isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] != last.shape[0]:
+        return f"the weights output {w.shape[0]} classes ({name}), the dataset has {num_classes}"
+    return None
+
+
+def load_into(net: Network, path: Path, weights: dict, data: DataBundle) -> None:
+    num_channels, num_classes = data.info.num_channels, len(data.info.labels)
+    weights = unwrap_keys(weights, net.model)
+    problems = weight_problems(net.model.state_dict(), weights)
+    if problems:
+        counts = channel_count_mismatch(net.model, weights, num_channels, num_classes)
+        if counts:
+            raise UserError(f"{path}: {counts} ({data.info.root})")
+        raise UserError(
+            f"{path}: the weights do not match the network ({net.description}): {'; '.join(problems)}"
+        )
+    try:
+        net.model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise UserError(f"{path}: the network refused the weights: {str(err).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def check_forward(model: nn.Module, data: DataBundle, patch: list[int], device: torch.device) -> None:
+    """Forward passes on one patch: the network must run on it, output one channel per class, and leave
+    BatchNorm more than one value per channel."""
+    num_classes = len(data.info.labels)
+    image = data.val[0].image[None, :, : patch[0], : patch[1], : patch[2]].to(device)
+    try:
+        with bn_eval_mode(model, "running"):
+            out = model(image)
+    except RuntimeError as err:
+        raise UserError(
+            f"net: a forward pass on one data.patch_size={patch} patch failed: {str(err).splitlines()[0]}"
+        ) from None
+    if not isinstance(out, torch.Tensor) or out.dim() != image.dim() or out.shape[2:] != image.shape[2:]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"net: outputs {shape} for a patch of shape {tuple(image.shape)}: not a segmentation")
+    if out.shape[1] != num_classes:
+        names = ", ".join(data.info.labels[i] for i in sorted(data.info.labels))
+        raise UserError(
+            f"net: the network outputs {out.shape[1]} classes (channels), the dataset {data.info.root} has "
+            f"{num_classes} ({names}, background included)"
+        )
+    # Batch statistics of a single value per channel do not exist (PyTorch raises): a window of one patch
+    # must leave more than one voxel at every BatchNorm layer.
+    for name, shape in layer_shapes(model, image).items():
+        if math.prod(shape[2:]) == 1:
+            raise UserError(
+                f"data.patch_size={patch}: BatchNorm layer {name} sees {tuple(shape[2:])} voxels per patch, one "
+                "value per channel, so its batch statistics cannot be computed; use the patch size of your training"
+            )
