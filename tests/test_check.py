@@ -17,10 +17,10 @@ from monai.networks.nets import UNet
 from omegaconf import OmegaConf
 
 from norm_experiments.check import TRUST_FLAG, check
-from norm_experiments.diagnose.network import channel_count_mismatch, unwrap_keys
 from norm_experiments.config import CONFIG_DIR
 from norm_experiments.data.pipeline import BatchSampler, load_data
 from norm_experiments.data.synthetic import SynthConfig, generate_dataset
+from norm_experiments.diagnose.network import channel_count_mismatch, unwrap_keys
 from norm_experiments.models import build_model
 from norm_experiments.norms import make_norm_spec
 from norm_experiments.training.checkpoint import load_weights
@@ -372,4 +372,3 @@ def test_wrapper_prefixes_are_stripped() -> None:
     assert list(unwrap_keys(ddp, net)) == list(net.state_dict())
     partly = {**net.state_dict(), "module.extra": torch.zeros(1)}  # not every key: left as it is
     assert unwrap_keys(partly, net) is partly
-

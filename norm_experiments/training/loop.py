@@ -25,7 +25,7 @@ from norm_experiments import run_record
 from norm_experiments.data.pipeline import dataset_name
 from norm_experiments.errors import UserError
 from norm_experiments.norms import BNStatMonitor, renorm_diagnostics
-from norm_experiments.run_record import Status
+from norm_experiments.run_record import RunRecord, Status
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
 from norm_experiments.training.build import Built, Plan, build, make_plan
@@ -415,60 +415,58 @@ class Run:
     # -- the record (metrics.json)
 
     def record(self, status: Status, error: str | None = None, **extra: object) -> dict:
+        """The run's record as it stands (run_record.RunRecord; `extra`: the final results)."""
         s, plan, cfg, device = self.state, self.plan, self.cfg, self.plan.device
         train_s = max(s.train_seconds, 1e-9)
         b = self.built
-        return {
-            "status": status,
-            "error": error,
-            "run_id": plan.run_id,
-            "run_name": self.run_dir.name,
-            "norm": plan.spec.name,
-            "norm_options": dict(plan.spec.options),
-            "batch_dependent": plan.spec.uses_batch_statistics,  # the report groups norms by these two
-            "bn_family": plan.spec.bn_family,
-            "model": str(cfg.model.name),
-            "seed": int(cfg.seed),
-            "batch_size": int(cfg.data.batch_size),  # volumes per GPU (per rank)
-            "patches_per_volume": int(cfg.data.patches_per_volume),
-            "effective_batch": plan.effective_batch,  # patches per rank and forward (micro-batch)
-            "accumulate_steps": plan.accumulate_steps,  # micro-batches per optimizer step
-            "world_size": plan.world_size,
-            "global_batch": plan.global_batch,  # patches per optimizer step, all ranks and micro-batches
-            "bn_batch": plan.bn_batch,  # patches per BatchNorm statistic in training (None: not batch-based)
-            "lr": b.lr if b else None,
-            "lr_scaling": str(cfg.optim.lr_scaling),
-            "dataset": dataset_name(
-                cfg.data
-            ),  # a condition of the study: synthetic, brain, a preset or a folder
-            "intensity": str(cfg.data.intensity),  # a condition of the study: raw or z-scored input
-            "budget_unit": str(cfg.trainer.budget_unit),  # patches (same data) or steps (same steps)
-            "samples_budget": plan.total_steps * plan.global_batch,
-            "samples_seen": s.samples_seen,
-            "steps": s.step,
-            "total_steps": plan.total_steps,
-            "best_val_dice": s.best_val_dice if s.best_step >= 0 else None,
-            "best_step": s.best_step if s.best_step >= 0 else None,
-            "samples_per_s": s.samples_seen / train_s if s.samples_seen else None,
-            "data_wait_fraction": s.data_wait_seconds / train_s if s.samples_seen else None,
-            "amp": str(b.amp).replace("torch.", "") if b and b.amp else "off",
-            "amp_skipped_steps": s.amp_skipped_steps,
-            "peak_memory_mb": peak_rss_mb(),
+        seen = bool(s.samples_seen)
+        return RunRecord(
+            status=status,
+            error=error,
+            run_id=plan.run_id,
+            run_name=self.run_dir.name,
+            norm=plan.spec.name,
+            norm_options=dict(plan.spec.options),
+            batch_dependent=plan.spec.uses_batch_statistics,
+            bn_family=plan.spec.bn_family,
+            model=str(cfg.model.name),
+            seed=int(cfg.seed),
+            batch_size=int(cfg.data.batch_size),
+            patches_per_volume=int(cfg.data.patches_per_volume),
+            effective_batch=plan.effective_batch,
+            accumulate_steps=plan.accumulate_steps,
+            world_size=plan.world_size,
+            global_batch=plan.global_batch,
+            bn_batch=plan.bn_batch,
+            lr=b.lr if b else None,
+            lr_scaling=str(cfg.optim.lr_scaling),
+            dataset=dataset_name(cfg.data),
+            intensity=str(cfg.data.intensity),
+            budget_unit=str(cfg.trainer.budget_unit),
+            samples_budget=plan.total_steps * plan.global_batch,
+            samples_seen=s.samples_seen,
+            steps=s.step,
+            total_steps=plan.total_steps,
+            best_val_dice=s.best_val_dice if s.best_step >= 0 else None,
+            best_step=s.best_step if s.best_step >= 0 else None,
+            samples_per_s=s.samples_seen / train_s if seen else None,
+            data_wait_fraction=s.data_wait_seconds / train_s if seen else None,
+            amp=str(b.amp).replace("torch.", "") if b and b.amp else "off",
+            amp_skipped_steps=s.amp_skipped_steps,
+            peak_memory_mb=peak_rss_mb(),
             # The run's own device: joblib workers on GPU k must not report GPU 0.
-            "peak_cuda_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20
+            peak_cuda_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20
             if device.type == "cuda"
             else None,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "machine": machine(),
-            "versions": library_versions(),
-            "history": s.history,
-            "loss_history": s.loss_history,  # mean training loss per logging window: the convergence flag's points
-            "batch_stats_windows": self.batch_stats_windows(),
-            "preprocessing": b.data.preprocessing
-            if b
-            else None,  # intensity per channel, CT statistics, spacing
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            machine=machine(),
+            versions=library_versions(),
+            history=s.history,
+            loss_history=s.loss_history,
+            batch_stats_windows=self.batch_stats_windows(),
+            preprocessing=b.data.preprocessing if b else None,
             **extra,
-        }
+        ).to_json()
 
     def batch_stats_windows(self) -> int | None:
         """Windows per forward in the "batch" evaluation mode (see Inference.for_mode); None when the run

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments import run_record, safe_io
 from norm_experiments.errors import UserError
-from norm_experiments.run_record import Status
+from norm_experiments.run_record import RunRecord, Status
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
 
@@ -184,19 +184,19 @@ def record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
 
     if not distributed.is_main() or run_record.path_in(run_dir).exists():
         return
-    record = {
-        "status": Status.FAILED,
-        "error": message,
-        "run_name": run_dir.name,
-        "norm": str(cfg.norm.name),
-        "model": str(cfg.model.name),
-        "seed": int(cfg.seed),
-        "batch_size": int(cfg.data.batch_size),
-        "patches_per_volume": int(cfg.data.patches_per_volume),
-    }
+    record = RunRecord(
+        status=Status.FAILED,
+        error=message,
+        run_name=run_dir.name,
+        norm=str(cfg.norm.name),
+        model=str(cfg.model.name),
+        seed=int(cfg.seed),
+        batch_size=int(cfg.data.batch_size),
+        patches_per_volume=int(cfg.data.patches_per_volume),
+    )
     try:
-        record["run_id"] = run_identity(cfg)
-        run_record.write(run_dir, record)
+        record.run_id = run_identity(cfg)
+        run_record.write(run_dir, record.to_json(keep_none=False))
     except (OSError, ValueError):
         pass  # an unwritable folder or an unresolvable config: the error is still reported
 

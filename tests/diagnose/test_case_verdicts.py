@@ -86,7 +86,9 @@ def test_each_verdict(shift: float, noise: float, expected: Verdict) -> None:
     assert gaps.gap("precise").verdict == Verdict.EQUIVALENT  # identical to running: no spread, no gap
 
 
-def text_of(running: list[float], precise: list[float], batch: list[float], repaired: str | None = None) -> str:
+def text_of(
+    running: list[float], precise: list[float], batch: list[float], repaired: str | None = None
+) -> str:
     c = checked(running, precise, batch)
     return "\n".join(verdict(c, compare_modes(c.scores, 0.02), repaired))
 
@@ -123,7 +125,9 @@ def test_equivalent_says_fine() -> None:
 
 def test_worse_alternatives_say_fine() -> None:
     text = text_of(BASE, offsets(BASE, -0.2, 0.01), offsets(BASE, 0.001, 0.002))
-    assert "No other evaluation scores better than eval mode (PreciseBN worse, batch stats equivalent)" in text
+    assert (
+        "No other evaluation scores better than eval mode (PreciseBN worse, batch stats equivalent)" in text
+    )
     assert "your model is fine in model.eval()" in text
 
 

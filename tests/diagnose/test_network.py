@@ -110,7 +110,9 @@ def test_check_a_bundle_as_users_have_it(small_data: Path, tmp_path: Path, monke
         capsys,
     )
     assert "(network: monai.networks.nets.UNet)" in out
-    assert "2. Each validation case's Dice" in out and "3. Gaps over the running statistics, on 3 cases" in out
+    assert (
+        "2. Each validation case's Dice" in out and "3. Gaps over the running statistics, on 3 cases" in out
+    )
     assert "Verdict:" in out
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from norm_experiments.norms import registry
+from norm_experiments.run_record import RunRecord, Status
 
 BN_FAMILY = registry.bn_family()
 BATCH_DEPENDENT = frozenset(n for n, r in registry.records().items() if r.batch_dependent)
@@ -28,36 +29,36 @@ def per_case(scores: dict[str, dict[str, float]], hd95: float = 4.0) -> dict:
 
 
 def make_metrics(norm: str, batch_size: int, seed: int, val_dice: float | None = 0.7, **overrides) -> dict:
-    """A complete metrics.json dict; overrides replace any field."""
+    """A complete metrics.json dict, built as training builds it (RunRecord); overrides replace any field
+    (they may break it on purpose)."""
     run_id = hashlib.sha1(f"{norm}-{batch_size}-{seed}".encode()).hexdigest()[:12]
-    data = {
-        "status": "completed",
-        "error": None,
-        "run_id": run_id,
-        "run_name": f"norm={norm},bs={batch_size},seed={seed}",
-        "norm": norm,
-        "bn_family": norm in BN_FAMILY,
-        "batch_dependent": norm in BATCH_DEPENDENT,
-        "model": "unet",
-        "seed": seed,
-        "batch_size": batch_size,
-        "patches_per_volume": 1,
-        "accumulate_steps": 1,
-        "effective_batch": batch_size,
-        "samples_seen": 1200,
-        "steps": 1200 // batch_size,
-        "val_dice": val_dice,
-        "best_val_dice": None if val_dice is None else val_dice + 0.01,
-        "val_dice_per_class": {"class1": 0.8, "class2": 0.6},
-        "eval_modes": {},
-        "wall_time_s": 95.2,
-        "samples_per_s": 10.0 * batch_size,
-        "data_wait_fraction": 0.02,
-        "peak_memory_mb": 100.0 * batch_size,
-        "peak_cuda_memory_mb": None,
-        "device": "cpu",
-        "versions": {"torch": "2.13.0", "monai": "1.6.1"},
-    }
+    data = RunRecord(
+        status=Status.COMPLETED,
+        run_id=run_id,
+        run_name=f"norm={norm},bs={batch_size},seed={seed}",
+        norm=norm,
+        bn_family=norm in BN_FAMILY,
+        batch_dependent=norm in BATCH_DEPENDENT,
+        model="unet",
+        seed=seed,
+        batch_size=batch_size,
+        patches_per_volume=1,
+        accumulate_steps=1,
+        effective_batch=batch_size,
+        samples_seen=1200,
+        steps=1200 // batch_size,
+        val_dice=val_dice,
+        best_val_dice=None if val_dice is None else val_dice + 0.01,
+        val_dice_per_class={"class1": 0.8, "class2": 0.6},
+        eval_modes={},
+        wall_time_s=95.2,
+        samples_per_s=10.0 * batch_size,
+        data_wait_fraction=0.02,
+        peak_memory_mb=100.0 * batch_size,
+        device="cpu",
+        versions={"torch": "2.13.0", "monai": "1.6.1"},
+    ).to_json(keep_none=False)
+    data["error"], data["peak_cuda_memory_mb"] = None, None
     if norm in BN_FAMILY and val_dice is not None:
         data["eval_modes"] = {"running": val_dice, "precise": val_dice + 0.05, "batch": val_dice + 0.1}
         data["batch_stats_windows"] = 4
