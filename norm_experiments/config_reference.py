@@ -1,0 +1,182 @@
+"""docs/reference/configuration.md's generated tables: every config group with its options (the files in
+configs/), and every key of config_schema.SCHEMA with its type (what the schema accepts), its default (the
+composed default config, or the option file that sets it) and its meaning (the comment beside it in the YAML).
+
+    python -m norm_experiments.config_reference docs/reference/configuration.md
+
+rewrites the text between the markers below; a test fails when the page is stale.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.config_schema import SCHEMA
+
+GROUPS_START = "<!-- config groups: written by python -m norm_experiments.config_reference; do not edit -->"
+GROUPS_END = "<!-- end of the config groups -->"
+KEYS_START = "<!-- config keys: written by python -m norm_experiments.config_reference; do not edit -->"
+KEYS_END = "<!-- end of the config keys -->"
+GROUPS = ("data", "model", "norm", "optim", "trainer", "experiment")
+_KEY_LINE = re.compile(
+    r"^(?P<indent> *)(?P<key>[A-Za-z_][A-Za-z0-9_]*):(?P<value>[^#]*)(#\s?(?P<comment>.*))?$"
+)
+
+
+class _NoValue:
+    """A value every check refuses: its message is what the key accepts."""
+
+
+def accepted(key: str) -> str:
+    return SCHEMA[key](_NoValue()) or "anything"
+
+
+def yaml_comments(path: Path, prefix: str) -> dict[str, str]:
+    """'a.b' -> the comment at the end of that key's line (nested keys by indentation)."""
+    found: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = _KEY_LINE.match(line)
+        if not match:
+            continue
+        indent = len(match["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, match["key"]))
+        if match["comment"]:
+            found.setdefault(prefix + ".".join(k for _, k in stack), match["comment"].strip())
+    return found
+
+
+def option_files() -> dict[str, list[Path]]:
+    return {group: sorted((CONFIG_DIR / group).glob("*.yaml")) for group in GROUPS}
+
+
+def defaults() -> dict[str, object]:
+    """Every key's value in the composed default config (interpolations left as written)."""
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train")
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    values: dict[str, object] = {}
+    for key in SCHEMA:
+        node: object = plain
+        for part in key.split("."):
+            node = node.get(part, _NoValue) if isinstance(node, dict) else _NoValue
+        if node is not _NoValue:
+            values[key] = node
+    return values
+
+
+def option_values(files: dict[str, list[Path]]) -> dict[str, str]:
+    """For keys the default config lacks: 'model=basic_unet: [...]' from the first option file setting it."""
+    values: dict[str, str] = {}
+    for group in ("data", "model", "optim", "trainer"):
+        for path in files[group]:
+            plain = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+            for key, value in _flat(plain, f"{group}.").items():
+                values.setdefault(key, f"`{group}={path.stem}`: `{_show(value)}`")
+    return values
+
+
+def _flat(node: object, prefix: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and path not in SCHEMA:
+                out.update(_flat(value, path + "."))
+            else:
+                out[path] = value
+    return out
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value).replace("'", "")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def groups_table(files: dict[str, list[Path]]) -> str:
+    defaults_line = [line for line in (CONFIG_DIR / "train.yaml").read_text().splitlines() if "- " in line]
+    rows = ["| group | options (default first) | what it is |", "| --- | --- | --- |"]
+    for group, paths in files.items():
+        chosen = next(
+            (ln.split(":")[1].split("#")[0].strip() for ln in defaults_line if f"- {group}:" in ln), ""
+        )
+        names = [p.stem for p in paths]
+        if chosen in names:
+            names.remove(chosen)
+            names.insert(0, chosen)
+        meaning = next(
+            (ln.split("#", 1)[1].strip() for ln in defaults_line if f"- {group}:" in ln and "#" in ln), ""
+        )
+        shown = ", ".join(f"`{n}`" for n in names)
+        rows.append(f"| `{group}` | {shown} | {_cell(meaning)} |")
+    return "\n".join(rows)
+
+
+def meanings(files: dict[str, list[Path]]) -> dict[str, str]:
+    """Each key's comment: train.yaml's, else the default option's, else another option's (not one that says
+    the key is unused there), else the comment beside it in config_schema.py."""
+    chosen: dict[str, str] = {}
+    composed = OmegaConf.load(CONFIG_DIR / "train.yaml").get("defaults", [])
+    for entry in composed:
+        if isinstance(entry, dict) or OmegaConf.is_dict(entry):
+            chosen.update({str(k): str(v) for k, v in dict(entry).items()})
+    comments = yaml_comments(CONFIG_DIR / "train.yaml", "")
+    for group, paths in files.items():
+        ordered = sorted(paths, key=lambda p: p.stem != chosen.get(group))
+        for path in ordered:
+            for key, text in yaml_comments(path, f"{group}.").items():
+                if not text.lower().startswith("not used"):
+                    comments.setdefault(key, text)
+    for key, text in schema_comments().items():
+        comments.setdefault(key, text)
+    return comments
+
+
+def schema_comments() -> dict[str, str]:
+    source = (Path(__file__).parent / "config_schema.py").read_text(encoding="utf-8")
+    return dict(re.findall(r'^\s*"([a-z_.]+)": .*#\s*(.+)$', source, flags=re.MULTILINE))
+
+
+def keys_table(files: dict[str, list[Path]]) -> str:
+    comments = meanings(files)
+    composed, elsewhere = defaults(), option_values(files)
+    rows = ["| key | accepts | default | meaning |", "| --- | --- | --- | --- |"]
+    for key in SCHEMA:
+        default = f"`{_show(composed[key])}`" if key in composed else elsewhere.get(key, "(set by the code)")
+        rows.append(
+            f"| `{key}` | {_cell(accepted(key))} | {_cell(default)} | {_cell(comments.get(key, ''))} |"
+        )
+    return "\n".join(rows)
+
+
+def _replace(page: str, start: str, end: str, table: str) -> str:
+    before, rest = page.split(start, 1)
+    _, after = rest.split(end, 1)
+    return f"{before}{start}\n{table}\n{end}{after}"
+
+
+def with_tables(page: str) -> str:
+    files = option_files()
+    page = _replace(page, GROUPS_START, GROUPS_END, groups_table(files))
+    return _replace(page, KEYS_START, KEYS_END, keys_table(files))
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1])
+    target.write_text(with_tables(target.read_text(encoding="utf-8")), encoding="utf-8")
