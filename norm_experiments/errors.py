@@ -11,6 +11,14 @@ from typing import TypeVar
 # Exit status for a user mistake (bad config, bad data). Distinct from 1, Python's status after an uncaught
 # exception (and Hydra's for a command line it refuses); norm-exp-train gives its own crashes 5.
 USER_ERROR_EXIT = 2
+# The other exit statuses of the commands (docs/reference/cli.md), for scripts and launchers that requeue.
+EXIT_INTERRUPTED = (
+    3  # SIGTERM/SIGINT: norm-exp-train saved a checkpoint (run it again to continue); fetch kept nothing
+)
+EXIT_DIVERGED = 4  # norm-exp-train: the loss became NaN/inf: status "diverged" in metrics.json
+EXIT_CRASHED = (
+    5  # norm-exp-train: an internal error (a bug): one line, the traceback in the run folder's crash.log
+)
 
 F = TypeVar("F", bound=Callable[..., object])
 

@@ -37,23 +37,21 @@ from norm_experiments.config import (
     quoting_problem,
     register_resolvers,
 )
-from norm_experiments.errors import USER_ERROR_EXIT, StdoutError, UserError, flush_stdout, guard_stdout
-from norm_experiments.safe_io import argument_problem
-from norm_experiments.training import distributed
-from norm_experiments.training.loop import (
+from norm_experiments.errors import (
     EXIT_CRASHED,
     EXIT_DIVERGED,
     EXIT_INTERRUPTED,
-    RunDiverged,
-    RunInterrupted,
-    train,
+    USER_ERROR_EXIT,
+    StdoutError,
+    UserError,
+    flush_stdout,
+    guard_stdout,
 )
-from norm_experiments.training.run_folder import (
-    RunFolderBusy,
-    record_failure,
-    saved_overrides,
-    settle_record,
-)
+from norm_experiments.safe_io import argument_problem
+from norm_experiments.training import distributed
+from norm_experiments.training.loop import RunDiverged, RunInterrupted, train
+from norm_experiments.training.record import record_failure, settle_record
+from norm_experiments.training.run_folder import RunFolderBusy, saved_overrides
 
 log = logging.getLogger("norm_experiments.train")
 

@@ -48,6 +48,7 @@ from norm_experiments import safe_io
 from norm_experiments.config import CONFIG_DIR, hydra_quote
 from norm_experiments.data.layouts import find_cases
 from norm_experiments.errors import (
+    EXIT_INTERRUPTED,
     StdoutError,
     UserError,
     exit_on_user_error,
@@ -55,7 +56,6 @@ from norm_experiments.errors import (
     guard_stdout,
 )
 
-EXIT_INTERRUPTED = 3  # SIGTERM or Ctrl-C: the work folder was removed, nothing was kept
 DEFAULT_TIMEOUT = 60.0  # seconds without a byte (connecting, or between reads) before a download gives up
 _MD5 = re.compile(r"[0-9a-fA-F]{32}")
 

@@ -5,7 +5,8 @@ step: trainer.accumulate_steps micro-batches, each forwarded alone. Everything r
 m of a run depends only on (seed, m), and step t is micro-batches t*k .. t*k + k - 1, which is why a
 checkpoint (always between steps) plus the step number is enough to continue a run exactly. What is built
 (data, model, optimizer...) comes from training/build.py, validation from training/evaluate.py, the
-convergence flag from training/convergence.py, the run folder's policy from training/run_folder.py.
+convergence flag from training/convergence.py, the run folder's policy from training/run_folder.py, the record
+(metrics.json) from training/record.py.
 """
 
 from __future__ import annotations
@@ -21,24 +22,22 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from norm_experiments import run_record
-from norm_experiments.data.pipeline import dataset_name
 from norm_experiments.errors import UserError
 from norm_experiments.norms import BNStatMonitor, renorm_diagnostics
-from norm_experiments.run_record import RunRecord, Status
+from norm_experiments.run_record import Status
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
+from norm_experiments.training import record as records
 from norm_experiments.training.build import Built, Plan, build, make_plan
 from norm_experiments.training.convergence import convergence
 from norm_experiments.training.evaluate import ValResult, evaluate_bn_modes, evaluate_built
-from norm_experiments.training.outputs import library_versions, machine, peak_rss_mb, reset_peak_rss
+from norm_experiments.training.outputs import reset_peak_rss
 from norm_experiments.training.predictions import write_predictions
 from norm_experiments.training.prefetch import batch_executor
 from norm_experiments.training.progress import Progress
 from norm_experiments.training.run_folder import (
     existing_run,
     locked,
-    record_failure,
     save_config,
     save_hydra_files,
 )
@@ -53,11 +52,6 @@ from norm_experiments.training.tensorboard import (
 )
 
 log = logging.getLogger("norm_experiments.train")
-
-# Exit statuses of `norm-exp-train`, for scripts and launchers that requeue (see README).
-EXIT_INTERRUPTED = 3  # SIGTERM/SIGINT: checkpoint saved, run the same command again to continue
-EXIT_DIVERGED = 4  # loss became NaN/inf: status "diverged" in metrics.json
-EXIT_CRASHED = 5  # an internal error (a bug): one line, the traceback in the run folder's crash.log
 
 
 class RunInterrupted(Exception):
@@ -412,93 +406,13 @@ class Run:
         log.info("resuming %s from step %d/%d", self.run_dir, self.state.step, self.plan.total_steps)
         return True
 
-    # -- the record (metrics.json)
+    # -- the record (metrics.json): training/record.py builds and writes it
 
     def record(self, status: Status, error: str | None = None, **extra: object) -> dict:
-        """The run's record as it stands (run_record.RunRecord; `extra`: the final results)."""
-        s, plan, cfg, device = self.state, self.plan, self.cfg, self.plan.device
-        train_s = max(s.train_seconds, 1e-9)
-        b = self.built
-        seen = bool(s.samples_seen)
-        return RunRecord(
-            status=status,
-            error=error,
-            run_id=plan.run_id,
-            run_name=self.run_dir.name,
-            norm=plan.spec.name,
-            norm_options=dict(plan.spec.options),
-            batch_dependent=plan.spec.uses_batch_statistics,
-            bn_family=plan.spec.bn_family,
-            model=str(cfg.model.name),
-            seed=int(cfg.seed),
-            batch_size=int(cfg.data.batch_size),
-            patches_per_volume=int(cfg.data.patches_per_volume),
-            effective_batch=plan.effective_batch,
-            accumulate_steps=plan.accumulate_steps,
-            world_size=plan.world_size,
-            global_batch=plan.global_batch,
-            bn_batch=plan.bn_batch,
-            lr=b.lr if b else None,
-            lr_scaling=str(cfg.optim.lr_scaling),
-            dataset=dataset_name(cfg.data),
-            intensity=str(cfg.data.intensity),
-            budget_unit=str(cfg.trainer.budget_unit),
-            samples_budget=plan.total_steps * plan.global_batch,
-            samples_seen=s.samples_seen,
-            steps=s.step,
-            total_steps=plan.total_steps,
-            best_val_dice=s.best_val_dice if s.best_step >= 0 else None,
-            best_step=s.best_step if s.best_step >= 0 else None,
-            samples_per_s=s.samples_seen / train_s if seen else None,
-            data_wait_fraction=s.data_wait_seconds / train_s if seen else None,
-            amp=str(b.amp).replace("torch.", "") if b and b.amp else "off",
-            amp_skipped_steps=s.amp_skipped_steps,
-            peak_memory_mb=peak_rss_mb(),
-            # The run's own device: joblib workers on GPU k must not report GPU 0.
-            peak_cuda_memory_mb=torch.cuda.max_memory_allocated(device) / 2**20
-            if device.type == "cuda"
-            else None,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            machine=machine(),
-            versions=library_versions(),
-            history=s.history,
-            loss_history=s.loss_history,
-            batch_stats_windows=self.batch_stats_windows(),
-            preprocessing=b.data.preprocessing if b else None,
-            **extra,
-        ).to_json()
-
-    def batch_stats_windows(self) -> int | None:
-        """Windows per forward in the "batch" evaluation mode (see Inference.for_mode); None when the run
-        scores no BatchNorm evaluation modes."""
-        trainer = self.cfg.trainer
-        if not (self.plan.spec.bn_family and trainer.eval_modes):
-            return None
-        return int(trainer.batch_stats_windows or trainer.sw_batch_size)
+        return records.of_run(self, status, error, **extra)
 
     def write_record(self, status: Status, error: str | None = None, **extra: object) -> dict:
-        record = self.record(status, error, **extra)
-        if distributed.is_main():
-            try:
-                run_record.write(self.run_dir, record)
-            except OSError as err:  # e.g. a full disk, or a folder where metrics.json should be
-                path = run_record.path_in(self.run_dir)
-                raise UserError(f"could not write {path}: {err.strerror or err}") from err
-        return record
+        return records.write_run(self, status, error, **extra)
 
     def fail(self, message: str) -> None:
-        """Mark the run failed; never replaces the record of another config's result (a completed run, or
-        one with a checkpoint that trainer.force_resume or trainer.overwrite was about to take over)."""
-        if not distributed.is_main():
-            return
-        previous = run_record.read(self.run_dir) or {}
-        has_result = previous.get("status") == Status.COMPLETED or (self.run_dir / ckpt.CHECKPOINT).exists()
-        if previous.get("run_id") not in (None, self.plan.run_id) and has_result:
-            return
-        try:
-            if self.built is not None:
-                self.write_record(Status.FAILED, message)
-            else:
-                record_failure(self.cfg, self.run_dir, message)
-        except OSError:
-            pass  # the folder itself may be the problem (read-only, full); the error is still reported
+        records.fail_run(self, message)

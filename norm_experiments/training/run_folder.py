@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments import run_record, safe_io
 from norm_experiments.errors import UserError
-from norm_experiments.run_record import RunRecord, Status
+from norm_experiments.run_record import Status
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
 
@@ -175,58 +175,6 @@ def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
         OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
     with written(folder / OVERRIDES):
         OmegaConf.save(hydra_cfg.overrides.task, folder / OVERRIDES)
-
-
-def record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
-    """Leave an honest record of a run that failed before it started (e.g. an impossible config in a
-    sweep), so the sweep and its report show the cell as failed. Never touches an existing record."""
-    from norm_experiments.config import run_identity
-
-    if not distributed.is_main() or run_record.path_in(run_dir).exists():
-        return
-    record = RunRecord(
-        status=Status.FAILED,
-        error=message,
-        run_name=run_dir.name,
-        norm=str(cfg.norm.name),
-        model=str(cfg.model.name),
-        seed=int(cfg.seed),
-        batch_size=int(cfg.data.batch_size),
-        patches_per_volume=int(cfg.data.patches_per_volume),
-    )
-    try:
-        record.run_id = run_identity(cfg)
-        run_record.write(run_dir, record.to_json(keep_none=False))
-    except (OSError, ValueError):
-        pass  # an unwritable folder or an unresolvable config: the error is still reported
-
-
-_RUNNING, _FAILED = b'"status": "running"', b'"status": "failed" '  # the same length: see settle_record
-
-
-def settle_record(cfg: DictConfig, run_dir: Path) -> None:
-    """After a failure this process saw: a record of this run still saying `running` (its failed record
-    could not be written, e.g. on a full disk) is turned into `failed` in place. Same-length bytes written
-    over the file's own need no free space; a record that looked alive would otherwise stay `running`."""
-    from norm_experiments.config import run_identity
-
-    if not distributed.is_main():
-        return
-    path = run_record.path_in(run_dir)
-    try:
-        with contextlib.suppress(RunFolderBusy), locked(run_dir):  # not while another process holds it
-            record = run_record.read(run_dir)
-            if run_record.status_of(record) != Status.RUNNING or record.get("run_id") != run_identity(cfg):
-                return
-            data = path.read_bytes()
-            if data.count(_RUNNING) == 1:
-                fd = os.open(path, os.O_WRONLY)
-                try:
-                    os.pwrite(fd, _FAILED, data.index(_RUNNING))
-                finally:
-                    os.close(fd)
-    except (OSError, ValueError):
-        pass  # a folder that cannot be written at all: the error line still says what happened
 
 
 # ------------------------------------------------------------------------------------------ resume=RUN_DIR

@@ -14,7 +14,8 @@ import pytest
 
 from norm_experiments import run_record
 from norm_experiments.config import run_identity
-from norm_experiments.training.run_folder import locked, settle_record
+from norm_experiments.training.record import settle_record
+from norm_experiments.training.run_folder import locked
 from tests.helpers import assert_clean_failure, compose_config, run_cli
 
 SMOKE = ["experiment=smoke", "trainer.num_threads=1"]
