@@ -18,6 +18,11 @@ from norm_experiments.config import CONFIG_DIR, register_resolvers
 register_resolvers()
 
 
+# The smallest real training run (seconds): every test that trains starts from these overrides. One thread:
+# the tests share two cores.
+SMOKE = ["experiment=smoke", "trainer.num_threads=1"]
+
+
 def compose_config(overrides: list[str] | None = None, run_dir: Path | None = None) -> DictConfig:
     """The config `norm-exp-train` would build from these overrides (the real config files)."""
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from norm_experiments.data import synthetic
 from norm_experiments.data.layouts import find_cases
 from norm_experiments.data.synthetic import SynthConfig
+from tests import helpers
+from tests.helpers import assert_clean_failure
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "norm_experiments.data.synthetic", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    """The command as a user runs it (tests/helpers.py's run_cli), from the current folder."""
+    return helpers.run_cli(list(args), Path.cwd(), timeout=120, module="norm_experiments.data.synthetic")
 
 
 def test_cli_writes_a_dataset(tmp_path):
@@ -91,7 +92,7 @@ def test_cli_into_a_folder_that_cannot_be_created(tmp_path):
     (tmp_path / "a_file").write_text("keep me")
     out = tmp_path / "a_file" / "synth"
     result = run_cli(str(out), "--cases", "1", "--shape", "8", "8", "8")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert_clean_failure(result)
     assert result.stderr.strip().splitlines() == [
         f"error: {out}: cannot write the dataset there (File exists)"
     ]

@@ -16,9 +16,7 @@ from norm_experiments import run_record
 from norm_experiments.config import run_identity
 from norm_experiments.training.record import settle_record
 from norm_experiments.training.run_folder import locked
-from tests.helpers import assert_clean_failure, compose_config, run_cli
-
-SMOKE = ["experiment=smoke", "trainer.num_threads=1"]
+from tests.helpers import SMOKE, assert_clean_failure, compose_config, run_cli
 
 
 @pytest.fixture

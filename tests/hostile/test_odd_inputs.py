@@ -20,9 +20,8 @@ from norm_experiments import run_record, safe_io
 from norm_experiments.data.pipeline import load_data
 from norm_experiments.data.synthetic import SynthConfig, generate_dataset
 from norm_experiments.errors import UserError
-from tests.helpers import assert_clean_failure, compose_config, metrics_of, run_cli
+from tests.helpers import SMOKE, assert_clean_failure, compose_config, metrics_of, run_cli
 
-SMOKE = ["experiment=smoke", "trainer.num_threads=1"]
 DEEP = "[" * 100_000 + "]" * 100_000
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
+from pathlib import Path
+
+from tests import helpers
+from tests.helpers import assert_clean_failure
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "norm_experiments.report.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    """The command as a user runs it (tests/helpers.py's run_cli), from the current folder."""
+    return helpers.run_cli(list(args), Path.cwd(), timeout=60, module="norm_experiments.report.cli")
 
 
 def test_cli_prints_table_and_writes_files(small_sweep, tmp_path):
@@ -58,7 +61,7 @@ def test_cli_out_where_no_folder_can_be_made(small_sweep, tmp_path):
     (tmp_path / "a_file").write_text("keep me")
     for args in (["--out", str(tmp_path / "a_file")], ["--doc", str(tmp_path / "a_file" / "results.md")]):
         result = run_cli(str(small_sweep), *args)
-        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert_clean_failure(result)
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith(f"error: cannot write the report: {tmp_path / 'a_file'}")
     assert (tmp_path / "a_file").read_text() == "keep me"

@@ -18,6 +18,7 @@ from norm_experiments.report import build_report, plots
 from norm_experiments.report.analysis import DEFAULT_REFERENCE
 from norm_experiments.report.cli import main as report_main
 from norm_experiments.report.publish import STAGING_PREFIX
+from tests.helpers import assert_clean_failure
 from tests.report.test_report_cli import run_cli
 from tests.report.test_report_sweep import table_rows
 
@@ -29,7 +30,7 @@ def test_default_reference_is_the_registry_s_and_batch_independent() -> None:
 
 def test_a_batch_dependent_reference_is_refused_with_one_line(small_sweep) -> None:
     result = run_cli(str(small_sweep), "--reference", "batch")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert_clean_failure(result)
     assert result.stderr.strip().splitlines() == [
         "error: --reference batch: its runs record batch_dependent: true; the reference must be a "
         "batch-independent norm (default: instance)"

@@ -10,6 +10,7 @@ import pytest
 
 from norm_experiments.report.collect import read_run
 from norm_experiments.report.provenance import sweep_command
+from tests.helpers import assert_clean_failure
 
 
 def test_an_environment_interpolation_in_multirun_yaml_is_not_resolved(tmp_path: Path, monkeypatch) -> None:
@@ -47,7 +48,7 @@ def test_report_to_a_full_standard_output_is_one_line(small_sweep, tmp_path: Pat
             text=True,
             timeout=60,
         )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert_clean_failure(result)
     assert (
         result.stderr.strip().count("\n") == 0 and "error: cannot write to standard output" in result.stderr
     )

@@ -25,6 +25,7 @@ from norm_experiments.norms import make_norm_spec
 from norm_experiments.training import distributed
 from norm_experiments.training.build import Built, make_plan
 from norm_experiments.training.loop import Run
+from tests import helpers
 from tests.helpers import compose_config, free_port, metrics_of, run_cli
 
 # Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
@@ -35,8 +36,7 @@ pytestmark = pytest.mark.slow
 # One memory format and PyTorch's own conv path at every batch size: the ranks' batch-1 convs and the single
 # process's batch-2 convs then differ only in summation order, which the equivalence test below bounds.
 SMOKE = [
-    "experiment=smoke",
-    "trainer.num_threads=1",
+    *helpers.SMOKE,
     "trainer.progress=log",
     "trainer.channels_last=false",
     "trainer.cpu_conv=torch",

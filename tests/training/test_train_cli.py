@@ -8,9 +8,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from norm_experiments import run_record
-from tests.helpers import metrics_of, run_cli
+from tests import helpers
+from tests.helpers import assert_clean_failure, metrics_of, run_cli
 
-SMOKE = ["experiment=smoke", "trainer.progress=log"]
+SMOKE = [*helpers.SMOKE, "trainer.progress=log"]
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_resume_names_a_run_folder(smoke_run: tuple[Path, Path]) -> None:
 
 def test_resume_of_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     result = run_cli(["resume=outputs/runs/nothing-here"], cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert_clean_failure(result)
     assert result.stderr.startswith("error: resume=outputs/runs/nothing-here: not a run folder")
 
 
