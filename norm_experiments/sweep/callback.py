@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments import run_record
-from norm_experiments.errors import UserError
+from norm_experiments import run_record, safe_io
+from norm_experiments.errors import USER_ERROR_EXIT, UserError
 from norm_experiments.sweep.run_names import SWEPT_KEYS_ENV, swept_keys
 
 log = logging.getLogger("norm_experiments.sweep")
@@ -47,6 +48,20 @@ class SweepReport(Callback):
         # shows which of its command-line overrides were sweeps, so they travel in the environment.
         keys = swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params"))
         os.environ[SWEPT_KEYS_ENV] = ",".join(keys)
+        write_multirun_yaml(config)
+
+
+def write_multirun_yaml(config: DictConfig) -> None:
+    """Write the sweep's multirun.yaml before Hydra's sweeper does (the same file, the same config): a disk
+    that filled up after the free-space check then fails here with one line and exit 2, not with Hydra's
+    traceback; Hydra's own write then replaces the file with the same bytes."""
+    path = Path(config.hydra.sweep.dir) / "multirun.yaml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, path)
+    except OSError as err:
+        print(f"error: could not write {path}: {safe_io.os_reason(err)}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import metrics_of, run_cli
+from tests.helpers import assert_clean_failure, metrics_of, no_result_left, run_cli
 
 # Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
 pytestmark = pytest.mark.slow
@@ -117,3 +117,14 @@ def test_submitit_local_executor_runs_a_two_cell_sweep(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "outputs" / "sweeps" / "sub"
     assert sorted(statuses(sweep_dir).values()) == ["completed", "completed"]
     assert (sweep_dir / ".submitit").is_dir()
+
+
+def test_unwritable_multirun_yaml_is_one_line_and_no_run(tmp_path: Path) -> None:
+    """Hydra's sweeper writes multirun.yaml first and shows a traceback when it cannot (a disk filled after the
+    free-space check, a folder in the way); the sweep callback writes it first and says so in one line."""
+    (tmp_path / "sw" / "multirun.yaml").mkdir(parents=True)  # the write fails with EISDIR
+    result = run_cli(
+        ["-m", "experiment=smoke", "seed=0,1", "hydra.sweep.dir=sw", "trainer.num_threads=1"], tmp_path
+    )
+    assert_clean_failure(result, "error: could not write sw/multirun.yaml: EISDIR")
+    assert no_result_left(tmp_path) and not list(tmp_path.rglob("metrics.json"))
