@@ -78,7 +78,7 @@ def free_port() -> int:
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str, code: int = 2) -> None:
     """A user mistake: exit `code`, no traceback, and every needle in the output."""
-    output = result.stdout + result.stderr
+    output = (result.stdout or "") + (result.stderr or "")  # None where a stream went to a file
     assert result.returncode == code, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     for needle in needles:

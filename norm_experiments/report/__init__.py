@@ -102,7 +102,7 @@ def write_report(
             caption: (out_dir / path.name).relative_to(markdown_path.parent)
             for caption, path in figures.items()
         }
-        markdown = document.render_markdown(analysis, collection, links, header)
+        markdown = document.render_markdown(analysis, collection, links, header, markdown_path.parent)
         (stage / markdown_path.name).write_text(markdown, encoding="utf-8")
         moves = [(stage / name, path) for name, path in final.items()]
         publish(moves + [(stage / markdown_path.name, markdown_path)], lock_dir=out_dir)

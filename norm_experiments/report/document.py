@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
 from norm_experiments.report import tables
 from norm_experiments.report.analysis import Analysis, Summary
-from norm_experiments.report.cells import STATUS_ORDER, outcome
+from norm_experiments.report.cells import STATUS_ORDER, Cell, outcome
 from norm_experiments.report.collect import Collection, Run
 from norm_experiments.report.model import SEEDS_AND_CASES, SEEDS_ONLY
 from norm_experiments.report.provenance import preprocessing_lines
@@ -224,10 +225,55 @@ def _condition_section(summary: Summary, level: str) -> list[str]:
     return lines
 
 
+PREDICTIONS = "predictions"  # a run folder's label maps (trainer.save_predictions; training/predictions.py)
+
+
+def worst_cases(summary: Summary) -> list[tuple[Cell, Run, str, float]]:
+    """Per cell, the validation case with the lowest running-statistics Dice among its runs that saved
+    predictions: (cell, run, case, Dice)."""
+    found = []
+    for cell in summary.cells.values():
+        candidates = []
+        for run in cell.runs:
+            scores = run.case_scores("running", "dice") if run.completed else None
+            if scores and (run.path.parent / PREDICTIONS).is_dir():
+                case = min(scores, key=lambda c: (scores[c], c))
+                candidates.append((scores[case], str(run.path), run, case))
+        if candidates:
+            dice, _, run, case = min(candidates, key=lambda c: (c[0], c[1]))
+            found.append((cell, run, case, dice))
+    return found
+
+
+def _predictions_section(analysis: Analysis, link_base: Path | None) -> list[str]:
+    rows = []
+    for summary in analysis.conditions:
+        for cell, run, case, dice in worst_cases(summary):
+            folder = run.path.parent / PREDICTIONS / case
+            link = Path(os.path.relpath(folder, link_base)) if link_base is not None else folder
+            where = f"{summary.condition}: " if summary.condition else ""
+            rows.append(
+                f"- {where}{cell.row}, bs {cell.batch_size}: [{case}]({link}) of `{run.name}`, Dice {dice:.3f}"
+            )
+    if not rows:
+        return []
+    note = (
+        "The case with the lowest Dice (running statistics) of each cell, among runs that saved predictions: "
+        "its folder holds a label map and an error map per evaluation mode to open over the image (how: "
+        "docs/howto/view_predictions.md)."
+    )
+    return ["## Worst cases to look at", "", note, "", *rows, ""]
+
+
 def render_markdown(
-    analysis: Analysis, collection: Collection, plots: dict[str, Path], header: list[str] | None = None
+    analysis: Analysis,
+    collection: Collection,
+    plots: dict[str, Path],
+    header: list[str] | None = None,
+    link_base: Path | None = None,
 ) -> str:
-    """The whole report.md. `plots` maps a caption to a PNG path (linked relative to the document)."""
+    """The whole report.md. `plots` maps a caption to a PNG path (linked relative to the document);
+    `link_base`: the document's folder, to which links to run folders are relative (None: as found)."""
     metric = analysis.metric
     sweep_list = ", ".join(f"`{d}`" for d in collection.sweep_dirs)
     described = f", {METRIC_DESCRIPTIONS[metric]}" if metric in METRIC_DESCRIPTIONS else ""
@@ -260,6 +306,7 @@ def render_markdown(
     lines += ["## Plots", ""]
     for caption, path in plots.items():
         lines += [f"![{caption}]({path})", ""]
+    lines += _predictions_section(analysis, link_base)
     lines += _problems_section(analysis)
     lines += _section("## Unreadable metrics.json", [f"- `{p}`: {why}" for p, why in collection.unreadable])
     lines += _section("## Notes", [f"- {note}" for note in collection.warnings + analysis.notes])
