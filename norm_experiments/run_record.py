@@ -39,8 +39,10 @@ class Status(str, Enum):
 NO_RESULT = frozenset({Status.FAILED.value, Status.DIVERGED.value})
 
 
-def _doc(meaning: str, default: object = None) -> Any:
-    return field(default=default, metadata={"doc": meaning})
+def _doc(meaning: str, default: object = None, only_when_set: bool = False) -> Any:
+    """A field with its meaning; `only_when_set`: left out of the JSON while None (a result a run has only
+    for some norms, e.g. eval_modes)."""
+    return field(default=default, metadata={"doc": meaning, "only_when_set": only_when_set})
 
 
 @dataclass
@@ -109,9 +111,12 @@ class RunRecord:
         "null for short runs"
     )
     eval_modes: dict | None = _doc(
-        "BatchNorm family: Dice with `running`, `precise` (PreciseBN), `batch` statistics"
+        "BatchNorm family: Dice with `running`, `precise` (PreciseBN), `batch` statistics (absent otherwise)",
+        only_when_set=True,
     )
-    eval_modes_hd95: dict | None = _doc("BatchNorm family: HD95 in each evaluation mode")
+    eval_modes_hd95: dict | None = _doc(
+        "BatchNorm family: HD95 in each evaluation mode (absent otherwise)", only_when_set=True
+    )
     per_case: dict | None = _doc(
         "Dice and HD95 per evaluation mode, validation case and class (null where the class is absent from the "
         "case): the report's intervals count cases"
@@ -119,8 +124,13 @@ class RunRecord:
     wall_time_s: float | None = _doc("seconds from start to the written record")
 
     def to_json(self, keep_none: bool = True) -> dict[str, Any]:
-        """The JSON object (statuses as plain strings); without keep_none, fields that are null are left out."""
-        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The JSON object (statuses as plain strings); fields that are None are left out when they exist only
+        for some runs (only_when_set), and all of them without keep_none."""
+        record = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None or not f.metadata.get("only_when_set")
+        }
         record["status"] = Status(self.status).value
         return record if keep_none else {k: v for k, v in record.items() if v is not None}
 

@@ -37,6 +37,19 @@ def sweep_status(sweep_dir: Path, started: float) -> Counter:
     return counts
 
 
+def write_multirun_yaml(config: DictConfig) -> None:
+    """Write the sweep's multirun.yaml before Hydra's sweeper does (the same file, the same config): a disk
+    that filled up after the free-space check then fails here with one line and exit 2, not with Hydra's
+    traceback; Hydra's own write then replaces the file with the same bytes."""
+    path = Path(config.hydra.sweep.dir) / "multirun.yaml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, path)
+    except OSError as err:
+        print(f"error: could not write {path}: {safe_io.os_reason(err)}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
 class SweepReport(Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -49,19 +62,6 @@ class SweepReport(Callback):
         keys = swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params"))
         os.environ[SWEPT_KEYS_ENV] = ",".join(keys)
         write_multirun_yaml(config)
-
-
-def write_multirun_yaml(config: DictConfig) -> None:
-    """Write the sweep's multirun.yaml before Hydra's sweeper does (the same file, the same config): a disk
-    that filled up after the free-space check then fails here with one line and exit 2, not with Hydra's
-    traceback; Hydra's own write then replaces the file with the same bytes."""
-    path = Path(config.hydra.sweep.dir) / "multirun.yaml"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(config, path)
-    except OSError as err:
-        print(f"error: could not write {path}: {safe_io.os_reason(err)}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
