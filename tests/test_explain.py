@@ -93,7 +93,9 @@ def test_missing_data_root_is_one_error_line(tmp_path: Path, synthetic_cache: Pa
 def test_help(tmp_path: Path, synthetic_cache: Path) -> None:
     result = explain(["--help"], tmp_path, synthetic_cache)
     assert result.returncode == 0
-    assert "norm-exp-explain" in result.stdout and "norm: batch" in result.stdout
+    assert result.stdout.startswith("norm-exp-explain: why BatchNorm trains at batch size 1")
+    assert "== Config groups (as in norm-exp-train) ==" in result.stdout and "norm: batch" in result.stdout
+    assert len(result.stdout.splitlines()) < 40  # the command's own help, not the training config
 
 
 def test_spread_and_values() -> None:

@@ -136,3 +136,21 @@ def test_check_a_monai_dynunet_state_dict(small_data: Path, tmp_path: Path, monk
     )
     assert "(network: monai.networks.nets.DynUNet)" in out
     assert "3. Gaps over the running statistics, on 3 cases" in out and "Verdict:" in out
+
+
+def test_help_shows_the_commands_own_keys_first(tmp_path: Path) -> None:
+    from tests.helpers import run_cli
+
+    result = run_cli(["--help"], tmp_path, module="norm_experiments.check", timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("norm-exp-check: is my trained BatchNorm model fine in eval mode?")
+    keys = lines[lines.index("Its own keys:") + 1 :]
+    assert [k.split()[0].split("=")[0] for k in keys[:6] if not k.startswith("    ")] == [
+        "weights",
+        "net",
+        "margin",
+        "write_repaired",
+        "trust_weights",
+    ]
+    assert len(lines) < 50 and "Exit status: 0 done" in result.stdout
