@@ -372,17 +372,32 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="norm-exp-synth",
         description="Write a synthetic 3D segmentation dataset (NIfTI) with per-case intensity gain/offset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every option shows its default
     )
     p.add_argument("out_dir", type=Path, help="folder to create (must not exist or be empty)")
-    p.add_argument("--layout", choices=LAYOUTS, default="msd", help="dataset layout (default: msd)")
+    p.add_argument("--layout", choices=LAYOUTS, default="msd", help="dataset layout")
     p.add_argument("--cases", type=int, default=d.num_cases, help="number of cases")
-    p.add_argument("--shape", type=int, nargs=3, default=d.shape, metavar=("D", "H", "W"))
+    p.add_argument(
+        "--shape", type=int, nargs=3, default=d.shape, metavar=("D", "H", "W"), help="voxels per case"
+    )
     p.add_argument("--spacing", type=float, nargs=3, default=d.spacing, metavar=("SX", "SY", "SZ"), help="mm")
     p.add_argument("--classes", type=int, default=d.num_classes, help="foreground classes")
     p.add_argument(
-        "--objects-per-class", type=int, nargs=2, default=d.objects_per_class, metavar=("MIN", "MAX")
+        "--objects-per-class",
+        type=int,
+        nargs=2,
+        default=d.objects_per_class,
+        metavar=("MIN", "MAX"),
+        help="ellipsoids per class and case",
     )
-    p.add_argument("--radius-range", type=float, nargs=2, default=d.radius_range, metavar=("LO", "HI"))
+    p.add_argument(
+        "--radius-range",
+        type=float,
+        nargs=2,
+        default=d.radius_range,
+        metavar=("LO", "HI"),
+        help="ellipsoid radii, voxels",
+    )
     p.add_argument(
         "--class-imbalance", type=float, default=d.class_imbalance, help=">1: higher classes smaller"
     )
@@ -395,10 +410,20 @@ def _parser() -> argparse.ArgumentParser:
         help="noise std relative to object contrast: one value, or LO HI drawn per case",
     )
     p.add_argument(
-        "--scale-range", type=float, nargs=2, default=d.intensity_scale_range, metavar=("LO", "HI")
+        "--scale-range",
+        type=float,
+        nargs=2,
+        default=d.intensity_scale_range,
+        metavar=("LO", "HI"),
+        help="per-case scanner gain (log-uniform)",
     )
     p.add_argument(
-        "--offset-range", type=float, nargs=2, default=d.intensity_offset_range, metavar=("LO", "HI")
+        "--offset-range",
+        type=float,
+        nargs=2,
+        default=d.intensity_offset_range,
+        metavar=("LO", "HI"),
+        help="per-case intensity offset (uniform)",
     )
     p.add_argument(
         "--contrast-range",
@@ -424,7 +449,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="STRENGTH",
         help="bias field strength: one value, or LO HI drawn per case (0 = off)",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--seed", type=int, default=d.seed, help="the dataset's seed: the same seed, the same files"
+    )
     p.add_argument(
         "--air-margin",
         type=float,
