@@ -16,13 +16,47 @@ from matplotlib.ticker import NullLocator
 from norm_experiments.report.analysis import Analysis, Summary
 from norm_experiments.report.cells import EVAL_MODE_LABELS, LOWER_IS_BETTER
 from norm_experiments.report.stats import Interval
+from norm_experiments.report.verdicts import Verdict
 
 MARKERS = "osD^vP*Xh<>p"
+PALETTE = [
+    "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
+    "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "black",
+]  # fmt: skip
+METRIC_WORDS = {"val_dice": "Dice (eval mode, mean over foreground classes)", "val_hd95": "HD95 (mm)"}
 MODE_COLORS = {"running": "tab:red", "precise": "tab:orange", "batch": "tab:green"}
 ERRORBAR_NOTE = "error bars: 95% t-interval over seeds, clipped to [0, 1]"
 
 # Lines at the same batch size are shifted by this fraction of an octave so their error bars don't overlap.
 _DODGE = 0.04
+
+
+def norm_colors(analysis: Analysis) -> dict[str, str]:
+    """One colour per norm, the same in every plot of a report (the report stays torch-free: no registry)."""
+    norms = sorted({c.norm for s in analysis.conditions for c in s.cells.values()})
+    return {norm: PALETTE[i % len(PALETTE)] for i, norm in enumerate(norms)}
+
+
+def _row_norm(summary: Summary, row: str) -> str:
+    """The norm of a row ("batch [accumulate 4]" is batch)."""
+    return next((c.norm for c in summary.cells.values() if c.row == row), row)
+
+
+def _metric_words(metric: str) -> str:
+    return METRIC_WORDS.get(metric, metric)
+
+
+def _seed_points(ax: Axes, summary: Summary, row: str, offset: float, color: str) -> None:
+    """Each seed's value as a small hollow point beside the mean."""
+    xs, ys = [], []
+    for bs in summary.batch_sizes:
+        cell = summary.cell(row, bs)
+        if cell is not None:
+            values = list(cell.values().by_seed.values())
+            xs += [bs * 2.0**offset] * len(values)
+            ys += values
+    if xs:
+        ax.scatter(xs, ys, s=14, facecolors="none", edgecolors=color, linewidths=0.8, alpha=0.7, zorder=3)
 
 
 def _log2_batch_axis(ax: Axes, batch_sizes: list[int]) -> None:
@@ -78,6 +112,7 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
     """x = batch size (log2), y = metric, one line per norm with 95% interval error bars; a panel per
     condition."""
     fig, axes = _panels(len(analysis.conditions), width=6.5)
+    colors = norm_colors(analysis)
     any_single = False
     for ax, summary in zip(axes[0], analysis.conditions, strict=True):
         for i, row in enumerate(summary.rows):
@@ -86,9 +121,12 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
                 for bs in summary.batch_sizes
                 if (cell := summary.cell(row, bs)) is not None and cell.metric is not None
             ]
-            style = {"marker": MARKERS[i % len(MARKERS)], "label": row}
+            color = colors[_row_norm(summary, row)]
+            style = {"marker": MARKERS[i % len(MARKERS)], "label": row, "color": color}
             clip = analysis.metric not in LOWER_IS_BETTER
-            any_single |= _plot_line(ax, points, _offset(i, len(summary.rows)), clip, **style)
+            offset = _offset(i, len(summary.rows))
+            any_single |= _plot_line(ax, points, offset, clip, **style)
+            _seed_points(ax, summary, row, offset, color)
         _log2_batch_axis(ax, summary.batch_sizes)
         ax.set_title(_title(summary), fontsize=10)
         if ax.get_legend_handles_labels()[0]:
@@ -98,9 +136,12 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
             ax.text(0.5, 0.5, "no completed runs yet", transform=ax.transAxes, ha="center", va="center")
     if analysis.metric not in LOWER_IS_BETTER:
         axes[0][0].set_ylim(0.0, 1.02)
-    axes[0][0].set_ylabel("val Dice (eval mode)" if analysis.metric == "val_dice" else analysis.metric)
+    axes[0][0].set_ylabel(_metric_words(analysis.metric))
     note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
-    fig.suptitle(f"{analysis.metric} vs batch size (mean over seeds; {note})", fontsize=10)
+    fig.suptitle(
+        f"{_metric_words(analysis.metric)} vs batch size\nmean over seeds, hollow points: each seed; {note}",
+        fontsize=10,
+    )
     return _save(fig, path)
 
 
@@ -132,9 +173,9 @@ def plot_bn_eval_gap(analysis: Analysis, path: Path) -> Path | None:
             ax.set_title(f"norm = {row}; {_title(summary)}", fontsize=10)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="best")
-        grid_row[0].set_ylabel("val Dice")  # eval_modes are always validation Dice, whatever --metric is
+        grid_row[0].set_ylabel("Dice")  # eval_modes are always validation Dice, whatever --metric is
     note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
-    fig.suptitle(f"BatchNorm family: same weights, different evaluation statistics ({note})", fontsize=10)
+    fig.suptitle(f"BatchNorm family: same weights, different evaluation statistics\n{note}", fontsize=10)
     return _save(fig, path)
 
 
@@ -148,6 +189,7 @@ def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
     if not any(s.deltas.comparisons for s in analysis.conditions):
         return None
     fig, axes = _panels(len(analysis.conditions), width=6.5)
+    colors = norm_colors(analysis)
     for ax, summary in zip(axes[0], analysis.conditions, strict=True):
         comparisons = summary.deltas.comparisons
         labels = sorted({d.label for d in comparisons})
@@ -156,19 +198,33 @@ def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
             xs = [d.batch_size * 2.0 ** _offset(i, len(labels)) for d in found]
             ys = [d.difference for d in found]
             err = [[d.difference - d.low for d in found], [d.high - d.difference for d in found]]  # type: ignore[operator]
+            color = colors.get(_row_norm(summary, label), "black")
             if found:
                 ax.errorbar(
-                    xs, ys, yerr=err, capsize=3, linewidth=1.5, marker=MARKERS[i % len(MARKERS)], label=label
+                    xs,
+                    ys,
+                    yerr=err,
+                    capsize=3,
+                    linewidth=1.5,
+                    marker=MARKERS[i % len(MARKERS)],
+                    label=label,
+                    color=color,
                 )
+                # A difference whose interval excludes 0 (better or worse): a star above its point.
+                marked = [
+                    (x, y) for x, y, d in zip(xs, ys, found) if d.verdict in (Verdict.BETTER, Verdict.WORSE)
+                ]
+                if marked:
+                    ax.scatter(*zip(*marked), marker="*", s=120, color=color, edgecolors="black", zorder=4)
         ax.axhline(0.0, color="black", linewidth=0.8)
         _log2_batch_axis(ax, summary.batch_sizes)
         ax.set_title(_title(summary), fontsize=10)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
-    axes[0][0].set_ylabel(f"{analysis.metric} minus {analysis.reference}")
+    axes[0][0].set_ylabel(f"{_metric_words(analysis.metric)}, minus {analysis.reference}'s")
     fig.suptitle(
-        f"Difference to {analysis.reference} at the same batch size and seed (error bars: the family-adjusted "
-        "intervals of the difference table)",
+        f"Difference to {analysis.reference} at the same batch size and seed\nerror bars: the family-adjusted "
+        "intervals of the difference table; ★: the interval excludes 0 (better or worse)",
         fontsize=10,
     )
     return _save(fig, path)

@@ -28,3 +28,16 @@ def test_no_predictions_no_section(tmp_path: Path, write_cases) -> None:
     sweep = tmp_path / "sweep"
     write_cases(sweep, "batch", 1, [[0.8, 0.7, 0.6, 0.9], [0.8, 0.7, 0.2, 0.9]])
     assert "Worst cases" not in write_report([sweep]).markdown
+
+
+def test_a_norm_keeps_its_colour_in_every_plot(tmp_path: Path, write_cases) -> None:
+    from norm_experiments.report import build_report
+    from norm_experiments.report.plots import norm_colors
+
+    sweep = tmp_path / "sweep"
+    for norm in ("batch", "group", "instance"):
+        write_cases(sweep, norm, 1, [[0.8, 0.7, 0.6, 0.9], [0.8, 0.7, 0.2, 0.9]])
+    colors = norm_colors(build_report([sweep]).analysis)
+    assert list(colors) == ["batch", "group", "instance"] and len(set(colors.values())) == 3
+    write_cases(sweep, "layer", 2, [[0.8, 0.7, 0.6, 0.9], [0.8, 0.7, 0.2, 0.9]])
+    assert norm_colors(build_report([sweep]).analysis)["batch"] == colors["batch"]
