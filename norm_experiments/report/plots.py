@@ -6,6 +6,7 @@ report never changes the global backend of a process that imported us (a noteboo
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -23,7 +24,7 @@ PALETTE = [
     "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
     "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "black",
 ]  # fmt: skip
-METRIC_WORDS = {"val_dice": "Dice (eval mode, mean over foreground classes)", "val_hd95": "HD95 (mm)"}
+METRIC_WORDS = {"val_dice": "Dice (eval mode)", "val_hd95": "HD95 (mm)"}
 MODE_COLORS = {"running": "tab:red", "precise": "tab:orange", "batch": "tab:green"}
 ERRORBAR_NOTE = "error bars: 95% t-interval over seeds, clipped to [0, 1]"
 
@@ -89,6 +90,10 @@ def _plot_line(
 
 
 def _save(fig: Figure, path: Path) -> Path:
+    title = fig._suptitle  # wrapped to the figure's width: a one-panel figure would cut it off
+    if title is not None:
+        chars = int(fig.get_figwidth() * 13)
+        title.set_text("\n".join(textwrap.fill(line, chars) for line in title.get_text().split("\n")))
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=120)
     return path
@@ -221,7 +226,7 @@ def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
         ax.set_title(_title(summary), fontsize=10)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
-    axes[0][0].set_ylabel(f"{_metric_words(analysis.metric)}, minus {analysis.reference}'s")
+    axes[0][0].set_ylabel(f"{_metric_words(analysis.metric)} − {analysis.reference}")
     fig.suptitle(
         f"Difference to {analysis.reference} at the same batch size and seed\nerror bars: the family-adjusted "
         "intervals of the difference table; ★: the interval excludes 0 (better or worse)",
