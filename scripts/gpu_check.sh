@@ -88,7 +88,7 @@ join() { local IFS=,; echo "$*"; }
 
 if [[ $DRY_RUN -eq 1 ]]; then
     collect_cuda_tests() {  # pytest collects the CUDA tests, at least one
-        "$PY" -m pytest -m cuda --collect-only -q -p no:cacheprovider tests || return 1
+        "$PY" -m pytest -m cuda -n 0 --collect-only -q -p no:cacheprovider tests || return 1
     }
     check_sweep() {  # every run of the sweep: norm-exp-train --cfg job with its exact overrides; each validates
         local norm batch files=()
@@ -112,7 +112,7 @@ for path in sys.argv[1:]:
     step report 60 "$OUT/report.log" "$PY" -m norm_experiments.report.cli --help
 else
     step tests 60 "$OUT/tests.log, $OUT/tests.xml" \
-        "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests --junitxml "$OUT/tests.xml"
+        "$PY" -m pytest -m cuda -n 0 -q -rs -p no:cacheprovider tests --junitxml "$OUT/tests.xml"
     step benchmark 300 "$OUT/benchmark.md" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md"
     step sweep 90 "$OUT/sweep/ (report.md, runs' metrics.json)" "$PY" -m norm_experiments.train "${SWEEP_FIXED[@]}" \
         norm="$(join "${SWEEP_NORMS[@]}")" data.batch_size="$(join "${SWEEP_BATCHES[@]}")" hydra.sweep.dir="$OUT/sweep"

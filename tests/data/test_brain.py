@@ -97,6 +97,7 @@ def test_cli_writes_the_dataset_for_inspection(tmp_path, capsys) -> None:
     assert (tmp_path / "b" / "brain.json").is_file()
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_training_on_brain_anatomy_through_the_real_entry_point(tmp_path) -> None:
     """What the issue's user types, at a test's size: BatchNorm at batch 1 on the brain data, all three
     evaluation modes in metrics.json, the record naming the dataset; a second run reuses the cached data."""

@@ -141,6 +141,7 @@ def test_monai_keeps_the_published_tasks() -> None:
     assert "Task09_Spleen" in tasks
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_fetch_over_http_then_train_with_the_printed_override(
     archive: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -308,6 +309,7 @@ def test_unknown_task_lists_the_tasks(cache: Path, capsys: pytest.CaptureFixture
     assert code == 2 and "Task04_Hippocampus" in one_error_line(err)
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 @pytest.mark.parametrize("preset, task", [("msd_hippocampus", TASK), ("msd_spleen", "Task09_Spleen")])
 def test_preset_without_the_data_says_how_to_fetch(
     preset: str, task: str, cache: Path, tmp_path: Path

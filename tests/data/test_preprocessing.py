@@ -153,6 +153,7 @@ def test_forced_intensity_overrides_the_modality(ct_dataset: Path, tmp_path: Pat
     np.testing.assert_array_equal(vol.image[0].numpy(), msd_image(ct_dataset, vol.name, 0))
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_ct_run_records_the_statistics_in_metrics(ct_dataset: Path, tmp_path: Path) -> None:
     metrics = smoke_run(tmp_path, "data=msd", f"data.root={ct_dataset}")
     prep = metrics["preprocessing"]
@@ -211,6 +212,7 @@ def test_ct_and_mr_channels_each_get_their_own(ct_mr_dataset: Path, tmp_path: Pa
         assert float(t2.std()) == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_ct_and_mr_channels_train_end_to_end(ct_mr_dataset: Path, tmp_path: Path) -> None:
     metrics = smoke_run(tmp_path, "data=nnunet", f"data.root={ct_mr_dataset}")
     assert metrics["status"] == "completed"
@@ -286,6 +288,7 @@ def mixed_spacing_dataset(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_target_spacing_auto_resamples_to_the_median_of_the_training_cases(
     mixed_spacing_dataset: Path, tmp_path: Path
 ) -> None:

@@ -19,6 +19,9 @@ from norm_experiments.data.synthetic import SynthConfig, generate_dataset
 from tests.helpers import assert_clean_failure, compose_config
 from tests.test_check import UNET, check_error, data_args, run_check
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -80,6 +80,7 @@ def test_hostile_dataset_json_in_an_archive_is_refused_and_nothing_kept(
     assert_nothing_left(cache)
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 @pytest.mark.parametrize("kind", list(HOSTILE_JSON))
 def test_hostile_dataset_json_at_load_and_in_training_is_one_line(kind: str, tmp_path: Path) -> None:
     root = tmp_path / "data"
@@ -170,6 +171,7 @@ def test_a_stalled_server_times_out_in_one_line(
     assert_nothing_left(cache)
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_sigterm_during_a_download_leaves_nothing(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     with stalling_server(send_headers=True) as url:
@@ -206,6 +208,7 @@ def test_sigterm_during_a_download_leaves_nothing(tmp_path: Path) -> None:
     assert_nothing_left(cache)
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_train_with_line_works_when_home_is_unset(archive: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("HOME", "NORM_EXP_CACHE")}
     cwd = tmp_path / "somewhere"

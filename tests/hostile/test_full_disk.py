@@ -18,6 +18,9 @@ from norm_experiments.training.record import settle_record
 from norm_experiments.training.run_folder import locked
 from tests.helpers import SMOKE, assert_clean_failure, compose_config, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:

@@ -22,6 +22,9 @@ from norm_experiments.data.synthetic import SynthConfig, generate_dataset
 from norm_experiments.errors import UserError
 from tests.helpers import SMOKE, assert_clean_failure, compose_config, metrics_of, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 DEEP = "[" * 100_000 + "]" * 100_000
 
 

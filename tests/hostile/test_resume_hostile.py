@@ -11,6 +11,9 @@ import yaml
 from norm_experiments.config import CONFIG_DIR
 from tests.helpers import assert_clean_failure, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def evil(tmp_path: Path) -> tuple[Path, Path]:

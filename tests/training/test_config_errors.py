@@ -17,12 +17,14 @@ from norm_experiments.training.build import make_plan
 from tests.helpers import assert_clean_failure, compose_config, no_result_left, run_cli
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_unknown_norm_lists_the_valid_ones(tmp_path: Path) -> None:
     result = run_cli(["norm=batchnrom"], cwd=tmp_path)
     assert_clean_failure(result, "norm/batchnrom", "group", code=1)  # Hydra's own message and exit status
     assert no_result_left(tmp_path)
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_unknown_key_is_refused(tmp_path: Path) -> None:
     result = run_cli(["data.batch_sze=2"], cwd=tmp_path)
     assert_clean_failure(result, "batch_sze", code=1)
@@ -79,6 +81,7 @@ def test_every_key_of_every_config_option_has_a_check() -> None:
             config_schema.validate(compose_config(overrides))
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_a_bad_value_through_the_cli_is_one_line_and_exit_2(tmp_path: Path) -> None:
     result = run_cli(["experiment=smoke", "data.patch_size=16"], cwd=tmp_path)
     assert_clean_failure(result, "error: data.patch_size: must be a list of 3 whole numbers")
@@ -86,6 +89,7 @@ def test_a_bad_value_through_the_cli_is_one_line_and_exit_2(tmp_path: Path) -> N
     assert no_result_left(tmp_path)
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_dataset_without_cases(tmp_path: Path) -> None:
     root = tmp_path / "empty"
     (root / "imagesTr").mkdir(parents=True)
@@ -105,6 +109,7 @@ def test_dataset_without_cases(tmp_path: Path) -> None:
     assert no_result_left(tmp_path)
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_dataset_layout_without_data_root_through_the_cli(tmp_path: Path) -> None:
     result = run_cli(["experiment=smoke", "data=msd"], cwd=tmp_path)
     assert_clean_failure(result, "error: data.root: required")
@@ -112,6 +117,7 @@ def test_dataset_layout_without_data_root_through_the_cli(tmp_path: Path) -> Non
     assert no_result_left(tmp_path)
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
 def test_empty_output_folder_is_refused(tmp_path: Path, key: str) -> None:
     """An empty hydra.run.dir used to put the run's files into the current folder, whatever it held."""
@@ -120,6 +126,7 @@ def test_empty_output_folder_is_refused(tmp_path: Path, key: str) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 @pytest.mark.parametrize(
     ("blocker", "args"),
     [("outputs/runs", ["experiment=smoke"]), ("outputs/sweeps", ["-m", "experiment=smoke", "seed=0,1"])],
@@ -169,6 +176,7 @@ def test_values_hydra_reads_get_no_hint() -> None:
     assert quoting_problem([*args, "hydra.run.dir='outputs/runs/a=b'", "+trainer.x=1"]) is None
 
 
+@pytest.mark.slow  # a subprocess of the real CLI
 def test_unquoted_run_folder_through_the_cli(tmp_path: Path) -> None:
     result = run_cli(
         ["experiment=smoke", "hydra.run.dir=outputs/runs/data.batch_size=2,norm=group"], tmp_path

@@ -20,6 +20,9 @@ from norm_experiments.data.synthetic import SynthConfig, generate_dataset
 from norm_experiments.training.predictions import error_map, to_source_grid
 from tests.helpers import metrics_of, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 # Voxel (i, j, k) -> world: i runs from right to left (1.5 mm), j from superior to inferior (2 mm), k from
 # posterior to anterior (1 mm): an LSA-like grid that Orientationd permutes and flips.
 AFFINE = np.array(

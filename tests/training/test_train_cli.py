@@ -11,6 +11,9 @@ from norm_experiments import run_record
 from tests import helpers
 from tests.helpers import assert_clean_failure, metrics_of, run_cli
 
+# Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
+pytestmark = pytest.mark.slow
+
 SMOKE = [*helpers.SMOKE, "trainer.progress=log"]
 
 
