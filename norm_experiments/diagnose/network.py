@@ -68,7 +68,7 @@ BUNDLE_NETWORKS = "monai.networks.nets."  # where a bundle's short _target_ name
 def bundle_network(folder: Path) -> DictConfig:
     """A bundle's `network_def` as a network config: short target names completed, `@key` references to plain
     values of the same config filled in. Expressions (`$...`) are refused, never evaluated: they run code."""
-    found = next((folder / name for name in BUNDLE_CONFIGS if (folder / name).is_file()), None)
+    found = next((folder / name for name in BUNDLE_CONFIGS if (folder / name).exists()), None)
     if found is None:
         raise UserError(
             f"net={folder}: a folder, but not a MONAI bundle ({' or '.join(BUNDLE_CONFIGS)} not found)"

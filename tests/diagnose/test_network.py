@@ -154,3 +154,23 @@ def test_help_shows_the_commands_own_keys_first(tmp_path: Path) -> None:
         "trust_weights",
     ]
     assert len(lines) < 50 and "Exit status: 0 done" in result.stdout
+
+
+def test_a_bundle_config_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "configs").mkdir()
+    os.mkfifo(tmp_path / "configs" / "inference.json")
+    with pytest.raises(UserError, match="inference.json: refused, a FIFO"):
+        bundle_network(tmp_path)
+
+
+def test_a_reference_cannot_smuggle_a_target_in(tmp_path: Path) -> None:
+    """`@key` fills in a value of the bundle config; a _target_ inside it is checked like any other."""
+    from norm_experiments.diagnose.network import net_config
+
+    evil = {"_target_": "builtins.open", "file": str(tmp_path / "pwned"), "mode": "w"}
+    folder = write_bundle(tmp_path / "b", NETWORK_DEF | {"act": "@evil"}, evil=evil)
+    with pytest.raises(UserError, match="net.act._target_=builtins.open: not allowed"):
+        net_config(str(folder))
+    assert not (tmp_path / "pwned").exists()
