@@ -12,6 +12,7 @@ COMMANDS = {
     "norm_experiments.explain",
     "norm_experiments.check",
     "norm_experiments.data.fetch",
+    "norm_experiments.data.synth_cli",
     "norm_experiments.report.cli",
 }
 

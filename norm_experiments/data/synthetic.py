@@ -60,7 +60,6 @@ byte-identical arrays (the .nii.gz bytes may differ only in the gzip time stamp)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -70,8 +69,11 @@ from pathlib import Path
 
 import numpy as np
 
-from norm_experiments.data.generated import LAYOUTS, GeneratedCase, ensure_generated, generate_dataset
-from norm_experiments.errors import UserError, exit_on_user_error
+from norm_experiments.data.generated import GeneratedCase, ensure_generated
+from norm_experiments.data.generated import (
+    generate_dataset as generate_dataset,  # callers write a dataset from here
+)
+from norm_experiments.errors import UserError
 
 # Bump when the generator's output changes for the same config, so old caches are not reused.
 GENERATOR_VERSION = 2
@@ -361,133 +363,3 @@ def case_name(index: int) -> str:
 def ensure_synthetic(cache_root: Path, cfg: SynthConfig) -> Path:
     """cache_root/synthetic-<key> in msd layout, generated on first use and reused afterwards."""
     return ensure_generated(cache_root, cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    d = SynthConfig()
-    p = argparse.ArgumentParser(
-        prog="norm-exp-synth",
-        description="Write a synthetic 3D segmentation dataset (NIfTI) with per-case intensity gain/offset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every option shows its default
-    )
-    p.add_argument("out_dir", type=Path, help="folder to create (must not exist or be empty)")
-    p.add_argument("--layout", choices=LAYOUTS, default="msd", help="dataset layout")
-    p.add_argument("--cases", type=int, default=d.num_cases, help="number of cases")
-    p.add_argument(
-        "--shape", type=int, nargs=3, default=d.shape, metavar=("D", "H", "W"), help="voxels per case"
-    )
-    p.add_argument("--spacing", type=float, nargs=3, default=d.spacing, metavar=("SX", "SY", "SZ"), help="mm")
-    p.add_argument("--classes", type=int, default=d.num_classes, help="foreground classes")
-    p.add_argument(
-        "--objects-per-class",
-        type=int,
-        nargs=2,
-        default=d.objects_per_class,
-        metavar=("MIN", "MAX"),
-        help="ellipsoids per class and case",
-    )
-    p.add_argument(
-        "--radius-range",
-        type=float,
-        nargs=2,
-        default=d.radius_range,
-        metavar=("LO", "HI"),
-        help="ellipsoid radii, voxels",
-    )
-    p.add_argument(
-        "--class-imbalance", type=float, default=d.class_imbalance, help=">1: higher classes smaller"
-    )
-    p.add_argument(
-        "--noise",
-        type=float,
-        nargs="+",
-        default=d.noise_std,
-        metavar="STD",
-        help="noise std relative to object contrast: one value, or LO HI drawn per case",
-    )
-    p.add_argument(
-        "--scale-range",
-        type=float,
-        nargs=2,
-        default=d.intensity_scale_range,
-        metavar=("LO", "HI"),
-        help="per-case scanner gain (log-uniform)",
-    )
-    p.add_argument(
-        "--offset-range",
-        type=float,
-        nargs=2,
-        default=d.intensity_offset_range,
-        metavar=("LO", "HI"),
-        help="per-case intensity offset (uniform)",
-    )
-    p.add_argument(
-        "--contrast-range",
-        type=float,
-        nargs=2,
-        default=d.contrast_range,
-        metavar=("LO", "HI"),
-        help="per-case tissue contrast multiplier (log-uniform; 1 1 = off)",
-    )
-    p.add_argument(
-        "--gamma-range",
-        type=float,
-        nargs=2,
-        default=d.gamma_range,
-        metavar=("LO", "HI"),
-        help="per-case gamma of the intensity curve (log-uniform; 1 1 = off)",
-    )
-    p.add_argument(
-        "--bias-field",
-        type=float,
-        nargs="+",
-        default=d.bias_field,
-        metavar="STRENGTH",
-        help="bias field strength: one value, or LO HI drawn per case (0 = off)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=d.seed, help="the dataset's seed: the same seed, the same files"
-    )
-    p.add_argument(
-        "--air-margin",
-        type=float,
-        default=d.air_margin,
-        help="share of each axis, at each end, that is air around the body (0 = none)",
-    )
-    return p
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
-    """norm-exp-synth OUT_DIR [options]: write a synthetic dataset and say what was written."""
-    a = _parser().parse_args(argv)
-    cfg = SynthConfig(
-        num_cases=a.cases,
-        shape=a.shape,
-        spacing=a.spacing,
-        num_classes=a.classes,
-        objects_per_class=a.objects_per_class,
-        radius_range=a.radius_range,
-        class_imbalance=a.class_imbalance,
-        noise_std=a.noise[0] if len(a.noise) == 1 else a.noise,
-        intensity_scale_range=a.scale_range,
-        intensity_offset_range=a.offset_range,
-        contrast_range=a.contrast_range,
-        gamma_range=a.gamma_range,
-        bias_field=a.bias_field[0] if len(a.bias_field) == 1 else a.bias_field,
-        seed=a.seed,
-        air_margin=a.air_margin,
-    )
-    out = generate_dataset(a.out_dir, cfg, a.layout)
-    shape = "x".join(map(str, cfg.shape))
-    print(
-        f"wrote {cfg.num_cases} cases ({a.layout} layout, {shape} voxels, {cfg.num_classes} classes) to {out}"
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from norm_experiments.data import synthetic
+from norm_experiments.data import synth_cli
 from norm_experiments.data.layouts import find_cases
 from norm_experiments.data.synthetic import SynthConfig
 from tests import helpers
@@ -14,7 +14,7 @@ from tests.helpers import assert_clean_failure
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The command as a user runs it (tests/helpers.py's run_cli), from the current folder."""
-    return helpers.run_cli(list(args), Path.cwd(), timeout=120, module="norm_experiments.data.synthetic")
+    return helpers.run_cli(list(args), Path.cwd(), timeout=120, module="norm_experiments.data.synth_cli")
 
 
 def test_cli_writes_a_dataset(tmp_path):
@@ -57,7 +57,7 @@ def test_every_config_field_is_reachable(tmp_path, monkeypatch):
         seen.update(out_dir=out_dir, cfg=cfg, layout=layout)
         return out_dir
 
-    monkeypatch.setattr(synthetic, "generate_dataset", fake_generate)
+    monkeypatch.setattr(synth_cli, "generate_dataset", fake_generate)
     expected = SynthConfig(
         num_cases=5,
         shape=(20, 24, 28),
@@ -76,7 +76,7 @@ def test_every_config_field_is_reachable(tmp_path, monkeypatch):
         air_margin=0.1,
     )
     # argv lists every option: the test fails when a new SynthConfig field has no option.
-    synthetic.main(
+    synth_cli.main(
         [str(tmp_path / "o"), "--layout", "folder", "--cases", "5", "--shape", "20", "24", "28"]
         + ["--spacing", "0.8", "0.9", "3", "--classes", "3", "--objects-per-class", "2", "4"]
         + ["--radius-range", "3", "6", "--class-imbalance", "2", "--noise", "0.2", "0.5"]

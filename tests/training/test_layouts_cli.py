@@ -18,7 +18,7 @@ def test_train_on_a_synthesized_folder(layout: str, tmp_path: Path) -> None:
     synth = run_cli(
         [str(root), "--layout", layout, "--cases", "6", "--shape", "24", "24", "24"],
         cwd=tmp_path,
-        module="norm_experiments.data.synthetic",
+        module="norm_experiments.data.synth_cli",
     )
     assert synth.returncode == 0, synth.stderr
     run_dir = tmp_path / "run"
