@@ -67,6 +67,16 @@ def register_resolvers() -> None:
     register()
     if not OmegaConf.has_resolver("execution_keys"):
         OmegaConf.register_new_resolver("execution_keys", lambda: [*EXECUTION_KEYS, *LAUNCHER_KEYS])
+    if not OmegaConf.has_resolver("single_process_norms"):
+        OmegaConf.register_new_resolver("single_process_norms", single_process_norms)
+
+
+def single_process_norms() -> str:
+    """Every registered norm that runs in one process, as a sweep value ("batch,group,..."): the GPU study
+    sweeps the registry, not a list of its own (syncbatch needs several processes)."""
+    from norm_experiments.norms import registry  # imports torch: only when a config asks for the list
+
+    return ",".join(name for name, record in registry.records().items() if not record.syncs_ranks)
 
 
 def run_identity(cfg: DictConfig) -> str:

@@ -72,6 +72,27 @@ def test_a_new_norm_gets_the_checks_every_norm_gets(new_norm) -> None:
         )
 
 
+def test_a_new_norm_is_in_the_gpu_study_and_the_benchmark(new_norm) -> None:
+    """Both take their list from the registry: nothing else is edited."""
+    import sys
+
+    from tests.norms.test_registry_lists import ROOT, gpu_study_norms
+
+    assert new_norm.name in gpu_study_norms()
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmarks import common
+
+    try:
+        # The benchmark reads the registry when it starts (a new norm module is loaded by registry.load_all).
+        assert new_norm.name in importlib.reload(common).ALL_NORMS
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+        # The list without the test's norm, for the tests after this one in this process.
+        common.ALL_NORMS = tuple(name for name in common.ALL_NORMS if name != new_norm.name)
+
+
 def test_a_new_norm_appears_in_the_generated_reference_page(new_norm) -> None:
     row = [line for line in page().splitlines() if line.startswith(f"| `{new_norm.name}`")]
     assert len(row) == 1 and "`divisor` (2)" in row[0] and "| no | no |" in row[0]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from norm_experiments.config import CONFIG_DIR
 from norm_experiments.norms import registry
 
@@ -21,10 +19,20 @@ def test_every_registered_norm_has_a_config_file_and_no_file_is_unregistered() -
     assert files == set(registry.names())
 
 
+def gpu_study_norms() -> list[str]:
+    """The norms the GPU study's sweeper is given, as Hydra composes the preset."""
+    from hydra import compose, initialize_config_dir
+
+    from norm_experiments.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=norm_sweep"], return_hydra_config=True)
+    return str(cfg.hydra.sweeper.params.norm).split(",")
+
+
 def test_the_gpu_study_sweeps_every_single_process_norm() -> None:
-    preset = yaml.safe_load((CONFIG_DIR / "experiment" / "norm_sweep.yaml").read_text())
-    swept = set(preset["hydra"]["sweeper"]["params"]["norm"].split(","))
-    assert swept == single_process_norms()
+    assert set(gpu_study_norms()) == single_process_norms()
 
 
 def test_the_benchmark_takes_its_norms_from_the_registry() -> None:
