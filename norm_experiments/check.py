@@ -62,6 +62,7 @@ from norm_experiments.report.verdicts import Verdict
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training.build import amp_dtype, select_device
 from norm_experiments.training.evaluate import Inference
+from norm_experiments.training.predictions import Cases, write_label_maps
 
 register_resolvers()
 
@@ -232,6 +233,7 @@ CHECK_KEYS = {
     "write_repaired": schema.optional(schema.text),
     "trust_weights": schema.boolean,
     "margin": schema.number(0),
+    "save_predictions": schema.optional(schema.text),
 }
 
 
@@ -258,6 +260,7 @@ def check(cfg: DictConfig) -> None:
     validate_config(cfg, extra=CHECK_KEYS)
     weights_path = Path(str(cfg.weights)).expanduser()
     target = repaired_target(cfg, weights_path)
+    predictions = predictions_target(cfg)
     if cfg.net is not None:
         net_config(cfg.net)  # refuses a _target_ that is no network before anything else runs
     if cfg.trainer.num_threads:
@@ -280,8 +283,40 @@ def check(cfg: DictConfig) -> None:
             f"LEAKAGE: validation case {val_name} holds the same voxels as training case {train_name}: its "
             "scores measure what the network memorized, not how it generalizes; choose other data.val_cases"
         )
-    checked, precise = run_checks(net.model, cfg, data, inference(cfg, device))
+    inf = inference(cfg, device)
+    checked, precise = run_checks(net.model, cfg, data, inf)
     print_results(checked, precise, target, float(cfg.margin), len(data.val))
+    if predictions is not None:
+        cases = Cases(
+            data,
+            len(data.info.labels),
+            checked.class_names,
+            inf,
+            list(cfg.data.patch_size),
+            bool(cfg.data.pad_to_patch),
+        )
+        modes = [("running", net.model, "running")]
+        if precise is not None:
+            modes += [("batch", net.model, "batch"), ("precise", precise, "running")]
+        try:
+            write_label_maps(cases, modes, predictions)
+        except OSError as err:
+            raise UserError(
+                f"save_predictions={predictions}: could not write: {safe_io.os_reason(err)}"
+            ) from err
+        print(
+            f"\nLabel maps and error maps per case and mode: {predictions} (docs/howto/view_predictions.md)"
+        )
+
+
+def predictions_target(cfg: DictConfig) -> Path | None:
+    """save_predictions as a folder that may be written: new, or empty (nothing a user has is replaced)."""
+    if cfg.save_predictions is None:
+        return None
+    folder = Path(str(cfg.save_predictions)).expanduser()
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserError(f"save_predictions={folder}: exists and is not an empty folder; choose a new one")
+    return folder
 
 
 def print_results(

@@ -23,7 +23,8 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,11 +35,11 @@ from scipy import ndimage
 from torch import nn
 
 from norm_experiments.data.layouts import Case, find_cases
-from norm_experiments.data.pipeline import Volume
+from norm_experiments.data.pipeline import DataBundle, Volume
 from norm_experiments.errors import UserError
 from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 from norm_experiments.training import distributed
-from norm_experiments.training.evaluate import DICE, PRESENT, precise_bn_batches, score_volumes
+from norm_experiments.training.evaluate import DICE, PRESENT, Inference, precise_bn_batches, score_volumes
 
 if TYPE_CHECKING:
     from norm_experiments.training.build import Built
@@ -48,6 +49,31 @@ log = logging.getLogger("norm_experiments.train")
 FOLDER = "predictions"
 INDEX = "cases.json"
 CORRECT, MISSED, FALSE_POSITIVE, WRONG_CLASS = 0, 1, 2, 3  # values of an error map
+
+
+@dataclass
+class Cases:
+    """What writing label maps needs to know about the validation cases and how they were scored: a training
+    run's (from_built) or norm-exp-check's."""
+
+    data: DataBundle  # the validation volumes, the dataset's folder and preprocessing
+    num_classes: int
+    class_names: list[str]  # foreground classes 1..K
+    inference: Inference
+    patch_size: list[int]
+    pad_to_patch: bool
+
+
+def from_built(built: Built) -> Cases:
+    cfg = built.cfg.data
+    return Cases(
+        built.data,
+        built.num_classes,
+        built.class_names,
+        built.inference,
+        list(cfg.patch_size),
+        bool(cfg.pad_to_patch),
+    )
 
 
 def mode_models(built: Built) -> Iterator[tuple[str, nn.Module, str]]:
@@ -70,26 +96,34 @@ def write_predictions(built: Built, run_dir: Path) -> Path | None:
     """Write every validation case's label map per mode under run_dir/predictions/; returns that folder
     (None on ranks other than 0, which only help recompute PreciseBN statistics)."""
     folder = run_dir / FOLDER
-    sources = source_cases(built)
-    index: dict[str, dict] = {
-        vol.name: {"image": [str(p) for p in sources[vol.name].images], "label": str(sources[vol.name].label)}
-        for vol in built.data.val
-    }
     try:
-        for mode, model, bn_mode in mode_models(built):
-            if distributed.is_main():
-                write_mode(built, model, mode, bn_mode, sources, index, folder)
+        models = mode_models(built)
         if not distributed.is_main():
+            for _ in models:  # every rank takes part in recomputing the PreciseBN statistics
+                pass
             return None
-        atomic_write_text(folder / INDEX, json.dumps(index, indent=2) + "\n")
+        write_label_maps(from_built(built), models, folder)
     except OSError as err:  # a full disk, a read-only folder, a dataset file gone since training
         raise UserError(f"trainer.save_predictions: could not write {folder}: {err}") from err
-    log.info("predictions: %d validation cases written to %s", len(index), folder)
+    log.info("predictions: %d validation cases written to %s", len(built.data.val), folder)
     return folder
 
 
+def write_label_maps(cases: Cases, models: Iterable[tuple[str, nn.Module, str]], folder: Path) -> None:
+    """Each validation case's label map and error map for every (mode, model, BatchNorm mode), and
+    cases.json; raises OSError when a file cannot be written."""
+    sources = source_cases(cases)
+    index: dict[str, dict] = {
+        vol.name: {"image": [str(p) for p in sources[vol.name].images], "label": str(sources[vol.name].label)}
+        for vol in cases.data.val
+    }
+    for mode, model, bn_mode in models:
+        write_mode(cases, model, mode, bn_mode, sources, index, folder)
+    atomic_write_text(folder / INDEX, json.dumps(index, indent=2) + "\n")
+
+
 def write_mode(
-    built: Built,
+    cases: Cases,
     model: nn.Module,
     mode: str,
     bn_mode: str,
@@ -99,17 +133,19 @@ def write_mode(
 ) -> None:
     """Every validation case's maps in one evaluation mode, and its Dice per class into `index`."""
     with bn_eval_mode(model, bn_mode), distributed.local_batch_statistics(model):
-        for vol in built.data.val:
-            totals, example = score_volumes(model, [vol], built.num_classes, built.inference)
+        for vol in cases.data.val:
+            totals, example = score_volumes(
+                model, [vol], cases.num_classes, cases.inference.for_mode(bn_mode)
+            )
             assert example is not None  # one volume scored: its (image, label, prediction)
-            index[vol.name].setdefault("dice", {})[mode] = case_dice(totals, built.class_names)
-            grid = preprocessed_affine(vol, sources[vol.name], built)
+            index[vol.name].setdefault("dice", {})[mode] = case_dice(totals, cases.class_names)
+            grid = preprocessed_affine(vol, sources[vol.name], cases)
             write_case(vol, sources[vol.name], grid, example[2], mode, folder / vol.name)
 
 
-def source_cases(built: Built) -> dict[str, Case]:
+def source_cases(cases: Cases) -> dict[str, Case]:
     """The dataset's own files of each case, by name (the cached volumes keep no file names)."""
-    info = built.data.info
+    info = cases.data.info
     cases, _ = find_cases(info.layout, info.root, labels=dict(info.labels))
     return {case.name: case for case in cases}
 
@@ -135,25 +171,25 @@ def write_case(
     save_label_map(error_map(predicted, truth), source, folder / f"{mode}_errors.nii.gz")
 
 
-def preprocessed_affine(vol: Volume, case: Case, built: Built) -> np.ndarray:
+def preprocessed_affine(vol: Volume, case: Case, cases: Cases) -> np.ndarray:
     """The voxel-to-world affine of the grid the network saw (MONAI updates it through every transform)."""
     affine = getattr(vol.item["label"], "affine", None)
     if affine is None:  # data.cache_on_device replaced the MetaTensor by a plain tensor on the GPU
-        affine = regridded_label(case, built).affine
+        affine = regridded_label(case, cases).affine
     return np.asarray(torch.as_tensor(affine).cpu(), dtype=np.float64)
 
 
-def regridded_label(case: Case, built: Built):
+def regridded_label(case: Case, cases: Cases):
     """The case's label through the pipeline's geometric steps (data/pipeline.py deterministic_transforms:
     RAS, target spacing, padding to the patch), as a MetaTensor that carries the resulting affine."""
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation, Spacing, SpatialPad
 
     steps = [LoadImage(image_only=True), EnsureChannelFirst(), Orientation(axcodes="RAS")]
-    target = built.data.preprocessing.get("target_spacing")
+    target = cases.data.preprocessing.get("target_spacing")
     if target:
         steps.append(Spacing(pixdim=target, mode="nearest"))
-    if built.cfg.data.pad_to_patch:
-        steps.append(SpatialPad(spatial_size=list(built.cfg.data.patch_size)))
+    if cases.pad_to_patch:
+        steps.append(SpatialPad(spatial_size=cases.patch_size))
     return Compose(steps)(str(case.label))
 
 

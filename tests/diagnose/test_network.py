@@ -146,11 +146,12 @@ def test_help_shows_the_commands_own_keys_first(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("norm-exp-check: is my trained BatchNorm model fine in eval mode?")
     keys = lines[lines.index("Its own keys:") + 1 :]
-    assert [k.split()[0].split("=")[0] for k in keys[:6] if not k.startswith("    ")] == [
+    assert [k.split()[0].split("=")[0] for k in keys[:7] if not k.startswith("    ")] == [
         "weights",
         "net",
         "margin",
         "write_repaired",
+        "save_predictions",
         "trust_weights",
     ]
     assert len(lines) < 50 and "Exit status: 0 done" in result.stdout
@@ -174,3 +175,32 @@ def test_a_reference_cannot_smuggle_a_target_in(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="net.act._target_=builtins.open: not allowed"):
         net_config(str(folder))
     assert not (tmp_path / "pwned").exists()
+
+
+def test_check_writes_label_maps_on_each_cases_own_grid(
+    small_data: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import nibabel as nib
+    import numpy as np
+
+    folder = write_bundle(tmp_path / "bundle", NETWORK_DEF)
+    torch.manual_seed(0)
+    net = UNet(**{k: v for k, v in NETWORK_DEF.items() if k != "_target_"} | {"spatial_dims": 3})
+    torch.save(net.state_dict(), folder / "models" / "model.pt")
+    args = ["net=bundle", "weights=bundle/models/model.pt", "save_predictions=preds", *data_args(small_data)]
+    out = run_check(args, tmp_path, monkeypatch, capsys)
+    assert "Label maps and error maps per case and mode: preds" in out
+    index = json.loads((tmp_path / "preds" / "cases.json").read_text())
+    assert len(index) == 3  # the validation cases
+    for case, entry in index.items():
+        source = nib.load(entry["image"][0])
+        for mode in ("running", "batch", "precise"):
+            for name in (f"{mode}.nii.gz", f"{mode}_errors.nii.gz"):
+                image = nib.load(tmp_path / "preds" / case / name)
+                assert image.shape == source.shape[:3] and np.allclose(image.affine, source.affine)
+                assert set(np.unique(np.asarray(image.dataobj))) <= {0, 1, 2, 3}
+            assert set(entry["dice"][mode]) == {"class1", "class2"}
+    # An existing, non-empty folder is never written into.
+    with pytest.raises(SystemExit):
+        run_check(args, tmp_path, monkeypatch, capsys)
+    assert "save_predictions=preds: exists and is not an empty folder" in capsys.readouterr().err
