@@ -287,26 +287,31 @@ def check(cfg: DictConfig) -> None:
     checked, precise = run_checks(net.model, cfg, data, inf)
     print_results(checked, precise, target, float(cfg.margin), len(data.val))
     if predictions is not None:
-        cases = Cases(
-            data,
-            len(data.info.labels),
-            checked.class_names,
-            inf,
-            list(cfg.data.patch_size),
-            bool(cfg.data.pad_to_patch),
+        save_label_maps(
+            Cases(
+                data,
+                len(data.info.labels),
+                checked.class_names,
+                inf,
+                list(cfg.data.patch_size),
+                bool(cfg.data.pad_to_patch),
+            ),
+            net.model,
+            precise,
+            predictions,
         )
-        modes = [("running", net.model, "running")]
-        if precise is not None:
-            modes += [("batch", net.model, "batch"), ("precise", precise, "running")]
-        try:
-            write_label_maps(cases, modes, predictions)
-        except OSError as err:
-            raise UserError(
-                f"save_predictions={predictions}: could not write: {safe_io.os_reason(err)}"
-            ) from err
-        print(
-            f"\nLabel maps and error maps per case and mode: {predictions} (docs/howto/view_predictions.md)"
-        )
+
+
+def save_label_maps(cases: Cases, model: nn.Module, precise: nn.Module | None, folder: Path) -> None:
+    """save_predictions=DIR: each case's label and error maps in every mode the check scored."""
+    modes = [("running", model, "running")]
+    if precise is not None:
+        modes += [("batch", model, "batch"), ("precise", precise, "running")]
+    try:
+        write_label_maps(cases, modes, folder)
+    except OSError as err:
+        raise UserError(f"save_predictions={folder}: could not write: {safe_io.os_reason(err)}") from err
+    print(f"\nLabel maps and error maps per case and mode: {folder} (docs/howto/view_predictions.md)")
 
 
 def predictions_target(cfg: DictConfig) -> Path | None:
