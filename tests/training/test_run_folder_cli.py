@@ -79,7 +79,10 @@ def test_a_second_process_on_a_run_folder_is_refused_until_the_holder_dies(tmp_p
     run_dir = tmp_path / "run"
     holder = start([*ENDLESS, f"hydra.run.dir={run_dir}"], tmp_path)
     try:
-        wait_until(record_says(run_dir, "running"), holder)  # it holds the folder and trains
+        # It holds the folder and trains: its record says so and its TensorBoard file exists (opened just after
+        # the record is first written).
+        running = record_says(run_dir, "running")
+        wait_until(lambda: running() and bool(events_in(run_dir)), holder)
         holder.send_signal(signal.SIGSTOP)  # paused (the lock held) to leave the CPU to the others
         wait_until(lambda: Path(f"/proc/{holder.pid}/stat").read_text().split(") ")[1][0] == "T", holder)
         overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
