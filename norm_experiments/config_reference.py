@@ -109,20 +109,25 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+_DEFAULTS_LINE = re.compile(r"^\s*-\s*(?P<group>[\w/]+):\s*(?P<option>[^#\s]*)\s*(#\s?(?P<comment>.*))?$")
+
+
+def default_options() -> dict[str, tuple[str, str]]:
+    """train.yaml's defaults list: group -> (the option chosen, the comment beside it)."""
+    found = {}
+    for line in (CONFIG_DIR / "train.yaml").read_text(encoding="utf-8").splitlines():
+        match = _DEFAULTS_LINE.match(line)
+        if match:
+            found[match["group"]] = (match["option"], (match["comment"] or "").strip())
+    return found
+
+
 def groups_table(files: dict[str, list[Path]]) -> str:
-    defaults_line = [line for line in (CONFIG_DIR / "train.yaml").read_text().splitlines() if "- " in line]
+    chosen = default_options()
     rows = ["| group | options (default first) | what it is |", "| --- | --- | --- |"]
     for group, paths in files.items():
-        chosen = next(
-            (ln.split(":")[1].split("#")[0].strip() for ln in defaults_line if f"- {group}:" in ln), ""
-        )
-        names = [p.stem for p in paths]
-        if chosen in names:
-            names.remove(chosen)
-            names.insert(0, chosen)
-        meaning = next(
-            (ln.split("#", 1)[1].strip() for ln in defaults_line if f"- {group}:" in ln and "#" in ln), ""
-        )
+        option, meaning = chosen.get(group, ("", ""))
+        names = sorted((p.stem for p in paths), key=lambda name: name != option)  # stable: the default first
         shown = ", ".join(f"`{n}`" for n in names)
         rows.append(f"| `{group}` | {shown} | {_cell(meaning)} |")
     return "\n".join(rows)
@@ -131,11 +136,7 @@ def groups_table(files: dict[str, list[Path]]) -> str:
 def meanings(files: dict[str, list[Path]]) -> dict[str, str]:
     """Each key's comment: train.yaml's, else the default option's, else another option's (not one that says
     the key is unused there), else the comment beside it in config_schema.py."""
-    chosen: dict[str, str] = {}
-    composed = OmegaConf.load(CONFIG_DIR / "train.yaml").get("defaults", [])
-    for entry in composed:
-        if isinstance(entry, dict) or OmegaConf.is_dict(entry):
-            chosen.update({str(k): str(v) for k, v in dict(entry).items()})
+    chosen = {group: option for group, (option, _) in default_options().items()}
     comments = yaml_comments(CONFIG_DIR / "train.yaml", "")
     for group, paths in files.items():
         ordered = sorted(paths, key=lambda p: p.stem != chosen.get(group))

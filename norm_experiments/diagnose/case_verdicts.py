@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from norm_experiments.diagnose.scoring import Checked
 from norm_experiments.report.model import Estimate, case_estimate
-from norm_experiments.report.stats import t_quantile
+from norm_experiments.report.stats import mean, t_quantile
 from norm_experiments.report.verdicts import (  # the report's verdicts, for one model
     POWER,
     Comparison,
@@ -81,7 +81,7 @@ def compare_modes(scores: dict[str, ValResult], margin: float) -> CaseGaps:
 
 
 def _mean(values: list[float]) -> float:
-    return math.fsum(values) / len(values) if values else math.nan
+    return mean(values) if values else math.nan  # no case scored in every mode: no mean
 
 
 def cases_to_confirm(

@@ -19,10 +19,14 @@ from norm_experiments.diagnose.probe import Stats, bn_layers, gap, pre_hooks
 from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 from norm_experiments.norms.bn_common import tracks_running_stats
 from norm_experiments.norms.eval_modes import PopulationStats
-from norm_experiments.training.evaluate import Inference, ValResult, evaluate, score_each_volume, summarize
-
-# PreciseBN draws its patches from a seed stream that training never uses, as training's PreciseBN does.
-PRECISE_BN_SEED_OFFSET = 1_000_003
+from norm_experiments.training.evaluate import (
+    PRECISE_BN_SEED_OFFSET,
+    Inference,
+    ValResult,
+    evaluate,
+    score_each_volume,
+    summarize,
+)
 
 
 @dataclass

@@ -89,11 +89,13 @@ def _plot_line(
     return any(not iv.has_spread for _, iv in points)
 
 
+def _suptitle(fig: Figure, text: str) -> None:
+    """The figure's title, wrapped to its width (a one-panel figure would cut a long line off)."""
+    chars = int(fig.get_figwidth() * 13)
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in text.split("\n")), fontsize=10)
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    title = fig._suptitle  # wrapped to the figure's width: a one-panel figure would cut it off
-    if title is not None:
-        chars = int(fig.get_figwidth() * 13)
-        title.set_text("\n".join(textwrap.fill(line, chars) for line in title.get_text().split("\n")))
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=120)
     return path
@@ -143,9 +145,9 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
         axes[0][0].set_ylim(0.0, 1.02)
     axes[0][0].set_ylabel(_metric_words(analysis.metric))
     note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
-    fig.suptitle(
+    _suptitle(
+        fig,
         f"{_metric_words(analysis.metric)} vs batch size\nmean over seeds, hollow points: each seed; {note}",
-        fontsize=10,
     )
     return _save(fig, path)
 
@@ -180,7 +182,7 @@ def plot_bn_eval_gap(analysis: Analysis, path: Path) -> Path | None:
                 ax.legend(fontsize=8, loc="best")
         grid_row[0].set_ylabel("Dice")  # eval_modes are always validation Dice, whatever --metric is
     note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
-    fig.suptitle(f"BatchNorm family: same weights, different evaluation statistics\n{note}", fontsize=10)
+    _suptitle(fig, f"BatchNorm family: same weights, different evaluation statistics\n{note}")
     return _save(fig, path)
 
 
@@ -227,9 +229,9 @@ def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
     axes[0][0].set_ylabel(f"{_metric_words(analysis.metric)} − {analysis.reference}")
-    fig.suptitle(
+    _suptitle(
+        fig,
         f"Difference to {analysis.reference} at the same batch size and seed\nerror bars: the family-adjusted "
         "intervals of the difference table; ★: the interval excludes 0 (better or worse)",
-        fontsize=10,
     )
     return _save(fig, path)

@@ -34,6 +34,9 @@ from norm_experiments.training import distributed
 if TYPE_CHECKING:
     from norm_experiments.training.build import Built
 
+# PreciseBN draws its training patches from a seed stream the training batches never use (seed + this).
+PRECISE_BN_SEED_OFFSET = 1_000_003
+
 # Rows of the per-class totals that validation sums over volumes (and over ranks): Dice sum, HD95 sum,
 # number of volumes holding the class.
 DICE, HD95, PRESENT = 0, 1, 2
@@ -218,7 +221,7 @@ def precise_bn_batches(built: Built) -> Iterator[torch.Tensor]:
     plan, cfg = built.plan, built.cfg
     sync = plan.spec.record.syncs_ranks
     rank, world = (distributed.rank(), plan.world_size) if sync else (0, 1)
-    sampler = BatchSampler(built.data.train, cfg.data, int(cfg.seed) + 1_000_003, rank, world)
+    sampler = BatchSampler(built.data.train, cfg.data, int(cfg.seed) + PRECISE_BN_SEED_OFFSET, rank, world)
     needed = math.ceil(int(cfg.trainer.precise_bn_samples) / (plan.effective_batch * world))
     return (sampler.batch(i)[0] for i in range(needed))
 
