@@ -58,9 +58,11 @@ SECTIONS = {  # --only name: the module that measures it
 }
 # (e): the quick sweep's model and patch (configs/experiment/norm_sweep_quick.yaml) beside the default
 QUICK_SWEEP_MODEL = ("model.depth=2", "model.base_channels=8", "data.patch_size=[16,16,16]")
-# (f): runs of the study's model and data (configs/experiment/norm_sweep.yaml) with a short budget
+# (f): runs of the study's model and data (configs/experiment/norm_sweep.yaml) with a short budget. The preset
+# sweeps two datasets; naming one here keeps each sweep at exactly gpu_sweep_runs runs (one per seed).
 STUDY_RUN = (
     "experiment=norm_sweep",
+    "data=synthetic",
     "norm=batch",
     "data.batch_size=2",
     "data.intensity=zscore",

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Everything a GPU must check, in one command, on a machine with one CUDA GPU (about 8 minutes on an
+# Everything a GPU must check, in one command, on a machine with one CUDA GPU (about 8.5 minutes on an
 # H100-class GPU). Fills the GPU cells of docs/benchmarks.md; writes every table and log under OUT_DIR.
 #
 #   scripts/gpu_check.sh OUT_DIR             run it (OUT_DIR must be new or empty)
 #   scripts/gpu_check.sh --dry-run OUT_DIR   anywhere, no GPU needed: checks that every step's command exists
 #                                            and parses its arguments; trains and measures nothing
 #
-# Steps (each with a time limit: 60 + 300 + 90 + 30 s, so that the whole stays within 8 minutes):
+# Steps (each with a time limit: 60 + 270 + 150 + 30 s, so that the whole stays within 8.5 minutes):
 #   1. tests:     the CUDA-only tests (pytest -m cuda)                       -> OUT_DIR/tests.log
 #   2. benchmark: scripts/benchmark.py --quick --device cuda: d (AMP vs fp32, compile on/off, volumes cached
 #                 on the device), f (k runs per GPU), then b, a, c on the GPU  -> OUT_DIR/benchmark.md
-#   3. sweep:     experiment=norm_sweep, 2 norms x 2 batch sizes, shortened  -> OUT_DIR/sweep/
+#   3. sweep:     experiment=norm_sweep, 2 norms x 2 batch sizes x its 2 datasets, shortened -> OUT_DIR/sweep/
 #   4. report:    norm-exp-report on that sweep                              -> OUT_DIR/report/
 # Then a summary (step, ok/failed, seconds, where its output is) on stdout and in OUT_DIR/summary.md.
 # Exit status: 0 every step ok, 1 a step failed, 2 bad command line or OUT_DIR, 3 no CUDA GPU.
@@ -33,7 +33,8 @@ OUT=$1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
 
-# The mini sweep: the study's preset with 2 norms x 2 batch sizes, one intensity, one seed, a short budget.
+# The mini sweep: the study's preset with 2 norms x 2 batch sizes (x its 2 datasets: 8 runs), one intensity, one
+# seed, a short budget.
 SWEEP_NORMS=(batch group)
 SWEEP_BATCHES=(2 8)
 SWEEP_FIXED=(
@@ -113,8 +114,8 @@ for path in sys.argv[1:]:
 else
     step tests 60 "$OUT/tests.log, $OUT/tests.xml" \
         "$PY" -m pytest -m cuda -n 0 -q -rs -p no:cacheprovider tests --junitxml "$OUT/tests.xml"
-    step benchmark 300 "$OUT/benchmark.md" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md"
-    step sweep 90 "$OUT/sweep/ (report.md, runs' metrics.json)" "$PY" -m norm_experiments.train "${SWEEP_FIXED[@]}" \
+    step benchmark 270 "$OUT/benchmark.md" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md"
+    step sweep 150 "$OUT/sweep/ (report.md, runs' metrics.json)" "$PY" -m norm_experiments.train "${SWEEP_FIXED[@]}" \
         norm="$(join "${SWEEP_NORMS[@]}")" data.batch_size="$(join "${SWEEP_BATCHES[@]}")" hydra.sweep.dir="$OUT/sweep"
     step report 30 "$OUT/report/report.md" "$PY" -m norm_experiments.report.cli "$OUT/sweep" --out "$OUT/report"
 fi

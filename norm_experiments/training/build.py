@@ -173,6 +173,7 @@ def set_up_device(cfg: DictConfig, device: torch.device) -> None:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = not deterministic
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        torch.cuda.init()  # the allocator's statistics exist only once CUDA is initialised (a fresh process)
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier run's in this process
         runs, fraction = int(cfg.trainer.runs_per_gpu), 1.0
         if runs > 1:
