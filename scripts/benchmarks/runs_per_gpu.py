@@ -73,7 +73,9 @@ def sweep_row(ctx: Context, k: int, base_rate: float | None) -> tuple[list[objec
     completed = [r for r in records if r.get("status") == "completed"]
     failed = len(records) - len(completed)
     if len(records) > ctx.profile.gpu_sweep_runs:  # a sweep parameter the overrides left open multiplies them
-        problem = f"{len(records)} runs instead of {ctx.profile.gpu_sweep_runs}: pin every swept key; {problem}"
+        problem = (
+            f"{len(records)} runs instead of {ctx.profile.gpu_sweep_runs}: pin every swept key; {problem}"
+        )
     rate = len(completed) / seconds * 3600 if completed else None
     peaks = [r["peak_cuda_memory_mb"] for r in completed if r.get("peak_cuda_memory_mb") is not None]
     row = [
