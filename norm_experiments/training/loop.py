@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from norm_experiments.errors import UserError
 from norm_experiments.norms import BNStatMonitor, renorm_diagnostics
+from norm_experiments.norms.registry import EVAL_MODES
 from norm_experiments.run_record import Status
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
@@ -303,7 +304,7 @@ class Run:
         self.log_scores(writer, result)
         if result.example is not None:
             writer.add_image(
-                "val/slice_input_truth_prediction", slice_panel(*result.example, b.num_classes), s.step
+                "Validation/slice_input_truth_prediction", slice_panel(*result.example, b.class_names), s.step
             )
         s.history.append({"step": s.step, "samples_seen": s.samples_seen, "val_dice": result.dice_mean})
         if result.dice_mean > s.best_val_dice:  # False for nan: no class present
@@ -313,27 +314,29 @@ class Run:
         return result
 
     def log_scores(self, writer, result: ValResult, suffix: str = "") -> None:
-        """val/dice_mean{suffix}, per class, and HD95 when computed; absent classes are not logged."""
+        """Validation/dice_mean{suffix}, per class, and HD95 when computed; absent classes are not logged."""
         step = self.state.step
-        writer.add_scalar(f"val/dice_mean{suffix}", result.dice_mean, step)
+        writer.add_scalar(f"Validation/dice_mean{suffix}", result.dice_mean, step)
         if result.hd95_mean is not None:
-            writer.add_scalar(f"val/hd95_mean{suffix}", result.hd95_mean, step)
+            writer.add_scalar(f"Validation/hd95_mean{suffix}", result.hd95_mean, step)
         if suffix:
             return
         for name, dice in zip(self.b.class_names, result.dice_per_class):
             if dice is not None:
-                writer.add_scalar(f"val/dice_{name}", dice, step)
+                writer.add_scalar(f"Validation/dice_{name}", dice, step)
         for name, hd95 in zip(self.b.class_names, result.hd95_per_class or []):
             if hd95 is not None:
-                writer.add_scalar(f"val/hd95_{name}", hd95, step)
+                writer.add_scalar(f"Validation/hd95_{name}", hd95, step)
 
     def log_diagnostics(self, writer, monitor: BNStatMonitor, loss: float | None) -> None:
         step, b = self.state.step, self.b
-        writer.add_scalar("train/loss", loss, step)
-        writer.add_scalar("train/loss_window_mean", self.close_loss_window(), step)
-        writer.add_scalar("train/lr", b.scheduler.get_last_lr()[0], step)
+        writer.add_scalar("Training/loss", loss, step)
+        writer.add_scalar("Training/loss_window_mean", self.close_loss_window(), step)
+        writer.add_scalar("Training/lr", b.scheduler.get_last_lr()[0], step)
         if self.state.train_seconds > 0:
-            writer.add_scalar("train/samples_per_s", self.state.samples_seen / self.state.train_seconds, step)
+            writer.add_scalar(
+                "Training/samples_per_s", self.state.samples_seen / self.state.train_seconds, step
+            )
         for name, value in monitor.pop().items():
             writer.add_scalar(f"bn_stats/{name}", value, step)
         for name, value in renorm_diagnostics(b.model).items():
@@ -370,7 +373,13 @@ class Run:
             extra["eval_modes_hd95"] = {mode: result.hd95_mean for mode, result in modes.items()}
             for mode, result in modes.items():
                 self.log_scores(writer, result, suffix=f"_{mode}")
-            log_mode_panel(writer, {m: r.example for m, r in modes.items()}, b.num_classes, self.state.step)
+            log_mode_panel(writer, {m: r.example for m, r in modes.items()}, b.class_names, self.state.step)
+        elif not self.plan.spec.bn_family:
+            # No BatchNorm-family layer: every evaluation mode runs this same forward, so the mode scalars are
+            # its score. Logged so that the HParams parallel-coordinates view, which leaves out runs that lack
+            # a metric, shows every norm beside BatchNorm's modes.
+            for mode in EVAL_MODES:
+                self.log_scores(writer, final, suffix=f"_{mode}")
         extra["per_case"] = {mode: result.per_case(b.class_names) for mode, result in modes.items()}
         self.save_checkpoint()
         if distributed.is_main():
@@ -379,7 +388,7 @@ class Run:
             write_predictions(b, self.run_dir)  # after the weights: a failure here loses no training
         extra["wall_time_s"] = time.perf_counter() - started
         record = self.write_record(Status.COMPLETED, **extra)
-        log_hparams(writer, record)  # the HParams view reads the val/ scalars
+        log_hparams(writer, record)  # the HParams view reads the Validation/ scalars
         return record
 
     def stopped(self) -> None:

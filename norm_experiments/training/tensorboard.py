@@ -11,7 +11,7 @@ study's axes as differing and lists every metric, BatchNorm's evaluation modes i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,29 +41,38 @@ OTHER_HPARAMS = {
     "budget_unit": "budget unit",
     "lr_scaling": "lr scaling",
 }
-# Metrics: the run's own val/ scalars (their last value is the final score).
+# Metrics: the run's own Validation/ scalars (their last value is the final score).
 METRICS = {
-    "val/dice_mean": "Dice (model.eval())",
-    "val/hd95_mean": "HD95 mm (model.eval())",
-    **{f"val/dice_mean_{mode}": f"Dice, {mode} statistics" for mode in EVAL_MODES},
-    **{f"val/hd95_mean_{mode}": f"HD95 mm, {mode} statistics" for mode in EVAL_MODES},
+    "Validation/dice_mean": "Dice (model.eval())",
+    "Validation/hd95_mean": "HD95 mm (model.eval())",
+    **{f"Validation/dice_mean_{mode}": f"Dice, {mode} statistics" for mode in EVAL_MODES},
+    **{f"Validation/hd95_mean_{mode}": f"HD95 mm, {mode} statistics" for mode in EVAL_MODES},
+}
+MODE_NOTE = (
+    "BatchNorm-family runs: scored with {mode} statistics. A run of any other norm has no batch statistics, so "
+    "every mode is its model.eval() score; runs with trainer.eval_modes=false have none."
+)
+METRIC_NOTES = {
+    f"Validation/{kind}_mean_{mode}": MODE_NOTE.format(mode=mode)
+    for kind in ("dice", "hd95")
+    for mode in EVAL_MODES
 }
 # The Custom Scalars tab: validation first, BatchNorm's evaluation modes on one chart.
 LAYOUT = {
     "validation (x: training patches seen)": {
-        "Dice, model.eval()": ["Multiline", [r"^val/dice_mean$"]],
-        "Dice per class": ["Multiline", [r"^val/dice_(?!mean)"]],
-        "HD95 mm (final)": ["Multiline", [r"^val/hd95_mean"]],
+        "Dice, model.eval()": ["Multiline", [r"^Validation/dice_mean$"]],
+        "Dice per class": ["Multiline", [r"^Validation/dice_(?!mean)"]],
+        "HD95 mm (final)": ["Multiline", [r"^Validation/hd95_mean"]],
     },
     "BatchNorm evaluation modes (x: training patches seen)": {
         "Dice: model.eval() curve, final running / precise / batch statistics": [
             "Multiline",
-            [r"^val/dice_mean(_running|_precise|_batch)?$"],
+            [r"^Validation/dice_mean(_running|_precise|_batch)?$"],
         ],
     },
     "training (x: training patches seen)": {
-        "loss": ["Multiline", [r"^train/loss$"]],
-        "learning rate": ["Multiline", [r"^train/lr$"]],
+        "loss": ["Multiline", [r"^Training/loss$"]],
+        "learning rate": ["Multiline", [r"^Training/lr$"]],
     },
 }
 
@@ -111,9 +120,9 @@ def remove_events(run_dir: Path) -> None:
 def log_hparams(writer: SummaryWriter, record: Mapping) -> None:
     """The HParams view: this run's hyperparameters from its record, the experiment declaration shared by
     every run (study axes differing; every metric, whether or not this run logs it) and its end."""
-    varied = dict(STUDY_AXES)
-    if record.get("lr_scaling", "none") != "none":
-        varied["lr"] = OTHER_HPARAMS["lr"]  # follows the batch size
+    # Exactly the study's axes differ: TensorBoard shows the first five differing columns by default, so a
+    # sixth (the learning rate, which follows the batch size) would hide the seed.
+    varied = STUDY_AXES
     start = plugin_data_pb2.SessionStartInfo()
     infos = []
     for key, title in {**STUDY_AXES, **OTHER_HPARAMS}.items():
@@ -126,7 +135,9 @@ def log_hparams(writer: SummaryWriter, record: Mapping) -> None:
             kind = api_pb2.DATA_TYPE_FLOAT64
         infos.append(api_pb2.HParamInfo(name=key, display_name=title, type=kind, differs=key in varied))
     metrics = [
-        api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=title)
+        api_pb2.MetricInfo(
+            name=api_pb2.MetricName(tag=tag), display_name=title, description=METRIC_NOTES.get(tag, "")
+        )
         for tag, title in METRICS.items()
     ]
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
@@ -148,23 +159,25 @@ def log_hparams(writer: SummaryWriter, record: Mapping) -> None:
 
 
 def slice_panel(
-    image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, num_classes: int
+    image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, class_names: Sequence[str]
 ) -> torch.Tensor:
     """Image | truth | prediction of one axial slice, captioned, classes as a colour overlay: (3, H, W)."""
-    return captioned_panel(image, label, {"prediction (model.eval())": pred}, num_classes)
+    return captioned_panel(image, label, {"prediction (model.eval())": pred}, class_names)
 
 
 def log_mode_panel(
-    writer: SummaryWriter, examples: Mapping[str, tuple | None], num_classes: int, step: int
+    writer: SummaryWriter, examples: Mapping[str, tuple | None], class_names: Sequence[str], step: int
 ) -> None:
-    """val/slice_eval_modes: the same slice predicted in each BatchNorm evaluation mode, side by side."""
+    """Validation/slice_eval_modes: the same slice predicted in each BatchNorm evaluation mode, side by side."""
     first = next((e for e in examples.values() if e is not None), None)
     if first is None:
         return
     image, label, _ = first
     ordered = [mode for mode in EVAL_MODES if examples.get(mode) is not None]
     predictions = {f"{mode} statistics": examples[mode][2] for mode in ordered}  # type: ignore[index]
-    writer.add_image("val/slice_eval_modes", captioned_panel(image, label, predictions, num_classes), step)
+    writer.add_image(
+        "Validation/slice_eval_modes", captioned_panel(image, label, predictions, class_names), step
+    )
 
 
 def radiological(slice_xy: torch.Tensor) -> np.ndarray:
@@ -173,11 +186,21 @@ def radiological(slice_xy: torch.Tensor) -> np.ndarray:
     return slice_xy.flip(0).flip(1).T.cpu().numpy()
 
 
+def class_legend(class_names: Sequence[str]) -> str:
+    """Each foreground class by name with its overlay colour (tab10 order, as captioned_panel draws them)."""
+    return ", ".join(f"{name.replace('_', ' ')} {COLOUR_NAMES[i % 10]}" for i, name in enumerate(class_names))
+
+
 def captioned_panel(
-    image: torch.Tensor, label: torch.Tensor, predictions: Mapping[str, torch.Tensor], num_classes: int
+    image: torch.Tensor,
+    label: torch.Tensor,
+    predictions: Mapping[str, torch.Tensor],
+    class_names: Sequence[str],
 ) -> torch.Tensor:
     """One axial slice (the one with the most foreground in the truth): the image, then the truth and each
-    prediction as colours over it, each with its caption. Returns a (3, H, W) uint8 image."""
+    prediction as colours over it, each with its caption; the title names each foreground class (label 1,
+    2, ...: `class_names`) with its colour. Returns a (3, H, W) uint8 image."""
+    num_classes = len(class_names) + 1
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,9 +224,9 @@ def captioned_panel(
         ax.set_xticks([])
         ax.set_yticks([])
         ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="yellow", fontsize=8, va="center")
-    names = ", ".join(f"{c} {COLOUR_NAMES[(c - 1) % 10]}" for c in range(1, num_classes))
     fig.suptitle(
-        f"axial slice {index}, radiological view (patient's right on the left); classes: {names}", fontsize=9
+        f"axial slice {index}, radiological view (patient's right on the left); {class_legend(class_names)}",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.canvas.draw()

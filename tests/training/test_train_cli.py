@@ -89,36 +89,36 @@ def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     expected = {
-        "train/loss",
-        "train/lr",
-        "train/samples_per_s",
-        "val/dice_mean",
-        "val/dice_class1",
-        "val/dice_class2",
-        "val/dice_mean_running",
-        "val/dice_mean_precise",
-        "val/dice_mean_batch",
-        "val/hd95_mean",
-        "val/hd95_class1",
-        "val/hd95_mean_batch",
-        "val/hd95_mean_precise",
+        "Training/loss",
+        "Training/lr",
+        "Training/samples_per_s",
+        "Validation/dice_mean",
+        "Validation/dice_class1",
+        "Validation/dice_class2",
+        "Validation/dice_mean_running",
+        "Validation/dice_mean_precise",
+        "Validation/dice_mean_batch",
+        "Validation/hd95_mean",
+        "Validation/hd95_class1",
+        "Validation/hd95_mean_batch",
+        "Validation/hd95_mean_precise",
     }
     assert expected <= scalars, expected - scalars
     assert any(tag.startswith("bn_stats/") for tag in scalars)
-    assert "val/slice_input_truth_prediction" in events.Tags()["images"]
-    loss = events.Scalars("train/loss")
+    assert "Validation/slice_input_truth_prediction" in events.Tags()["images"]
+    loss = events.Scalars("Training/loss")
     assert [e.step for e in loss][-1] == 16
     metrics = metrics_of(run_dir)
-    assert events.Scalars("val/dice_mean")[-1].value == pytest.approx(metrics["val_dice"], abs=1e-6)
-    assert events.Scalars("val/hd95_mean")[-1].value == pytest.approx(metrics["val_hd95"], rel=1e-6)
-    batch_mode = events.Scalars("val/dice_mean_batch")[-1].value
+    assert events.Scalars("Validation/dice_mean")[-1].value == pytest.approx(metrics["val_dice"], abs=1e-6)
+    assert events.Scalars("Validation/hd95_mean")[-1].value == pytest.approx(metrics["val_hd95"], rel=1e-6)
+    batch_mode = events.Scalars("Validation/dice_mean_batch")[-1].value
     assert batch_mode == pytest.approx(metrics["eval_modes"]["batch"], abs=1e-6)
     # HParams view: the plugin's session summary is in the same run, not a separate time-stamped one
     hparams = events.PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(
         hparams
     )
-    assert not any(tag.startswith("hparam/") for tag in scalars)  # HParams reads the val/ scalars
+    assert not any(tag.startswith("hparam/") for tag in scalars)  # HParams reads the Validation/ scalars
 
 
 def test_accumulation_at_batch_1_with_batchnorm_runs_through_the_cli(tmp_path: Path) -> None:
