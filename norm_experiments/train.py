@@ -49,8 +49,6 @@ from norm_experiments.errors import (
 )
 from norm_experiments.safe_io import argument_problem
 from norm_experiments.training import distributed
-from norm_experiments.training.loop import RunDiverged, RunInterrupted, train
-from norm_experiments.training.record import record_failure, settle_record
 from norm_experiments.training.run_folder import RunFolderBusy, saved_overrides
 
 log = logging.getLogger("norm_experiments.train")
@@ -71,6 +69,11 @@ OTHER_RANK_OVERRIDES = [
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float:
     """Hydra task: returns the final validation Dice, the number a sweeper (e.g. Optuna) optimizes."""
+    # Imported here, not at the top: the training code brings MONAI (seconds), which --help, --cfg and a
+    # command line refused before Hydra starts do not need.
+    from norm_experiments.training.loop import RunDiverged, RunInterrupted, train
+    from norm_experiments.training.record import record_failure, settle_record
+
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
