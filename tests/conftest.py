@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# The suite starts the real CLI in well over a hundred subprocesses. Where the environment forbids bytecode
+# files (PYTHONDONTWRITEBYTECODE, set on some CI machines), each of them compiles the project's modules again;
+# a user's Python caches them, and so do the tests' processes.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
