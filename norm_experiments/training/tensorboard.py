@@ -7,6 +7,10 @@ ranks), so that runs at different batch sizes line up on the same data. The HPar
 the same event file instead of SummaryWriter.add_hparams, which would create an extra, time-stamped run;
 every run writes the same experiment declaration (TensorBoard shows the first one it finds), which names the
 study's axes as differing and lists every metric, BatchNorm's evaluation modes included.
+
+Tag groups: `Training/`, `Validation/`, then the diagnostics `bn_stats/` and `batchrenorm/`. The first two are
+capitalised because TensorBoard's Time Series tab orders groups by name with upper case first: a user who
+opens it sees the scores before the per-layer statistics.
 """
 
 from __future__ import annotations
