@@ -41,6 +41,12 @@ ARGS = [
 ENDLESS = ["experiment=smoke", "trainer.samples=1000000", "trainer.progress=log", "trainer.num_threads=1"]
 
 
+def interruptible() -> None:
+    """In the child, before Python starts: Ctrl-C's default disposition. A suite started in the background
+    by a non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "norm_experiments.train", *args],
@@ -49,6 +55,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=interruptible,
     )
 
 
