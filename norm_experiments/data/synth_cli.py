@@ -34,14 +34,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("MIN", "MAX"),
         help="ellipsoids per class and case",
     )
-    p.add_argument(
-        "--radius-range",
-        type=float,
-        nargs=2,
-        default=d.radius_range,
-        metavar=("LO", "HI"),
-        help="ellipsoid radii, voxels",
-    )
+    ranges = {  # option: (default, help); each takes LO HI
+        "--radius-range": (d.radius_range, "ellipsoid radii, voxels"),
+        "--scale-range": (d.intensity_scale_range, "per-case scanner gain (log-uniform)"),
+        "--offset-range": (d.intensity_offset_range, "per-case intensity offset (uniform)"),
+        "--contrast-range": (
+            d.contrast_range,
+            "per-case tissue contrast multiplier (log-uniform; 1 1 = off)",
+        ),
+        "--gamma-range": (d.gamma_range, "per-case gamma of the intensity curve (log-uniform; 1 1 = off)"),
+    }
+    for option, (default, text) in ranges.items():
+        p.add_argument(option, type=float, nargs=2, default=default, metavar=("LO", "HI"), help=text)
     p.add_argument(
         "--class-imbalance", type=float, default=d.class_imbalance, help=">1: higher classes smaller"
     )
@@ -52,38 +56,6 @@ def _parser() -> argparse.ArgumentParser:
         default=d.noise_std,
         metavar="STD",
         help="noise std relative to object contrast: one value, or LO HI drawn per case",
-    )
-    p.add_argument(
-        "--scale-range",
-        type=float,
-        nargs=2,
-        default=d.intensity_scale_range,
-        metavar=("LO", "HI"),
-        help="per-case scanner gain (log-uniform)",
-    )
-    p.add_argument(
-        "--offset-range",
-        type=float,
-        nargs=2,
-        default=d.intensity_offset_range,
-        metavar=("LO", "HI"),
-        help="per-case intensity offset (uniform)",
-    )
-    p.add_argument(
-        "--contrast-range",
-        type=float,
-        nargs=2,
-        default=d.contrast_range,
-        metavar=("LO", "HI"),
-        help="per-case tissue contrast multiplier (log-uniform; 1 1 = off)",
-    )
-    p.add_argument(
-        "--gamma-range",
-        type=float,
-        nargs=2,
-        default=d.gamma_range,
-        metavar=("LO", "HI"),
-        help="per-case gamma of the intensity curve (log-uniform; 1 1 = off)",
     )
     p.add_argument(
         "--bias-field",
