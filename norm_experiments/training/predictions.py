@@ -146,8 +146,8 @@ def write_mode(
 def source_cases(cases: Cases) -> dict[str, Case]:
     """The dataset's own files of each case, by name (the cached volumes keep no file names)."""
     info = cases.data.info
-    cases, _ = find_cases(info.layout, info.root, labels=dict(info.labels))
-    return {case.name: case for case in cases}
+    found, _ = find_cases(info.layout, info.root, labels=dict(info.labels))
+    return {case.name: case for case in found}
 
 
 def case_dice(totals: torch.Tensor, class_names: list[str]) -> dict[str, float | None]:
