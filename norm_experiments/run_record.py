@@ -60,6 +60,11 @@ class RunRecord:
     run_id: str | None = _doc("the config's identity hash: the same config, the same run")
     run_name: str | None = _doc("the run folder's name")
     norm_options: dict | None = _doc("the norm's options (e.g. `num_groups`)")
+    group_layers: dict | None = _doc(
+        "GroupNorm layers of the network: `layers`, `groups` and `channels_per_group` ([min, max]); a layer "
+        "with one channel per group is InstanceNorm, with one group LayerNorm",
+        only_when_set=True,
+    )
     batch_dependent: bool | None = _doc("its training output depends on the other samples of the batch")
     bn_family: bool | None = _doc("keeps running statistics: scored in every evaluation mode")
     model: str | None = _doc("the network (`model.name`)")

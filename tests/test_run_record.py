@@ -44,7 +44,7 @@ def test_json_form_and_unknown_fields(tmp_path: Path) -> None:
     record = RunRecord(status=Status.COMPLETED, norm="group", batch_size=2, seed=1, val_dice=0.8)
     full = record.to_json()
     # eval_modes exist only for the BatchNorm family: absent while unset, every other field written
-    assert set(full) == run_record.FIELDS - {"eval_modes", "eval_modes_hd95"}
+    assert set(full) == run_record.FIELDS - {"eval_modes", "eval_modes_hd95", "group_layers"}
     assert full["status"] == "completed" and full["lr"] is None
     assert record.__class__(**{**full, "eval_modes": {"running": 0.5}}).to_json()["eval_modes"] == {
         "running": 0.5

@@ -105,13 +105,23 @@ def depth_split_conv3d(
     span = dilation[0] * (weight.shape[2] - 1) + 1
     rows = (half - 1) * stride[0] + span  # padded input rows that one half of the output reads
     start = half * stride[0]  # first padded row of the second slab
-    padded = F.pad(x, (0, 0, 0, 0, padding[0], padding[0])) if padding[0] else x
-    slabs = torch.cat([padded[:, :, :rows], padded[:, :, start : start + rows]])
-    slabs = slabs.contiguous(memory_format=torch.channels_last_3d)
+    slabs = _slabs(x, rows, start, padding[0])
     out = F.conv3d(slabs, weight, bias, stride, (0, padding[1], padding[2]), dilation, groups)
     # (2, C, half, H', W') -> (1, C, 2 * half, H', W'): one copy, and a view in backward.
     joined = out.transpose(0, 1).reshape(1, out.shape[1], 2 * half, *out.shape[3:])
     return joined.contiguous(memory_format=_memory_format(x))
+
+
+def _slabs(x: torch.Tensor, rows: int, start: int, pad: int) -> torch.Tensor:
+    """The two depth slabs of the zero-padded input, (2, C, rows, H, W) in channels_last_3d, written into one
+    buffer: one copy per slab (padding, stacking and the layout change in one step)."""
+    depth = x.shape[2]
+    shape = (2, x.shape[1], rows, *x.shape[3:])
+    slabs = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d).zero_()
+    for i, first in enumerate((-pad, start - pad)):  # first input row each slab reads (negative: padding)
+        low, high = max(first, 0), min(first + rows, depth)
+        slabs[i, :, low - first : high - first].copy_(x[0, :, low:high])
+    return slabs
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -32,7 +32,7 @@ GROUP = register(
         name="group",
         summary="(C/G)×D×H×W per sample",
         build=group_norm,
-        options={"num_groups": Option(8, count), "eps": eps()},
+        options={"num_groups": Option(4, count), "eps": eps()},
         groups_option="num_groups",
         spellings=("groupnorm", "gn"),
     )

@@ -13,6 +13,8 @@ from pathlib import Path
 from norm_experiments.report import csvfiles, document, plots, tables
 from norm_experiments.report.analysis import DEFAULT_REFERENCE, Analysis, analyze
 from norm_experiments.report.collect import Collection, collect
+from norm_experiments.report.primary import read_study
+from norm_experiments.report.primary_text import console_lines
 from norm_experiments.report.publish import publish, staging
 from norm_experiments.report.verdicts import DEFAULT_MARGIN
 
@@ -32,7 +34,7 @@ class Report:
     @property
     def table(self) -> str:
         """The main metric table of every condition (what the CLI and the sweep callback print)."""
-        parts = []
+        parts = ["\n".join(console_lines(p)) for p in self.analysis.primary]
         for summary in self.analysis.conditions:
             title = f"{summary.condition}\n" if summary.condition else ""
             parts.append(title + tables.metric_table(summary))
@@ -45,6 +47,14 @@ class Report:
         return lines + self.collection.warnings + self.analysis.notes
 
 
+def analyze_with_study(collection: Collection, metric: str, reference: str, margin: float) -> Analysis:
+    """analyze(), with the declared questions of the sweep folders' study.json when there is one."""
+    study = read_study(collection.sweep_dirs)
+    if study is None:
+        return analyze(collection, metric, reference, margin)
+    return analyze(collection, metric, reference, margin, design=study.design, stopped=study.stopped)
+
+
 def build_report(
     sweep_dirs: list[Path],
     metric: str = "val_dice",
@@ -53,7 +63,7 @@ def build_report(
 ) -> Report:
     """Collect and analyze without writing anything (the text has no plot links)."""
     collection = collect(sweep_dirs)
-    analysis = analyze(collection, metric, reference, margin)
+    analysis = analyze_with_study(collection, metric, reference, margin)
     return Report(collection, analysis, document.render_markdown(analysis, collection, plots={}))
 
 
@@ -75,7 +85,7 @@ def write_report(
     when the files cannot be written (nothing of the new report is then in place).
     """
     collection = collect(sweep_dirs)
-    analysis = analyze(collection, metric, reference, margin)
+    analysis = analyze_with_study(collection, metric, reference, margin)
     if doc is not None:
         doc = Path(doc)
         out_dir, markdown_path = doc.parent / doc.stem, doc

@@ -5,8 +5,9 @@ verdicts):
 - gap: BatchNorm's evaluation-mode gap, batch statistics - running statistics and PreciseBN - running
   statistics, same weights, per BN-family row and batch size;
 - reference: every row minus the reference norm (batch-independent) at the same batch size and seed.
-The "highest mean" of a batch size is descriptive; whether it beats another norm is only said through the
-reference family.
+No table or sentence ranks norms by their means: whether one norm beats another is only said through a
+verdict. A study's declared questions (primary.py) are answered first and apart from these families, which
+are exploratory.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from norm_experiments.report.cells import (
     row_labels,
 )
 from norm_experiments.report.collect import CONDITION_FIELDS, Collection, Run
-from norm_experiments.report.model import Scores, paired
-from norm_experiments.report.verdicts import ALPHA, DEFAULT_MARGIN, Comparison, Family
+from norm_experiments.report.errors import lcc_families
+from norm_experiments.report.primary import Primary, answer_all
+from norm_experiments.report.sequential import Design
+from norm_experiments.report.verdicts import ALPHA, DEFAULT_MARGIN, Comparison, Family, compare
 
 # The registry marks this norm as the report's reference (NormRecord.report_reference; a test keeps the two
 # equal). A constant here because the report must not import torch, which the registry does.
@@ -53,6 +56,7 @@ class Summary:
     problems: list[tuple[Run, str, str]]  # (run, status, reason) for every run without a result
     batch_stats_windows: list[int]  # windows per forward in the "batch" evaluation mode ([]: not recorded)
     notes: list[str] = field(default_factory=list)
+    remedies: tuple[Family, ...] = ()  # the largest-component remedy on Dice and on HD95 (report/errors.py)
 
     @property
     def lower_is_better(self) -> bool:
@@ -66,19 +70,6 @@ class Summary:
             (d for d in self.deltas.comparisons if d.label == label and d.batch_size == batch_size), None
         )
 
-    @property
-    def best_mean_name(self) -> str:
-        """'highest mean' (Dice) or 'lowest mean' (a distance): the row with the best mean, not a test."""
-        return "lowest mean" if self.lower_is_better else "highest mean"
-
-    def highest(self, batch_size: int) -> Cell | None:
-        """The row with the best mean at this batch size (descriptive: not a test)."""
-        found = [c for c in self.cells.values() if c.batch_size == batch_size and c.metric is not None]
-        if not found:
-            return None
-        key = (lambda c: c.metric.mean) if not self.lower_is_better else (lambda c: -c.metric.mean)  # type: ignore[union-attr]
-        return max(found, key=key)
-
 
 @dataclass
 class Analysis:
@@ -90,6 +81,7 @@ class Analysis:
     reference: str
     margin: float
     alpha: float = ALPHA
+    primary: list[Primary] = field(default_factory=list)  # the declared questions, per condition
 
     @property
     def problems(self) -> list[tuple[Run, str, str]]:
@@ -104,23 +96,13 @@ class Analysis:
         return [s.gaps for s in self.conditions if s.gaps.comparisons]
 
 
-def _compare(label: str, against: str, bs: int, a: Scores, b: Scores) -> Comparison:
-    found = paired(a, b)
-    if found is None:  # no shared seed: nothing to pair
-        a_values, b_values = list(a.by_seed.values()), list(b.by_seed.values())
-        a_mean = sum(a_values) / len(a_values) if a_values else float("nan")
-        b_mean = sum(b_values) / len(b_values) if b_values else float("nan")
-        return Comparison(label, against, bs, a_mean, b_mean, None, 0)
-    return Comparison(label, against, bs, found.a_mean, found.b_mean, found.estimate, found.n_seeds)
-
-
 def reference_family(summary_cells: dict[tuple[str, int], Cell], reference: str, family: Family) -> Family:
     """Every row minus the reference row, at the same batch size and seed."""
     for (row, bs), cell in sorted(summary_cells.items()):
         ref = summary_cells.get((reference, bs))
         if row == reference or ref is None or not ref.by_seed or not cell.by_seed:
             continue
-        family.comparisons.append(_compare(row, reference, bs, cell.values(), ref.values()))
+        family.comparisons.append(compare(row, reference, bs, cell.values(), ref.values()))
     return family.decide()
 
 
@@ -133,7 +115,7 @@ def gap_family(cells: dict[tuple[str, int], Cell], bn_rows: list[str], family: F
         for mode in GAP_MODES:
             if cell.values(mode).by_seed:
                 label, against = mode_label(row, mode), mode_label(row, "running")
-                family.comparisons.append(_compare(label, against, bs, cell.values(mode), running))
+                family.comparisons.append(compare(label, against, bs, cell.values(mode), running))
     return family.decide()
 
 
@@ -202,6 +184,7 @@ def summarize_condition(
         problems=problems,
         batch_stats_windows=sorted(int(w) for w in windows if isinstance(w, int)),
         notes=notes,
+        remedies=lcc_families(cells, condition, margin),
     )
 
 
@@ -222,9 +205,12 @@ def analyze(
     metric: str = "val_dice",
     reference: str = DEFAULT_REFERENCE,
     margin: float = DEFAULT_MARGIN,
+    design: Design | None = None,
+    stopped: str | None = None,
 ) -> Analysis:
-    """Split the runs by condition and summarize each. UserError for an unknown metric, a batch-dependent
-    reference, or a margin that is not positive."""
+    """Split the runs by condition and summarize each; with a study design, answer its declared questions in
+    each condition too. UserError for an unknown metric, a batch-dependent reference, or a margin that is
+    not positive."""
     if not margin > 0:
         raise UserError(f"--margin must be positive, got {margin}")
     _check_metric(collection, metric)
@@ -236,4 +222,10 @@ def analyze(
     conditions = [
         summarize_condition(c, runs, metric, reference, margin) for c, runs in sorted(by_condition.items())
     ]
-    return Analysis(metric, conditions, constant, reference, margin)
+    analysis = Analysis(metric, conditions, constant, reference, margin)
+    if design is not None:
+        for summary in conditions:
+            primary = answer_all(design, summary.cells, summary.condition)
+            primary.stopped = stopped
+            analysis.primary.append(primary)
+    return analysis

@@ -128,6 +128,19 @@ class Run:
                 scores[str(case)] = math.fsum(present) / len(present)
         return scores
 
+    def case_errors(self, mode: str) -> dict[str, dict[str, float]]:
+        """Per validation case: the error locations of evaluation `mode` (training/error_locations.py FIELDS,
+        finite numbers only); {} when the record has none."""
+        per_case = self.data.get("per_case")
+        cases = per_case.get(mode) if isinstance(per_case, dict) else None
+        found: dict[str, dict[str, float]] = {}
+        for case, measures in (cases or {}).items() if isinstance(cases, dict) else ():
+            record = measures.get("errors") if isinstance(measures, dict) else None
+            if isinstance(record, dict):
+                values = {str(k): v for k, v in ((k, _finite(v)) for k, v in record.items()) if v is not None}
+                found[str(case)] = values
+        return found
+
     def value(self, key: str) -> float | None:
         """A top-level numeric field as a finite float, or None if absent, null, NaN or not a number."""
         return _finite(self.data.get(key))

@@ -10,7 +10,9 @@ from norm_experiments.report import tables
 from norm_experiments.report.analysis import Analysis, Summary
 from norm_experiments.report.cells import STATUS_ORDER, Cell, outcome
 from norm_experiments.report.collect import Collection, Run
+from norm_experiments.report.errors import error_rows
 from norm_experiments.report.model import SEEDS_AND_CASES, SEEDS_ONLY
+from norm_experiments.report.primary_text import primary_lines
 from norm_experiments.report.provenance import preprocessing_lines
 from norm_experiments.report.reading import reading
 from norm_experiments.report.verdicts import Family, detectable_difference
@@ -26,6 +28,11 @@ MODEL_TEXT = {
     SEEDS_ONLY: "a paired t-test over seeds (df = seeds - 1)",
 }
 STATISTICS_DOC = "docs/explanation/statistics.md"
+EXPLORATORY = (
+    "**Exploratory.** The tables below were not declared before the study: their verdicts hold within each "
+    "table's own family (Bonferroni), not together with the declared questions above, and their seeds are "
+    "those the declared questions needed."
+)
 
 
 def method_line(family: Family, what: str) -> str:
@@ -125,6 +132,29 @@ def _batch_note(runs: list[Run]) -> str:
     return note
 
 
+def _span(pair: object) -> str:
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) for v in pair)):
+        return "?"
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}–{pair[1]}"
+
+
+def group_lines(runs: list[Run]) -> list[str]:
+    """'group: 4 groups per layer, 2–8 channels per group (10 layers)', per norm with GroupNorm layers, from
+    the records' group_layers: whether a GroupNorm is InstanceNorm or LayerNorm at some layer."""
+    found: dict[str, set[str]] = {}
+    for run in runs:
+        layers = run.data.get("group_layers")
+        if isinstance(layers, dict):
+            text = (
+                f"{_span(layers.get('groups'))} groups per layer, {_span(layers.get('channels_per_group'))} "
+                f"channels per group ({layers.get('layers', '?')} layers)"
+            )
+            found.setdefault(run.norm, set()).add(text)
+    return [
+        f"GroupNorm layers of `{norm}`: {'; '.join(sorted(texts))}" for norm, texts in sorted(found.items())
+    ]
+
+
 def _seed_note(summary: Summary) -> str:
     n = len(summary.seeds)
     return f"n = {n} seed{'s' if n != 1 else ''} per cell ({', '.join(map(str, summary.seeds))})"
@@ -150,6 +180,44 @@ def _gap_section(summary: Summary, level: str) -> list[str]:
     ]
 
 
+def _errors_section(summary: Summary, level: str) -> list[str]:
+    """Where the errors are (descriptive), and the largest-component remedy with its verdicts."""
+    rows = error_rows(summary.cells)
+    lines = []
+    if rows:
+        lines += [
+            f"{level} Where the errors are",
+            "",
+            tables.error_table(rows),
+            "",
+            "Final evaluation, per validation case, then the mean over cases and over seeds (descriptive): "
+            "false foreground (predicted where the truth is background) in mL, the part of it more than 10 mm "
+            "from any true foreground voxel, outside the head (the image above a low threshold, holes filled), "
+            "and where a window of the patch size centred there holds under 25 % head voxels; its connected "
+            "pieces; missed foreground. What the columns mean: training/error_locations.py.",
+            "",
+        ]
+    for family, digits, what in zip(summary.remedies, (3, 1), ("Dice", "HD95 in mm (lower is better)")):
+        if not family.comparisons:
+            continue
+        method = method_line(
+            family,
+            f"The same predictions with each class's largest connected component kept, minus as predicted, "
+            f"same seeds and cases; {what}",
+        )
+        lines += [
+            f"{level} Remedy: keep the largest connected component ({what.split(' ')[0]})",
+            "",
+            tables.remedy_table(family, digits),
+            "",
+            method,
+            "",
+            power_line(family, unit_check=0.05 if digits == 3 else None),
+            "",
+        ]
+    return lines
+
+
 def _condition_section(summary: Summary, level: str) -> list[str]:
     metric, seeds = summary.metric, _seed_note(summary)
     lines = [
@@ -160,8 +228,7 @@ def _condition_section(summary: Summary, level: str) -> list[str]:
         f"Mean ± sample std over seeds of the recorded `{metric}` (descriptive); {seeds}. `n=k/m`: only k of m "
         "seeds have a result. Rows in brackets re-evaluate the same BatchNorm weights with other statistics. "
         "†k/n: k of the n seeds with a convergence flag were still improving at the end (see Convergence). "
-        f"{summary.best_mean_name.capitalize()}: descriptive; the verdict beside it is the one of the difference-to-reference table, "
-        "not a test of its own.",
+        "Descriptive: which norm is better is said only by a verdict.",
         "",
     ]
     lines += _gap_section(summary, level)
@@ -187,6 +254,7 @@ def _condition_section(summary: Summary, level: str) -> list[str]:
             "The verdicts of the difference table above, sorted; no test of its own.",
             "",
         ]
+    lines += _errors_section(summary, level)
     lines += [
         f"{level} HD95 (mm)",
         "",
@@ -291,13 +359,19 @@ def render_markdown(
     lines += [
         f"- Preprocessing (from the runs' records): {line}" for line in preprocessing_lines(collection.runs)
     ]
+    lines += [f"- {line}" for line in group_lines(collection.runs)]
     if analysis.constant:
         lines.append(f"- Every run: {analysis.constant}")
     if len(analysis.conditions) > 1:
         lines.append(
             f"- Conditions (tabled separately): {'; '.join(s.condition for s in analysis.conditions)}"
         )
-    lines += ["", "## Reading", ""] + [f"- {line}" for line in reading(analysis)] + [""]
+    lines.append("")
+    for primary in analysis.primary:
+        lines += primary_lines(primary)
+    lines += ["## Reading", ""] + [f"- {line}" for line in reading(analysis)] + [""]
+    if analysis.primary:
+        lines += [EXPLORATORY, ""]
     for summary in analysis.conditions:
         if len(analysis.conditions) > 1:
             lines += [f"## Condition: {summary.condition}", ""] + _condition_section(summary, "###")

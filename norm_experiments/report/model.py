@@ -42,6 +42,8 @@ class Estimate:
     df: float
     n_seeds: int
     n_cases: int  # 0: from one value per seed (no per-case scores)
+    # (MS_seed, MS_case, MS_e) of the crossed model: what a design with other seed counts would give
+    mean_squares: tuple[float, float, float] | None = None
 
     @property
     def method(self) -> str:
@@ -99,11 +101,11 @@ def crossed_estimate(grid: Sequence[Sequence[float]]) -> Estimate | None:
     combined = ms_seed + ms_case
     if combined <= ms_e:  # seed and case effects smaller than the noise between them: the noise is the floor
         if ms_e == 0.0:  # every difference the same: no noise; the df do not matter
-            return Estimate(grand, 0.0, float(df_e), s, c)
+            return Estimate(grand, 0.0, float(df_e), s, c, (ms_seed, ms_case, ms_e))
         combined, df = ms_e, float(df_e)
     else:
         df = combined**2 / (ms_seed**2 / (s - 1) + ms_case**2 / (c - 1))
-    return Estimate(grand, math.sqrt(combined / (s * c)), df, s, c)
+    return Estimate(grand, math.sqrt(combined / (s * c)), df, s, c, (ms_seed, ms_case, ms_e))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from norm_experiments.report.analysis import GAP_MODES, Analysis, Summary
 from norm_experiments.report.cells import mode_label
+from norm_experiments.report.primary_text import sentence
 from norm_experiments.report.verdicts import Comparison, Verdict
 
 ORDER = (Verdict.BETTER, Verdict.WORSE, Verdict.EQUIVALENT, Verdict.INCONCLUSIVE, Verdict.UNTESTABLE)
@@ -76,21 +77,19 @@ def reference_sentences(summary: Summary, reference: str) -> list[str]:
     return lines
 
 
-def highest_sentence(summary: Summary) -> str | None:
-    parts = []
-    for bs in summary.batch_sizes:
-        cell = summary.highest(bs)
-        if cell is not None and cell.metric is not None:
-            parts.append(f"bs {bs} {_name(cell.row)} ({cell.metric.mean:.3f})")
-    if not parts:
-        return None
-    tested = (
-        f"only the differences to {_name(summary.reference)} above are tested"
-        if summary.reference
-        else "not tested"
-    )
-    name = summary.best_mean_name.capitalize()
-    return f"{name}{_where(summary.condition)} (descriptive; {tested}): " + ", ".join(parts) + "."
+def remedy_sentences(summary: Summary) -> list[str]:
+    """Per row: keeping the largest component minus as predicted, on Dice and on HD95, by verdict."""
+    lines = []
+    for family in summary.remedies:
+        metric = "HD95" if family.lower_is_better else "Dice"
+        for row in summary.rows:
+            found = [c for c in family.comparisons if c.against == row]
+            if found:
+                lines.append(
+                    f"{_name(row)}{_where(summary.condition)}, largest connected component kept minus as "
+                    f"predicted, {metric}: {verdict_clauses(found, family.margin)}."
+                )
+    return lines
 
 
 def convergence_sentence(summary: Summary) -> str | None:
@@ -136,11 +135,14 @@ def failure_sentence(analysis: Analysis) -> str | None:
 
 def reading(analysis: Analysis) -> list[str]:
     """Plain-language lines, each computed from the verdicts and counts in the analysis."""
-    lines: list[str | None] = []
+    lines: list[str | None] = [sentence(found) for p in analysis.primary for found in p.answers]
+    if analysis.primary:
+        lines.append("Exploratory (not declared; each family corrected on its own):")
     for summary in analysis.conditions:
         lines += gap_sentences(summary)
         lines += reference_sentences(summary, analysis.reference)
-        lines += [highest_sentence(summary), convergence_sentence(summary), reference_trend_sentence(summary)]
+        lines += remedy_sentences(summary)
+        lines += [convergence_sentence(summary), reference_trend_sentence(summary)]
     lines.append(failure_sentence(analysis))
     found = [line for line in lines if line]
     return found or ["No run completed, so there is nothing to compare yet."]

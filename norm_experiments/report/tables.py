@@ -129,23 +129,9 @@ def _header(summary: Summary, first: str) -> list[str]:
 # ---------------------------------------------------------------- markdown tables
 
 
-def highest_verdict(summary: Summary, batch_size: int) -> str:
-    """'group (vs instance: equivalent)': the highest mean and the reference family's verdict on it."""
-    cell = summary.highest(batch_size)
-    if cell is None:
-        return NO_DATA
-    if summary.reference is None:
-        return cell.row
-    if cell.row == summary.reference:
-        return f"{cell.row} (the reference)"
-    found = summary.delta(cell.row, batch_size)
-    word = verdict_word(found.verdict, summary.deltas.margin) if found else "not compared"
-    return f"{cell.row} (vs {summary.reference}: {word})"
-
-
 def metric_table(summary: Summary) -> str:
     """Rows = norms (+ eval-mode rows), columns = batch sizes, cells = mean ± std (†k/n: k of n seeds still
-    improving), last row = the highest mean with the reference family's verdict on it."""
+    improving). Descriptive: no row ranks the norms (only verdicts compare them)."""
     rows = []
     for label, row, mode in _ordered_rows(summary):
         cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
@@ -153,9 +139,6 @@ def metric_table(summary: Summary) -> str:
             rows.append([label] + [format_metric_cell(c) for c in cells])
         else:
             rows.append([label] + [format_mode_cell(c, mode) for c in cells])
-    rows.append(
-        [f"**{summary.best_mean_name}**"] + [highest_verdict(summary, bs) for bs in summary.batch_sizes]
-    )
     return markdown_table(_header(summary, "norm"), rows)
 
 
@@ -185,22 +168,18 @@ def delta_table(summary: Summary) -> str:
 
 
 def best_table(summary: Summary) -> str:
-    """Per batch size: the highest mean, and every row sorted by its verdict against the reference (the same
-    verdicts as the difference table: no test of its own)."""
+    """Per batch size: every row sorted by its verdict against the reference (the same verdicts as the
+    difference table: no test of its own)."""
     margin = summary.deltas.margin
-    header = ["batch size", summary.best_mean_name] + [
-        f"{verdict_word(v, margin)} vs {summary.reference}" for v in VERDICT_ORDER
-    ]
+    header = ["batch size"] + [f"{verdict_word(v, margin)} vs {summary.reference}" for v in VERDICT_ORDER]
     rows = []
     for bs in summary.batch_sizes:
-        highest = summary.highest(bs)
         by_verdict = {
             v: [c.label for c in summary.deltas.comparisons if c.batch_size == bs and c.verdict is v]
             for v in VERDICT_ORDER
         }
-        top = NO_DATA if highest is None else f"{highest.row} ({highest.metric.mean:.3f})"  # type: ignore[union-attr]
-        rows.append([str(bs), top] + [", ".join(by_verdict[v]) or NO_DATA for v in VERDICT_ORDER])
-    return markdown_table(header, rows, align="rl" + "l" * len(VERDICT_ORDER))
+        rows.append([str(bs)] + [", ".join(by_verdict[v]) or NO_DATA for v in VERDICT_ORDER])
+    return markdown_table(header, rows, align="r" + "l" * len(VERDICT_ORDER))
 
 
 def gap_table(family: Family) -> str:
@@ -232,6 +211,46 @@ def gap_table(family: Family) -> str:
             + [p, verdict_word(c.verdict, family.margin)]
         )
     return markdown_table(header, rows, align="lrlrrrrl")
+
+
+def remedy_table(family: Family, digits: int = 3) -> str:
+    """A remedy minus the same runs without it, per row and batch size, with the family's verdicts."""
+    header = [
+        "norm",
+        "batch size",
+        "with the remedy",
+        "without",
+        "difference [interval]",
+        "p (Bonferroni)",
+        "verdict",
+    ]
+    rows = []
+    for c in family.comparisons:
+        p = NO_DATA if c.p_adjusted is None else format_p(c.p_adjusted)
+        rows.append(
+            [
+                c.against,
+                str(c.batch_size),
+                f"{c.a_mean:.{digits}f}",
+                f"{c.b_mean:.{digits}f}",
+                format_difference(c, verdict=False),
+                p,
+                verdict_word(c.verdict, family.margin),
+            ]
+        )
+    return markdown_table(header, rows, align="lrrrrrl")
+
+
+def error_table(rows: list[tuple[str, int, dict[str, float], float | None]]) -> str:
+    """Where the errors are: means over seeds of the per-case means (report/errors.py)."""
+    from norm_experiments.report.errors import COLUMNS
+
+    header = ["norm", "batch size", "HD95 mm"] + [title for _, title in COLUMNS]
+    body = []
+    for label, bs, found, hd95 in rows:
+        cells = [f"{found[f]:.0f}" if f == "fp_components" else f"{found[f]:.2f}" for f, _ in COLUMNS]
+        body.append([label, str(bs), NO_DATA if hd95 is None else f"{hd95:.1f}", *cells])
+    return markdown_table(header, body, align="lr" + "r" * (1 + len(COLUMNS)))
 
 
 def convergence_table(summary: Summary) -> str:

@@ -19,12 +19,12 @@ import statistics
 from dataclasses import dataclass, field
 from enum import Enum
 
-from norm_experiments.report.model import Estimate
-from norm_experiments.report.stats import t_quantile
+from norm_experiments.report import power as exact
+from norm_experiments.report.model import Estimate, Scores, paired
 
 ALPHA = 0.05  # family-wise error rate of every family
 DEFAULT_MARGIN = 0.02  # equivalence margin, in the metric's units (Dice)
-POWER = 0.8
+POWER = exact.POWER
 
 
 class Verdict(str, Enum):
@@ -119,6 +119,17 @@ class Family:
         return Power(self.alpha_each, _spread(detect), _spread(confirm))
 
 
+def compare(label: str, against: str, bs: int, a: Scores, b: Scores) -> Comparison:
+    """a - b over their shared seeds (and cases); undecided until its family decides."""
+    found = paired(a, b)
+    if found is None:  # no shared seed: nothing to pair
+        a_values, b_values = list(a.by_seed.values()), list(b.by_seed.values())
+        a_mean = sum(a_values) / len(a_values) if a_values else float("nan")
+        b_mean = sum(b_values) / len(b_values) if b_values else float("nan")
+        return Comparison(label, against, bs, a_mean, b_mean, None, 0)
+    return Comparison(label, against, bs, found.a_mean, found.b_mean, found.estimate, found.n_seeds)
+
+
 def verdict(low: float, high: float, margin: float, lower_is_better: bool = False) -> Verdict:
     """The verdict of an interval of a - b (see the module docstring)."""
     if low > 0 or high < 0:
@@ -130,21 +141,14 @@ def verdict(low: float, high: float, margin: float, lower_is_better: bool = Fals
 
 
 def detectable_difference(estimate: Estimate, alpha_each: float, power: float = POWER) -> float:
-    """Smallest true difference found (two-sided, at alpha_each) with `power`:
-    (t_{1-alpha'/2, df} + t_{power, df}) * SE."""
-    if estimate.se == 0.0:
-        return 0.0
-    return (t_quantile(1 - alpha_each / 2, estimate.df) + t_quantile(power, estimate.df)) * estimate.se
+    """Smallest true difference found (two-sided, at alpha_each) with `power`, by the exact noncentral t
+    (power.py) at the estimate's SE and df."""
+    return exact.detectable_difference(estimate.se, estimate.df, alpha_each, power)
 
 
 def confirmable_margin(estimate: Estimate, alpha_each: float, power: float = POWER) -> float:
-    """Smallest margin whose equivalence is shown with `power` when the true difference is 0: the interval
-    mean ± t_{1-alpha'/2} SE must fit inside ±margin, so margin = (t_{1-alpha'/2, df} + t_{(1+power)/2, df}) * SE."""
-    if estimate.se == 0.0:
-        return 0.0
-    return (
-        t_quantile(1 - alpha_each / 2, estimate.df) + t_quantile((1 + power) / 2, estimate.df)
-    ) * estimate.se
+    """Smallest margin whose equivalence is shown with `power` when the true difference is 0 (exact)."""
+    return exact.confirmable_margin(estimate.se, estimate.df, alpha_each, power)
 
 
 def _spread(values: list[float]) -> tuple[float, float, float]:

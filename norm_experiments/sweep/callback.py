@@ -60,6 +60,10 @@ class SweepReport(Callback):
         # The jobs' folder names put the swept keys first (sweep/run_names.py); a job's config no longer
         # shows which of its command-line overrides were sweeps, so they travel in the environment.
         keys = swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params"))
+        if (
+            config.hydra.sweeper.get("study") is not None
+        ):  # the study sweeper's grid and seeds (sweep/study.py)
+            keys += [k for k in ("norm", "data.batch_size", "seed") if k not in keys]
         os.environ[SWEPT_KEYS_ENV] = ",".join(keys)
         write_multirun_yaml(config)
 

@@ -209,9 +209,21 @@ def make_optimizer(optim_cfg: DictConfig, model: nn.Module, lr: float) -> torch.
             nesterov=True,
             weight_decay=optim_cfg.weight_decay,
         )
+    params = list(model.parameters())
     return torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay
+        params,
+        lr=lr,
+        betas=tuple(optim_cfg.betas),
+        weight_decay=optim_cfg.weight_decay,
+        # One kernel per parameter instead of a dozen small ops: the same update, and at batch 1 on a CPU
+        # the optimizer's fixed cost per step is a tenth of the step (benchmark section e).
+        fused=fused_supported(params) or None,
     )
+
+
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """PyTorch's fused AdamW takes floating-point parameters on a CPU or a CUDA device."""
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:

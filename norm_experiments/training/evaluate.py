@@ -30,6 +30,7 @@ from torch import nn
 from norm_experiments.data.pipeline import BatchSampler, Volume
 from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 from norm_experiments.training import distributed
+from norm_experiments.training import error_locations as errors
 
 if TYPE_CHECKING:
     from norm_experiments.training.build import Built
@@ -55,6 +56,10 @@ class ValResult:
     # Each volume's totals (volume_scores), (volumes, 3, classes), in the order of case_names.
     case_totals: torch.Tensor | None = None
     case_names: list[str] = dataclasses.field(default_factory=list)
+    # Final evaluations only: each case's error locations (volumes, len(errors.FIELDS)), and the scores after
+    # keeping each class's largest connected component (the running mode's post-processing remedy).
+    case_errors: torch.Tensor | None = None
+    lcc: ValResult | None = None
 
     def per_case(self, class_names: Sequence[str]) -> dict[str, dict[str, dict[str, float | None]]]:
         """{case: {"dice": {class: value}, "hd95": {class: value}}}, None where the class is absent from the
@@ -68,6 +73,9 @@ class ValResult:
             dice = [float(v) if p else None for v, p in zip(totals[DICE], present)]
             hd95 = [float(v) if p and surface else None for v, p in zip(totals[HD95], present)]
             cases[name] = {"dice": dict(zip(class_names, dice)), "hd95": dict(zip(class_names, hd95))}
+        if self.case_errors is not None:
+            for name, row in zip(self.case_names, self.case_errors):
+                cases[name]["errors"] = errors.as_record(row)
         return cases
 
 
@@ -143,12 +151,42 @@ def summarize(
     return ValResult(mean(dice), dice, hd95_mean, hd95, absent, example, case_totals, list(case_names or []))
 
 
+@dataclass
+class Extras:
+    """What a final evaluation adds per volume, filled by score_each_volume: the error locations, and (with
+    `lcc`) the per-class totals after keeping each class's largest connected component."""
+
+    volumes: int
+    num_classes: int
+    lcc: bool = False
+    errors: torch.Tensor = dataclasses.field(init=False)
+    lcc_totals: torch.Tensor = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.errors = torch.zeros(self.volumes, len(errors.FIELDS), dtype=torch.float64)
+        self.lcc_totals = torch.zeros(self.volumes, 3, self.num_classes - 1, dtype=torch.float64)
+
+    def add(self, i: int, vol: Volume, pred: torch.Tensor, label: torch.Tensor, window: list[int]) -> None:
+        image = vol.image[0].float().cpu().numpy()
+        self.errors[i] = torch.from_numpy(
+            errors.case_errors(pred.numpy(), label.numpy(), image, vol.spacing, window)
+        )
+        if self.lcc:
+            kept = errors.largest_components(pred, self.num_classes)
+            self.lcc_totals[i] = volume_scores(kept, label, self.num_classes, vol.spacing)
+
+
 @torch.inference_mode()
 def score_each_volume(
-    model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference, surface: bool = False
+    model: nn.Module,
+    volumes: list[Volume],
+    num_classes: int,
+    inf: Inference,
+    surface: bool = False,
+    extras: Extras | None = None,
 ) -> tuple[torch.Tensor, tuple | None]:
     """Per-class totals of each of `volumes` (volumes, 3, classes; see volume_scores) and an example slice
-    from the first volume.
+    from the first volume; `extras`, when given, gets each volume's error locations (and LCC scores).
 
     The model is used as it is: the caller chooses train/eval/BN mode."""
     totals = torch.zeros(len(volumes), 3, num_classes - 1, dtype=torch.float64)
@@ -163,6 +201,8 @@ def score_each_volume(
         pred = logits.argmax(dim=1)[0].cpu()
         label = vol.label[0].long().cpu()
         totals[i] = volume_scores(pred, label, num_classes, vol.spacing if surface else None)
+        if extras is not None:
+            extras.add(i, vol, pred, label, inf.roi_size)
         if example is None:
             example = (vol.image[0].cpu(), label, pred)
     return totals, example
@@ -184,10 +224,13 @@ def evaluate(
     return summarize(totals, surface, example, case_names=[v.name for v in volumes])
 
 
-def evaluate_built(built: Built, model: nn.Module, mode: str = "running", surface: bool = False) -> ValResult:
+def evaluate_built(
+    built: Built, model: nn.Module, mode: str = "running", surface: bool = False, lcc: bool = False
+) -> ValResult:
     """Dice (and HD95 when `surface`) of a run's `model` on its validation volumes, per case and averaged,
     with BatchNorm layers in `mode` (running | batch, see bn_eval_mode; "batch" forwards
-    trainer.batch_stats_windows windows at a time).
+    trainer.batch_stats_windows windows at a time). With `surface` (a final evaluation) each case's error
+    locations too, and with `lcc` the scores after keeping each class's largest connected component.
 
     With several ranks, each evaluates every world_size-th volume and writes its volumes' rows of a table of
     every volume, which the ranks then add up: every rank gets every case's scores, the same numbers as one
@@ -198,16 +241,28 @@ def evaluate_built(built: Built, model: nn.Module, mode: str = "running", surfac
     every = built.data.val
     with bn_eval_mode(model, mode), distributed.local_batch_statistics(model):
         volumes = distributed.shard(every)
+        extras = Extras(len(volumes), built.num_classes, lcc) if surface else None
         mine, example = score_each_volume(
-            model, volumes, built.num_classes, built.inference.for_mode(mode), surface
+            model, volumes, built.num_classes, built.inference.for_mode(mode), surface, extras
         )
-    totals = mine
-    if built.plan.world_size > 1:
-        # shard() gives rank r the volumes r, r + world, ...: put its rows there; the others' rows stay 0.
-        totals = torch.zeros(len(every), *mine.shape[1:], dtype=mine.dtype)
-        totals[distributed.rank() :: built.plan.world_size] = mine
-        totals = distributed.sum_across_ranks(totals)
-    return summarize(totals, surface, example, case_names=[v.name for v in every])
+    names = [v.name for v in every]
+    totals = _all_volumes(mine, len(every), built.plan.world_size)
+    result = summarize(totals, surface, example, case_names=names)
+    if extras is not None:
+        result.case_errors = _all_volumes(extras.errors, len(every), built.plan.world_size)
+        if lcc:
+            lcc_totals = _all_volumes(extras.lcc_totals, len(every), built.plan.world_size)
+            result.lcc = summarize(lcc_totals, True, None, case_names=names)
+    return result
+
+
+def _all_volumes(mine: torch.Tensor, count: int, world_size: int) -> torch.Tensor:
+    """Every volume's rows from every rank's share (shard() gives rank r the volumes r, r + world, ...)."""
+    if world_size == 1:
+        return mine
+    every = torch.zeros(count, *mine.shape[1:], dtype=mine.dtype)
+    every[distributed.rank() :: world_size] = mine
+    return distributed.sum_across_ranks(every)
 
 
 def precise_bn_batches(built: Built) -> Iterator[torch.Tensor]:

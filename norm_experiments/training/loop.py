@@ -297,10 +297,11 @@ class Run:
         raise RunDiverged(f"loss became {loss} at step {self.state.step}; {where}")
 
     def validate(self, writer, surface: bool = False) -> ValResult:
-        """Score the model as model.eval() runs it; keep the best weights."""
+        """Score the model as model.eval() runs it; keep the best weights. `surface`: the final evaluation
+        (HD95, error locations and the largest-component remedy too)."""
         b, s = self.b, self.state
         distributed.broadcast_buffers(b.model)  # one model on every rank: rank 0's running statistics
-        result = evaluate_built(b, b.model, surface=surface)
+        result = evaluate_built(b, b.model, surface=surface, lcc=surface)
         self.log_scores(writer, result)
         if result.example is not None:
             writer.add_image(
@@ -380,6 +381,8 @@ class Run:
             # a metric, shows every norm beside BatchNorm's modes.
             for mode in EVAL_MODES:
                 self.log_scores(writer, final, suffix=f"_{mode}")
+        if final.lcc is not None:  # the same predictions with each class's largest component kept
+            modes = {**modes, "running_lcc": final.lcc}
         extra["per_case"] = {mode: result.per_case(b.class_names) for mode, result in modes.items()}
         self.save_checkpoint()
         if distributed.is_main():

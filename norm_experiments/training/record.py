@@ -39,6 +39,7 @@ def of_run(run: Run, status: Status, error: str | None = None, **extra: object) 
         run_name=run.run_dir.name,
         norm=plan.spec.name,
         norm_options=dict(plan.spec.options),
+        group_layers=group_layers(b.model) if b else None,
         batch_dependent=plan.spec.uses_batch_statistics,
         bn_family=plan.spec.bn_family,
         model=str(cfg.model.name),
@@ -79,6 +80,20 @@ def of_run(run: Run, status: Status, error: str | None = None, **extra: object) 
         preprocessing=b.data.preprocessing if b else None,
         **extra,
     ).to_json()
+
+
+def group_layers(model: torch.nn.Module) -> dict | None:
+    """How the network's GroupNorm layers group their channels (None: it has none)."""
+    found = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    if not found:
+        return None
+    groups = [m.num_groups for m in found]
+    per_group = [m.num_channels // m.num_groups for m in found]
+    return {
+        "layers": len(found),
+        "groups": [min(groups), max(groups)],
+        "channels_per_group": [min(per_group), max(per_group)],
+    }
 
 
 def batch_stats_windows(run: Run) -> int | None:

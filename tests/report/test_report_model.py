@@ -148,12 +148,19 @@ def test_family_bonferroni_interval_and_p() -> None:
 
 
 def test_power_formulas_by_hand() -> None:
+    from scipy import stats as sps
+
     estimate = Estimate(0.0, 0.01, 10.0, 3, 5)
-    # t(0.975, 10) = 2.2281, t(0.8, 10) = 0.8791, t(0.9, 10) = 1.3722.
-    assert detectable_difference(estimate, 0.05) == pytest.approx((2.2281 + 0.8791) * 0.01, abs=1e-5)
-    assert confirmable_margin(estimate, 0.05) == pytest.approx((2.2281 + 1.3722) * 0.01, abs=1e-5)
+    # Exact noncentral t: at the detectable difference the two-sided 95 % test has 80 % power (scipy), a
+    # little more than the normal approximation (t(0.975, 10) + t(0.8, 10)) SE = 0.031072 gave.
+    detect = detectable_difference(estimate, 0.05)
+    crit = sps.t.ppf(0.975, 10)
+    lam = detect / 0.01
+    assert 1 - (sps.nct.cdf(crit, 10, lam) - sps.nct.cdf(-crit, 10, lam)) == pytest.approx(0.8, abs=1e-5)
+    assert detect == pytest.approx(0.031100, abs=1e-5)
+    assert confirmable_margin(estimate, 0.05) == pytest.approx(0.036022, abs=1e-5)
     family = Family("gap", "")
     family.comparisons = [Comparison("a", "b", 1, 0, 0, estimate, 3), Comparison("c", "d", 2, 0, 0, None, 1)]
     power = family.decide().power()
-    assert power.alpha_each == 0.05 and power.detectable[0] == pytest.approx(0.031072, abs=1e-5)
+    assert power.alpha_each == 0.05 and power.detectable[0] == pytest.approx(detect, abs=1e-9)
     assert Family("gap", "").power() is None

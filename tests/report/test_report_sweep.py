@@ -56,15 +56,14 @@ def test_two_norms_two_batch_sizes(small_sweep):
     assert first["status"] == "3 completed"
 
 
-def test_highest_mean_row_reuses_the_reference_verdicts(small_sweep):
-    # Without the reference norm (instance) in the sweep, the row only names the highest mean: no test.
-    assert table_rows(build_report([small_sweep]).table)["**highest mean**"] == ["group", "group"]
+def test_no_row_ranks_the_norms_and_the_reference_difference_is_tested(small_sweep):
+    # No "highest mean" row: which norm is better is said only by a verdict.
+    assert "highest mean" not in build_report([small_sweep]).markdown
     # With group as the reference, batch - group per seed: bs 1 -0.39, -0.30, -0.21 (mean -0.30, sd 0.09),
     # bs 2 -0.20, -0.11, -0.02. m = 2: the 97.5% interval is -0.30 +- t(0.9875, 2) 0.09/sqrt(3) = [-0.622, +0.022]:
-    # it reaches past 0, so inconclusive, and the highest-mean row says the reference is the highest.
+    # it reaches past 0, so inconclusive.
     report = build_report([small_sweep], reference="group")
-    rows = table_rows(report.table)
-    assert rows["**highest mean**"] == ["group (the reference)", "group (the reference)"]
+    assert "highest mean" not in report.markdown and "highest mean" not in report.table
     delta = report.analysis.conditions[0].delta("batch", 1)
     assert delta.verdict.value == "inconclusive"
     assert (delta.low, delta.high) == (pytest.approx(-0.622, abs=1e-3), pytest.approx(0.022, abs=1e-3))
@@ -76,7 +75,6 @@ def test_one_shared_seed_is_untestable(tmp_path, write_run):
     write_run(tmp_path, "group", 1, 1, 0.8)
     report = build_report([tmp_path], reference="group")
     rows = table_rows(report.table)
-    assert rows["**highest mean**"] == ["group (the reference)"]
     assert rows["group"] == ["0.800 (n=1/2)"]  # seeds 0 and 1 exist in the sweep, group has only one
     assert "-0.300 (untestable: 0 shared seeds)" in report.markdown
     assert (
@@ -88,7 +86,7 @@ def test_one_shared_seed_is_untestable(tmp_path, write_run):
 def test_eval_mode_rows_only_for_bn_family(small_sweep):
     report = build_report([small_sweep])
     labels = list(table_rows(report.table))
-    assert labels == ["batch", "batch (precise BN)", "batch (batch stats)", "group", "**highest mean**"]
+    assert labels == ["batch", "batch (precise BN)", "batch (batch stats)", "group"]
     assert table_rows(report.table)["batch (batch stats)"] == ["0.600 ± 0.100", "0.800 ± 0.100"]
 
 
@@ -142,7 +140,7 @@ def test_corrupt_metrics_json_is_reported(small_sweep):
     md = (small_sweep / "report.md").read_text()
     assert "## Unreadable metrics.json" in md and str(bad) in md
     assert "2 unreadable metrics.json" in md
-    assert len(table_rows(report.table)) == 5  # the good runs are all there
+    assert len(table_rows(report.table)) == 4  # the good runs are all there
 
 
 def test_two_sweep_dirs_merge(tmp_path, write_run):
@@ -213,7 +211,7 @@ def test_reading_is_generated_from_numbers(small_sweep):
         "- `batch`, batch statistics minus running statistics (same weights): better at bs 1 (+0.100 [+0.100, +0.100]), 2 (+0.100 [+0.100, +0.100])."
         in md
     )
-    assert "Highest mean (descriptive; not tested): bs 1 `group` (0.800), bs 2 `group` (0.810)." in md
+    assert "highest mean" not in md.lower()  # which norm is better is said only by a verdict
     assert "No `instance` runs: no difference to the reference was tested." in md
     assert "have no result" not in md  # the failure sentence only where runs failed (see test_failed_run...)
 
@@ -246,7 +244,6 @@ def test_sweep_where_nothing_completed(tmp_path, write_run, recwarn):
     rows = table_rows(report.table)
     assert rows["batch"] == ["failed (1/1)", "—"]
     assert rows["group"] == ["—", "running (1/1)"]
-    assert rows["**highest mean**"] == ["—", "—"]
     assert "Expected more than 1 value per channel" in report.markdown
     assert (tmp_path / "dice_vs_batch_size.png").exists()
     assert not [w for w in recwarn if "matplotlib" in str(w.filename)]

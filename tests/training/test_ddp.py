@@ -145,11 +145,17 @@ def test_two_syncbatch_ranks_at_batch_1_train_as_batchnorm_at_batch_2(sync_run, 
         assert ddp["eval_modes"][mode] == pytest.approx(single["eval_modes"][mode], abs=1e-3), mode
     # Per-case scores: each rank scored one of the 2 validation cases; both are in rank 0's record, in the
     # single process's order, with the single process's scores.
-    for mode, cases in ddp["per_case"].items():
+    assert set(ddp["per_case"]) == set(single["per_case"]) == {"running", "precise", "batch", "running_lcc"}
+    for mode in ("running", "precise", "batch"):
+        cases = ddp["per_case"][mode]
         assert list(cases) == list(single["per_case"][mode]) and len(cases) == 2, mode
         for name, scores in cases.items():
             for cls, dice in scores["dice"].items():
                 assert dice == pytest.approx(single["per_case"][mode][name]["dice"][cls], abs=1e-2)
+            # The error locations of rank 1's case reach rank 0's record too.
+            assert scores["errors"]["fp_ml"] == pytest.approx(
+                single["per_case"][mode][name]["errors"]["fp_ml"], rel=0.2, abs=1e-3
+            )
         present = [
             [case["dice"][c] for case in cases.values() if case["dice"][c] is not None] for c in CLASSES
         ]

@@ -8,6 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from norm_experiments import run_record
+from norm_experiments.training.error_locations import FIELDS as ERROR_FIELDS
 from tests import helpers
 from tests.helpers import assert_clean_failure, metrics_of, run_cli
 
@@ -68,8 +69,11 @@ def test_per_case_scores_of_every_evaluation_mode_average_to_its_reported_score(
 ) -> None:
     metrics = metrics_of(smoke_run[1])
     per_case = metrics["per_case"]
-    assert set(per_case) == {"running", "precise", "batch"}
-    for mode, cases in per_case.items():
+    # running_lcc: the running mode's predictions with each class's largest component kept (a remedy)
+    assert set(per_case) == {"running", "precise", "batch", "running_lcc"}
+    for mode in ("running", "precise", "batch"):
+        cases = per_case[mode]
+        assert all(set(case["errors"]) == set(ERROR_FIELDS) for case in cases.values())
         assert len(cases) == 2 and all(name.startswith("synth_") for name in cases)  # the validation cases
         class_means = []
         for name in ("class1", "class2"):
@@ -81,6 +85,9 @@ def test_per_case_scores_of_every_evaluation_mode_average_to_its_reported_score(
             assert len(hd95) == len(values)
         assert sum(class_means) / 2 == pytest.approx(metrics["eval_modes"][mode], abs=1e-12), mode
     assert per_case["running"] != per_case["batch"]
+    assert set(per_case["running_lcc"]) == set(per_case["running"])
+    for case in per_case["running_lcc"].values():  # scores only: its errors are those of running, less pieces
+        assert set(case) == {"dice", "hd95"}
 
 
 def test_smoke_run_tensorboard_tags(smoke_run: tuple[Path, Path]) -> None:
@@ -132,7 +139,7 @@ def test_accumulation_at_batch_1_with_batchnorm_runs_through_the_cli(tmp_path: P
     assert metrics["steps"] == metrics["total_steps"] == 4 and metrics["samples_seen"] == 16
     assert (metrics["effective_batch"], metrics["global_batch"], metrics["bn_batch"]) == (1, 4, 1)
     assert [h["step"] for h in metrics["history"]] == [2, 4]
-    assert set(metrics["per_case"]) == {"running", "precise", "batch"}
+    assert set(metrics["per_case"]) == {"running", "precise", "batch", "running_lcc"}
 
 
 def test_same_command_again_skips_the_completed_run(smoke_run: tuple[Path, Path]) -> None:
@@ -163,4 +170,4 @@ def test_a_completed_run_writes_every_record_field(smoke_run: tuple[Path, Path])
     """metrics.json is built by run_record.RunRecord: a completed BatchNorm run writes exactly its fields (the
     reference page is generated from them, see tests/test_run_record.py)."""
     _, run_dir = smoke_run
-    assert set(metrics_of(run_dir)) == run_record.FIELDS
+    assert set(metrics_of(run_dir)) == run_record.FIELDS - {"group_layers"}  # no GroupNorm layer in it

@@ -1,0 +1,154 @@
+"""The declared questions of a study, answered from its runs: one family, tested first, look by look.
+
+The design (questions, looks, alpha spending) comes from the sweep folder's study.json, which the study
+sweeper writes before the first run (sweep/study.py). Verdicts are recomputed here from the runs' records,
+never copied from the file, so the report and the sweeper that decided when to stop always agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from norm_experiments import safe_io
+from norm_experiments.errors import UserError
+from norm_experiments.report.cells import Cell
+from norm_experiments.report.power import POWER, decide_probability, detectable_difference, power_two_sided
+from norm_experiments.report.questions import Side, side_scores
+from norm_experiments.report.sequential import (
+    Answer,
+    Design,
+    answer,
+    looks_available,
+    parse_design,
+    projected,
+    seeds_to_decide,
+)
+
+STUDY_FILE = "study.json"
+FINISHED = ("completed", "failed", "diverged")  # a run with one of these statuses will not change any more
+GAP = 0.05  # the difference every power line is also stated for (Dice)
+
+
+@dataclass
+class StudyFile:
+    """study.json: the design, and what the sweeper did (looks taken, why it stopped)."""
+
+    path: Path
+    design: Design
+    stopped: str | None = None  # 'decided' | 'last look' | 'time cap' | None (still running or unknown)
+    minutes: float | None = None
+
+
+def read_study(sweep_dirs: list[Path]) -> StudyFile | None:
+    """The design of the first sweep dir that has a study.json; UserError if one is malformed or two differ."""
+    found: StudyFile | None = None
+    for sweep_dir in sweep_dirs:
+        path = Path(sweep_dir) / STUDY_FILE
+        if not path.exists():
+            continue
+        try:
+            raw = safe_io.load_json(path, max_bytes=2**20)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise UserError(f"{path}: cannot read the study design: {err}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: not a JSON object")
+        design = parse_design(raw.get("design"), f"{path}: design")
+        stopped = raw.get("stopped")
+        minutes = raw.get("minutes")
+        study = StudyFile(
+            path,
+            design,
+            stopped if isinstance(stopped, str) and len(stopped) < 100 else None,
+            float(minutes) if isinstance(minutes, (int, float)) and not isinstance(minutes, bool) else None,
+        )
+        if found is not None and found.design != design:
+            raise UserError(f"{found.path} and {path} declare different studies: report them separately")
+        found = found or study
+    return found
+
+
+def write_study(sweep_dir: Path, design: Design, stopped: str | None, minutes: float | None) -> None:
+    """Write study.json atomically (a crash leaves the previous file, never half of one)."""
+    body = {"design": design.as_dict(), "stopped": stopped, "minutes": minutes}
+    path = Path(sweep_dir) / STUDY_FILE
+    tmp = path.with_name(f".{STUDY_FILE}.tmp")
+    tmp.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+@dataclass
+class Primary:
+    """The declared questions in one condition of the sweep."""
+
+    design: Design
+    condition: str
+    answers: list[Answer]
+    n_looks: int  # looks taken: the most any question's finished seeds allow
+    stopped: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def all_decided(self) -> bool:
+        return all(a.decided for a in self.answers)
+
+
+def finished_seeds(cells: list[Cell | None]) -> set[int]:
+    """Seeds whose run has finished (completed, failed or diverged) in every one of these cells."""
+    per_cell = []
+    for cell in cells:
+        if cell is None:
+            return set()
+        per_cell.append({r.seed for r in cell.runs if r.status in FINISHED})
+    return set.intersection(*per_cell) if per_cell else set()
+
+
+def answer_all(design: Design, cells: dict[tuple[str, int], Cell], condition: str = "") -> Primary:
+    """Every declared question at the looks its own cells' finished runs allow (a decided question's cells
+    are not run again, so the looks of the others go further)."""
+
+    def cell(side: Side) -> Cell | None:
+        return cells.get((side.row, side.batch_size))
+
+    answers, notes, taken = [], [], 0
+    for q in design.questions:
+        for side in (q.a, q.b):
+            if cell(side) is None:
+                notes.append(f"{q.name}: no runs of {side.label()} in this sweep")
+        n_looks = looks_available(design, finished_seeds([cell(q.a), cell(q.b)]))
+        taken = max(taken, n_looks)
+        a, b = side_scores(cell(q.a), q.a, q.metric), side_scores(cell(q.b), q.b, q.metric)
+        answers.append(answer(design, q, a, b, n_looks))
+    return Primary(design, condition, answers, taken, notes=notes)
+
+
+def power_text(found: Answer, design: Design) -> str:
+    """What the design could detect at the look that decided (or the last look), and, for an open question,
+    how many seeds deciding it would take."""
+    look = found.final
+    if look is None or look.estimate is None:
+        return "no look yet: fewer than 2 seeds on both sides"
+    est, q = look.estimate, found.question
+    detect = detectable_difference(est.se, est.df, look.level)
+    at_gap = power_two_sided(GAP / est.se, est.df, look.level) if est.se > 0 else 1.0
+    unit = "" if q.metric == "val_dice" else " mm"
+    text = (
+        f"power {100 * POWER:.0f} % (exact noncentral t, α' = {look.level:.3g}, SE {est.se:.4f}, df "
+        f"{est.df:.1f}) for a difference of {detect:.3f}{unit}; a difference of {GAP} has "
+        f"{100 * at_gap:.0f} % power"
+    )
+    if found.decided:
+        return text
+    last = len(design.looks) - 1
+    need = seeds_to_decide(est, design.level(last), q.margin)
+    chance = decide_probability(est.mean, *projected(est, design.looks[last]), design.level(last), q.margin)
+    if need is None:
+        more = "more than 200 seeds: the validation cases limit it (more cases, or a larger margin)"
+    else:
+        more = f"about {need} seeds in all at the last look's level"
+    return (
+        f"{text}. Open: if the true difference is the one observed, deciding it with {100 * POWER:.0f} % "
+        f"probability takes {more} (the design's last look, {design.looks[-1]} seeds, decides it with "
+        f"{100 * chance:.0f} %)"
+    )

@@ -1,0 +1,206 @@
+"""The study sweeper: the sweep's grid, run seed round by seed round until every declared question is decided.
+
+`hydra/sweeper=study` (configs/hydra/sweeper/study.yaml) takes the grid from `hydra.sweeper.params` as
+Hydra's basic sweeper does, but not the seeds: `hydra.sweeper.study.looks` lists the seeds at each look
+(e.g. [6, 10, 14]). It runs seeds 0 .. n_1 - 1 of every cell, answers the declared questions from the
+records (report/primary.py, the same code the report uses), and goes on to the next look only while a
+question is open, the looks are not used up and the wall-time cap allows another round
+(report/sequential.py says why the error rates hold). The design is written to the sweep folder's study.json
+before the first run, so the report tests exactly what was declared.
+
+Running the same command again resumes: the runs already finished are skipped by the training code, and
+the looks are answered again from the same records, so the sweep stops where it would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from norm_experiments.errors import USER_ERROR_EXIT, UserError
+from norm_experiments.report.sequential import Design, parse_design
+
+log = logging.getLogger("norm_experiments.sweep")
+
+STOP_DECIDED = "every question decided"
+STOP_LAST_LOOK = "seed cap: the last look was taken"
+STOP_TIME = "time cap"
+
+
+def _value(combo: list[str], key: str, default: Any) -> str:
+    found = [o.split("=", 1)[1] for o in combo if o.split("=", 1)[0].lstrip("+~") == key]
+    return found[-1] if found else str(default)
+
+
+def cell_of(combo: list[str], config: Any) -> tuple[str, str]:
+    """(norm, batch size) a job of the grid trains, from its overrides or the config's defaults."""
+    return _value(combo, "norm", config.norm.name), _value(combo, "data.batch_size", config.data.batch_size)
+
+
+def question_cells(questions: Any) -> list[tuple[str, str]]:
+    """The (norm, batch size) cells the questions compare, in the order they are named."""
+    cells: dict[tuple[str, str], None] = {}
+    for q in questions:
+        for side in (q.a, q.b):
+            cells[(side.row, str(side.batch_size))] = None
+    return list(cells)
+
+
+def make_grid(design: Design, overrides: list, combos: list[list[str]]) -> list[list[str]]:
+    """The jobs of one seed: the params' grid, or, when neither norm nor data.batch_size is swept or set,
+    the cells the questions compare (each with every combination of the other sweeps)."""
+    keys = {o.get_key_element().lstrip("+~") for o in overrides}
+    if keys & {"norm", "data.batch_size"}:
+        return combos
+    cells = question_cells(design.questions)
+    if any(" " in norm for norm, _ in cells):
+        raise UserError(
+            "hydra.sweeper.params: a question names a variant row; list the grid's norm and "
+            "data.batch_size in hydra.sweeper.params"
+        )
+    return [[f"norm={norm}", f"data.batch_size={bs}", *combo] for norm, bs in cells for combo in combos]
+
+
+def check_grid(design: Design, grid: list[list[str]], config: Any) -> None:
+    """Every question's sides must be cells the grid runs (a plain norm name and a batch size)."""
+    cells = {cell_of(combo, config) for combo in grid}
+    norms, sizes = {n for n, _ in cells}, {b for _, b in cells}
+    for q in design.questions:
+        for name, side in (("a", q.a), ("b", q.b)):
+            where = f"hydra.sweeper.study.questions.{q.name}.{name}"
+            if " " in side.row:
+                continue  # a variant row: its runs differ in a setting the grid's overrides carry
+            if side.row not in norms:
+                raise UserError(f"{where}.norm={side.row}: the sweep runs norm {', '.join(sorted(norms))}")
+            if (side.row, str(side.batch_size)) not in cells:
+                shown = sorted(sizes, key=lambda v: (len(v), v))
+                raise UserError(
+                    f"{where}.batch_size={side.batch_size}: the sweep runs {side.row} at data.batch_size "
+                    f"{', '.join(b for b in shown if (side.row, b) in cells)}"
+                )
+
+
+def still_needed(grid: list[list[str]], design: Design, primaries: list, config: Any) -> list[list[str]]:
+    """The jobs of the next look: a cell only decided questions compare has its answer and is not run again;
+    cells no question compares (exploratory) and cells of open questions are."""
+    if not primaries:
+        return grid
+    asked = set(question_cells(design.questions))
+    open_cells = set(question_cells([a.question for p in primaries for a in p.answers if not a.decided]))
+    return [c for c in grid if cell_of(c, config) not in asked or cell_of(c, config) in open_cells]
+
+
+class StudySweeper(BasicSweeper):
+    """Hydra sweeper: the grid of `params`, seeds added look by look (see the module doc)."""
+
+    def __init__(
+        self, max_batch_size: int | None = None, params: dict | None = None, study: Any = None
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.study = study
+        self._seconds_per_job = 0.0
+
+    def sweep(self, arguments: list[str]) -> Any:
+        try:
+            design, combos = self._prepare(arguments)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
+        return self._run_looks(design, combos)
+
+    def _prepare(self, arguments: list[str]) -> tuple[Design, list[list[str]]]:
+        assert self.config is not None and self.hydra_context is not None
+        raw = (
+            OmegaConf.to_container(self.study, resolve=True)
+            if OmegaConf.is_config(self.study)
+            else self.study
+        )
+        design = parse_design(raw, "hydra.sweeper.study")
+        params = [f"{k}={v}" for k, v in (self.params or {}).items()] + list(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(params)
+        if any(o.get_key_element().lstrip("+~") == "seed" for o in overrides):
+            raise UserError(
+                "seed: the study sweeper runs the seeds itself (hydra.sweeper.study.looks, seeds 0 .. n-1); "
+                "remove seed= from the command line and from hydra.sweeper.params"
+            )
+        grid = make_grid(design, overrides, self.split_arguments(overrides, None)[0])
+        check_grid(design, grid, self.config)
+        return design, grid
+
+    def _run_looks(self, design: Design, grid: list[list[str]]) -> list:
+        from norm_experiments.report.primary import write_study
+
+        assert self.config is not None and self.launcher is not None
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        write_study(sweep_dir, design, None, None)
+        started = time.monotonic()
+        returns, job_index, done, stopped = [], 0, 0, STOP_LAST_LOOK
+        combos = grid
+        for k, seeds in enumerate(design.looks):
+            minutes = (time.monotonic() - started) / 60
+            jobs = len(combos) * (seeds - done)
+            if k and design.max_minutes is not None and self._over_time(design, k, jobs, minutes):
+                stopped = STOP_TIME
+                break
+            batch = [[*combo, f"seed={s}"] for s in range(done, seeds) for combo in combos]
+            look_started = time.monotonic()
+            log.info(
+                "look %d of %d: seeds %d-%d of %d cells (%d runs)",
+                k + 1, len(design.looks), done, seeds - 1, len(combos), len(batch),
+            )  # fmt: skip
+            self.validate_batch_is_legal(batch)
+            returns.append(self.launcher.launch(batch, initial_job_idx=job_index))
+            job_index, done = job_index + len(batch), seeds
+            self._seconds_per_job = (time.monotonic() - look_started) / max(len(batch), 1)
+            primaries = self._answer(sweep_dir, design)
+            if primaries and all(p.all_decided for p in primaries):
+                stopped = STOP_DECIDED
+                break
+            combos = still_needed(grid, design, primaries, self.config)
+        write_study(sweep_dir, design, stopped, round((time.monotonic() - started) / 60, 2))
+        log.info("study stopped: %s", stopped)
+        return returns
+
+    def _over_time(self, design: Design, k: int, jobs: int, minutes: float) -> bool:
+        """Would look k end after the cap? (its jobs at the pace of the previous look's)"""
+        next_minutes = self._seconds_per_job * jobs / 60
+        if minutes + next_minutes <= design.max_minutes:  # type: ignore[operator]
+            return False
+        log.info(
+            "time cap: look %d would end at about %.1f min, after the cap of %g min",
+            k + 1, minutes + next_minutes, design.max_minutes,
+        )  # fmt: skip
+        return True
+
+    def _answer(self, sweep_dir: Path, design: Design) -> list:
+        """The declared questions at the looks taken so far, printed one line each."""
+        from norm_experiments.report.analysis import analyze
+        from norm_experiments.report.collect import collect
+
+        try:
+            analysis = analyze(collect([sweep_dir]), design=design)
+        except UserError as err:
+            log.error("study: cannot answer the questions yet: %s", err)
+            return []
+        for primary in analysis.primary:
+            for found in primary.answers:
+                look = found.final
+                state = "open" if not found.decided else f"decided at look {look.k + 1}"
+                interval = look.interval if look else None
+                shown = (
+                    f"{look.estimate.mean:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "-"
+                )
+                log.info(
+                    "  %s: %s %s (%s)", found.question.name, look.verdict.value if look else "-", shown, state
+                )
+        return analysis.primary

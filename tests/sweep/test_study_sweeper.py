@@ -1,0 +1,111 @@
+"""The study sweeper (hydra/sweeper=study) through the real CLI: seeds in looks, a cell whose questions are
+decided is not run again, the sweep stops at the seed cap with the open question's seeds-to-decide, the
+declared questions are printed first, and the same command again resumes without training anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_clean_failure, run_cli
+
+pytestmark = pytest.mark.slow
+
+# Two questions on the smoke config: the first has a margin no interval can leave (decided as equivalent at
+# the first look), the second one no interval can fit (open to the end).
+PRESET = """# @package _global_
+defaults:
+  - smoke
+  - override /hydra/sweeper: study
+name: study
+hydra:
+  mode: MULTIRUN
+  sweeper:
+    study:
+      looks: [2, 3]
+      questions:
+        batch_vs_instance:
+          text: Is BatchNorm within a huge margin of InstanceNorm?
+          margin: 1000
+          a: {norm: batch, batch_size: 1}
+          b: {norm: instance, batch_size: 1}
+        group_vs_instance:
+          margin: 1.0e-9
+          a: {norm: group, batch_size: 1}
+          b: {norm: instance, batch_size: 1}
+trainer:
+  num_threads: 1
+"""
+
+
+def seeds_by_cell(sweep_dir: Path) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for path in sweep_dir.rglob("metrics.json"):
+        record = json.loads(path.read_text())
+        found.setdefault(f"{record['norm']}@{record['batch_size']}", []).append(record["seed"])
+    return {cell: sorted(seeds) for cell, seeds in found.items()}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory):
+    cwd = tmp_path_factory.mktemp("study")
+    (cwd / "conf" / "experiment").mkdir(parents=True)
+    (cwd / "conf" / "experiment" / "study_test.yaml").write_text(PRESET)
+    args = ["--config-dir", str(cwd / "conf"), "experiment=study_test"]
+    return cwd, args, run_cli(args, cwd=cwd)
+
+
+def test_looks_skip_decided_cells_and_stop_at_the_seed_cap(study) -> None:
+    cwd, _, result = study
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = cwd / "outputs" / "sweeps" / "study"
+    # Look 1: seeds 0-1 of the three cells; batch_vs_instance is decided, so look 2 (seed 2) runs only the
+    # cells of the open question.
+    assert seeds_by_cell(sweep_dir) == {"batch@1": [0, 1], "instance@1": [0, 1, 2], "group@1": [0, 1, 2]}
+    names = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
+    assert names[0].startswith("norm=batch,data.batch_size=1,seed=0")
+    study_file = json.loads((sweep_dir / "study.json").read_text())
+    assert study_file["stopped"] == "seed cap: the last look was taken"
+    assert list(study_file["design"]["questions"]) == ["batch_vs_instance", "group_vs_instance"]
+
+
+def test_the_declared_questions_are_printed_first_with_their_verdicts(study) -> None:
+    _, _, result = study
+    out = result.stdout
+    first = out.index("Declared questions:")
+    assert first < out.index("| norm |")
+    assert "batch_vs_instance: equivalent within ±1000" in out
+    assert "group_vs_instance: inconclusive (open)" in out
+    assert "1 question(s) open; the sweep stopped: seed cap" in out
+    report = (study[0] / "outputs" / "sweeps" / "study" / "report.md").read_text()
+    assert (
+        report.index("## Declared questions") < report.index("## Reading") < report.index("**Exploratory.**")
+    )
+    assert "| batch_vs_instance | batch, bs 1 minus instance, bs 1 | 1 of 2 (2 seeds) |" in report
+    assert "| group_vs_instance | group, bs 1 minus instance, bs 1 | 2 of 2 (3 seeds) |" in report
+
+
+def test_the_same_command_again_trains_nothing_and_answers_the_same(study) -> None:
+    cwd, args, first = study
+    sweep_dir = cwd / "outputs" / "sweeps" / "study"
+    before = {p: p.stat().st_mtime for p in sweep_dir.rglob("metrics.json")}
+    again = run_cli(args, cwd=cwd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime for p in sweep_dir.rglob("metrics.json")} == before
+    assert "skipped (already completed)" in again.stdout + again.stderr
+    pick = lambda out: out[out.index("Declared questions:") : out.index("| norm |")]  # noqa: E731
+    assert pick(again.stdout) == pick(first.stdout)
+
+
+def test_a_swept_seed_or_a_cell_the_grid_lacks_is_one_line(study) -> None:
+    cwd, args, _ = study
+    result = run_cli([*args, "seed=0,1", "name=bad"], cwd=cwd)
+    assert_clean_failure(result, "seed: the study sweeper runs the seeds itself")
+    grid = "hydra.sweeper.params={norm: 'batch,instance', data.batch_size: '1'}"
+    result = run_cli([*args, grid, "name=bad"], cwd=cwd)
+    assert_clean_failure(result, "hydra.sweeper.study.questions.group_vs_instance.a.norm=group")
+    assert not (cwd / "outputs" / "sweeps" / "bad").exists() or not list(
+        (cwd / "outputs" / "sweeps" / "bad").rglob("metrics.json")
+    )
