@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     truths, pilot_cases = [], 0
     print(f"Pilot: {args.pilot} ({len(summary.seeds)} seeds); questions of experiment={args.experiment}\n")
     print(
-        "| question | observed difference | SE seed | SE case | SD seed x case | cases | single look: seeds for 80 % |"
+        "| question | observed difference | SD seed | SD case | SD seed x case | cases | single look: seeds for 80 % |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for q in design.questions:

@@ -142,19 +142,26 @@ def check_reference(collection: Collection, reference: str) -> None:
 
 
 def summarize_condition(
-    condition: str, runs: list[Run], metric: str, reference: str, margin: float = DEFAULT_MARGIN
+    condition: str,
+    runs: list[Run],
+    metric: str,
+    reference: str,
+    margin: float = DEFAULT_MARGIN,
+    own_seeds: bool = False,
 ) -> Summary:
-    """Cells, differences to the reference and BatchNorm's gaps for the runs of one condition."""
+    """Cells, differences to the reference and BatchNorm's gaps for the runs of one condition. A grid expects
+    every seed of the condition in every cell; with `own_seeds` (a study, whose sweeper stops running a cell
+    once its questions are decided) a cell expects the seeds it was run with."""
     notes: list[str] = []
     labels = row_labels(runs, notes)
     grouped: dict[tuple[str, int], list[Run]] = defaultdict(list)
     for run in runs:
         grouped[(labels[run], run.batch_size)].append(run)
     seeds = sorted({r.seed for r in runs})
-    cells = {
-        key: make_cell(key[0], one_per_seed(group, notes), metric, len(seeds))
-        for key, group in grouped.items()
-    }
+    cells = {}
+    for key, group in grouped.items():
+        kept = one_per_seed(group, notes)
+        cells[key] = make_cell(key[0], kept, metric, len(kept) if own_seeds else len(seeds))
     rows = sorted({row for row, _ in cells})
     bn_rows = sorted({c.row for c in cells.values() if any(r.is_bn_family for r in c.runs)})
     lower = metric in LOWER_IS_BETTER
@@ -220,7 +227,8 @@ def analyze(
     for run in collection.runs:
         by_condition[run.condition(varying)].append(run)
     conditions = [
-        summarize_condition(c, runs, metric, reference, margin) for c, runs in sorted(by_condition.items())
+        summarize_condition(c, runs, metric, reference, margin, own_seeds=design is not None)
+        for c, runs in sorted(by_condition.items())
     ]
     analysis = Analysis(metric, conditions, constant, reference, margin)
     if design is not None:

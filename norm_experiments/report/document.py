@@ -156,6 +156,12 @@ def group_lines(runs: list[Run]) -> list[str]:
 
 
 def _seed_note(summary: Summary) -> str:
+    counts = sorted({len(c.runs) for c in summary.cells.values()})
+    if len(counts) > 1:  # a study: a cell runs until its questions are decided
+        return (
+            f"n = {counts[0]} to {counts[-1]} seeds per cell (seeds from 0; a study stops running a cell once "
+            "the questions that compare it are decided)"
+        )
     n = len(summary.seeds)
     return f"n = {n} seed{'s' if n != 1 else ''} per cell ({', '.join(map(str, summary.seeds))})"
 

@@ -134,9 +134,8 @@ def power_text(found: Answer, design: Design) -> str:
     at_gap = power_two_sided(GAP / est.se, est.df, look.level) if est.se > 0 else 1.0
     unit = "" if q.metric == "val_dice" else " mm"
     text = (
-        f"power {100 * POWER:.0f} % (exact noncentral t, α' = {look.level:.3g}, SE {est.se:.4f}, df "
-        f"{est.df:.1f}) for a difference of {detect:.3f}{unit}; a difference of {GAP} has "
-        f"{100 * at_gap:.0f} % power"
+        f"{100 * POWER:.0f} % for a difference of {detect:.3f}{unit} (exact noncentral t, α' = {look.level:.3g}, "
+        f"SE {est.se:.4f}, df {est.df:.1f}); a difference of {GAP}{unit}: {100 * at_gap:.0f} %"
     )
     if found.decided:
         return text

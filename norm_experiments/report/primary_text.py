@@ -85,7 +85,7 @@ def sentence(found: Answer) -> str:
     unit = "" if q.metric == "val_dice" else " mm"
     metric = "Dice" if q.metric == "val_dice" else "HD95"
     return (
-        f"`{q.name}` ({q.text}): **{verdict_text(found)}**, {metric} {q.a.label()} minus {q.b.label()} "
+        f"`{q.name}` ({q.text}): **{verdict_text(found)}**; {metric} of {q.a.label()} minus {q.b.label()}: "
         f"{difference_text(found)}{unit} {where}."
     )
 
@@ -113,6 +113,6 @@ def console_lines(primary: Primary) -> list[str]:
     for found in primary.answers:
         lines.append(f"  {found.question.name}: {verdict_text(found)} {difference_text(found)}")
         if not found.decided:
-            lines.append(f"    {power_text(found, primary.design)}")
+            lines.append(f"    power: {power_text(found, primary.design)}")
     lines.append(f"  {stop_text(primary)}")
     return lines
