@@ -12,7 +12,14 @@ computed from them:
 3. how much the batch statistics vary between batches at batch sizes 1, 2, 4, 8;
 4. where that spread comes from at batch size 1: training patches and validation windows grouped by how much
    foreground they hold, and how far each group's statistics lie from the running averages (diagnose/patch_content.py).
-Exit status: 0 done, 2 a mistake in the config or the data (one `error:` line).
+
+    norm-exp-explain trained=outputs/sweeps/norm_sweep_quick/norm=batch,data.batch_size=1,seed=0,...
+
+measures a finished BatchNorm run's trained network instead (its own overrides, its model.pt): per layer, how
+far each validation window's own statistics lie from the running statistics, how that goes with the change of
+the window's prediction between running and own statistics, and which window contents carry both
+(diagnose/trained.py).
+Exit status: 0 done, 2 a mistake in the config, the data or the run folder (one `error:` line).
 """
 
 from __future__ import annotations
@@ -20,14 +27,17 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.config import CONFIG_DIR, hydra_quote, register_resolvers
 from norm_experiments.data.pipeline import BatchSampler
+from norm_experiments.diagnose import trained
+from norm_experiments.diagnose.network import weight_problems
 from norm_experiments.diagnose.patch_content import (
     ContentRow,
     content_rows,
@@ -47,10 +57,12 @@ from norm_experiments.diagnose.probe import (
     pre_hooks,
     table,
 )
-from norm_experiments.errors import USER_ERROR_EXIT, exit_on_user_error
+from norm_experiments.errors import USER_ERROR_EXIT, UserError, exit_on_user_error
 from norm_experiments.norms import bn_eval_mode
 from norm_experiments.norms.batch import RECORD as BATCHNORM  # the norm this command explains
+from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training.build import Built, build, make_plan
+from norm_experiments.training.run_folder import saved_overrides
 
 register_resolvers()
 
@@ -304,8 +316,40 @@ def train_command() -> str:
 # ------------------------------------------------------------------------------------------ entry point
 
 
+def explain_trained(cfg: DictConfig, run_dir: Path) -> None:
+    """The trained network of a finished run, window by window (diagnose/trained.py)."""
+    run = build(cfg, make_plan(cfg))
+    if not run.plan.spec.bn_family:
+        raise UserError(
+            f"trained={run_dir}: its norm is {run.plan.spec.name}; this measures running statistics, which only "
+            "the BatchNorm family keeps"
+        )
+    weights = ckpt.load_weights(run_dir / ckpt.FINAL_WEIGHTS)
+    problems = weight_problems(run.model.state_dict(), weights)
+    if problems:
+        raise UserError(f"{run_dir / ckpt.FINAL_WEIGHTS}: does not fit the run's own network: {problems[0]}")
+    run.model.load_state_dict(weights)
+    window = tuple(int(v) for v in cfg.data.patch_size)
+    print(
+        f"Explaining the trained network of {run_dir} ({run.plan.spec.name}, batch size {cfg.data.batch_size}, "
+        f"seed {cfg.seed}) on its {len(run.data.val)} validation volumes, in windows of {list(window)}."
+    )
+    found = trained.measure(run.model, run.data.val, window, run.num_classes)
+    print("\n" + trained.layer_table(found))
+    print("\n" + trained.content_table(found))
+    print("\n" + "\n".join(trained.conclusion(found)))
+
+
 @exit_on_user_error
 def explain(cfg: DictConfig) -> None:
+    if cfg.get("trained"):
+        run_dir = Path(str(cfg.trained))
+        with open_dict(cfg):
+            del cfg["trained"]
+        explain_trained(cfg, run_dir)
+        return
+    with open_dict(cfg):
+        cfg.pop("trained", None)
     asked = force_batchnorm(cfg)
     run = build(cfg, make_plan(cfg))  # validates the config and the feature-map sizes; writes nothing
     print(
@@ -331,10 +375,27 @@ def hydra_main(cfg: DictConfig) -> None:
     explain(cfg)
 
 
+def trained_argv(argv: list[str]) -> list[str]:
+    """`trained=RUN_DIR`: that run's own overrides (only plain key=value overrides of configs/, as resume=
+    reads them), in one run (not its sweep), then the rest of the command line."""
+    given = [a for a in argv[1:] if a.startswith("trained=")]
+    if not given:
+        return argv
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
+    overrides = saved_overrides(run_dir, CONFIG_DIR)
+    rest = [a for a in argv[1:] if not a.startswith("trained=")]
+    return [argv[0], *overrides, *rest, "hydra.mode=RUN", f"trained={hydra_quote(str(run_dir))}"]
+
+
 def main() -> None:
     # A multirun would create a sweep folder under outputs/ before any check could run; one run is enough.
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         print("error: norm-exp-explain runs once: drop -m/--multirun", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    try:
+        sys.argv = trained_argv(sys.argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     hydra_main()
 

@@ -1,0 +1,106 @@
+"""norm-exp-explain trained=RUN (diagnose/trained.py): per-layer gaps against a direct computation on a small
+network, the window grid, and the command on a real trained run folder."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from norm_experiments.diagnose.trained import grid, layer_gaps, measure_volume, starts, window_dice
+from norm_experiments.errors import UserError
+from norm_experiments.explain import explain_trained
+from tests.helpers import SMOKE, assert_clean_failure, compose_config, run_cli
+
+
+def small_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(1, 3, 3, padding=1), nn.BatchNorm3d(3), nn.ReLU(), nn.Conv3d(3, 2, 1), nn.BatchNorm3d(2)
+    )
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        net[1].running_var.copy_(torch.tensor([0.5, 2.0, 1.0]))
+        net[4].running_mean.copy_(torch.tensor([0.05, 0.4]))
+        net[4].running_var.copy_(torch.tensor([0.3, 1.5]))
+    return net
+
+
+def direct_gaps(bn: nn.BatchNorm3d, inp: torch.Tensor) -> tuple[float, float]:
+    mu = inp.mean(dim=(0, 2, 3, 4))
+    var = inp.var(dim=(0, 2, 3, 4), unbiased=False)
+    rv = bn.running_var + bn.eps
+    return float(((mu - bn.running_mean).abs() / rv.sqrt()).mean()), float(
+        ((var - bn.running_var).abs() / rv).mean()
+    )
+
+
+def test_layer_gaps_match_a_direct_computation_in_eval_mode():
+    net = small_net()
+    x = torch.randn(1, 1, 6, 6, 6) * 2 + 1
+    mean_gap, var_gap, logits = layer_gaps(net, x)
+    with torch.no_grad():
+        net.eval()
+        first = net[0](x)  # the input of the first BatchNorm
+        second = net[3](net[2](net[1](first)))  # the second's, after the first normalized with running stats
+        expected = net[4](second)
+    for name, inp in (("1", first), ("4", second)):
+        mean, var = direct_gaps(net[int(name)], inp)
+        assert mean_gap[name] == pytest.approx(mean, rel=1e-6) and var_gap[name] == pytest.approx(
+            var, rel=1e-6
+        )
+    assert torch.allclose(logits, expected)
+    assert net[1].running_mean.tolist() == pytest.approx([0.1, -0.2, 0.3])  # nothing updated
+
+
+def test_the_grid_covers_the_volume_and_ends_at_its_edge():
+    assert starts(20, 8) == [0, 8, 12] and starts(16, 8) == [0, 8] and starts(5, 8) == [0]
+    covered = torch.zeros(20, 17, 16, dtype=torch.int)
+    for where in grid((20, 17, 16), (8, 8, 8)):
+        covered[where] += 1
+    assert covered.min() >= 1 and len(list(grid((20, 17, 16), (8, 8, 8)))) == 3 * 3 * 2
+
+
+def test_window_dice_and_a_volume_measured_window_by_window():
+    pred, label = torch.zeros(4, 4, 4, dtype=torch.long), torch.zeros(4, 4, 4, dtype=torch.long)
+    label[:2] = 1
+    pred[:1] = 1
+    assert window_dice(pred, label, 2) == pytest.approx(2 * 16 / (32 + 16))
+    assert window_dice(pred, torch.zeros_like(label), 2) is None
+    net = small_net()
+    image = torch.zeros(1, 8, 8, 8)
+    image[:, 2:6, 2:6, 2:6] = 1.0  # a head in the middle of air
+    volume = SimpleNamespace(name="case", image=image, label=(image > 0).long())
+    windows = measure_volume(net, volume, (4, 4, 4), num_classes=2)
+    assert len(windows) == 8 and all(w.case == "case" for w in windows)
+    assert all(w.head_share == pytest.approx(0.125) for w in windows)  # each 4^3 corner holds 2^3 of the head
+    assert all(set(w.mean_gap) == {"1", "4"} and 0.0 <= w.changed <= 1.0 for w in windows)
+    assert not any(math.isnan(w.mean_gap["1"]) for w in windows)
+
+
+def test_a_run_without_batchnorm_is_refused_in_one_line(tmp_path, synthetic_cache, monkeypatch):
+    monkeypatch.setenv("NORM_EXP_CACHE", str(synthetic_cache))
+    with pytest.raises(UserError, match="its norm is instance; this measures running statistics"):
+        explain_trained(compose_config([*SMOKE, "norm=instance"]), tmp_path)
+
+
+@pytest.mark.slow
+def test_the_command_on_a_trained_run(tmp_path, synthetic_cache):
+    env = {"NORM_EXP_CACHE": str(synthetic_cache)}
+    result = run_cli([*SMOKE, "norm=batch", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli(
+        [f"trained={tmp_path / 'run'}"], cwd=tmp_path, module="norm_experiments.explain", env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "T1. Each BatchNorm layer of the trained network" in out and "T2. What a window holds" in out
+    assert "- The running statistics sit farthest from the windows' own at " in out
+    assert not (tmp_path / "outputs").exists()  # writes nothing
+    missing = run_cli(
+        [f"trained={tmp_path / 'nothing'}"], cwd=tmp_path, module="norm_experiments.explain", env=env
+    )
+    assert_clean_failure(missing, "nothing")
