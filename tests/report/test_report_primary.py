@@ -1,0 +1,131 @@
+"""The declared questions in the report (report/primary.py): answered look by look from the records, study.json
+read as untrusted input (a bad one is one line), and a cell of a decided question not run again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from norm_experiments.report import build_report
+from norm_experiments.report.primary import read_study, write_study
+from norm_experiments.report.questions import Question, Side
+from norm_experiments.report.sequential import Design, parse_design
+from norm_experiments.report.verdicts import Verdict
+from tests.helpers import assert_clean_failure
+from tests.report.conftest import per_case
+
+DESIGN = {
+    "looks": [3, 5],
+    "questions": {
+        "gap": {
+            "text": "Does model.eval() lose Dice against batch statistics?",
+            "a": {"norm": "batch", "batch_size": 1, "eval": "model"},
+            "b": {"norm": "batch", "batch_size": 1, "eval": "batch"},
+        },
+        "bn_vs_in": {
+            "a": {"norm": "batch", "batch_size": 1},
+            "b": {"norm": "instance", "batch_size": 1},
+        },
+    },
+}
+
+
+def sweep(tmp_path: Path, write_run, seeds: range) -> Path:
+    """BatchNorm 0.2 below its batch statistics in every case (a clear loss); InstanceNorm level with BatchNorm
+    up to noise that changes sign between seeds."""
+    for seed in seeds:
+        running = {"c1": 0.60 + 0.01 * seed, "c2": 0.62, "c3": 0.58 + 0.005 * seed}
+        batch = {c: v + 0.2 for c, v in running.items()}
+        write_run(
+            tmp_path, "batch", 1, seed, sum(running.values()) / 3,
+            eval_modes={"running": sum(running.values()) / 3, "batch": sum(batch.values()) / 3},
+            per_case=per_case({"running": running, "batch": batch}),
+        )  # fmt: skip
+        sign = 1 if seed % 2 else -1
+        inst = {c: v + sign * 0.03 for c, v in running.items()}
+        write_run(tmp_path, "instance", 1, seed, sum(inst.values()) / 3, per_case=per_case({"running": inst}))
+    write_study(tmp_path, parse_design(DESIGN, "test"), "seed cap: the last look was taken", 1.0)
+    return tmp_path
+
+
+def test_questions_are_answered_first_and_decided_at_the_first_look_that_decides(tmp_path, write_run):
+    report = build_report([sweep(tmp_path, write_run, range(5))])
+    (primary,) = report.analysis.primary
+    gap, bn_vs_in = primary.answers
+    assert gap.deciding.k == 0 and gap.deciding.seeds == 3 and gap.final.verdict is Verdict.WORSE
+    assert gap.final.estimate.mean == pytest.approx(-0.2)
+    assert not bn_vs_in.decided and bn_vs_in.final.k == 1 and bn_vs_in.final.seeds == 5
+    assert primary.n_looks == 2 and not primary.all_decided
+    md = report.markdown
+    assert md.index("## Declared questions") < md.index("## Reading") < md.index("## val_dice by norm")
+    assert "| gap | batch, bs 1 minus batch (batch stats), bs 1 | 1 of 2 (3 seeds) |" in md
+    assert "the sweep stopped: seed cap: the last look was taken" in md
+    # The open question says what deciding it would take.
+    assert "Open: if the true difference is the one observed" in md
+    assert report.table.startswith("Declared questions:\n  gap: worse -0.200 [")
+
+
+def test_a_look_waits_for_all_its_seeds(tmp_path, write_run):
+    # Four seeds: look 1 (3 seeds) is taken, look 2 (5 seeds) is not, whatever seed 3 says.
+    report = build_report([sweep(tmp_path, write_run, range(4))])
+    (primary,) = report.analysis.primary
+    assert primary.n_looks == 1 and all(a.final.k == 0 for a in primary.answers)
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("{not json", "study.json: cannot read the study design"),
+        ('["a list"]', "study.json: not a JSON object"),
+        ('{"design": {"looks": "many", "questions": {}}}', "design.looks"),
+        (
+            '{"design": {"looks": [3, 5], "questions": {"q": {"a": {"norm": "batch"}}}}}',
+            "questions.q.a.batch_size",
+        ),
+        ('{"design": {"looks": [3, 5], "alpha": 7, "questions": {}}}', "design.alpha"),
+        ("[" * 5000 + "]" * 5000, "study.json: cannot read the study design"),
+    ],
+)
+def test_a_bad_study_json_is_one_line(tmp_path, write_run, body, needle):
+    sweep(tmp_path, write_run, range(3))
+    (tmp_path / "study.json").write_text(body)
+    result = subprocess.run(
+        [sys.executable, "-m", "norm_experiments.report.cli", str(tmp_path)], capture_output=True, text=True
+    )
+    assert_clean_failure(result, needle)
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_study_json_round_trips_and_two_different_designs_are_refused(tmp_path, write_run):
+    one, two = tmp_path / "one", tmp_path / "two"
+    design = parse_design(DESIGN, "test")
+    for folder, looks in ((one, (3, 5)), (two, (3, 6))):
+        folder.mkdir()
+        write_study(folder, Design(design.questions, looks), None, None)
+    assert read_study([one]).design == Design(design.questions, (3, 5))
+    assert json.loads((one / "study.json").read_text())["design"]["looks"] == [3, 5]
+    from norm_experiments.errors import UserError
+
+    with pytest.raises(UserError, match="declare different studies"):
+        read_study([one, two])
+
+
+def test_the_largest_component_side_reads_its_own_scores(tmp_path, write_run):
+    from norm_experiments.report.cells import make_cell
+    from norm_experiments.report.collect import collect
+    from norm_experiments.report.questions import side_scores
+
+    for seed in range(2):
+        scores = {"running": {"c1": 0.5, "c2": 0.7}, "running_lcc": {"c1": 0.6, "c2": 0.8}}
+        write_run(tmp_path, "instance", 1, seed, 0.6, per_case=per_case(scores))
+    cell = make_cell("instance", collect([tmp_path]).runs, "val_dice", 2)
+    kept = side_scores(cell, Side("instance", 1, "model_lcc"), "val_dice")
+    assert kept.by_seed == {0: pytest.approx(0.7), 1: pytest.approx(0.7)}
+    assert kept.by_case[0] == {"c1": 0.6, "c2": 0.8}
+    assert Question(
+        "q", "", Side("instance", 1, "model_lcc"), Side("instance", 1), "val_dice", 0.02
+    ).a.label() == ("instance (largest component), bs 1")
