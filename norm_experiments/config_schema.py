@@ -185,6 +185,7 @@ SCHEMA: dict[str, Check] = {
     "trainer.accumulate_steps": POSITIVE,  # training/loop.py Run.optimizer_step
     "trainer.sw_overlap": number(0, 1, open_high=True),
     "trainer.eval_modes": boolean,
+    "trainer.remedy_modes": boolean,
     "trainer.save_predictions": boolean,  # training/predictions.py
     "trainer.precise_bn_samples": POSITIVE,
     "trainer.checkpoint_every_samples": POSITIVE,

@@ -116,7 +116,9 @@ class RunRecord:
         "null for short runs"
     )
     eval_modes: dict | None = _doc(
-        "BatchNorm family: Dice with `running`, `precise` (PreciseBN), `batch` statistics (absent otherwise)",
+        "BatchNorm family: Dice with `running`, `precise` (PreciseBN), `batch` statistics, and with "
+        "`trainer.remedy_modes` `batch_alone` (each window alone) and `precise_more` (PreciseBN over 4x the "
+        "patches) (absent otherwise)",
         only_when_set=True,
     )
     eval_modes_hd95: dict | None = _doc(
@@ -124,7 +126,8 @@ class RunRecord:
     )
     per_case: dict | None = _doc(
         "Dice and HD95 per evaluation mode, validation case and class (null where the class is absent from the "
-        "case): the report's intervals count cases"
+        "case), each mode's error locations per case (`errors`), and `running_lcc`: the running mode's "
+        "predictions with each class's largest connected component kept; the report's intervals count cases"
     )
     wall_time_s: float | None = _doc("seconds from start to the written record")
 

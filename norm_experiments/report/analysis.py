@@ -35,7 +35,12 @@ from norm_experiments.report.verdicts import ALPHA, DEFAULT_MARGIN, Comparison, 
 # The registry marks this norm as the report's reference (NormRecord.report_reference; a test keeps the two
 # equal). A constant here because the report must not import torch, which the registry does.
 DEFAULT_REFERENCE = "instance"
-GAP_MODES = ("batch", "precise")  # each minus running statistics
+GAP_MODES = (
+    "batch",
+    "precise",
+    "batch_alone",
+    "precise_more",
+)  # each minus running statistics, where recorded
 
 
 @dataclass

@@ -39,7 +39,13 @@ CELL_FIELDS = (
 # Order in which run statuses are listed in a cell.
 STATUS_ORDER = ("completed", "failed", "diverged", "interrupted", "running")
 
-EVAL_MODE_LABELS = {"running": "running stats", "precise": "precise BN", "batch": "batch stats"}
+EVAL_MODE_LABELS = {
+    "running": "running stats",
+    "precise": "precise BN",
+    "batch": "batch stats",
+    "batch_alone": "batch stats, 1 window",  # trainer.remedy_modes
+    "precise_more": "precise BN, 4x patches",
+}
 
 # Metrics where a smaller value is better (a distance); every other metric: larger is better.
 LOWER_IS_BETTER = frozenset({"val_hd95"})

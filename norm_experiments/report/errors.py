@@ -25,7 +25,7 @@ COLUMNS = (
     ("fp_components", "false fg pieces"),
     ("fn_ml", "missed fg mL"),
 )
-MODES = ("running", "batch", "precise")
+MODES = ("running", "batch", "precise", "batch_alone", "precise_more")
 
 
 def mean_errors(cell: Cell, mode: str) -> dict[str, float] | None:

@@ -29,8 +29,8 @@ from norm_experiments.report.model import Scores
 
 # model: what model.eval() scores (running statistics for BatchNorm); model_lcc: the same predictions with
 # each class's largest connected component kept (post-processing); batch, precise: BatchNorm's other modes.
-EVALS = ("model", "model_lcc", "batch", "precise")
-RECORD_MODES = {"model": "running", "model_lcc": "running_lcc", "batch": "batch", "precise": "precise"}
+EVALS = ("model", "model_lcc", "batch", "precise", "batch_alone", "precise_more")
+RECORD_MODES = {"model": "running", "model_lcc": "running_lcc", **{e: e for e in EVALS[2:]}}
 METRICS = tuple(CASE_MEASURES)  # metrics with per-case scores: val_dice, val_hd95
 MAX_QUESTIONS = 20
 MAX_TEXT = 300

@@ -15,7 +15,12 @@ from norm_experiments.report.primary_text import sentence
 from norm_experiments.report.verdicts import Comparison, Verdict
 
 ORDER = (Verdict.BETTER, Verdict.WORSE, Verdict.EQUIVALENT, Verdict.INCONCLUSIVE, Verdict.UNTESTABLE)
-GAP_NAMES = {"batch": "batch statistics", "precise": "PreciseBN"}
+GAP_NAMES = {
+    "batch": "batch statistics",
+    "precise": "PreciseBN",
+    "batch_alone": "batch statistics of each window alone",
+    "precise_more": "PreciseBN over 4x the patches",
+}
 
 
 def _name(row: str) -> str:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 # PreciseBN draws its training patches from a seed stream the training batches never use (seed + this).
 PRECISE_BN_SEED_OFFSET = 1_000_003
+REMEDY_PRECISE_FACTOR = 4  # trainer.remedy_modes: PreciseBN again over this many times the patches
 
 # Rows of the per-class totals that validation sums over volumes (and over ranks): Dice sum, HD95 sum,
 # number of volumes holding the class.
@@ -225,12 +226,18 @@ def evaluate(
 
 
 def evaluate_built(
-    built: Built, model: nn.Module, mode: str = "running", surface: bool = False, lcc: bool = False
+    built: Built,
+    model: nn.Module,
+    mode: str = "running",
+    surface: bool = False,
+    lcc: bool = False,
+    windows: int | None = None,
 ) -> ValResult:
     """Dice (and HD95 when `surface`) of a run's `model` on its validation volumes, per case and averaged,
     with BatchNorm layers in `mode` (running | batch, see bn_eval_mode; "batch" forwards
     trainer.batch_stats_windows windows at a time). With `surface` (a final evaluation) each case's error
     locations too, and with `lcc` the scores after keeping each class's largest connected component.
+    `windows`: in "batch" mode, this many windows per forward instead of trainer.batch_stats_windows.
 
     With several ranks, each evaluates every world_size-th volume and writes its volumes' rows of a table of
     every volume, which the ranks then add up: every rank gets every case's scores, the same numbers as one
@@ -242,9 +249,10 @@ def evaluate_built(
     with bn_eval_mode(model, mode), distributed.local_batch_statistics(model):
         volumes = distributed.shard(every)
         extras = Extras(len(volumes), built.num_classes, lcc) if surface else None
-        mine, example = score_each_volume(
-            model, volumes, built.num_classes, built.inference.for_mode(mode), surface, extras
-        )
+        inference = built.inference.for_mode(mode)
+        if windows is not None and mode == "batch":
+            inference = dataclasses.replace(inference, sw_batch_size=windows)
+        mine, example = score_each_volume(model, volumes, built.num_classes, inference, surface, extras)
     names = [v.name for v in every]
     totals = _all_volumes(mine, len(every), built.plan.world_size)
     result = summarize(totals, surface, example, case_names=names)
@@ -265,7 +273,7 @@ def _all_volumes(mine: torch.Tensor, count: int, world_size: int) -> torch.Tenso
     return distributed.sum_across_ranks(every)
 
 
-def precise_bn_batches(built: Built) -> Iterator[torch.Tensor]:
+def precise_bn_batches(built: Built, samples: int | None = None) -> Iterator[torch.Tensor]:
     """Training patches for PreciseBN, drawn from a seed stream the training batches never use.
 
     With several ranks, norms that synchronize over ranks do so as in training: each rank takes its slice of
@@ -277,7 +285,8 @@ def precise_bn_batches(built: Built) -> Iterator[torch.Tensor]:
     sync = plan.spec.record.syncs_ranks
     rank, world = (distributed.rank(), plan.world_size) if sync else (0, 1)
     sampler = BatchSampler(built.data.train, cfg.data, int(cfg.seed) + PRECISE_BN_SEED_OFFSET, rank, world)
-    needed = math.ceil(int(cfg.trainer.precise_bn_samples) / (plan.effective_batch * world))
+    samples = int(cfg.trainer.precise_bn_samples) if samples is None else samples
+    needed = math.ceil(samples / (plan.effective_batch * world))
     return (sampler.batch(i)[0] for i in range(needed))
 
 
@@ -289,16 +298,31 @@ def evaluate_bn_modes(built: Built, running: ValResult) -> dict[str, ValResult]:
              volume at a time (trainer.sw_batch_size by default; 1 = each window alone).
     precise: population statistics recomputed over training patches after training (PreciseBN), on a copy,
              with the forwards under the training precision (autocast), as the statistics were seen in training.
+    With trainer.remedy_modes, two remedies a user would try (docs/explanation/batchnorm_at_batch_1.md):
+    batch_alone:  batch statistics of each window alone (skipped when "batch" already uses one window);
+    precise_more: PreciseBN over REMEDY_PRECISE_FACTOR times the patches.
     """
     scores = {"running": running, "batch": evaluate_built(built, built.model, "batch", surface=True)}
+    scores["precise"] = _precise(built, int(built.cfg.trainer.precise_bn_samples))
+    if built.cfg.trainer.get("remedy_modes"):
+        windows = built.inference.batch_stats_windows or built.inference.sw_batch_size
+        if windows != 1:  # batch statistics of each window alone: what BatchNorm saw in training at batch 1
+            scores["batch_alone"] = evaluate_built(built, built.model, "batch", surface=True, windows=1)
+        scores["precise_more"] = _precise(
+            built, REMEDY_PRECISE_FACTOR * int(built.cfg.trainer.precise_bn_samples)
+        )
+    return scores
+
+
+def _precise(built: Built, samples: int) -> ValResult:
+    """PreciseBN over `samples` training patches, on a copy (see evaluate_bn_modes)."""
     precise = copy.deepcopy(built.model)
     with built.autocast():
-        recompute_bn_statistics(precise, precise_bn_batches(built), built.device)
+        recompute_bn_statistics(precise, precise_bn_batches(built, samples), built.device)
     # Already equal on every rank, except torch's own SyncBatchNorm (MONAI nets), whose statistics
     # recompute_bn_statistics does not merge: then rank 0's share of the patches decides.
     distributed.broadcast_buffers(precise)
-    scores["precise"] = evaluate_built(built, precise, surface=True)
-    return scores
+    return evaluate_built(built, precise, surface=True)
 
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

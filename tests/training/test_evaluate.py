@@ -165,3 +165,33 @@ def test_points_exactly_on_a_line_decide_by_the_sign_of_the_slope() -> None:
     assert falling["still_improving"] is True and falling["slope"] == pytest.approx(-0.4)  # per whole run
     rising = convergence(losses([0.7, 0.8, 0.9, 1.0]), total_steps=4)
     assert rising is not None and rising["still_improving"] is False
+
+
+@pytest.mark.parametrize(
+    "windows, expected", [(None, {"batch_alone", "precise_more"}), (1, {"precise_more"})]
+)
+def test_remedy_modes_score_each_window_alone_and_precise_bn_over_more_patches(
+    tmp_path, synthetic_cache, monkeypatch, windows, expected
+) -> None:
+    from norm_experiments.training.evaluate import (
+        REMEDY_PRECISE_FACTOR,
+        evaluate_bn_modes,
+        evaluate_built,
+        precise_bn_batches,
+    )
+    from tests.helpers import SMOKE, built_run
+
+    monkeypatch.setenv("NORM_EXP_CACHE", str(synthetic_cache))
+    overrides = [*SMOKE, "norm=batch", "trainer.remedy_modes=true"]
+    if windows is not None:
+        overrides.append(f"trainer.batch_stats_windows={windows}")
+    b = built_run(tmp_path, overrides).built
+    scores = evaluate_bn_modes(b, evaluate_built(b, b.model, surface=True))
+    assert set(scores) == {"running", "batch", "precise"} | expected
+    if windows is None:  # each window alone is "batch" mode with one window per forward
+        alone = evaluate_built(b, b.model, "batch", surface=True, windows=1)
+        assert scores["batch_alone"].dice_mean == pytest.approx(alone.dice_mean)
+    patches = sum(batch.shape[0] for batch in precise_bn_batches(b, REMEDY_PRECISE_FACTOR * 4))
+    assert patches >= REMEDY_PRECISE_FACTOR * 4 > sum(x.shape[0] for x in precise_bn_batches(b))
+    off = built_run(tmp_path, [*SMOKE, "norm=batch"]).built
+    assert set(evaluate_bn_modes(off, evaluate_built(off, off.model))) == {"running", "batch", "precise"}
