@@ -31,6 +31,23 @@ def normal_cdf(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
 
+def solve_increasing(
+    f: Callable[[float], float], target: float, low: float, high: float, tol: float
+) -> float:
+    """The smallest x in [low, high] with f(x) >= target, for a non-decreasing f (bisection to `tol`)."""
+    while high - low > tol:
+        mid = 0.5 * (low + high)
+        if f(mid) < target:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def normal_quantile(p: float) -> float:
+    return solve_increasing(normal_cdf, p, -40.0, 40.0, 1e-12)
+
+
 def _u_log_density(u: float, df: float) -> float:
     """log g(u) for u = sqrt(chi2_df / df) (a scaled chi distribution)."""
     if u <= 0.0:
@@ -88,18 +105,10 @@ def detectable_difference(se: float, df: float, alpha: float, power: float = POW
     if se == 0.0:
         return 0.0
     crit = t_quantile(1.0 - alpha / 2.0, df)
-    low, high = 0.0, crit + 10.0
+    high = crit + 10.0
     while power_two_sided(high, df, alpha) < power:
         high *= 2.0
-    for _ in range(60):
-        mid = 0.5 * (low + high)
-        if power_two_sided(mid, df, alpha) < power:
-            low = mid
-        else:
-            high = mid
-        if high - low < 1e-6:
-            break
-    return high * se
+    return solve_increasing(lambda lam: power_two_sided(lam, df, alpha), power, 0.0, high, 1e-6) * se
 
 
 def decide_probability(delta: float, sigma: float, df: float, alpha: float, margin: float) -> float:
@@ -132,16 +141,8 @@ def confirmable_margin(se: float, df: float, alpha: float, power: float = POWER)
             df, lambda u: _abs_normal_cdf(margin - crit * se * u, 0.0, se) if margin > crit * se * u else 0.0
         )
 
-    low, high = 0.0, 10.0 * se * (t_quantile(1.0 - alpha / 2.0, df) + 3.0)
-    for _ in range(60):
-        mid = 0.5 * (low + high)
-        if shown(mid) < power:
-            low = mid
-        else:
-            high = mid
-        if high - low < 1e-7 * se:
-            break
-    return high
+    high = 10.0 * se * (t_quantile(1.0 - alpha / 2.0, df) + 3.0)
+    return solve_increasing(shown, power, 0.0, high, 1e-7 * se)
 
 
 def _abs_normal_cdf(x: float, mean: float, sd: float) -> float:

@@ -27,6 +27,11 @@ from norm_experiments.report.sequential import (
 )
 
 STUDY_FILE = "study.json"
+# Why a study sweep stopped (the study sweeper writes one of these into study.json).
+STOP_DECIDED = "every question decided"
+STOP_LAST_LOOK = "seed cap: the last look was taken"
+STOP_TIME = "time cap"
+STOPS = (STOP_DECIDED, STOP_LAST_LOOK, STOP_TIME)
 FINISHED = ("completed", "failed", "diverged")  # a run with one of these statuses will not change any more
 GAP = 0.05  # the difference every power line is also stated for (Dice)
 
@@ -60,7 +65,7 @@ def read_study(sweep_dirs: list[Path]) -> StudyFile | None:
         study = StudyFile(
             path,
             design,
-            stopped if isinstance(stopped, str) and len(stopped) < 100 else None,
+            stopped if stopped in STOPS else None,  # a file's own words never reach the document
             float(minutes) if isinstance(minutes, (int, float)) and not isinstance(minutes, bool) else None,
         )
         if found is not None and found.design != design:

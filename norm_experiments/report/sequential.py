@@ -31,7 +31,7 @@ from typing import Any
 
 from norm_experiments.errors import UserError
 from norm_experiments.report.model import Estimate, Scores, paired
-from norm_experiments.report.power import POWER, decide_probability, normal_cdf
+from norm_experiments.report.power import POWER, decide_probability, normal_cdf, normal_quantile
 from norm_experiments.report.questions import Question, only_seeds, parse_questions
 from norm_experiments.report.stats import t_cdf
 from norm_experiments.report.verdicts import ALPHA, DEFAULT_MARGIN, Verdict, verdict
@@ -40,23 +40,12 @@ MAX_LOOKS = 10
 MAX_SEEDS = 1000
 
 
-def _normal_quantile(p: float) -> float:
-    low, high = -40.0, 40.0
-    for _ in range(200):
-        mid = 0.5 * (low + high)
-        if normal_cdf(mid) < p:
-            low = mid
-        else:
-            high = mid
-    return 0.5 * (low + high)
-
-
 def _pocock(alpha: float, t: float) -> float:
     return alpha * math.log(1.0 + (math.e - 1.0) * t)
 
 
 def _obrien_fleming(alpha: float, t: float) -> float:
-    return 2.0 - 2.0 * normal_cdf(_normal_quantile(1.0 - alpha / 2.0) / math.sqrt(t)) if t > 0 else 0.0
+    return 2.0 - 2.0 * normal_cdf(normal_quantile(1.0 - alpha / 2.0) / math.sqrt(t)) if t > 0 else 0.0
 
 
 def _linear(alpha: float, t: float) -> float:

@@ -10,6 +10,9 @@ before the first run, so the report tests exactly what was declared.
 
 Running the same command again resumes: the runs already finished are skipped by the training code, and
 the looks are answered again from the same records, so the sweep stops where it would have.
+
+The report's modules are imported when a sweep starts, not with this module: Hydra imports every sweeper
+plugin whenever any of our commands starts, and the report brings matplotlib.
 """
 
 from __future__ import annotations
@@ -18,20 +21,18 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
-from norm_experiments.report.sequential import Design, parse_design
+
+if TYPE_CHECKING:
+    from norm_experiments.report.sequential import Design
 
 log = logging.getLogger("norm_experiments.sweep")
-
-STOP_DECIDED = "every question decided"
-STOP_LAST_LOOK = "seed cap: the last look was taken"
-STOP_TIME = "time cap"
 
 
 def _value(combo: list[str], key: str, default: Any) -> str:
@@ -116,6 +117,8 @@ class StudySweeper(BasicSweeper):
         return self._run_looks(design, combos)
 
     def _prepare(self, arguments: list[str]) -> tuple[Design, list[list[str]]]:
+        from norm_experiments.report.sequential import parse_design
+
         assert self.config is not None and self.hydra_context is not None
         raw = (
             OmegaConf.to_container(self.study, resolve=True)
@@ -136,7 +139,7 @@ class StudySweeper(BasicSweeper):
         return design, grid
 
     def _run_looks(self, design: Design, grid: list[list[str]]) -> list:
-        from norm_experiments.report.primary import write_study
+        from norm_experiments.report.primary import STOP_DECIDED, STOP_LAST_LOOK, STOP_TIME, write_study
 
         assert self.config is not None and self.launcher is not None
         sweep_dir = Path(self.config.hydra.sweep.dir)
