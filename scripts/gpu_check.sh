@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Everything a GPU must check, in one command, on a machine with one CUDA GPU (about 8.5 minutes on an
-# H100-class GPU). Fills the GPU cells of docs/benchmarks.md; writes every table and log under OUT_DIR.
+# Everything a GPU must check, in one command, on a machine with one CUDA GPU (at most 11.5 minutes on an
+# H100-class GPU). Fills the GPU cells of docs/benchmarks.md and writes the GPU study's document
+# (OUT_DIR/results_gpu.md, for docs/results_gpu.md); writes every table and log under OUT_DIR.
 #
 #   scripts/gpu_check.sh OUT_DIR             run it (OUT_DIR must be new or empty)
 #   scripts/gpu_check.sh --dry-run OUT_DIR   anywhere, no GPU needed: checks that every step's command exists
 #                                            and parses its arguments; trains and measures nothing
 #
-# Steps (each with a time limit: 60 + 270 + 150 + 30 s, so that the whole stays within 8.5 minutes):
+# Steps (each with a time limit: 60 + 150 + 450 + 30 s, so that the whole stays within 11.5 minutes):
 #   1. tests:     the CUDA-only tests (pytest -m cuda)                       -> OUT_DIR/tests.log
-#   2. benchmark: scripts/benchmark.py --quick --device cuda: d (AMP vs fp32, compile on/off, volumes cached
-#                 on the device), f (k runs per GPU), then b, a, c on the GPU  -> OUT_DIR/benchmark.md
-#   3. sweep:     experiment=norm_sweep, 2 norms x 2 batch sizes x its 2 datasets, shortened -> OUT_DIR/sweep/
-#   4. report:    norm-exp-report on that sweep                              -> OUT_DIR/report/
+#   2. benchmark: scripts/benchmark.py --quick --device cuda: d (AMP vs fp32 at 32^3 and 64^3, compile on/off,
+#                 volumes cached on the device), f (k runs per GPU)         -> OUT_DIR/benchmark.md
+#   3. study:     experiment=norm_study_gpu_short: the batch-1 questions at GPU scale, seeds in rounds,
+#                 capped at 7 minutes of sweep                               -> OUT_DIR/study/
+#   4. report:    norm-exp-report on that study, as a document              -> OUT_DIR/results_gpu.md
 # Then a summary (step, ok/failed, seconds, where its output is) on stdout and in OUT_DIR/summary.md.
 # Exit status: 0 every step ok, 1 a step failed, 2 bad command line or OUT_DIR, 3 no CUDA GPU.
 # PYTHON=... chooses the interpreter (default: python, else python3); it needs the project installed
@@ -33,17 +35,10 @@ OUT=$1
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
 
-# The mini sweep: the study's preset with 2 norms x 2 batch sizes (x its 2 datasets: 8 runs), one intensity, one
-# seed, a short budget.
-SWEEP_NORMS=(batch group)
-SWEEP_BATCHES=(2 8)
-SWEEP_FIXED=(
-    experiment=norm_sweep data.intensity=zscore seed=0
-    trainer.samples=200 trainer.validations=2 trainer.checkpoint_every_samples=100 trainer.precise_bn_samples=32
-    trainer.progress=log name=gpu_check
-)
-# The GPU-only sections first: a run stopped by its time limit keeps the tables written so far.
-BENCHMARK=(scripts/benchmark.py --quick --device cuda --only cuda --only runs_per_gpu --only epoch --only overhead --only norms)
+# The GPU study: its preset as it is (the sweep folder inside OUT_DIR).
+STUDY=(experiment=norm_study_gpu_short)
+# The GPU-only sections: a run stopped by its time limit keeps the tables written so far.
+BENCHMARK=(scripts/benchmark.py --quick --device cuda --only cuda --only runs_per_gpu)
 
 # Fail fast, before any work: no GPU (unless dry), or an OUT_DIR that holds something (never overwritten).
 if [[ $DRY_RUN -eq 0 ]]; then
@@ -85,39 +80,30 @@ step() {  # step NAME LIMIT_S OUTPUT COMMAND...: run COMMAND with a time limit, 
     SUMMARY+=("| $name | $status | $((SECONDS - start)) | $output |")
 }
 
-join() { local IFS=,; echo "$*"; }
-
 if [[ $DRY_RUN -eq 1 ]]; then
     collect_cuda_tests() {  # pytest collects the CUDA tests, at least one
         "$PY" -m pytest -m cuda -n 0 --collect-only -q -p no:cacheprovider tests || return 1
     }
-    check_sweep() {  # every run of the sweep: norm-exp-train --cfg job with its exact overrides; each validates
-        local norm batch files=()
-        for norm in "${SWEEP_NORMS[@]}"; do
-            for batch in "${SWEEP_BATCHES[@]}"; do
-                files+=("$OUT/sweep_${norm}_${batch}.yaml")
-                "$PY" -m norm_experiments.train "${SWEEP_FIXED[@]}" norm="$norm" data.batch_size="$batch" \
-                    hydra.mode=RUN --cfg job --resolve >"${files[-1]}" || return 1
-            done
-        done
+    check_study() {  # the study's config composes and validates, as norm-exp-train would run it
+        "$PY" -m norm_experiments.train "${STUDY[@]}" hydra.mode=RUN --cfg job --resolve >"$OUT/study.yaml" || return 1
         "$PY" -c 'import sys
 from omegaconf import OmegaConf
 from norm_experiments.config import validate_config
-for path in sys.argv[1:]:
-    validate_config(OmegaConf.load(path))
-    print(path, "validates")' "${files[@]}"
+validate_config(OmegaConf.load(sys.argv[1]))
+print(sys.argv[1], "validates")' "$OUT/study.yaml" || return 1
+        "$PY" -m norm_experiments.train "${STUDY[@]}" --cfg hydra | grep -q "StudySweeper"
     }
     step tests 120 "$OUT/tests.log" collect_cuda_tests
     step benchmark 120 "$OUT/benchmark.log" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md" --dry-run
-    step sweep 120 "$OUT/sweep.log, $OUT/sweep_*.yaml" check_sweep
+    step study 120 "$OUT/study.log, $OUT/study.yaml" check_study
     step report 60 "$OUT/report.log" "$PY" -m norm_experiments.report.cli --help
 else
     step tests 60 "$OUT/tests.log, $OUT/tests.xml" \
         "$PY" -m pytest -m cuda -n 0 -q -rs -p no:cacheprovider tests --junitxml "$OUT/tests.xml"
-    step benchmark 270 "$OUT/benchmark.md" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md"
-    step sweep 150 "$OUT/sweep/ (report.md, runs' metrics.json)" "$PY" -m norm_experiments.train "${SWEEP_FIXED[@]}" \
-        norm="$(join "${SWEEP_NORMS[@]}")" data.batch_size="$(join "${SWEEP_BATCHES[@]}")" hydra.sweep.dir="$OUT/sweep"
-    step report 30 "$OUT/report/report.md" "$PY" -m norm_experiments.report.cli "$OUT/sweep" --out "$OUT/report"
+    step benchmark 150 "$OUT/benchmark.md" "$PY" "${BENCHMARK[@]}" --out "$OUT/benchmark.md"
+    step study 450 "$OUT/study/ (study.json, report.md, runs' metrics.json)" "$PY" -m norm_experiments.train \
+        "${STUDY[@]}" hydra.sweep.dir="$OUT/study"
+    step report 30 "$OUT/results_gpu.md" "$PY" -m norm_experiments.report.cli "$OUT/study" --doc "$OUT/results_gpu.md"
 fi
 
 {

@@ -130,18 +130,17 @@ def test_gpu_check_dry_run_checks_every_step_without_a_gpu(tmp_path: Path) -> No
     out = tmp_path / "gpu"
     result = run(["bash", "scripts/gpu_check.sh", "--dry-run", str(out)], timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
-    for name in ("tests", "benchmark", "sweep", "report"):
+    for name in ("tests", "benchmark", "study", "report"):
         assert re.search(rf"^\| {name} \| ok \| \d+ \| ", result.stdout, re.M), result.stdout
     assert (out / "summary.md").read_text() in result.stdout
     collected = re.search(r"^(\d+)/\d+ tests collected", (out / "tests.log").read_text(), re.M)
     assert collected and int(collected.group(1)) >= 8  # every test marked cuda
-    # the sweep's four runs, each composed by norm-exp-train with the exact overrides and validated
-    for norm in ("batch", "group"):
-        for batch in (2, 8):
-            cfg = (out / f"sweep_{norm}_{batch}.yaml").read_text()
-            assert f"name: {norm}\n" in cfg and f"batch_size: {batch}\n" in cfg and "samples: 200\n" in cfg
-    # the benchmark's GPU sections first, so that a run stopped by its time limit keeps them
-    assert "sections cuda, runs_per_gpu, epoch, overhead, norms" in (out / "benchmark.log").read_text()
+    # the GPU study, composed by norm-exp-train exactly as the step runs it, and validated
+    cfg = (out / "study.yaml").read_text()
+    assert "patch_size:\n  - 64\n  - 64\n  - 64\n" in cfg and "runs_per_gpu: 4\n" in cfg
+    assert "validates" in (out / "study.log").read_text()
+    # the benchmark's GPU sections only: AMP (at 64^3 too), compile, cache on device, runs per GPU
+    assert "sections cuda, runs_per_gpu" in (out / "benchmark.log").read_text()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
