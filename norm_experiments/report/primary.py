@@ -42,7 +42,7 @@ class StudyFile:
 
     path: Path
     design: Design
-    stopped: str | None = None  # 'decided' | 'last look' | 'time cap' | None (still running or unknown)
+    stopped: str | None = None  # one of STOPS; None: still running, interrupted, or not said
     minutes: float | None = None
 
 

@@ -139,13 +139,13 @@ class StudySweeper(BasicSweeper):
         return design, grid
 
     def _run_looks(self, design: Design, grid: list[list[str]]) -> list:
-        from norm_experiments.report.primary import STOP_DECIDED, STOP_LAST_LOOK, STOP_TIME, write_study
+        from norm_experiments.report.primary import STOP_DECIDED, STOP_LAST_LOOK, STOP_TIME
 
         assert self.config is not None and self.launcher is not None
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        write_study(sweep_dir, design, None, None)
+        self._replace_design(sweep_dir, design)
         started = time.monotonic()
         returns, job_index, done, stopped = [], 0, 0, STOP_LAST_LOOK
         combos = grid
@@ -170,9 +170,32 @@ class StudySweeper(BasicSweeper):
                 stopped = STOP_DECIDED
                 break
             combos = still_needed(grid, design, primaries, self.config)
-        write_study(sweep_dir, design, stopped, round((time.monotonic() - started) / 60, 2))
+        self._write(sweep_dir, design, stopped, round((time.monotonic() - started) / 60, 2))
         log.info("study stopped: %s", stopped)
         return returns
+
+    def _replace_design(self, sweep_dir: Path, design: Design) -> None:
+        """Write the design before the first run; say so when it replaces another one (a resumed study whose
+        questions or looks were changed: its verdicts then follow the new design)."""
+        from norm_experiments.report.primary import read_study
+
+        try:
+            before = read_study([sweep_dir])
+        except UserError:  # an unreadable old design is replaced like any other
+            before = None
+        if before is not None and before.design != design:
+            log.warning("%s held another study design; the new one replaces it", before.path)
+        self._write(sweep_dir, design, None, None)
+
+    @staticmethod
+    def _write(sweep_dir: Path, design: Design, stopped: str | None, minutes: float | None) -> None:
+        from norm_experiments.report.primary import write_study
+
+        try:
+            write_study(sweep_dir, design, stopped, minutes)
+        except OSError as err:  # a full disk, a read-only folder: one line, not Hydra's traceback
+            print(f"error: cannot write {sweep_dir / 'study.json'}: {err.strerror or err}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
 
     def _over_time(self, design: Design, k: int, jobs: int, minutes: float) -> bool:
         """Would look k end after the cap? (its jobs at the pace of the previous look's)"""
