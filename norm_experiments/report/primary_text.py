@@ -11,9 +11,7 @@ from norm_experiments.report.sequential import Answer, Look
 from norm_experiments.report.tables import NO_DATA, markdown_table, verdict_word
 from norm_experiments.report.verdicts import Verdict
 
-STOP_WORDS = {
-    None: "the sweep's study.json does not say how it stopped (still running, or interrupted)",
-}
+NOT_STOPPED = "the sweep's study.json does not say how it stopped (still running, or interrupted)"
 
 
 def _digits(found: Answer) -> int:
@@ -72,7 +70,7 @@ def stop_text(primary: Primary) -> str:
     taken = f"{primary.n_looks} of {len(looks)} look(s) had all their seeds finished"
     if primary.all_decided:
         return f"{taken}; every question is decided."
-    reason = primary.stopped or STOP_WORDS[None]
+    reason = primary.stopped or NOT_STOPPED
     return f"{taken}; {sum(not a.decided for a in primary.answers)} question(s) open; the sweep stopped: {reason}."
 
 

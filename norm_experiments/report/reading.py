@@ -64,22 +64,27 @@ def gap_sentences(summary: Summary) -> list[str]:
     return lines
 
 
+def _per_row(summary: Summary, family, matches, lead: str) -> list[str]:
+    """One sentence per row that has comparisons in `family`: the lead, then every batch size by verdict."""
+    lines = []
+    for row in summary.rows:
+        found = [c for c in family.comparisons if matches(c, row)]
+        if found:
+            lines.append(
+                f"{lead.format(row=_name(row), where=_where(summary.condition))}: "
+                f"{verdict_clauses(found, family.margin)}."
+            )
+    return lines
+
+
 def reference_sentences(summary: Summary, reference: str) -> list[str]:
     """Per row: the row minus the reference at each batch size, by verdict."""
     if summary.reference is None:
         return [
             f"No {_name(reference)} runs{_where(summary.condition)}: no difference to the reference was tested."
         ]
-    family = summary.deltas
-    lines = []
-    for row in summary.rows:
-        found = [c for c in family.comparisons if c.label == row]
-        if found:
-            lines.append(
-                f"{_name(row)} minus {_name(reference)}{_where(summary.condition)}, same batch size and seed: "
-                f"{verdict_clauses(found, family.margin)}."
-            )
-    return lines
+    lead = "{row} minus " + _name(reference) + "{where}, same batch size and seed"
+    return _per_row(summary, summary.deltas, lambda c, row: c.label == row, lead)
 
 
 def remedy_sentences(summary: Summary) -> list[str]:
@@ -87,13 +92,8 @@ def remedy_sentences(summary: Summary) -> list[str]:
     lines = []
     for family in summary.remedies:
         metric = "HD95" if family.lower_is_better else "Dice"
-        for row in summary.rows:
-            found = [c for c in family.comparisons if c.against == row]
-            if found:
-                lines.append(
-                    f"{_name(row)}{_where(summary.condition)}, largest connected component kept minus as "
-                    f"predicted, {metric}: {verdict_clauses(found, family.margin)}."
-                )
+        lead = "{row}{where}, largest connected component kept minus as predicted, " + metric
+        lines += _per_row(summary, family, lambda c, row: c.against == row, lead)
     return lines
 
 
