@@ -30,12 +30,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from norm_experiments.command_line import command_line_problem
 from norm_experiments.config import (
     CONFIG_DIR,
     hydra_quote,
     output_dir_problem,
     quoting_problem,
     register_resolvers,
+    validate_config,
 )
 from norm_experiments.errors import (
     EXIT_CRASHED,
@@ -185,6 +187,8 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not resume:
         return argv
     run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
+    if not run_dir.exists():
+        raise UserError(f"resume={run_dir}: no such folder")
     # Only plain key=value overrides of configs/ (run_folder.saved_overrides): the folder may be someone
     # else's, and its file becomes part of this command line.
     overrides = saved_overrides(run_dir, CONFIG_DIR)
@@ -214,6 +218,8 @@ def main() -> None:
         sys.argv = resume_argv(sys.argv)
         argv = sys.argv[1:]
         problem = argument_problem(argv) or quoting_problem(argv) or output_dir_problem(argv)
+        # Before Hydra creates a folder: a wrong option, key or value is one line and leaves nothing behind.
+        problem = problem or command_line_problem(argv, "train", validate_config)
         if problem:
             raise UserError(problem)
     except UserError as err:

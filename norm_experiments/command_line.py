@@ -1,0 +1,248 @@
+"""A command line checked against the configs before Hydra runs it.
+
+Hydra refuses a wrong group option (`norm=gruop`) or an unknown key (`data.batchsize=2`) with twenty lines,
+no "did you mean", exit status 1 and, for a key, advice to add it with `+` (a key nothing reads); a bad value
+is only found after Hydra has created the run folder. Here each of them is one line naming the closest valid
+names, checked before anything is created, so the command exits 2 with nothing left behind.
+
+Torch-free: it runs before every command, `--help` included.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.errors import UserError
+
+# Hydra flags after which Hydra alone decides what happens (help, printing the config, shell completion,
+# another config folder or name): the command line is left to Hydra.
+_HYDRA_ONLY_FLAGS = (
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+)
+_HYDRA_ONLY_FLAGS += (
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--package",
+    "-p",
+)
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+# Most compositions one command line may cost (each swept value of a key is checked in one composition).
+_MAX_COMPOSITIONS = 48
+
+Validate = Callable[[DictConfig], None]  # raises UserError naming the key
+
+
+def command_line_problem(argv: list[str], config_name: str, validate: Validate | None = None) -> str | None:
+    """What is wrong with the overrides of `argv` for the root config `config_name`, in one line, or None.
+
+    Checked: Hydra's grammar, each group option (every value of a sweep), each key that is not added with
+    `+`, the keys Hydra would write outside the run folder with, a SLURM launcher without SLURM and, with
+    `validate`, every value of the composed config (each swept value once)."""
+    try:
+        check_command_line(argv, config_name, validate)
+    except UserError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - a check of ours that fails is no reason to refuse: Hydra decides
+        return None
+    return None
+
+
+def check_command_line(argv: list[str], config_name: str, validate: Validate | None = None) -> None:
+    """command_line_problem's checks, raising UserError; any other exception is a bug of the check."""
+    if any(arg.split("=", 1)[0] in _HYDRA_ONLY_FLAGS for arg in argv):
+        return
+    overrides = [arg for arg in argv if arg not in _MULTIRUN_FLAGS]
+    _check(overrides, config_name, validate, multirun=any(arg in _MULTIRUN_FLAGS for arg in argv))
+
+
+def _check(overrides: list[str], config_name: str, validate: Validate | None, multirun: bool) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    loader = _config_loader()
+    parsed = []
+    for arg in overrides:
+        try:
+            parsed.append(OverridesParser.create().parse_override(arg))
+        except HydraException as err:
+            raise UserError(f"{arg}: {_first_line(err)}") from None
+    parsed = [o for o in parsed if not _is_glob(o)]  # a glob picks existing options by itself
+    groups = [o for o in parsed if _is_group(loader, o)]
+    for override in groups:
+        _check_group_option(loader, override)
+    first = [_with_value(o, _values(o)[0]) for o in parsed]
+    try:
+        composed = _compose(loader, config_name, first)
+    except UserError:  # Hydra's first line; an unknown key gets a better one, with the closest keys
+        base = _compose(loader, config_name, [_with_value(o, _values(o)[0]) for o in groups])
+        for override in parsed:
+            if override not in groups and not (
+                override.is_add() or override.is_force_add() or override.is_delete()
+            ):
+                _check_key(base, override.key_or_group, override.input_line or "")
+        raise
+    _check_hydra_keys(parsed)
+    _check_launcher(composed, multirun)
+    if validate is None:
+        return
+    _validate(validate, composed)
+    for variant in _one_value_changed(parsed):
+        _validate(validate, _compose(loader, config_name, variant))
+
+
+def _validate(validate: Validate, cfg: DictConfig) -> None:
+    """The app's own checks on the config without Hydra's node (whose run-time values do not exist yet)."""
+    validate(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
+
+
+def _config_loader():
+    """Hydra's config loader over configs/ and the installed plugins' configs, as `hydra.main` builds it."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.plugins import Plugins
+
+    register_resolvers()
+    Plugins.instance()  # registers the launchers' and sweepers' configs (hydra/launcher=joblib, ...)
+    return ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONFIG_DIR)))
+
+
+def _is_group(loader, override) -> bool:
+    return bool(override.package is None and loader.repository.group_exists(override.key_or_group))
+
+
+def _values(override) -> list[Any]:
+    """The values of an override: every value of a choice or range sweep, the one value otherwise."""
+    if not override.is_sweep_override():
+        return [override.value()]
+    return list(override.sweep_iterator())
+
+
+def _is_glob(override) -> bool:
+    from hydra.core.override_parser.types import ValueType
+
+    return override.value_type == ValueType.GLOB_CHOICE_SWEEP
+
+
+def _with_value(override, value: Any) -> str:
+    """The override with one value, in Hydra's grammar."""
+    prefix = (
+        "++" if override.is_force_add() else "+" if override.is_add() else "~" if override.is_delete() else ""
+    )
+    if not override.is_sweep_override():
+        return override.input_line
+    return f"{prefix}{override.get_key_element()}={_grammar(value)}"
+
+
+def _grammar(value: Any) -> str:
+    from norm_experiments.config import hydra_quote
+
+    if isinstance(value, str):
+        return value if re.fullmatch(r"[A-Za-z0-9_./-]+", value) else hydra_quote(value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _check_group_option(loader, override) -> None:
+    group = override.key_or_group
+    options = loader.get_group_options(group)
+    for value in _values(override):
+        if value is None or override.is_delete() or value in options:
+            continue
+        close = difflib.get_close_matches(str(value), options, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise UserError(f"{group}={value}: no such option; {hint}The options: {', '.join(options)}")
+
+
+def _check_key(cfg: DictConfig, key: str, arg: str) -> None:
+    """A key set without `+` must exist: name the closest keys that do."""
+    sentinel = object()
+    if OmegaConf.select(cfg, key, default=sentinel, throw_on_missing=False) is not sentinel:
+        return
+    keys = list(_key_paths(OmegaConf.to_container(cfg, resolve=False)))
+    if not key.startswith("hydra."):
+        keys = [k for k in keys if not k.startswith("hydra.")]
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise UserError(f"{arg}: {key} is not a key of the config{hint} (norm-exp-train --help lists them)")
+
+
+def _key_paths(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            yield path
+            yield from _key_paths(value, path + ".")
+
+
+def _check_hydra_keys(parsed: list) -> None:
+    """Hydra keys that would make a command write outside its run folder, or over a run's saved files."""
+    for override in parsed:
+        key = override.key_or_group
+        if key == "hydra.output_subdir":
+            raise UserError(
+                f"{override.input_line}: hydra.output_subdir cannot be set: a run writes its own .hydra/ "
+                "once it holds its folder (docs/reference/run_folder.md)"
+            )
+        if key == "hydra.job.name":
+            for value in _values(override):
+                if not isinstance(value, str) or not value or "/" in value or value in (".", ".."):
+                    raise UserError(f"{override.input_line}: hydra.job.name must be a plain name (no '/')")
+
+
+def _check_launcher(cfg: DictConfig, multirun: bool) -> None:
+    target = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
+    mode = str(OmegaConf.select(cfg, "hydra.mode", default="") or "")
+    if "SlurmLauncher" in target and (multirun or mode.endswith("MULTIRUN")) and not shutil.which("sbatch"):
+        raise UserError(
+            "hydra/launcher=slurm: SLURM's sbatch is not on PATH here; start the sweep on a SLURM login "
+            "node, or run it here with hydra/launcher=joblib"
+        )
+
+
+def _one_value_changed(parsed: list) -> Iterator[list[str]]:
+    """Override lists in which one swept key takes one of its later values (the first values are checked
+    already): each value of a sweep is checked once, not every combination."""
+    firsts = [_with_value(o, _values(o)[0]) for o in parsed]
+    budget = _MAX_COMPOSITIONS
+    for i, override in enumerate(parsed):
+        for value in _values(override)[1:]:
+            if budget == 0:
+                return
+            budget -= 1
+            yield [*firsts[:i], _with_value(override, value), *firsts[i + 1 :]]
+
+
+def _compose(loader, config_name: str, overrides: list[str]) -> DictConfig:
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = loader.load_configuration(config_name, overrides, RunMode.RUN)
+        OmegaConf.to_container(cfg, resolve=False)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise UserError(_first_line(err)) from None
+    return cfg
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
