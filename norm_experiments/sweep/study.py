@@ -28,6 +28,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
+from norm_experiments.sweep import progress
 
 if TYPE_CHECKING:
     from norm_experiments.report.sequential import Design
@@ -162,6 +163,7 @@ class StudySweeper(BasicSweeper):
                 k + 1, len(design.looks), done, seeds - 1, len(combos), len(batch),
             )  # fmt: skip
             self.validate_batch_is_legal(batch)
+            progress.add_runs(sweep_dir, len(batch))
             returns.append(self.launcher.launch(batch, initial_job_idx=job_index))
             job_index, done = job_index + len(batch), seeds
             self._seconds_per_job = (time.monotonic() - look_started) / max(len(batch), 1)

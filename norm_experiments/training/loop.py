@@ -63,6 +63,13 @@ class RunDiverged(Exception):
     """The loss became NaN or infinite."""
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def train(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict:
     """Run (or skip, or continue) the experiment described by cfg in run_dir; returns its record.
 
@@ -196,7 +203,12 @@ class Run:
         return final
 
     def progress_mode(self) -> str:
-        return str(self.cfg.trainer.progress) if distributed.is_main() else "none"
+        if not distributed.is_main():
+            return "none"
+        mode = str(self.cfg.trainer.progress)
+        # A live bar per run would garble a sweep's console (runs in parallel): lines, which the sweep's
+        # console filters (sweep/progress.py).
+        return "log" if mode == "auto" and _in_multirun() else mode
 
     def label(self) -> str:
         gpus = f" x{self.plan.world_size} ranks" if self.plan.world_size > 1 else ""

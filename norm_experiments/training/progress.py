@@ -18,6 +18,10 @@ class Progress:
         # Plain mode logs about 20 lines per run, enough to follow a run without flooding a sweep's log.
         self.log_every = max(1, total_steps // 20)
         self.dice: float | None = None
+        # What the last step line showed: a sweep's console (sweep/progress.py) shows only the lines that
+        # bring a new validation score or a new quarter of the run.
+        self._logged_dice: float | None = None
+        self._logged_quarter = 4 * start_step // max(total_steps, 1)
         self.loss: float | None = None  # the loss of the last logging step: reading it syncs with the GPU
         self._bar = None
         if mode == "bar":
@@ -49,7 +53,12 @@ class Progress:
             done = step - self.start
             elapsed = time.perf_counter() - self.started
             eta = elapsed / max(done, 1) * (self.total - step)
-            log.info("%s step %d/%d  %s  eta %.0fs", self.description, step, self.total, info, eta)
+            quarter = 4 * step // self.total
+            extra = {"status_line": self.dice != self._logged_dice or quarter > self._logged_quarter}
+            self._logged_dice, self._logged_quarter = self.dice, quarter
+            log.info(
+                "%s step %d/%d  %s  eta %.0fs", self.description, step, self.total, info, eta, extra=extra
+            )
 
     def close(self) -> None:
         if self._bar is not None:

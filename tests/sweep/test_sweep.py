@@ -59,6 +59,12 @@ def test_grid_sweep_reports_four_cells_with_the_failure(grid_sweep) -> None:
     assert len(rows) >= 4
     assert "1 failed" in result.stdout + result.stderr or "failed" in (sweep_dir / "report.md").read_text()
     assert "| group" in result.stdout
+    # progress, basic launcher: one line per run started and done, the failed cell said so
+    assert "[sweep] run 1 of 4 started: norm=batch,data.batch_size=1 (1 running, 0 done)" in result.stdout
+    assert "[sweep] run 1 of 4 done: norm=batch,data.batch_size=1  failed (its metrics.json says why)" in (
+        result.stdout
+    )
+    assert "[sweep] run 4 of 4 done: norm=group,data.batch_size=2  val_dice=" in result.stdout
 
 
 def test_same_sweep_again_skips_completed_and_retries_failed(grid_sweep) -> None:
@@ -78,10 +84,10 @@ def test_joblib_runs_two_jobs_in_parallel(tmp_path: Path) -> None:
             "-m",
             "experiment=smoke",
             "name=par",
-            "norm=group",
+            "norm=batch,group",
             "seed=0,1",
             "trainer.num_threads=1",
-            "trainer.samples=48",  # long enough that neither worker is free before the other starts
+            "trainer.samples=24",  # long enough that neither worker is free before the other starts
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
         ],
@@ -91,7 +97,21 @@ def test_joblib_runs_two_jobs_in_parallel(tmp_path: Path) -> None:
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     sweep_dir = tmp_path / "outputs" / "sweeps" / "par"
     runs = [json.loads(p.read_text()) for p in sweep_dir.rglob("metrics.json")]
-    assert sorted(r["seed"] for r in runs) == [0, 1] and {r["status"] for r in runs} == {"completed"}
+    assert sorted(r["seed"] for r in runs) == [0, 0, 1, 1] and {r["status"] for r in runs} == {"completed"}
+    # the sweep's progress: "run k of 4" once per run started and once per run done, an ETA until the last;
+    # of the runs' own step lines only those with a new validation score or quarter reach the console
+    lines = result.stdout.splitlines()
+    done = [line for line in lines if line.startswith("[sweep] run ") and " done: " in line]
+    assert [line.split()[2] for line in done] == ["1", "2", "3", "4"] and all(" of 4 " in x for x in done)
+    scores = {run["norm"] + str(run["seed"]): run["val_dice"] for run in runs}
+    for line in done:  # each line's score is its run's metrics.json score
+        name = line.split(" done: ")[1].split()[0]  # norm=batch,seed=1
+        norm, seed = (part.split("=")[1] for part in name.split(","))
+        assert f"val_dice={scores[norm + seed]:.4f}" in line
+    assert all("ETA" in line for line in done[:3]) and "ETA" not in done[3] and "(100 %," in done[3]
+    assert sum(" started: " in line for line in lines) == 4
+    steps = [line for line in lines if " step " in line]
+    assert steps and len(steps) <= 4 * 5, steps  # at most the quarters and the validation of each run
     # each run ran in its own joblib worker process (the PID is part of TensorBoard's event-file name),
     # not one after the other in this process as Hydra's basic launcher does
     pids = {p.name.split(".")[-2] for p in sweep_dir.rglob("events.out.tfevents.*")}

@@ -1,0 +1,181 @@
+"""A sweep's progress on the console: one line when a run starts, one when it ends (its score, runs done of
+total, the sweep's ETA), and each run's status at its validations; the runs' step lines stay in their
+train.log.
+
+The runs of a joblib sweep are other processes: they count what is done through a small file in the sweep
+folder (one line appended per run started or finished, an atomic O_APPEND write), so the count is right
+whichever process finishes first. The total is the sweep's number of runs, set when the sweep starts (the
+study sweeper adds each look's runs when it launches them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+PLAN = ".progress.json"  # {"started": unix time, "total": runs}: written by the sweep's main process
+EVENTS = ".progress.log"  # "start NAME" / "end NAME" lines, appended by the runs
+
+
+def start(sweep_dir: Path, total: int | None) -> None:
+    """A new sweep (or a resumed one): the clock and the count start again."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_plan(sweep_dir, {"started": time.time(), "total": total})
+    (sweep_dir / EVENTS).write_text("")
+
+
+def add_runs(sweep_dir: Path, runs: int) -> None:
+    """A study's next look launches `runs` more runs."""
+    plan = _read_plan(sweep_dir)
+    plan["total"] = (plan.get("total") or 0) + runs
+    _write_plan(sweep_dir, plan)
+
+
+def _write_plan(sweep_dir: Path, plan: dict) -> None:
+    tmp = sweep_dir / f"{PLAN}.tmp"
+    tmp.write_text(json.dumps(plan))
+    os.replace(tmp, sweep_dir / PLAN)
+
+
+def _read_plan(sweep_dir: Path) -> dict:
+    try:
+        plan = json.loads((sweep_dir / PLAN).read_text())
+    except (OSError, ValueError):
+        return {}
+    return plan if isinstance(plan, dict) else {}
+
+
+def _append(sweep_dir: Path, line: str) -> None:
+    fd = os.open(sweep_dir / EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line.replace("\n", " ") + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _counts(sweep_dir: Path) -> tuple[int, int]:
+    """(runs started, runs finished) so far in this sweep."""
+    try:
+        lines = (sweep_dir / EVENTS).read_text().splitlines()
+    except OSError:
+        return 0, 0
+    return sum(line.startswith("start ") for line in lines), sum(line.startswith("end ") for line in lines)
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '6 min', '1 h 05 min': the precision an ETA has."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def started_line(sweep_dir: Path, name: str) -> str:
+    _append(sweep_dir, f"start {name}")
+    started, done = _counts(sweep_dir)
+    total = _read_plan(sweep_dir).get("total")
+    of = f" of {total}" if total else ""
+    return f"[sweep] run {started}{of} started: {name} ({started - done} running, {done} done)"
+
+
+def finished_line(sweep_dir: Path, name: str, outcome: str) -> str:
+    """'[sweep] run k of N done: NAME  OUTCOME  (k/N, elapsed, ETA)'; k counts runs finished."""
+    _append(sweep_dir, f"end {name}")
+    started, done = _counts(sweep_dir)
+    plan = _read_plan(sweep_dir)
+    total, began = plan.get("total"), plan.get("started")
+    elapsed = time.time() - began if isinstance(began, (int, float)) else None
+    of = f" of {total}" if total else ""
+    where = [f"{100 * done / total:.0f} %"] if total else []
+    if elapsed is not None:
+        where.append(f"{duration(elapsed)} elapsed")
+        if total and done < total:
+            where.append(f"ETA {duration(elapsed / done * (total - done))}")
+    return f"[sweep] run {done}{of} done: {name}  {outcome}  ({', '.join(where)})"
+
+
+def outcome(job_return: JobReturn) -> str:
+    """The run's score, or why it has none."""
+    if job_return.status != JobStatus.COMPLETED:
+        return f"crashed ({type(job_return._return_value).__name__})"
+    value = job_return.return_value
+    if isinstance(value, float) and math.isnan(value):
+        return "failed (its metrics.json says why)"
+    return f"val_dice={value:.4f}" if isinstance(value, (int, float)) else "done"
+
+
+def sweep_size(config: DictConfig) -> int | None:
+    """How many runs the basic sweeper launches: the product of the sweeps' lengths (None if unknown)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    try:
+        overrides = OverridesParser.create().parse_overrides(arguments)
+        size = 1
+        for override in overrides:
+            if override.is_sweep_override():
+                size *= len(list(override.sweep_string_iterator()))
+    except Exception:  # noqa: BLE001 - a glob over group options, a sweeper of its own: no total shown
+        return None
+    return size
+
+
+class _QuietSteps(logging.Filter):
+    """On the console of a sweep's run: its info lines are left to train.log, except the step lines that
+    bring a new validation score or a new quarter of the run (its live status); warnings and errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or getattr(record, "status_line", False)
+
+
+class SweepProgress(Callback):
+    """Hydra callback (configs/hydra/default.yaml): the sweep's progress lines."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        total = None if config.hydra.sweeper.get("study") is not None else sweep_size(config)
+        start(Path(config.hydra.sweep.dir), total)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _in_sweep(config):
+            return
+        for handler in logging.getLogger().handlers:  # Hydra configured the job's logging just before
+            if type(handler) is logging.StreamHandler:
+                handler.addFilter(_QuietSteps())
+        _say(lambda: started_line(Path(config.hydra.sweep.dir), _name(config)))
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if _in_sweep(config):
+            _say(lambda: finished_line(Path(config.hydra.sweep.dir), _name(config), outcome(job_return)))
+
+
+def _in_sweep(config: DictConfig) -> bool:
+    return str(config.hydra.mode).endswith("MULTIRUN")
+
+
+def _name(config: DictConfig) -> str:
+    """The run by its swept values (norm=group,seed=1), without what every run of the sweep shares."""
+    from norm_experiments.sweep.run_names import SWEPT_KEYS_ENV
+
+    swept = set(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")))
+    own = [o for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]
+    return ",".join(own) or Path(str(config.hydra.runtime.output_dir)).name
+
+
+def _say(line) -> None:
+    """Print a progress line; a sweep folder that cannot be written costs the line, not the run."""
+    try:
+        print(line(), flush=True)
+    except OSError as err:
+        print(f"[sweep] progress not counted: {err}", file=sys.stderr)
