@@ -5,8 +5,10 @@
     norm-exp-fetch msd Task04_Hippocampus --url ~/Downloads/Task04_Hippocampus.tar   # a local copy
 
 The archive URLs and their published MD5 sums are MONAI's (monai.apps.DecathlonDataset.resource / .md5);
-the download is ours (urllib, with a connect and read timeout, --timeout), into the work folder below, its
-MD5 computed as it arrives and compared without regard to case. The task lands in
+the download is ours (urllib), into the work folder below, its MD5 computed as it arrives and compared
+without regard to case. A download that receives less than 1 KiB in --timeout seconds (default 30) gives up:
+a server that sends nothing, stalls after a few bytes, or trickles them (a byte now and then, each read
+within a socket timeout) ends in one line; so does one whose answer (connecting, headers) takes longer. The task lands in
 CACHE/msd/TASK, CACHE being ${NORM_EXP_CACHE:-~/.cache/norm-experiments} or --cache-dir, where the
 presets (data=msd_hippocampus, data=msd_spleen) look for it. Nothing is ever downloaded by a training run.
 
@@ -23,6 +25,7 @@ must lie inside the dataset folder (data/layouts.py checks that again whenever a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -35,7 +38,10 @@ import socket
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
@@ -56,7 +62,8 @@ from norm_experiments.errors import (
     guard_stdout,
 )
 
-DEFAULT_TIMEOUT = 60.0  # seconds without a byte (connecting, or between reads) before a download gives up
+DEFAULT_TIMEOUT = 30.0  # seconds: a download that receives less than MIN_PROGRESS in that time gives up
+MIN_PROGRESS = 1024  # bytes per DEFAULT_TIMEOUT (or --timeout) seconds: less is a stalled download
 _MD5 = re.compile(r"[0-9a-fA-F]{32}")
 
 log = logging.getLogger(__name__)
@@ -186,18 +193,18 @@ def _obtain(source: str, md5: str, work: Path, timeout: float) -> Path:
     archive = work / (PurePosixPath(urlparse(source).path).name or "archive")
     _say(f"downloading {source} (MD5 {md5}) ...")
     again = "nothing was kept: run the same command to start again"
+    stalled = (
+        f"download of {source} stalled: less than {MIN_PROGRESS // 1024} KiB in {timeout:g} s (--timeout); "
+        f"{again}"
+    )
     try:
         digest = _download(source, archive, timeout)
     except TimeoutError:
-        raise UserError(
-            f"download of {source} stalled: no data for {timeout:g} s (--timeout); {again}"
-        ) from None
+        raise UserError(stalled) from None
     except (URLError, http.client.HTTPException, OSError, ValueError) as err:
         reason = err if isinstance(err, HTTPError) else getattr(err, "reason", None) or err
         if isinstance(reason, TimeoutError):  # while connecting
-            raise UserError(
-                f"download of {source} stalled: no data for {timeout:g} s (--timeout); {again}"
-            ) from None
+            raise UserError(stalled) from None
         raise UserError(f"download of {source} failed ({reason}); {again}") from None
     if digest != md5:
         raise UserError(_md5_message(source, md5))
@@ -205,17 +212,53 @@ def _obtain(source: str, md5: str, work: Path, timeout: float) -> Path:
 
 
 def _download(source: str, archive: Path, timeout: float) -> str:
-    """Stream `source` into `archive`; its MD5. `timeout` bounds the connection and every read, so a
-    stalled server ends the download instead of hanging it."""
+    """Stream `source` into `archive`; its MD5. Raises TimeoutError when less than MIN_PROGRESS bytes arrive
+    in `timeout` seconds: the socket timeout ends a read that waits that long for a single byte, the check
+    after every read ends a trickle (each read returns a byte or two in time), and in the main thread an
+    alarm ends a connection or an answer's headers that take longer (http.client reads headers line by
+    line, each line within the socket timeout, up to 100 lines of 64 KiB)."""
     digest = hashlib.md5()
-    with urlopen(source, timeout=timeout) as response, open(archive, "wb") as out:  # noqa: S310 - http(s)/ftp URL the user gave
+    with _deadline(timeout):  # connecting, the request, the answer's status line and headers
+        response = urlopen(source, timeout=timeout)  # noqa: S310 - http(s)/ftp URL the user gave
+    with response, open(archive, "wb") as out:
         promised = response.headers.get("Content-Length")
+        window_start, window_bytes = time.monotonic(), 0
         while chunk := response.read1(2**20):  # what has arrived: a partial download is on disk
             digest.update(chunk)
             out.write(chunk)
+            window_bytes += len(chunk)
+            if window_bytes >= MIN_PROGRESS:
+                window_start, window_bytes = time.monotonic(), 0
+            elif time.monotonic() - window_start > timeout:
+                raise TimeoutError
     if promised is not None and promised.isdigit() and archive.stat().st_size != int(promised):
         raise OSError(f"the server sent {archive.stat().st_size} of {promised} bytes")
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the block after `seconds` (SIGALRM; only in the main thread, where signal
+    handlers run: elsewhere the block is bounded by its socket timeouts alone). An alarm set by someone else
+    is put back afterwards, with the time it had left."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError
+
+    started = time.monotonic()
+    previous_handler = signal.signal(signal.SIGALRM, expire)
+    previous_left, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_handler)
+        if previous_left:
+            left = max(previous_left - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, previous_interval)
 
 
 def _say(line: str) -> None:
@@ -363,7 +406,8 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         default=DEFAULT_TIMEOUT,
-        help=f"seconds without data (connecting, or between reads) before a download gives up (default {DEFAULT_TIMEOUT:g})",
+        help=f"a download that receives less than {MIN_PROGRESS // 1024} KiB in this many seconds (connecting and "
+        f"the answer's headers included) gives up (default {DEFAULT_TIMEOUT:g})",
     )
     p.add_argument(
         "--cache-dir",

@@ -167,7 +167,69 @@ def test_a_stalled_server_times_out_in_one_line(
         code, _, err = fetch(["msd", TASK, "--url", url, "--timeout", "1"], capsys)
     assert code == 2 and time.monotonic() - started < 30
     line = one_error_line(err)
-    assert "stalled: no data for 1 s (--timeout)" in line, line
+    assert "stalled: less than 1 KiB in 1 s (--timeout)" in line, line
+    assert_nothing_left(cache)
+
+
+@contextmanager
+def trickling_server(where: str, give_up_after: float = 8.0) -> Iterator[str]:
+    """Answers slowly enough to hold a download forever, fast enough for every read to return in time: one
+    header line every 0.3 s ("headers"), or the headers and 1 KiB, then one byte every 0.3 s ("body"). It
+    gives up after `give_up_after` seconds, so that a client without a progress deadline ends (and fails
+    the test) instead of hanging it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            if where == "headers":
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                drip = b"X-Slow: 1\r\n"
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 1024)
+                drip = b"x"
+            ends = time.monotonic() + give_up_after
+            while time.monotonic() < ends and not stop.wait(0.3):
+                try:
+                    conn.sendall(drip)
+                except OSError:  # the client gave up
+                    return
+
+    def serve_forever() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}/{TASK}.tar"
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+@pytest.mark.parametrize("where", ["body", "headers"])
+def test_a_trickling_server_times_out_in_one_line(
+    where: str, cache: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """1 KiB, then a byte now and then (or headers, a line now and then): every read returns within the
+    socket timeout, yet the download would never end. Less than 1 KiB in --timeout seconds is a stall."""
+    with trickling_server(where) as url:
+        started = time.monotonic()
+        code, _, err = fetch(["msd", TASK, "--url", url, "--timeout", "1"], capsys)
+        took = time.monotonic() - started
+    line = one_error_line(err)
+    assert code == 2 and "stalled: less than 1 KiB in 1 s (--timeout)" in line, line
+    assert took < 5, took  # the server trickles for 8 s
     assert_nothing_left(cache)
 
 
