@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from norm_experiments.report.collect import Run
-from norm_experiments.report.model import Scores
+from norm_experiments.report.model import Scores, paired
 from norm_experiments.report.stats import Interval, mean, t_interval
 from norm_experiments.run_record import NO_RESULT
 
@@ -211,6 +211,20 @@ def _scores(runs: list[Run], metric: str) -> dict[str | None, Scores]:
     return dict(found)
 
 
+def cell_interval(scores: Scores) -> Interval:
+    """Mean and std over seeds, with the 95% interval of the cell mean from the model the comparisons use
+    (seeds x cases, model.paired): the one interval of a cell that the tables, results.csv and the plots show."""
+    seeds = t_interval(list(scores.by_seed.values()))
+    found = paired(scores)
+    if found is None or found.estimate is None:
+        return seeds
+    half = found.estimate.half_width(0.05)
+    centre = found.estimate.mean
+    return replace(
+        seeds, half_width=half, low=centre - half, high=centre + half, method=found.estimate.method
+    )
+
+
 def make_cell(row: str, runs: list[Run], metric: str, n_expected: int) -> Cell:
     good = [r for r in runs if outcome(r, metric)[0] == "completed"]
     scores = _scores(good, metric)
@@ -229,9 +243,9 @@ def make_cell(row: str, runs: list[Run], metric: str, n_expected: int) -> Cell:
         runs=runs,
         n_expected=max(n_expected, len(runs)),
         metric_key=metric,
-        metric=t_interval(list(scores[None].by_seed.values())) if scores[None].by_seed else None,
+        metric=cell_interval(scores[None]) if scores[None].by_seed else None,
         scores=scores,
-        eval_modes={m: t_interval(list(s.by_seed.values())) for m, s in modes.items()},
+        eval_modes={m: cell_interval(s) for m, s in modes.items()},
         hd95=t_interval(hd95) if hd95 else None,
         eval_modes_hd95={m: t_interval(v) for m, v in modes_hd95.items() if v},
         still_improving=sum(1 for r in flags if r.still_improving),

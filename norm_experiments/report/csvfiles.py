@@ -36,13 +36,14 @@ def _num(value: float | None, digits: int = 6) -> str:
 
 def _interval_columns(prefix: str, interval: Interval | None) -> dict[str, str]:
     if interval is None:
-        return {f"{prefix}_{k}": "" for k in ("n", "mean", "std", "ci95_low", "ci95_high")}
+        return {f"{prefix}_{k}": "" for k in ("n", "mean", "std", "ci95_low", "ci95_high", "ci95_method")}
     return {
         f"{prefix}_n": str(interval.n),
         f"{prefix}_mean": _num(interval.mean),
         f"{prefix}_std": _num(interval.std),
         f"{prefix}_ci95_low": _num(interval.low),
         f"{prefix}_ci95_high": _num(interval.high),
+        f"{prefix}_ci95_method": interval.method,
     }
 
 

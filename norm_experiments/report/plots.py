@@ -6,6 +6,7 @@ report never changes the global backend of a process that imported us (a noteboo
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -16,7 +17,6 @@ from matplotlib.ticker import NullLocator
 
 from norm_experiments.report.analysis import Analysis, Summary
 from norm_experiments.report.cells import EVAL_MODE_LABELS, LOWER_IS_BETTER
-from norm_experiments.report.stats import Interval
 from norm_experiments.report.verdicts import Verdict
 
 MARKERS = "osD^vP*Xh<>p"
@@ -26,7 +26,9 @@ PALETTE = [
 ]  # fmt: skip
 METRIC_WORDS = {"val_dice": "Dice (eval mode)", "val_hd95": "HD95 (mm)"}
 MODE_COLORS = {"running": "tab:red", "precise": "tab:orange", "batch": "tab:green"}
-ERRORBAR_NOTE = "error bars: 95% t-interval over seeds, clipped to [0, 1]"
+ERRORBAR_NOTE = (
+    "error bars: 95% interval of the cell mean (seeds × cases; the interval table's), clipped to [0, 1]"
+)
 
 # Lines at the same batch size are shifted by this fraction of an octave so their error bars don't overlap.
 _DODGE = 0.04
@@ -47,8 +49,8 @@ def _metric_words(metric: str) -> str:
     return METRIC_WORDS.get(metric, metric)
 
 
-def _seed_points(ax: Axes, summary: Summary, row: str, offset: float, color: str) -> None:
-    """Each seed's value as a small hollow point beside the mean."""
+def _seed_points(ax: Axes, summary: Summary, row: str, offset: float, color: str) -> list[float]:
+    """Each seed's value as a small hollow point beside the mean; returns the values drawn."""
     xs, ys = [], []
     for bs in summary.batch_sizes:
         cell = summary.cell(row, bs)
@@ -58,6 +60,7 @@ def _seed_points(ax: Axes, summary: Summary, row: str, offset: float, color: str
             ys += values
     if xs:
         ax.scatter(xs, ys, s=14, facecolors="none", edgecolors=color, linewidths=0.8, alpha=0.7, zorder=3)
+    return ys
 
 
 def _log2_batch_axis(ax: Axes, batch_sizes: list[int]) -> None:
@@ -71,22 +74,15 @@ def _log2_batch_axis(ax: Axes, batch_sizes: list[int]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def _plot_line(
-    ax: Axes, points: list[tuple[int, Interval]], offset: float, clip: bool = True, **style
-) -> bool:
-    """One line with error bars; returns whether any point has n=1 (drawn without an error bar).
-
-    Dice lies in [0, 1]: with 2-3 seeds a t-interval reaches far beyond, so bars are clipped to that range
-    (the numbers in results.csv are not)."""
-    if not points:
+def _plot_line(ax: Axes, bars: list[tuple[int, float, float, float]], offset: float, **style) -> bool:
+    """One line with error bars (cell_bars); returns whether any point has no interval (a single seed)."""
+    if not bars:
         return False
-    xs = [bs * 2.0**offset for bs, _ in points]
-    ys = [iv.mean for _, iv in points]
-    low, high = (0.0, 1.0) if clip else (-float("inf"), float("inf"))  # a distance (HD95) has no upper bound
-    lower = [iv.mean - max(iv.low, low) for _, iv in points]
-    upper = [min(iv.high, high) - iv.mean for _, iv in points]
-    ax.errorbar(xs, ys, yerr=[lower, upper], capsize=3, linewidth=1.8, markersize=6, **style)
-    return any(not iv.has_spread for _, iv in points)
+    xs = [bs * 2.0**offset for bs, _, _, _ in bars]
+    ys = [mean for _, mean, _, _ in bars]
+    err = [[mean - low for _, mean, low, _ in bars], [high - mean for _, mean, _, high in bars]]
+    ax.errorbar(xs, ys, yerr=err, capsize=3, linewidth=1.8, markersize=6, **style)
+    return any(low == high for _, _, low, high in bars)
 
 
 def _suptitle(fig: Figure, text: str) -> None:
@@ -111,8 +107,32 @@ def _panels(count: int, width: float = 5.0, rows: int = 1) -> tuple[Figure, list
     return fig, [list(r) for r in axes]
 
 
-def _title(summary: Summary) -> str:
-    return summary.condition or "all runs"
+def _title(ax: Axes, summary: Summary) -> None:
+    """A panel is titled by its condition; a report with one condition has no panel title."""
+    if summary.condition:
+        ax.set_title(summary.condition, fontsize=10)
+
+
+def cell_bars(summary: Summary, row: str, clip: bool = True) -> list[tuple[int, float, float, float]]:
+    """(batch size, mean, low, high) of each cell of a row: the cell's one interval (cells.cell_interval,
+    also in the interval table and results.csv), clipped to [0, 1] for a score (not for a distance)."""
+    low, high = (0.0, 1.0) if clip else (-math.inf, math.inf)
+    bars = []
+    for bs in summary.batch_sizes:
+        cell = summary.cell(row, bs)
+        if cell is not None and cell.metric is not None:
+            iv = cell.metric
+            bars.append((bs, iv.mean, max(iv.low, low), min(iv.high, high)))
+    return bars
+
+
+def _fit_y(ax: Axes, values: list[float], clip: bool) -> None:
+    """Fit the y axis to what is drawn (a fixed 0-1 axis makes close norms overlap)."""
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    pad = max(0.02, 0.08 * (hi - lo))
+    ax.set_ylim(max(lo - pad, 0.0) if clip else lo - pad, min(hi + pad, 1.0) if clip else hi + pad)
 
 
 def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
@@ -121,28 +141,25 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
     fig, axes = _panels(len(analysis.conditions), width=6.5)
     colors = norm_colors(analysis)
     any_single = False
+    clip = analysis.metric not in LOWER_IS_BETTER
     for ax, summary in zip(axes[0], analysis.conditions, strict=True):
+        drawn: list[float] = []
         for i, row in enumerate(summary.rows):
-            points = [
-                (bs, cell.metric)
-                for bs in summary.batch_sizes
-                if (cell := summary.cell(row, bs)) is not None and cell.metric is not None
-            ]
+            bars = cell_bars(summary, row, clip)
             color = colors[_row_norm(summary, row)]
             style = {"marker": MARKERS[i % len(MARKERS)], "label": row, "color": color}
-            clip = analysis.metric not in LOWER_IS_BETTER
             offset = _offset(i, len(summary.rows))
-            any_single |= _plot_line(ax, points, offset, clip, **style)
-            _seed_points(ax, summary, row, offset, color)
+            any_single |= _plot_line(ax, bars, offset, **style)
+            drawn += _seed_points(ax, summary, row, offset, color)
+            drawn += [v for _, _, low, high in bars for v in (low, high)]
         _log2_batch_axis(ax, summary.batch_sizes)
-        ax.set_title(_title(summary), fontsize=10)
+        _fit_y(ax, drawn, clip)
+        _title(ax, summary)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(title="norm", fontsize=9, loc="best")
         else:
             # An all-failed sweep still gets a plot, so report.md never links to a missing file.
             ax.text(0.5, 0.5, "no completed runs yet", transform=ax.transAxes, ha="center", va="center")
-    if analysis.metric not in LOWER_IS_BETTER:
-        axes[0][0].set_ylim(0.0, 1.02)
     axes[0][0].set_ylabel(_metric_words(analysis.metric))
     note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
     _suptitle(
@@ -166,9 +183,9 @@ def plot_bn_eval_gap(analysis: Analysis, path: Path) -> Path | None:
         for ax, summary in zip(grid_row, analysis.conditions, strict=True):
             for i, mode in enumerate(summary.eval_modes):
                 points = [
-                    (bs, cell.eval_modes[mode])
+                    (bs, iv.mean, max(iv.low, 0.0), min(iv.high, 1.0))
                     for bs in summary.batch_sizes
-                    if (cell := summary.cell(row, bs)) is not None and mode in cell.eval_modes
+                    if (cell := summary.cell(row, bs)) is not None and (iv := cell.eval_modes.get(mode))
                 ]
                 style = {
                     "marker": MARKERS[i % len(MARKERS)],
@@ -177,7 +194,8 @@ def plot_bn_eval_gap(analysis: Analysis, path: Path) -> Path | None:
                 }
                 any_single |= _plot_line(ax, points, _offset(i, len(summary.eval_modes)), **style)
             _log2_batch_axis(ax, summary.batch_sizes)
-            ax.set_title(f"norm = {row}; {_title(summary)}", fontsize=10)
+            where = f"; {summary.condition}" if summary.condition else ""
+            ax.set_title(f"norm = {row}{where}", fontsize=10)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="best")
         grid_row[0].set_ylabel("Dice")  # eval_modes are always validation Dice, whatever --metric is
@@ -197,6 +215,7 @@ def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
         return None
     fig, axes = _panels(len(analysis.conditions), width=6.5)
     colors = norm_colors(analysis)
+    starred = False
     for ax, summary in zip(axes[0], analysis.conditions, strict=True):
         comparisons = summary.deltas.comparisons
         labels = sorted({d.label for d in comparisons})
@@ -223,15 +242,20 @@ def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
                 ]
                 if marked:
                     ax.scatter(*zip(*marked), marker="*", s=120, color=color, edgecolors="black", zorder=4)
+                    starred = True
         ax.axhline(0.0, color="black", linewidth=0.8)
+        margin = summary.deltas.margin
+        if margin:  # the equivalence margin: an interval inside the band is "equivalent"
+            ax.axhspan(-margin, margin, color="grey", alpha=0.15, linewidth=0, label=f"±{margin:g} margin")
         _log2_batch_axis(ax, summary.batch_sizes)
-        ax.set_title(_title(summary), fontsize=10)
+        _title(ax, summary)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
     axes[0][0].set_ylabel(f"{_metric_words(analysis.metric)} − {analysis.reference}")
+    star = "; ★: the interval excludes 0 (better or worse)" if starred else ""
     _suptitle(
         fig,
         f"Difference to {analysis.reference} at the same batch size and seed\nerror bars: the family-adjusted "
-        "intervals of the difference table; ★: the interval excludes 0 (better or worse)",
+        f"intervals of the difference table; grey band: the equivalence margin{star}",
     )
     return _save(fig, path)

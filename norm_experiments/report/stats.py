@@ -129,6 +129,7 @@ class Interval:
     low: float
     high: float
     level: float = 0.95
+    method: str = "seeds only"  # of [low, high]: report.model's SEEDS_AND_CASES where per-case scores exist
 
     @property
     def has_spread(self) -> bool:

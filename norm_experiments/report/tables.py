@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from norm_experiments.report.analysis import Summary
 from norm_experiments.report.cells import Cell, mode_label
-from norm_experiments.report.model import SEEDS_ONLY, paired
+from norm_experiments.report.model import SEEDS_ONLY
 from norm_experiments.report.stats import Interval
 from norm_experiments.report.verdicts import Comparison, Family, Verdict
 
@@ -268,15 +268,15 @@ def convergence_table(summary: Summary) -> str:
 
 
 def format_ci(cell: Cell | None, mode: str | None) -> str:
-    """The cell mean's 95% interval from the same model as the comparisons (§: seeds only)."""
-    found = paired(cell.values(mode)) if cell is not None else None
-    if found is None:
+    """The cell mean's 95% interval (cells.cell_interval: the model the comparisons use; §: seeds only), the
+    same numbers as results.csv and the plots' error bars."""
+    interval = cell.interval(mode) if cell is not None else None
+    if interval is None:
         return NO_DATA
-    if found.estimate is None:
-        return f"{found.a_mean:.3f} (n=1, no interval)"
-    half = found.estimate.half_width(0.05)
-    mark = SEEDS_ONLY_MARK if found.estimate.method == SEEDS_ONLY else ""
-    return f"{found.estimate.mean:.3f} [{found.estimate.mean - half:.3f}, {found.estimate.mean + half:.3f}]{mark}"
+    if not interval.has_spread and interval.method == SEEDS_ONLY:
+        return f"{interval.mean:.3f} (n=1, no interval)"
+    mark = SEEDS_ONLY_MARK if interval.method == SEEDS_ONLY else ""
+    return f"{interval.mean:.3f} [{interval.low:.3f}, {interval.high:.3f}]{mark}"
 
 
 def ci_table(summary: Summary) -> str:
