@@ -1,14 +1,15 @@
-"""Folder names of a sweep's runs: the swept keys first, in the order the sweep lists them, then the keys
-every run of the sweep shares, so that `tensorboard --logdir SWEEP_DIR` (which names each run after its
-folder) shows norm=, data.batch_size=, seed= ... where a cut-off name still shows them. Lists read as
-`16x16x16` (numbers) or `a+b` instead of `_16,16,16_`.
+"""Folder names of a sweep's runs: the swept keys only, in the order the sweep lists them, the first one as a
+folder (`norm=group/data.batch_size=2,seed=1`), so that `tensorboard --logdir SWEEP_DIR` (which names each
+run after its path) shows what differs between runs, grouped by norm. Lists read as `16x16x16` (numbers) or
+`a+b` instead of `_16,16,16_`.
 
 Which keys are swept: the sweep's own `hydra.sweeper.params` (the presets) and the command line's sweeps
 (`norm=batch,group`), which the job's config no longer shows: the sweep callback (sweep/callback.py) puts
 their keys into the environment (SWEPT_KEYS_ENV) before Hydra starts the jobs, which inherit it.
 
-A folder an earlier version named (the overrides sorted alphabetically, config.run_dirname) is kept when it
-exists, so that running a sweep's command again still finds, skips or continues its runs.
+A folder an earlier version named (the overrides sorted alphabetically, config.run_dirname; or every override,
+swept keys first, flat_run_name) is kept when it exists, so that running a sweep's command again still finds,
+skips or continues its runs.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ def safe(name: str) -> str:
     return cleaned
 
 
-def sweep_run_name(task_overrides: Iterable[str], swept: list[str], exclude_keys: Iterable[str] = ()) -> str:
-    """`key=value` of the job's overrides joined by ',': swept keys first (in `swept` order), the rest
-    sorted; `exclude_keys` (execution-only keys, config.EXECUTION_KEYS) left out."""
+def _items(task_overrides: Iterable[str], exclude_keys: Iterable[str]) -> dict[str, str]:
+    """key -> 'key=value' of the job's overrides, execution-only keys left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     excluded = set(exclude_keys)
@@ -70,21 +70,42 @@ def sweep_run_name(task_overrides: Iterable[str], swept: list[str], exclude_keys
             value = override.value()
             value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
             items[key] = f"{key}={readable(value)}"
+    return items
+
+
+def flat_run_name(task_overrides: Iterable[str], swept: list[str], exclude_keys: Iterable[str] = ()) -> str:
+    """The previous naming: every `key=value` of the job's overrides joined by ',', swept keys first (in
+    `swept` order), the rest sorted; `exclude_keys` (execution-only keys, config.EXECUTION_KEYS) left out."""
+    items = _items(task_overrides, exclude_keys)
     first = [items.pop(k) for k in swept if k in items]
     return safe(",".join(first + sorted(items.values()))) if first or items else "default"
+
+
+def sweep_run_name(task_overrides: Iterable[str], swept: list[str], exclude_keys: Iterable[str] = ()) -> str:
+    """A run's folder inside its sweep: `norm=group/data.batch_size=2,seed=1`, the first swept key's value as a
+    folder (TensorBoard's run filter and colour-by-regex group the runs by it), the other swept keys in
+    `swept` order in the run's own name. What every run of the sweep shares (`experiment=...`) is left out:
+    the sweep's multirun.yaml and each run's .hydra/ keep it. With no swept key known, the flat name."""
+    items = _items(task_overrides, exclude_keys)
+    own = [items[k] for k in swept if k in items]
+    if not own:
+        return flat_run_name(task_overrides, swept, exclude_keys)
+    group, rest = own[0], own[1:]
+    return f"{safe(group)}/{safe(','.join(rest))}" if rest else safe(group)
 
 
 def sweep_subdir(sweep_dir: str, override_dirname: str, task_overrides: Any, sweeper_params: Any) -> str:
     """The `sweep_run_dirname` resolver (configs/hydra/default.yaml): a job's folder inside the sweep."""
     from norm_experiments.config import EXECUTION_KEYS, LAUNCHER_KEYS, run_dirname
 
-    legacy = run_dirname(override_dirname)
-    if (Path(sweep_dir) / legacy).is_dir():
-        return legacy
     task = list(task_overrides or [])
     keys = swept_keys([], sweeper_params)
     keys += [k for k in os.environ.get(SWEPT_KEYS_ENV, "").split(",") if k and k not in keys]
-    return sweep_run_name(task, keys, [*EXECUTION_KEYS, *LAUNCHER_KEYS])
+    excluded = [*EXECUTION_KEYS, *LAUNCHER_KEYS]
+    for legacy in (run_dirname(override_dirname), flat_run_name(task, keys, excluded)):
+        if (Path(sweep_dir) / legacy).is_dir():  # a sweep started by an earlier version: found again
+            return legacy
+    return sweep_run_name(task, keys, excluded)
 
 
 def register() -> None:

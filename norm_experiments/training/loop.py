@@ -45,6 +45,7 @@ from norm_experiments.training.run_folder import (
 from norm_experiments.training.signals import StopRequest
 from norm_experiments.training.tensorboard import (
     NoWriter,
+    log_final_scores,
     log_hparams,
     log_mode_panel,
     open_writer,
@@ -404,6 +405,7 @@ class Run:
         extra["wall_time_s"] = time.perf_counter() - started
         record = self.write_record(Status.COMPLETED, **extra)
         log_hparams(writer, record)  # the HParams view reads the Validation/ scalars
+        log_final_scores(writer, record, self.state.step)
         return record
 
     def stopped(self) -> None:

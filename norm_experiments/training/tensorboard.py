@@ -8,9 +8,11 @@ the same event file instead of SummaryWriter.add_hparams, which would create an 
 every run writes the same experiment declaration (TensorBoard shows the first one it finds), which names the
 study's axes as differing and lists every metric, BatchNorm's evaluation modes included.
 
-Tag groups: `Training/`, `Validation/`, then the diagnostics `bn_stats/` and `batchrenorm/`. The first two are
-capitalised because TensorBoard's Time Series tab orders groups by name with upper case first: a user who
-opens it sees the scores before the per-layer statistics.
+Tag groups: `Final/`, `Training/`, `Validation/`, then the diagnostics `bn_stats/` and `batchrenorm/`. The
+first three are capitalised because TensorBoard's Time Series tab orders groups by name with upper case first:
+a user who opens it sees the scores before the per-layer statistics. `Final/` holds each final score as a
+single point: TensorBoard's default smoothing (0.6) bends the end of a curve of a few validations away from
+the run's score, and a single point it leaves as it is.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ METRIC_NOTES = {
 }
 # The Custom Scalars tab: validation first, BatchNorm's evaluation modes on one chart.
 LAYOUT = {
+    "final scores (one point each: what metrics.json says)": {
+        "Dice": ["Multiline", [r"^Final/dice_mean"]],
+        "HD95 mm": ["Multiline", [r"^Final/hd95_mean"]],
+    },
     "validation (x: training patches seen)": {
         "Dice, model.eval()": ["Multiline", [r"^Validation/dice_mean$"]],
         "Dice per class": ["Multiline", [r"^Validation/dice_(?!mean)"]],
@@ -131,7 +137,8 @@ def log_hparams(writer: SummaryWriter, record: Mapping) -> None:
     infos = []
     for key, title in {**STUDY_AXES, **OTHER_HPARAMS}.items():
         value = record.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # Whole numbers (batch size, seed, GPUs) as text: TensorBoard prints a number as 1.0000.
+        if isinstance(value, (bool, int)) or not isinstance(value, float):
             start.hparams[key].string_value = str(value)
             kind = api_pb2.DATA_TYPE_STRING
         else:
@@ -157,6 +164,16 @@ def log_hparams(writer: SummaryWriter, record: Mapping) -> None:
         )
         summary = Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
         writer.file_writer.add_summary(summary)
+
+
+def log_final_scores(writer: SummaryWriter, record: Mapping, step: int) -> None:
+    """`Final/` scalars: the record's final scores (metrics.json), one point each at the last step."""
+    scores = {"Final/dice_mean": record.get("val_dice"), "Final/hd95_mean": record.get("val_hd95")}
+    for mode, value in (record.get("eval_modes") or {}).items():
+        scores[f"Final/dice_mean_{mode}"] = value
+    for tag, value in scores.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(tag, value, step)
 
 
 # ------------------------------------------------------------------------------------ the image panels

@@ -10,6 +10,7 @@ import pytest
 
 from norm_experiments.sweep.run_names import (
     SWEPT_KEYS_ENV,
+    flat_run_name,
     readable,
     safe,
     sweep_run_name,
@@ -48,11 +49,20 @@ def test_swept_keys_come_first_and_execution_keys_are_left_out() -> None:
         "data.batch_size=4",
         "trainer.device=cpu",
     ]
-    name = sweep_run_name(task, ["norm", "data.batch_size", "seed"], exclude_keys=["trainer.device"])
+    swept = ["norm", "data.batch_size", "seed"]
+    name = flat_run_name(task, swept, exclude_keys=["trainer.device"])
     assert name == (
         "norm=group,data.batch_size=4,seed=2,data.patch_size=16x16x16,data.root=_data_Task04,data.val_cases=a+b"
     )
     assert sweep_run_name([], []) == "default"
+    # today's naming: grouped by the first swept key, what every run shares left out
+    assert (
+        sweep_run_name(task, swept, exclude_keys=["trainer.device"]) == "norm=group/data.batch_size=4,seed=2"
+    )
+    assert sweep_run_name(task, ["norm"]) == "norm=group"
+    assert sweep_run_name(task, ["data.val_cases"]) == "data.val_cases=a+b"
+    # no swept key known (a launcher that lost the environment): every override, never one shared name
+    assert sweep_run_name(task, []) == flat_run_name(task, [])
 
 
 def test_long_names_are_cut_with_a_hash() -> None:
@@ -63,6 +73,8 @@ def test_long_names_are_cut_with_a_hash() -> None:
 def test_subdir_keeps_an_existing_folder_of_the_old_naming(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv(SWEPT_KEYS_ENV, "norm")
     task = ["experiment=smoke", "norm=group"]
+    assert sweep_subdir(str(tmp_path), "experiment=smoke,norm=group", task, None) == "norm=group"
+    (tmp_path / "norm=group,experiment=smoke").mkdir()  # a sweep started before the grouped names
     assert (
         sweep_subdir(str(tmp_path), "experiment=smoke,norm=group", task, None)
         == "norm=group,experiment=smoke"

@@ -28,7 +28,7 @@ from tests.helpers import free_port, metrics_of, run_cli
 pytestmark = pytest.mark.slow
 
 SWEEP = ["-m", "experiment=smoke", "name=tb", "norm=batch,group", "seed=1", "trainer.num_threads=1"]
-RUNS = ["norm=batch,experiment=smoke,seed=1", "norm=group,experiment=smoke,seed=1"]
+RUNS = ["norm=batch", "norm=group"]  # the swept key only: what every run shares is left out
 MODES = ("running", "precise", "batch")
 
 
@@ -62,6 +62,13 @@ def test_mode_scalars_at_patches_seen(sweep: Path) -> None:
         assert dice[-1].step == record["samples_seen"] == 16 and record["steps"] == 8
         assert dice[-1].value == pytest.approx(record["val_dice"], abs=1e-6)
         assert not any(tag.startswith("hparam/") for tag in acc.Tags()["scalars"])  # no duplicate points
+        # Final/: each final score of metrics.json as one point at the last x
+        final = {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"] if tag.startswith("Final/")}
+        assert [(e.step, e.value) for e in final["Final/dice_mean"]] == [
+            (16, pytest.approx(record["val_dice"]))
+        ]
+        for mode, value in (record.get("eval_modes") or {}).items():
+            assert [e.value for e in final[f"Final/dice_mean_{mode}"]] == [pytest.approx(value)]
     acc, record = events(sweep / RUNS[0]), metrics_of(sweep / RUNS[0])
     for mode in MODES:
         points = acc.Scalars(f"Validation/dice_mean_{mode}")
@@ -106,7 +113,9 @@ def test_one_hparams_experiment_with_the_study_axes_and_every_metric(sweep: Path
         assert {f"Validation/dice_mean_{mode}" for mode in MODES} <= set(METRICS)
         start = hparams_data(acc, "_hparams_/session_start_info").session_start_info
         assert start.hparams["norm"].string_value == name.split(",")[0].split("=")[1]
-        assert start.hparams["batch_size"].number_value == 2 and start.hparams["seed"].number_value == 1
+        # whole numbers as text (TensorBoard shows a number as 2.0000), the learning rate a number
+        assert start.hparams["batch_size"].string_value == "2" and start.hparams["seed"].string_value == "1"
+        assert start.hparams["lr"].number_value > 0
     assert experiments[0] == experiments[1]  # whichever run TensorBoard reads first, the same declaration
 
 
@@ -114,7 +123,8 @@ def test_custom_scalars_put_the_three_modes_on_one_chart(sweep: Path) -> None:
     acc = events(sweep / RUNS[0])
     content = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     layout = layout_pb2.Layout.FromString(content)
-    assert layout.category[0].title.startswith("validation")
+    assert layout.category[0].title.startswith("final scores")
+    assert layout.category[1].title.startswith("validation")
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     modes_chart = next(tags for title, tags in charts.items() if "precise" in title)
     matched = {t for t in acc.Tags()["scalars"] if any(re.search(p, t) for p in modes_chart)}
@@ -160,7 +170,12 @@ def test_tensorboard_serves_runs_scalars_and_one_hparams_experiment(sweep: Path)
         metric_tags = [m["name"]["tag"] for m in experiment["metricInfos"]]  # type: ignore[index]
         assert metric_tags == list(METRICS)
         layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
-        assert layout["category"][0]["title"].startswith("validation")  # type: ignore[index]
+        assert layout["category"][0]["title"].startswith("final scores")  # type: ignore[index]
+        # the final score as a point of its own: TensorBoard's smoothing leaves a single point as it is
+        final_points = get_json(
+            f"{base}/data/plugin/scalars/scalars?run={RUNS[1]}&tag=Final/dice_mean".replace(",", "%2C")
+        )
+        assert len(final_points) == 1 and abs(final_points[0][2] - final) < 1e-6  # type: ignore[index,arg-type]
     finally:
         server.terminate()
         server.wait(timeout=10)
