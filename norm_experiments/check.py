@@ -48,7 +48,6 @@ from norm_experiments.diagnose.case_verdicts import (
 )
 from norm_experiments.diagnose.network import (
     build_network,
-    check_finite,
     check_forward,
     check_input_channels,
     load_into,
@@ -266,7 +265,6 @@ def check(cfg: DictConfig) -> None:
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     weights = ckpt.load_weights(weights_path, trust=bool(cfg.trust_weights), trust_flag=TRUST_FLAG)
-    check_finite(weights_path, weights)
     device = select_device(str(cfg.trainer.device))
     data = load_data(cfg.data)
     net = build_network(cfg, data.info.num_channels, len(data.info.labels), median_spacing(data.train))

@@ -1,11 +1,16 @@
 """The network a user hands norm-exp-check: built from a Hydra `_target_` config (checked first: only network
-classes of MONAI or ours may be named), or ours from model=/norm=; the weights matched against it key by key,
-with one line naming what differs; and one forward pass that shows the network segments the data."""
+classes of MONAI or ours may be named, no argument may name a URL or pretrained weights, interpolations are
+resolved within a budget), or ours from model=/norm=; the weights checked tensor by tensor and matched against
+it key by key, with one line naming what differs; and one forward pass that shows the network segments the data."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +19,10 @@ import torch
 from hydra._internal.utils import _locate
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from norm_experiments import safe_io
+from norm_experiments import safe_io, safe_yaml
 from norm_experiments.data.pipeline import DataBundle
 from norm_experiments.diagnose.probe import layer_shapes
 from norm_experiments.errors import UserError
@@ -36,7 +42,8 @@ class Network:
 
 def net_config(net: object) -> DictConfig:
     """The `net` key as a config with a _target_: given inline, as the path of a YAML file, or as a MONAI
-    bundle's folder; checked (allowed_targets) before anything in it is imported or called."""
+    bundle's folder; checked (allowed_targets) before anything in it is imported or called, and returned with
+    its interpolations resolved (within a budget: resolved_net), checked again."""
     if isinstance(net, str) and Path(net).expanduser().is_dir():
         net = bundle_network(Path(net).expanduser())
     elif isinstance(net, str):
@@ -47,7 +54,8 @@ def net_config(net: object) -> DictConfig:
                 "network inline)"
             )
         try:
-            net = OmegaConf.create(safe_io.read_text(path, safe_io.MAX_YAML_BYTES))
+            loaded = safe_yaml.load(safe_io.read_text(path, safe_io.MAX_YAML_BYTES), path)
+            net = OmegaConf.create(loaded) if isinstance(loaded, dict) else loaded
         except safe_io.UnsafeFile as err:
             raise UserError(f"net={err}") from None
         except Exception as err:
@@ -57,6 +65,8 @@ def net_config(net: object) -> DictConfig:
             "net: needs a _target_, e.g. net='{_target_: monai.networks.nets.UNet, spatial_dims: 3, ...}'"
         )
     allowed_targets(net)
+    net = resolved_net(net)
+    allowed_targets(net)  # what the interpolations brought in (from the rest of the config) is checked too
     return net
 
 
@@ -75,10 +85,7 @@ def bundle_network(folder: Path) -> DictConfig:
         )
     try:
         text = safe_io.read_text(found, safe_io.MAX_JSON_BYTES)
-        if found.suffix == ".json":
-            config = safe_io.parse_json(text, found)
-        else:
-            config = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+        config = safe_io.parse_json(text, found) if found.suffix == ".json" else safe_yaml.load(text, found)
     except (safe_io.UnsafeFile, UserError) as err:
         raise UserError(f"net={err}") from None
     except Exception as err:
@@ -86,17 +93,25 @@ def bundle_network(folder: Path) -> DictConfig:
     network = config.get("network_def") if isinstance(config, dict) else None
     if not isinstance(network, dict) or "_target_" not in network:
         raise UserError(f"net={found}: no network_def with a _target_ in it")
-    network = _filled(network, config, f"{found}: network_def")
+    network = _filled(network, config, f"{found}: network_def", [safe_yaml.MAX_NODES])
     if isinstance(network["_target_"], str) and "." not in network["_target_"]:
         network["_target_"] = BUNDLE_NETWORKS + network["_target_"]
     return OmegaConf.create(network)
 
 
-def _filled(node: object, config: dict, where: str, references: int = 0) -> object:
+def _filled(node: object, config: dict, where: str, budget: list[int], references: int = 0) -> object:
+    """`node` with its `@key` references filled in, at most 4 deep, and at most budget[0] values in all (four
+    levels of 150 references each would otherwise expand to 500 million)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise UserError(
+            f"{where}: refused, its @-references expand to more than {safe_yaml.MAX_NODES} values; write the "
+            "network out in a YAML file and give that as net="
+        )
     if isinstance(node, dict):
-        return {k: _filled(v, config, f"{where}.{k}", references) for k, v in node.items()}
+        return {k: _filled(v, config, f"{where}.{k}", budget, references) for k, v in node.items()}
     if isinstance(node, list):
-        return [_filled(v, config, f"{where}[{i}]", references) for i, v in enumerate(node)]
+        return [_filled(v, config, f"{where}[{i}]", budget, references) for i, v in enumerate(node)]
     if isinstance(node, str) and node.startswith(("$", "%")):
         raise UserError(
             f"{where}={node}: an expression or macro, which this check does not evaluate (it could run code); "
@@ -106,7 +121,7 @@ def _filled(node: object, config: dict, where: str, references: int = 0) -> obje
         value = config.get(node[1:]) if isinstance(config, dict) else None
         if value is None or references >= 4 or (isinstance(value, str) and value.startswith(("$", "%", "@"))):
             raise UserError(f"{where}={node}: refers to no plain value of the bundle config; write it out")
-        return _filled(value, config, f"{where} ({node})", references + 1)
+        return _filled(value, config, f"{where} ({node})", budget, references + 1)
     return node
 
 
@@ -118,25 +133,62 @@ _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 def allowed_targets(net_cfg: DictConfig) -> None:
     """Refuse, before anything is imported or called, a net config with a _target_ (at any depth) that is
-    not a network class of MONAI or ours, or an interpolation that calls a resolver (${oc.env:...})."""
+    not a network class of MONAI or ours, an interpolation that calls a resolver (${oc.env:...}), or anything
+    that would make the network download (no_download_arguments)."""
     plain = OmegaConf.to_container(net_cfg, resolve=False)
-    for where, target in _targets(plain, "net"):
-        _check_target(where, target)
+    nodes = list(_targets(plain, "net"))
+    classes = [_check_target(f"{where}._target_", node["_target_"]) for where, node in nodes]
     for where, text in _strings(plain, "net"):
         if "${" in text and ":" in text[text.index("${") :]:
             raise UserError(f"{where}={text}: a resolver in a network config is not allowed")
+    for (where, node), cls in zip(nodes, classes):
+        no_download_arguments(where, cls, node)
+    for where, text in _strings(plain, "net"):
+        if "://" in text:
+            raise UserError(f"{where}={text}: a URL; {_LEAVE_IT_OUT}")
 
 
 def _targets(node: object, where: str):
+    """(where, the dict) for every dict with a _target_, at any depth."""
     if isinstance(node, dict):
+        if "_target_" in node:
+            yield where, node
         for key, value in node.items():
-            if key == "_target_":
-                yield f"{where}._target_", value
-            else:
+            if key != "_target_":
                 yield from _targets(value, f"{where}.{key}")
     elif isinstance(node, list):
         for i, value in enumerate(node):
             yield from _targets(value, f"{where}[{i}]")
+
+
+# Arguments through which a network class loads weights from elsewhere: MONAI's pretrained (DenseNet,
+# EfficientNetBN, ResNetFeatures, MILModel, FlexibleUNet: torch hub or Hugging Face), pretrained_url (HoVerNet),
+# weights (TorchVisionFCModel), path_or_repo_id (Transchex), checkpoint (a file it would unpickle).
+_DOWNLOAD_ARGUMENT = re.compile(
+    r"pretrain|url|download|^weights$|^checkpoint$|path_or_repo_id", re.IGNORECASE
+)
+NO_DOWNLOADS = "norm-exp-check builds a network without downloading or loading anything"
+_LEAVE_IT_OUT = f"{NO_DOWNLOADS} (the weights it checks are the file given as weights=); leave it out"
+
+
+def no_download_arguments(where: str, cls: type, node: dict) -> None:
+    """Refuse a network whose arguments, or whose class's defaults (EfficientNetBN: pretrained=True), name
+    pretrained weights or a URL: building it would fetch them (into torch hub's cache, which later builds
+    reuse) or unpickle a file, before any check of ours could see them."""
+    for key, value in node.items():
+        if isinstance(key, str) and _DOWNLOAD_ARGUMENT.search(key) and value:
+            raise UserError(f"{where}.{key}={value}: names weights to download or load; {_LEAVE_IT_OUT}")
+    try:
+        parameters = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return
+    for key, parameter in parameters.items():
+        default = parameter.default
+        if key not in node and _DOWNLOAD_ARGUMENT.search(key) and default is not parameter.empty and default:
+            raise UserError(
+                f"{where}: {cls.__name__} loads pretrained weights by default ({key}={default!r}), which "
+                f"downloads them; set {key}: false ({NO_DOWNLOADS}; the weights it checks are weights=)"
+            )
 
 
 def _strings(node: object, where: str):
@@ -150,7 +202,7 @@ def _strings(node: object, where: str):
         yield where, node
 
 
-def _check_target(where: str, target: object) -> None:
+def _check_target(where: str, target: object) -> type:
     """A MONAI or project network class, by its dotted name (only then imported, to check what it is)."""
     allowed = "a network class of monai.networks.nets (e.g. UNet, BasicUNet, DynUNet, SegResNet) or ours"
     if not isinstance(target, str) or not _DOTTED.fullmatch(target) or not target.startswith(NETWORK_MODULES):
@@ -165,13 +217,177 @@ def _check_target(where: str, target: object) -> None:
         isinstance(found, type) and issubclass(found, nn.Module) and f"{module}.".startswith(NETWORK_MODULES)
     ):
         raise UserError(f"{where}={target}: not allowed, not a network class ({allowed})")
+    return found
+
+
+# ------------------------------------------------------------------------------------------ interpolations
+
+_REFERENCE = re.compile(r"\$\{([^${}]*)\}")  # ${key}, ${.key}, ${a.b[0]}: another value of the config
+_WHOLE_REFERENCE = re.compile(r"\$\{[^${}]*\}")
+_MISSING = object()
+
+
+def resolved_net(net_cfg: DictConfig) -> DictConfig:
+    """The net config with its interpolations filled in, as a config of its own (nothing left to resolve).
+
+    OmegaConf resolves `b: [${a}, ${a}]` by copying `a`: nine such lines nine levels deep expand to hundreds of
+    millions of values, and `"${a}${a}"` doubles a string at each level. So every reference is first followed
+    here, with a budget: keys that interpolate each other (a cycle), a reference to nothing, or more than
+    safe_yaml.MAX_NODES values in all are refused in one line, before OmegaConf resolves anything."""
+    root = net_cfg._get_root()
+    # net= given inline is a node of the whole config, and its interpolations may refer to the rest of it
+    inline = root is not net_cfg
+    path = tuple(_key_path(net_cfg._get_full_key(None))) if inline else ()
+    try:
+        _References(OmegaConf.to_container(root, resolve=False), "" if inline else "net").cost(path)
+        resolved = OmegaConf.to_container(net_cfg, resolve=True)
+    except RecursionError:
+        raise UserError(
+            "net: its interpolations refer to one another too deeply; write the values out"
+        ) from None
+    except OmegaConfBaseException as err:
+        raise UserError(f"net: an interpolation cannot be resolved: {str(err).splitlines()[0]}") from None
+    return OmegaConf.create(resolved)
+
+
+def _key_path(reference: str) -> list[str]:
+    return [k for k in reference.replace("[", ".").replace("]", "").split(".") if k]
+
+
+class _References:
+    """Follows the interpolations of a plain (unresolved) config, counting the values each node expands to."""
+
+    def __init__(self, root: object, name: str, budget: int = safe_yaml.MAX_NODES) -> None:
+        self.root, self.name, self.budget = root, name, budget
+        self.costs: dict[tuple, int] = {}
+        self.open: list[tuple] = []
+
+    def shown(self, path: tuple) -> str:
+        return ".".join((self.name, *path) if self.name else path) or "net"
+
+    def cost(self, path: tuple) -> int:
+        if path in self.costs:
+            return self.costs[path]
+        if path in self.open:
+            cycle = " -> ".join(self.shown(p) for p in [*self.open[self.open.index(path) :], path])
+            raise UserError(
+                f"{self.shown(path)}: interpolations that refer to each other ({cycle}); write the values out"
+            )
+        self.open.append(path)
+        value = self.value(path)
+        if isinstance(value, dict):
+            total = 1 + sum(self.cost((*path, str(k))) for k in value)
+        elif isinstance(value, list):
+            total = 1 + sum(self.cost((*path, str(i))) for i in range(len(value)))
+        elif isinstance(value, str) and "${" in value:
+            if "${" in _REFERENCE.sub("", value):
+                raise UserError(
+                    f"{self.shown(path)}={value}: a nested interpolation, which a network config may not hold"
+                )
+            total = 1 + len(value) // 100
+            for reference in _REFERENCE.findall(value):
+                target = self.target(path, reference)
+                if target is None or self.value(target) is _MISSING:
+                    raise UserError(
+                        f"{self.shown(path)}={value}: refers to {reference.strip()}, which the config does not have"
+                    )
+                total += self.cost(target)
+        else:
+            total = 1 + len(str(value)) // 100
+        self.open.pop()
+        if total > self.budget:
+            raise UserError(
+                f"{self.shown(path)}: refused, its interpolations expand to more than {self.budget} values; write "
+                "the values out"
+            )
+        self.costs[path] = total
+        return total
+
+    def target(self, path: tuple, reference: str) -> tuple | None:
+        """The path `reference` (absolute, or relative with leading dots) names, seen from the value at `path`."""
+        reference = reference.strip()
+        dots = len(reference) - len(reference.lstrip("."))
+        if dots > len(path):
+            return None
+        base = path[: len(path) - dots] if dots else ()  # no dot: from the top of the config
+        return (*base, *_key_path(reference[dots:]))
+
+    def value(self, path: tuple, hops: int = 0) -> object:
+        """The plain value at `path`, following whole-value interpolations on the way (${a}.b); _MISSING if none."""
+        node = self.root
+        for i, key in enumerate(path):
+            if isinstance(node, str) and _WHOLE_REFERENCE.fullmatch(node):
+                target = self.target(path[:i], node[2:-1])
+                if hops > 100:
+                    raise UserError(
+                        f"{self.shown(path)}: interpolations that refer to each other; write the values out"
+                    )
+                node = _MISSING if target is None else self.value(target, hops + 1)
+            if isinstance(node, dict):
+                node = next((v for k, v in node.items() if str(k) == key), _MISSING)
+            elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+                node = node[int(key)]
+            else:
+                return _MISSING
+        return node
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+class _DownloadGuard:
+    """While `on`, an audit hook (PEP 578) refuses every URL opened and every socket connected in this process:
+    the backstop for a network class that downloads with arguments no_download_arguments does not know. The hook
+    is added once, at the first build, and cannot be removed; off, it only compares a string."""
+
+    EVENTS = frozenset({"urllib.Request", "socket.connect", "socket.getaddrinfo", "http.client.connect"})
+
+    def __init__(self) -> None:
+        self.installed = False
+        self.on = False
+        self.tried: str | None = None
+
+    def hook(self, event: str, args: tuple) -> None:
+        if self.on and event in self.EVENTS:
+            self.tried = self.tried or f"{event} {args[0] if args else ''}"
+            raise PermissionError(f"{event}: no downloads while a network is built")
+
+    @contextlib.contextmanager
+    def blocking(self) -> Iterator[None]:
+        if not self.installed:
+            sys.addaudithook(self.hook)
+            self.installed = True
+        self.on, self.tried = True, None
+        try:
+            yield
+        finally:
+            self.on = False
+
+
+_DOWNLOADS = _DownloadGuard()
+
+
+@contextlib.contextmanager
+def no_downloads(what: str) -> Iterator[None]:
+    """Run the block with every URL and socket refused; raises UserError naming `what` if it tried one (also
+    when the class caught the refusal and went on)."""
+    try:
+        with _DOWNLOADS.blocking():
+            yield
+    finally:
+        if _DOWNLOADS.tried:
+            raise UserError(
+                f"{what} tried to download ({_DOWNLOADS.tried}) while being built, and was stopped: "
+                f"{NO_DOWNLOADS}"
+            )
 
 
 def instantiate_net(net_cfg: DictConfig) -> nn.Module:
     target = str(net_cfg._target_)
     register_monai_norms()  # our norm names also work in a MONAI network's norm argument
     try:
-        model = hydra.utils.instantiate(net_cfg, _convert_="all")
+        with no_downloads(f"net: {target}"):
+            model = hydra.utils.instantiate(net_cfg, _convert_="all")
     except InstantiationException as err:
         cause = err.__cause__ or err
         raise UserError(f"net: {target} refused its arguments: {str(cause).splitlines()[0]}") from None
@@ -209,16 +425,6 @@ def unwrap_keys(weights: dict, model: nn.Module) -> dict:
         ):
             return {k[len(prefix) :]: v for k, v in weights.items()}
     return weights
-
-
-def check_finite(path: Path, weights: dict) -> None:
-    """Weights with NaN or infinite values score nothing real (every output NaN): refused, naming a tensor."""
-    for key, value in weights.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            raise UserError(
-                f"{path}: {key} holds {bad} NaN or infinite value(s); these weights score nothing"
-            )
 
 
 def check_input_channels(model: nn.Module, num_channels: int, data: DataBundle) -> None:

@@ -4,12 +4,18 @@ Every file is opened with torch's safe loader (`weights_only=True`: tensors, pla
 so a crafted checkpoint.pt or model.pt in a run folder cannot run code when it is opened. Everything a
 checkpoint holds is stored in that form, the RNG states included. A file that needs any other type (a
 checkpoint written before this format, or a file from elsewhere) is refused unless the caller trusts it.
+
+What a file holds is then checked before anything uses it (check_tensors, check_weights): every tensor dense,
+of a real dtype (complex values pass a NaN check that looks at floating point only; float8 has no isfinite),
+no larger than the storage it views (4 bytes can be saved as a 2^20 x 2^20 tensor of stride 0, which any
+operation turns into terabytes); a state dict's keys are parameter names and its values finite.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
 import random
 import re
@@ -92,6 +98,8 @@ def load(path: Path, trust: bool = False) -> dict:
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(saved, dict) or key not in saved]
     if missing:
         raise UserError(f"{path}: not a checkpoint of this project (no {', '.join(missing)}); move it away")
+    if isinstance(saved["model"], dict):  # a checkpoint never holds a diverged state (training.loop)
+        check_weights(path, saved["model"])
     return saved
 
 
@@ -156,10 +164,102 @@ def load_weights(path: Path, trust: bool = False, trust_flag: str = TRUST_FLAG) 
         saved = saved["model"]
     if not isinstance(saved, dict) or not any(isinstance(v, torch.Tensor) for v in saved.values()):
         raise UserError(f"{path}: holds no model weights (neither a state dict nor a checkpoint)")
+    check_weights(path, saved)
     return saved
 
 
+# The dtypes a network's state dict (ours, MONAI's) or a checkpoint holds: floating point weights, integer
+# counters (num_batches_tracked, optimizer steps), bytes (RNG states), booleans.
+WEIGHT_DTYPES = frozenset(
+    {
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.bool,
+    }
+)
+# All views of a file's tensors together: tied weights count twice, slices of one flat buffer once; far more
+# than this means views that overlap or repeat values, which cost memory the file does not hold.
+MAX_VIEW_BYTES_PER_FILE_BYTE = 4
+
+
+def check_tensors(path: Path, saved: object) -> None:
+    """Refuse, naming the tensor, a file whose tensors cannot be used as they are: a layout other than dense
+    (sparse), a dtype outside WEIGHT_DTYPES (complex, float8, quantized), a view larger than its storage, or
+    views that together take far more memory than the file holds. Nothing is computed on a tensor here."""
+    try:
+        file_bytes = os.stat(path).st_size
+    except OSError:
+        file_bytes = 0
+    total = 0
+    for where, tensor in _tensors(saved):
+        if tensor.layout != torch.strided:
+            raise UserError(f"{path}: {where} is a {tensor.layout} tensor; weights are dense tensors")
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise UserError(
+                f"{path}: {where} holds {str(tensor.dtype).removeprefix('torch.')} values: no network of this "
+                "project or of MONAI has them, and a check for NaN in real weights would let them pass; weights "
+                "are float16, bfloat16, float32 or float64"
+            )
+        view = tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage().nbytes()
+        if view > storage:
+            raise UserError(
+                f"{path}: {where} is a {'x'.join(map(str, tensor.shape))} view of {view} bytes, larger than "
+                f"the {storage} bytes of storage it views; a file of real weights stores every value"
+            )
+        total += view
+    if total > MAX_VIEW_BYTES_PER_FILE_BYTE * max(file_bytes, 2**20):
+        raise UserError(
+            f"{path}: its tensors view {total / 2**20:.0f} MiB of values stored in a {file_bytes / 2**20:.1f} MiB "
+            "file (the same values viewed over and over); a file of real weights stores every value"
+        )
+
+
+def _tensors(saved: object):
+    """(where, tensor) for every tensor in nested dicts, lists and tuples, without recursion."""
+    stack: list[tuple[str, object]] = [("", saved)]
+    while stack:
+        where, node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            yield where or "the tensor", node
+        elif isinstance(node, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(node))
+
+
+def check_weights(path: Path, weights: dict) -> None:
+    """A state dict's keys are parameter names (strings), and weights with NaN or infinite values score
+    nothing real (every output NaN): refused, naming a key. After check_tensors (isfinite allocates one flag
+    per value: it must not run on a view larger than its storage)."""
+    for key, value in weights.items():
+        if not isinstance(key, str):
+            raise UserError(
+                f"{path}: the key {key!r} ({type(key).__name__}) is not a parameter name; not the state dict "
+                "of a network"
+            )
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise UserError(
+                f"{path}: {key} holds {bad} NaN or infinite value(s); these weights score nothing"
+            )
+
+
 def _load(path: Path, trust: bool, trust_flag: str, hint: str) -> object:
+    """What the file holds (_unpickle), its tensors checked (check_tensors) before anything uses them."""
+    saved = _unpickle(path, trust, trust_flag, hint)
+    check_tensors(path, saved)
+    return saved
+
+
+def _unpickle(path: Path, trust: bool, trust_flag: str, hint: str) -> object:
     """torch.load with the safe loader. A file that needs other types is refused unless trust is set;
     with trust, it is unpickled (which can run code) and a warning says so."""
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments import run_record, safe_io
+from norm_experiments import run_record, safe_io, safe_yaml
 from norm_experiments.errors import UserError
 from norm_experiments.run_record import Status
 from norm_experiments.training import checkpoint as ckpt
@@ -136,8 +136,8 @@ def _saved_config(path: Path) -> dict | None:
     """run_config.yaml as plain data, never resolved (a crafted one may hold ${oc.env:...}); None when it is
     no readable mapping: the refusal then only lacks the list of differences."""
     try:
-        old = OmegaConf.to_container(OmegaConf.create(safe_io.read_text(path, safe_io.MAX_YAML_BYTES)))
-    except Exception:  # noqa: BLE001 - any unreadable file (UnsafeFile, YAML error, deep nesting): no diff
+        old = safe_yaml.load(safe_io.read_text(path, safe_io.MAX_YAML_BYTES), path)
+    except Exception:  # noqa: BLE001 - any unreadable file (UnsafeFile: too large, an alias bomb, no YAML): no diff
         return None
     return old if isinstance(old, dict) else None
 
@@ -196,10 +196,10 @@ def saved_overrides(run_dir: Path, config_dir: Path) -> list[str]:
     if not saved.exists():  # something else than a file (a FIFO, a device) is refused below, by its kind
         raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
     try:
-        overrides = OmegaConf.to_container(OmegaConf.create(safe_io.read_text(saved, safe_io.MAX_YAML_BYTES)))
-    except safe_io.UnsafeFile as err:
+        overrides = safe_yaml.load(safe_io.read_text(saved, safe_io.MAX_YAML_BYTES), saved)
+    except safe_io.UnsafeFile as err:  # too large, not a file, an alias bomb, not YAML
         raise UserError(f"resume={run_dir}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - YAML errors, deep nesting: a damaged or crafted file
+    except Exception as err:  # noqa: BLE001 - kept so that any other failure to read it is one line too
         raise UserError(
             f"resume={run_dir}: {saved} is not a list of overrides ({type(err).__name__})"
         ) from None
