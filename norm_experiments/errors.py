@@ -53,23 +53,36 @@ class _GuardedStdout:
 
     On the first error fd 1 is pointed at /dev/null, so that the flushes still to come (Python flushes
     stdout at exit) succeed instead of printing 'Exception ignored ... BrokenPipeError'; every later write
-    raises the same StdoutError, so that an error a logging handler swallowed is still reported at the end."""
+    raises the same StdoutError, so that an error a logging handler swallowed is still reported at the end.
 
-    def __init__(self, stream) -> None:
+    With quiet_when_closed, a closed pipe (EPIPE: the reader of `| head` or `| true` has gone) is no error:
+    the reader wants no more output, so the rest goes to /dev/null and the command ends as it would have
+    (a shell's own commands die of SIGPIPE there, quietly). A full disk or /dev/full stays an error."""
+
+    def __init__(self, stream, quiet_when_closed: bool = False) -> None:
         self._stream = stream
         self._error: StdoutError | None = None
+        self.quiet_when_closed = quiet_when_closed
 
-    def _failed(self, err: OSError) -> StdoutError:
+    def _to_devnull(self) -> None:
         import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def _failed(self, err: OSError) -> None:
+        """Raise StdoutError, except for a closed pipe in quiet_when_closed mode (then: output dropped)."""
+        import errno
 
         from norm_experiments.safe_io import os_reason
 
         if self._error is None:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
+            self._to_devnull()
+            if err.errno == errno.EPIPE and self.quiet_when_closed:
+                return
             self._error = StdoutError(f"cannot write to standard output ({os_reason(err)}); output lost")
-        return self._error
+        raise self._error from None
 
     def write(self, text: str) -> int:
         if self._error is not None:
@@ -77,13 +90,14 @@ class _GuardedStdout:
         try:
             return self._stream.write(text)
         except OSError as err:
-            raise self._failed(err) from None
+            self._failed(err)
+            return len(text)  # a closed pipe, quietly: the text is dropped
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except OSError as err:
-            raise self._failed(err) from None
+            self._failed(err)
         if self._error is not None:
             raise StdoutError(str(self._error))
 
@@ -91,14 +105,18 @@ class _GuardedStdout:
         return getattr(self._stream, name)
 
 
-def guard_stdout() -> None:
-    """Install the guard on sys.stdout (an entry point calls it first; twice is harmless)."""
-    if not isinstance(sys.stdout, _GuardedStdout) and hasattr(sys.stdout, "fileno"):
+def guard_stdout(quiet_when_closed: bool = False) -> None:
+    """Install the guard on sys.stdout (an entry point calls it first; twice is harmless). quiet_when_closed:
+    a closed pipe drops the rest of the output instead of being an error (see _GuardedStdout)."""
+    if isinstance(sys.stdout, _GuardedStdout):
+        sys.stdout.quiet_when_closed |= quiet_when_closed
+        return
+    if hasattr(sys.stdout, "fileno"):
         try:
             sys.stdout.fileno()
         except (OSError, ValueError):  # not a real file (a test's capture): nothing to guard
             return
-        guarded = _GuardedStdout(sys.stdout)
+        guarded = _GuardedStdout(sys.stdout, quiet_when_closed)
         sys.stdout = guarded  # type: ignore[assignment]
         # Python flushes sys.stdout once more after the atexit functions: the stream itself does it then
         # (after an error it writes to /dev/null), so that no 'Exception ignored' follows the error line.

@@ -107,14 +107,30 @@ def _number(kind: type) -> Any:
     return parse
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's pairs as a dict; a key that appears twice is refused (Python's parser would silently keep
+    the last value, another reader the first: the file says two things)."""
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                shown = key if len(key) <= 40 else key[:37] + "..."
+                raise UnsafeFile(f"the key {shown!r} appears twice in one object")
+            seen.add(key)
+    return found
+
+
 def parse_json(text: str, where: Path | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """json.loads with a depth and a number-size limit. Raises UnsafeFile, or json.JSONDecodeError (which
-    callers already report with line and column) for text that is not JSON."""
+    """json.loads with a depth and a number-size limit, refusing duplicate keys. Raises UnsafeFile, or
+    json.JSONDecodeError (which callers already report with line and column) for text that is not JSON."""
     depth = json_depth(text)
     if depth > max_depth:
         raise UnsafeFile(f"{where}: refused, nested {depth} levels deep (at most {max_depth})")
     try:
-        return json.loads(text, parse_int=_number(int), parse_float=_number(float))
+        return json.loads(
+            text, parse_int=_number(int), parse_float=_number(float), object_pairs_hook=_unique_keys
+        )
     except UnsafeFile as err:
         raise UnsafeFile(f"{where}: refused, {err}") from None
     except RecursionError:  # not reached below the depth limit; kept so that no limit change brings it back

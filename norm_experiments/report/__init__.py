@@ -7,6 +7,8 @@ print(report.table)
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +69,18 @@ def build_report(
     return Report(collection, analysis, document.render_markdown(analysis, collection, plots={}))
 
 
+@contextmanager
+def _naming(final: Path, stage: Path) -> Iterator[None]:
+    """An OSError while a file of the report is written names that file where it was going (`final`): a
+    failed write or close (a full disk) carries no file name, and the staging folder is removed afterwards."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None or Path(err.filename).parent == stage:
+            raise OSError(err.errno, err.strerror or str(err), str(final)) from err
+        raise
+
+
 def write_report(
     sweep_dirs: list[Path],
     out_dir: Path | None = None,
@@ -93,17 +107,22 @@ def write_report(
         out_dir = Path(out_dir) if out_dir is not None else collection.sweep_dirs[0]
         markdown_path = out_dir / "report.md"
     with staging(out_dir) as stage:
-        csvfiles.write_results_csv(analysis, stage / "results.csv")
-        csvfiles.write_runs_csv(collection.runs, stage / "runs.csv")
-        figures = {
-            f"{metric} vs batch size": plots.plot_metric_vs_batch_size(
-                analysis, stage / "dice_vs_batch_size.png"
-            )
-        }
-        difference = plots.plot_reference_differences(analysis, stage / f"difference_to_{reference}.png")
+        with _naming(out_dir / "results.csv", stage):
+            csvfiles.write_results_csv(analysis, stage / "results.csv")
+        with _naming(out_dir / "runs.csv", stage):
+            csvfiles.write_runs_csv(collection.runs, stage / "runs.csv")
+        with _naming(out_dir / "dice_vs_batch_size.png", stage):
+            figures = {
+                f"{metric} vs batch size": plots.plot_metric_vs_batch_size(
+                    analysis, stage / "dice_vs_batch_size.png"
+                )
+            }
+        with _naming(out_dir / f"difference_to_{reference}.png", stage):
+            difference = plots.plot_reference_differences(analysis, stage / f"difference_to_{reference}.png")
         if difference is not None:
             figures[f"difference to {reference}"] = difference
-        gap = plots.plot_bn_eval_gap(analysis, stage / "bn_eval_gap.png")
+        with _naming(out_dir / "bn_eval_gap.png", stage):
+            gap = plots.plot_bn_eval_gap(analysis, stage / "bn_eval_gap.png")
         if gap is not None:
             figures["BatchNorm evaluation modes"] = gap
         final = {name: out_dir / name for name in ("results.csv", "runs.csv")}
@@ -113,7 +132,8 @@ def write_report(
             for caption, path in figures.items()
         }
         markdown = document.render_markdown(analysis, collection, links, header, markdown_path.parent)
-        (stage / markdown_path.name).write_text(markdown, encoding="utf-8")
+        with _naming(markdown_path, stage):
+            (stage / markdown_path.name).write_text(markdown, encoding="utf-8")
         moves = [(stage / name, path) for name, path in final.items()]
         publish(moves + [(stage / markdown_path.name, markdown_path)], lock_dir=out_dir)
     files = {**final, markdown_path.name: markdown_path}

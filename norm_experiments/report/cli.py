@@ -13,6 +13,7 @@ from norm_experiments.report.analysis import DEFAULT_REFERENCE
 from norm_experiments.report.collect import collect
 from norm_experiments.report.provenance import header_lines
 from norm_experiments.report.verdicts import DEFAULT_MARGIN
+from norm_experiments.safe_io import os_reason
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    guard_stdout()  # a closed pipe or a full disk on stdout: one line, not a traceback
+    # A full disk on stdout: one line, not a traceback; a closed pipe (`| head`, `| true`): the reader wants no
+    # more, the files are written: the rest of the output is dropped quietly, exit status 0.
+    guard_stdout(quiet_when_closed=True)
     args = _parser().parse_args(argv)
     header = None
     if args.doc is not None:
@@ -73,8 +76,11 @@ def main(argv: list[str] | None = None) -> None:
             header=header,
             margin=args.margin,
         )
-    except OSError as err:  # --out or --doc where no folder can be made (a file in the way, read-only)
-        raise UserError(f"cannot write the report: {err.filename}: {err.strerror or err}") from None
+    except (
+        OSError
+    ) as err:  # --out or --doc where no folder can be made (a file in the way, read-only), a full disk
+        where = err.filename or args.doc or args.out or args.sweep_dirs[0]  # write_report names the file
+        raise UserError(f"cannot write the report: {where}: {os_reason(err)}") from None
     for line in report.warnings:
         print(f"warning: {line}", file=sys.stderr)
     print(report.table)

@@ -13,6 +13,7 @@ from typing import Any
 
 from norm_experiments import run_record, safe_io
 from norm_experiments.errors import UserError
+from norm_experiments.report import schema
 
 # Fields that define a condition of the study (the dataset, raw vs z-scored input, a budget in patches vs in steps): runs
 # under different conditions are never averaged or compared with each other; each gets its own tables.
@@ -141,6 +142,13 @@ class Run:
                 found[str(case)] = values
         return found
 
+    @property
+    def case_names(self) -> frozenset[str]:
+        """The validation cases the record has per-case scores for, in any evaluation mode."""
+        per_case = self.data.get("per_case")
+        modes = per_case.values() if isinstance(per_case, dict) else ()
+        return frozenset(str(case) for cases in modes if isinstance(cases, dict) for case in cases)
+
     def value(self, key: str) -> float | None:
         """A top-level numeric field as a finite float, or None if absent, null, NaN or not a number."""
         return _finite(self.data.get(key))
@@ -180,7 +188,8 @@ def find_metrics_files(sweep_dir: Path) -> list[Path]:
 
 
 def read_run(path: Path) -> Run:
-    """Read one metrics.json. Raises ValueError with a short reason if it is unusable."""
+    """Read one metrics.json and check it against the report's schema (schema.py). Raises ValueError with a
+    short reason naming the field if it is unusable: the file is then left out of the analysis as a whole."""
     try:  # bounded: a FIFO, a device or a huge or deeply nested file is refused, not read
         data = safe_io.load_json(path)
         mtime = path.stat().st_mtime
@@ -188,15 +197,33 @@ def read_run(path: Path) -> Run:
         raise ValueError(f"invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"cannot read: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    for key in run_record.COORDINATES:
-        if data.get(key) is None:
-            raise ValueError(f"missing field '{key}'")
-    for key in ("batch_size", "seed"):
-        if not _is_integral(data[key]):
-            raise ValueError(f"field '{key}' is not an integer: {data[key]!r}")
+    found = schema.problem(data)
+    if found:
+        raise ValueError(found)
     return Run(path=path, mtime=mtime, data=data)
+
+
+def case_set_notes(runs: list[Run]) -> list[str]:
+    """One note per condition whose completed runs scored different validation cases: its comparisons use
+    only the cases both sides' seeds all scored (model.paired), a t-test over seeds where fewer than 2."""
+    by_condition: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.completed and run.case_names:
+            by_condition[run.condition(CONDITION_FIELDS)].append(run)
+    notes = []
+    for condition, group in sorted(by_condition.items()):
+        sets = {run.case_names for run in group}
+        if len(sets) < 2:
+            continue
+        common = frozenset.intersection(*sets)
+        where = f"{condition}: " if len(by_condition) > 1 else ""
+        notes.append(
+            f"{where}the completed runs scored different validation cases ({len(sets)} different sets of cases "
+            f"among {len(group)} runs, {len(common)} case(s) scored by all of them): a comparison uses only "
+            "the cases every seed of both sides scored, and is a t-test over seeds (§) where fewer than 2 are "
+            "shared"
+        )
+    return notes
 
 
 def _newest_first(runs: Iterable[Run]) -> list[Run]:
@@ -249,4 +276,5 @@ def collect(sweep_dirs: Iterable[Path]) -> Collection:
         raise UserError(f"no readable {run_record.FILENAME}: {shown}{more}")
     kept, notes = _dedupe_by_run_id(runs)
     kept.sort(key=lambda r: (r.norm, r.batch_size, r.seed, str(r.path)))
+    notes += case_set_notes(kept)
     return Collection(sweep_dirs=sweep_dirs, runs=kept, unreadable=unreadable, warnings=notes)

@@ -11,7 +11,7 @@ from norm_experiments.report.analysis import Analysis, Summary
 from norm_experiments.report.cells import STATUS_ORDER, Cell, outcome
 from norm_experiments.report.collect import Collection, Run
 from norm_experiments.report.errors import error_rows
-from norm_experiments.report.model import SEEDS_AND_CASES, SEEDS_ONLY
+from norm_experiments.report.model import NO_CASE_SCORES, SEEDS_AND_CASES, SEEDS_ONLY
 from norm_experiments.report.primary_text import primary_lines
 from norm_experiments.report.provenance import preprocessing_lines
 from norm_experiments.report.reading import reading
@@ -41,16 +41,17 @@ def method_line(family: Family, what: str) -> str:
         return f"{what}. Nothing testable: every comparison has fewer than 2 shared seeds."
     pct = 100 * (1 - family.alpha_each)
     methods = family.methods
+    seeds_only = [c.estimate for c in family.tested if c.estimate.method == SEEDS_ONLY]  # type: ignore[union-attr]
+    # Why each § comparison is over seeds only (model.paired says: no per-case scores, one case, or seeds
+    # that scored different cases).
+    why = " or ".join(sorted({e.seeds_only_because or NO_CASE_SCORES for e in seeds_only}))  # type: ignore[union-attr]
     if len(methods) == 2:
-        shown = sum(1 for c in family.tested if c.estimate.method == SEEDS_ONLY)  # type: ignore[union-attr]
         model = (
-            f"{MODEL_TEXT[SEEDS_AND_CASES]}; {shown} comparison(s) marked § come from records without per-case "
-            f"scores and use {MODEL_TEXT[SEEDS_ONLY]}"
+            f"{MODEL_TEXT[SEEDS_AND_CASES]}; {len(seeds_only)} comparison(s) marked § come from {why} and use "
+            f"{MODEL_TEXT[SEEDS_ONLY]}"
         )
     else:
-        model = MODEL_TEXT[methods[0]] + (
-            " (§: records without per-case scores)" if methods == [SEEDS_ONLY] else ""
-        )
+        model = MODEL_TEXT[methods[0]] + (f" (§: {why})" if methods == [SEEDS_ONLY] else "")
     return (
         f"{what}. Model: {model}. Interval: two-sided {pct:.4g}% (Bonferroni over the m = {family.m} tested "
         f"comparisons of this table, α = {family.alpha} family-wise, α' = {family.alpha_each:.3g} each). Verdict "

@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from norm_experiments.report.stats import mean, sample_std, t_quantile, t_two_sided_p
 
 SEEDS_AND_CASES = "seeds × cases"
 SEEDS_ONLY = "seeds only"
 CASES_ONLY = "cases of one model"
+# Why a comparison fell back to seeds only (Estimate.seeds_only_because).
+NO_CASE_SCORES = "records without per-case scores"
+ONE_CASE = "records with one validation case"
+DIFFERENT_CASES = "seeds that scored different validation cases, fewer than 2 of them in common"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,8 @@ class Estimate:
     n_cases: int  # 0: from one value per seed (no per-case scores)
     # (MS_seed, MS_case, MS_e) of the crossed model: what a design with other seed counts would give
     mean_squares: tuple[float, float, float] | None = None
+    # A seeds-only estimate where per-case scores were wanted: NO_CASE_SCORES, ONE_CASE or DIFFERENT_CASES.
+    seeds_only_because: str | None = None
 
     @property
     def method(self) -> str:
@@ -126,13 +132,17 @@ class Paired:
     n_seeds: int
 
 
-def _case_grid(a: Scores, b: Scores | None, seeds: list[int]) -> list[str]:
-    """The cases every shared seed scored on both sides ([] where a seed kept no per-case scores)."""
+def _case_grid(a: Scores, b: Scores | None, seeds: list[int]) -> tuple[list[str], str]:
+    """The cases every shared seed scored on both sides, and why a list of fewer than 2 (no use for the
+    crossed model) is short: NO_CASE_SCORES (a seed kept none), ONE_CASE, or DIFFERENT_CASES."""
     sides = [a] if b is None else [a, b]
-    if not all(s in side.by_case for side in sides for s in seeds):
-        return []
-    common = set.intersection(*(set(side.by_case[s]) for side in sides for s in seeds))
-    return sorted(common)
+    if not seeds or not all(s in side.by_case for side in sides for s in seeds):
+        return [], NO_CASE_SCORES
+    scored = [frozenset(side.by_case[s]) for side in sides for s in seeds]
+    common = frozenset.intersection(*scored)
+    if len(set(scored)) > 1:
+        return sorted(common), DIFFERENT_CASES
+    return sorted(common), ONE_CASE if common else NO_CASE_SCORES
 
 
 def paired(a: Scores, b: Scores | None = None) -> Paired | None:
@@ -143,7 +153,7 @@ def paired(a: Scores, b: Scores | None = None) -> Paired | None:
     if not seeds:
         return None
     b_seed = zero if b is None else b.by_seed
-    cases = _case_grid(a, b, seeds) if seeds else []
+    cases, short = _case_grid(a, b, seeds)
     if len(cases) >= 2:
         a_grid = [[a.by_case[s][c] for c in cases] for s in seeds]
         b_grid = [[0.0] * len(cases) if b is None else [b.by_case[s][c] for c in cases] for s in seeds]
@@ -154,4 +164,7 @@ def paired(a: Scores, b: Scores | None = None) -> Paired | None:
     a_values = [a.by_seed[s] for s in seeds]
     b_values = [b_seed.get(s, 0.0) for s in seeds]
     diffs = [x - y for x, y in zip(a_values, b_values)]
-    return Paired(seed_estimate(diffs), mean(a_values), mean(b_values), len(seeds))
+    estimate = seed_estimate(diffs)
+    if estimate is not None:
+        estimate = replace(estimate, seeds_only_because=short)
+    return Paired(estimate, mean(a_values), mean(b_values), len(seeds))

@@ -80,7 +80,13 @@ def _plot_line(ax: Axes, bars: list[tuple[int, float, float, float]], offset: fl
         return False
     xs = [bs * 2.0**offset for bs, _, _, _ in bars]
     ys = [mean for _, mean, _, _ in bars]
-    err = [[mean - low for _, mean, low, _ in bars], [high - mean for _, mean, _, high in bars]]
+    # The point is the mean of the records' own values, the bar the seeds x cases interval (cell_interval):
+    # where a record's summary differs from the mean of its per-case scores (classes absent from some cases),
+    # the point can lie outside the bar; the bar then reaches the point (matplotlib refuses a negative error).
+    err = [
+        [max(0.0, mean - low) for _, mean, low, _ in bars],
+        [max(0.0, high - mean) for _, mean, _, high in bars],
+    ]
     ax.errorbar(xs, ys, yerr=err, capsize=3, linewidth=1.8, markersize=6, **style)
     return any(low == high for _, _, low, high in bars)
 

@@ -6,26 +6,35 @@ import shlex
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
-
-from norm_experiments import safe_io
+from norm_experiments import safe_io, safe_yaml
+from norm_experiments.errors import UserError
 from norm_experiments.report.collect import Collection, Run
 
 
 def sweep_command(sweep_dir: Path) -> str | None:
-    """The `norm-exp-train` command that made a sweep, from the multirun.yaml Hydra writes in its folder."""
+    """The `norm-exp-train` command that made a sweep, from the multirun.yaml Hydra writes in its folder; None
+    when the folder has none. Raises UserError (one line naming the file) for one that cannot be read, is no
+    valid YAML, is refused by safe_yaml's limits (aliases, nesting, size), or lacks Hydra's shape
+    (hydra.overrides.task: a list of strings)."""
     path = sweep_dir / "multirun.yaml"
-    try:  # bounded read; never resolved: ${oc.env:...} in a shared sweep folder must not reach a document
-        plain = OmegaConf.to_container(
-            OmegaConf.create(safe_io.read_text(path, safe_io.MAX_YAML_BYTES)), resolve=False
-        )
-    except (OSError, ValueError):
+    try:  # bounded read and parse; never resolved: ${oc.env:...} in a shared sweep folder must not reach a document
+        plain = safe_yaml.load(safe_io.read_text(path, safe_io.MAX_YAML_BYTES), path)
+    except FileNotFoundError:
         return None
-    task = plain.get("hydra", {}).get("overrides", {}).get("task") if isinstance(plain, dict) else None
-    if not isinstance(task, list):
-        return None
-    return shlex.join(["norm-exp-train", *(str(o) for o in task)])
+    except safe_io.UnsafeFile as err:
+        raise UserError(str(err)) from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({safe_io.os_reason(err)})") from None
+    task: Any = plain
+    for key in ("hydra", "overrides", "task"):
+        if not isinstance(task, dict) or key not in task:
+            raise UserError(f"{path}: not a multirun.yaml as Hydra writes it (no hydra.overrides.task)")
+        task = task[key]
+    if not isinstance(task, list) or not all(isinstance(o, str) for o in task):
+        raise UserError(f"{path}: hydra.overrides.task is not a list of overrides (strings)")
+    return shlex.join(["norm-exp-train", *task])
 
 
 def _time(seconds: float) -> str:

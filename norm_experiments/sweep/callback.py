@@ -75,12 +75,74 @@ class SweepReport(Callback):
         )
         if not self.enabled:
             return
-        from norm_experiments.report import write_report
+        end_of_sweep_report(sweep_dir)
 
-        try:
-            report = write_report([sweep_dir])
-        except UserError as err:
-            log.error("report: %s", err)
-            return
+
+# The first line of a report.md whose end-of-sweep report failed afterwards (mark_stale).
+STALE_MARK = "> **Stale report.**"
+STALE_COPY = "report.stale.md"  # where report.md goes when even the note cannot be written (a full disk)
+
+
+def end_of_sweep_report(sweep_dir: Path) -> None:
+    """Write the sweep's report; print its table and where it is.
+
+    Hydra calls on_multirun_end inside a catch-all that turns any exception into a warning and the sweep's
+    exit status into 0, while the previous report.md would stay in place looking current. So a failure here
+    marks that report.md stale (mark_stale), prints one `error:` line and ends the sweep command with exit
+    status 2 (5 for an internal error): SystemExit is not an Exception, Hydra lets it through."""
+    from norm_experiments.errors import EXIT_CRASHED, StdoutError
+    from norm_experiments.report import write_report
+
+    try:
+        report = write_report([sweep_dir])
+    except Exception as err:  # every failure must end the sweep with a status (see above)
+        if isinstance(err, UserError):
+            reason, status = str(err), USER_ERROR_EXIT
+        elif isinstance(err, OSError):
+            where = f"{err.filename}: " if err.filename else ""
+            reason, status = f"cannot write the report: {where}{safe_io.os_reason(err)}", USER_ERROR_EXIT
+        else:  # a bug: norm-exp-report SWEEP_DIR shows its traceback
+            reason = (
+                f"internal error ({type(err).__name__}: {err}); norm-exp-report {sweep_dir} shows it again"
+            )
+            status = EXIT_CRASHED
+        reason = " ".join(reason.split())[:500]
+        print(
+            f"error: end-of-sweep report failed: {reason}; {mark_stale(sweep_dir, reason)}", file=sys.stderr
+        )
+        sys.exit(status)
+    try:
         print(report.table)
         print(f"report: {sweep_dir / 'report.md'} (results.csv, runs.csv and plots beside it)")
+        sys.stdout.flush()
+    except StdoutError as err:  # the report is written; only its table could not be shown
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
+def mark_stale(sweep_dir: Path, reason: str) -> str:
+    """Put one line at the top of the sweep's previous report.md saying that it is stale and why (replacing
+    such a line from an earlier failure); where that cannot be written (a full disk), rename report.md to
+    report.stale.md. The CSVs and plots stay: the note names them. Returns what was done, for the error line."""
+    path = sweep_dir / "report.md"
+    if not path.is_file():
+        return "no earlier report.md was there"
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    note = (
+        f"{STALE_MARK} The end-of-sweep report of {when} failed ({reason}): this report.md, and results.csv, "
+        f"runs.csv and the plots beside it, are from an earlier report and leave out that sweep's runs. Fix "
+        f"the cause and run `norm-exp-report {sweep_dir}`."
+    )
+    try:
+        text = safe_io.read_text(path, safe_io.MAX_JSON_BYTES)
+        first, newline, rest = text.partition("\n")
+        body = rest if first.startswith(STALE_MARK) else text
+        run_record.write_atomic(path, f"{note}\n\n{body.lstrip(chr(10))}".encode())
+        return f"the previous {path} is marked stale in its first line"
+    except (OSError, ValueError):
+        pass
+    try:
+        os.replace(path, sweep_dir / STALE_COPY)
+        return f"the previous report.md is renamed {sweep_dir / STALE_COPY}"
+    except OSError as err:
+        return f"the previous {path} could not be marked stale ({safe_io.os_reason(err)}): it is out of date"
