@@ -50,8 +50,10 @@ from norm_experiments.errors import (
     guard_stdout,
 )
 from norm_experiments.safe_io import argument_problem
-from norm_experiments.training import distributed
-from norm_experiments.training.run_folder import RunFolderBusy, saved_overrides
+
+# Imported where they are used, not here: they bring torch (seconds), which --help does not need.
+# from norm_experiments.training import distributed; from norm_experiments.training.run_folder import ...
+HELP_FLAGS = ("--help", "-h", "--hydra-help")
 
 log = logging.getLogger("norm_experiments.train")
 
@@ -73,8 +75,10 @@ def hydra_main(cfg: DictConfig) -> float:
     """Hydra task: returns the final validation Dice, the number a sweeper (e.g. Optuna) optimizes."""
     # Imported here, not at the top: the training code brings MONAI (seconds), which --help, --cfg and a
     # command line refused before Hydra starts do not need.
+    from norm_experiments.training import distributed
     from norm_experiments.training.loop import RunDiverged, RunInterrupted, train
     from norm_experiments.training.record import record_failure, settle_record
+    from norm_experiments.training.run_folder import RunFolderBusy
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -114,6 +118,8 @@ def hydra_main(cfg: DictConfig) -> float:
 
 def _check_distributed_launch(in_sweep: bool, run_dir: Path) -> None:
     """Under torchrun: one run (no sweep) in the same folder on every rank; otherwise exit 2."""
+    from norm_experiments.training import distributed
+
     if not distributed.is_distributed():
         return
     problem = None
@@ -189,6 +195,8 @@ def resume_argv(argv: list[str]) -> list[str]:
     run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
     if not run_dir.exists():
         raise UserError(f"resume={run_dir}: no such folder")
+    from norm_experiments.training.run_folder import saved_overrides
+
     # Only plain key=value overrides of configs/ (run_folder.saved_overrides): the folder may be someone
     # else's, and its file becomes part of this command line.
     overrides = saved_overrides(run_dir, CONFIG_DIR)
@@ -203,6 +211,11 @@ def resume_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+        hydra_main()  # Hydra prints the help and exits: no torch, no checks
+        return
+    from norm_experiments.training import distributed
+
     # SIGTERM (a scheduler's preemption) outside the training loop stops the run as Ctrl-C does: with exit
     # status 3 and one line, instead of dying silently with 143. The loop installs its own handlers.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -163,7 +163,9 @@ def test_resume_names_a_run_folder(smoke_run: tuple[Path, Path]) -> None:
 def test_resume_of_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     result = run_cli(["resume=outputs/runs/nothing-here"], cwd=tmp_path)
     assert_clean_failure(result)
-    assert result.stderr.startswith("error: resume=outputs/runs/nothing-here: not a run folder")
+    # it says the folder does not exist (not "not a run folder"), and leaves nothing behind
+    assert result.stderr == "error: resume=outputs/runs/nothing-here: no such folder\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_completed_run_writes_every_record_field(smoke_run: tuple[Path, Path]) -> None:
