@@ -194,6 +194,14 @@ def output_dir_problem(argv: list[str]) -> str | None:
         full = full_disk_problem(path)  # Hydra writes multirun.yaml, and a run .hydra/, before any check
         if full:
             return f"{label}: {full}"
+    subdirs = [_override_value(arg) for arg in argv if arg.startswith("hydra.sweep.subdir=")]
+    if subdirs and "${" not in subdirs[-1]:  # a fixed folder for every run of the sweep
+        sweep_dir = next((f for a, f in named if a.startswith("hydra.sweep.dir=")), sweeps)
+        run_dir = Path(sweep_dir).expanduser() / subdirs[-1]
+        if not subdirs[-1].strip():
+            return "hydra.sweep.subdir: names no folder"
+        if run_dir.exists() and not run_dir.is_dir():
+            return f"hydra.sweep.subdir: cannot create the run folder, {run_dir} is a file"
     return None
 
 

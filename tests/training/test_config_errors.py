@@ -268,3 +268,16 @@ def test_resume_replays_neither_overwrite_nor_trust(tmp_path: Path) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     assert OverridesParser.create().parse_override(argv[-1]).value() == str(run_dir)
+
+
+def test_a_sweep_subdir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    """Hydra used to fail with a traceback creating the run folder over a file."""
+    from norm_experiments.config import output_dir_problem
+
+    (tmp_path / "f").write_text("mine")
+    argv = ["-m", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=f"]
+    assert (
+        output_dir_problem(argv)
+        == f"hydra.sweep.subdir: cannot create the run folder, {tmp_path / 'f'} is a file"
+    )
+    assert output_dir_problem(["-m", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=g"]) is None
