@@ -7,8 +7,11 @@ channel count, image/label (and channel/channel) shape mismatches or voxel grids
 (saying whether direction, spacing or origin differs), non-integer label values and label values that are
 not declared classes. Paths in messages are relative to the dataset root.
 
-After preprocessing, check_preprocessed refuses a volume that is no longer finite and a training or
-validation split without any foreground.
+Before any voxel is read, check_memory refuses a dataset whose headers claim more voxels than the memory
+available could hold (and says how many cases may load at once); after the split, check_split_leak refuses a
+validation case whose image files are byte-identical to a training case's. After preprocessing,
+check_preprocessed refuses a volume that is no longer finite and a training or validation split without any
+foreground, and warns about a validation case with the same voxels as a training case.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +30,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from norm_experiments.data.layouts import Case, DatasetInfo, shown
+from norm_experiments import safe_io
+from norm_experiments.data.layouts import Case, DatasetInfo, link_problem, shown
 from norm_experiments.errors import UserError
-from norm_experiments.safe_io import memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,37 +67,147 @@ def check_cases(cases: list[Case], info: DatasetInfo) -> None:
         check_case(case, info)
 
 
+def check_split_leak(train: Sequence[Case], val: Sequence[Case], info: DatasetInfo) -> None:
+    """Refuse a validation case whose image files are byte-identical copies of a training case's (the same
+    scan under two names, or one file listed twice): its validation scores would measure memorization.
+
+    Cheap: files are compared by size first, and only a validation case whose image sizes equal a training
+    case's is hashed (BLAKE2b of the bytes, read in blocks), with that training case. The same voxels under
+    another header are found after preprocessing instead (check_preprocessed, a warning)."""
+    by_sizes: dict[tuple[int, ...], list[Case]] = {}
+    for case in train:
+        by_sizes.setdefault(_sizes(case), []).append(case)
+    digests: dict[Path, str] = {}
+    for case in val:
+        candidates = by_sizes.get(_sizes(case), [])
+        if not candidates:
+            continue
+        mine = _case_digest(case, digests)
+        for other in candidates:
+            if _case_digest(other, digests) == mine:
+                a, b = shown(case.images[0], info.root), shown(other.images[0], info.root)
+                raise UserError(
+                    f"{a}: validation case '{case.name}' has the same image bytes as training case "
+                    f"'{other.name}' ({b}): its validation scores would measure memorization; remove the copy "
+                    "or choose other validation cases (data.val_cases, data.val_fraction, data.split_seed)"
+                )
+
+
+def _sizes(case: Case) -> tuple[int, ...]:
+    return tuple(path.stat().st_size for path in case.images)
+
+
+def _case_digest(case: Case, digests: dict[Path, str]) -> tuple[str, ...]:
+    for path in case.images:
+        if path not in digests:
+            digest = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as f:
+                while block := f.read(2**20):
+                    digest.update(block)
+            digests[path] = digest.hexdigest()
+    return tuple(digests[path] for path in case.images)
+
+
 # Bytes a case takes per voxel once cached (pipeline.py): a float32 image per channel, a float32 label, and
 # the int64 foreground/background index of every voxel of a training case.
 CACHED_BYTES_PER_VOXEL = {"per_channel": 4, "label": 4, "indices": 8}
+# While a case is read and prepared (decompressed, reoriented, normalized, its indices found) it takes about
+# as much again as it will once cached: measured 17 bytes per voxel on top of 16 held, one channel, float32
+# or int16 or float64 on disk, data.check_files on or off. A little more, to be safe.
+LOADING_FACTOR = 1.25
 
 
-def check_memory(cases: list[Case], info: DatasetInfo) -> None:
-    """Refuse, from the headers alone and before any voxel is read, a dataset that held in memory would take
-    more than this machine has: a small .nii.gz can claim a huge shape (a compressed block of zeros), and
-    reading it would exhaust the memory with no message. The message names the largest file."""
+def available_memory() -> int:
+    """Bytes this process can still use: the kernel's estimate of available memory (MemAvailable), less if a
+    cgroup (a container, a batch job) limits this process to less; the physical memory where neither is
+    known."""
+    limits = [safe_io.memory_bytes()]
+    meminfo = _read_number("/proc/meminfo", "MemAvailable:")
+    if meminfo is not None:
+        limits.append(meminfo * 1024)
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        limit, usage = _read_number(limit_file), _read_number(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # "max" or a huge number: no limit
+            limits.append(max(0, limit - usage))
+            break
+    return min(limits)
+
+
+def _read_number(path: str, key: str | None = None) -> int | None:
+    """The number in a one-line file (cgroup), or on the line starting with `key` (/proc/meminfo); None if
+    the file or the line is not there."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if key is None or line.startswith(key):
+                    return int(line.split()[1 if key else 0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    cached: int  # bytes the whole dataset takes once cached
+    loading: int  # bytes the largest case takes while it is read and prepared, on top of what is cached
+    available: int  # bytes this process could use when the plan was made
+
+    @property
+    def parallel(self) -> int:
+        """How many cases may be read at once (MONAI's caching threads, one per CPU by default) without
+        going past the available memory: at least 1."""
+        room = (self.available - self.cached) // max(self.loading, 1)
+        return int(max(1, min(os.cpu_count() or 1, room)))
+
+
+def check_memory(cases: list[Case], info: DatasetInfo) -> MemoryPlan:
+    """Refuse, from the headers alone and before any voxel is read, a dataset that would take more memory
+    than this process has available: held in memory (every case cached) plus the largest case while it is
+    read and prepared. A small .nii.gz can claim a huge shape (a compressed block of zeros), and reading it
+    would exhaust the memory with no message; the message names the largest file and the sizes.
+
+    Image and label headers both count (check_case reads every file whole), every dimension of an image
+    (channels, and any beyond). Unreadable files are skipped here: check_case names them."""
     per_voxel = CACHED_BYTES_PER_VOXEL
-    total, largest = 0, (0, "", ())
+    cached, largest = 0, (0, "", ())
     for case in cases:
         try:
-            shape = tuple(int(s) for s in nib.load(str(case.images[0])).shape)
+            shapes = [tuple(int(s) for s in nib.load(str(p)).shape) for p in (*case.images, case.label)]
         except Exception:  # noqa: BLE001 - an unreadable file: check_case names it
             continue
-        voxels = math.prod(shape[:3])
-        size = voxels * (
-            per_voxel["per_channel"] * info.num_channels + per_voxel["label"] + per_voxel["indices"]
-        )
-        total += size
+        image_values = sum(math.prod(shape) for shape in shapes[:-1])
+        voxels = max(math.prod(shape[:3]) for shape in shapes)
+        size = per_voxel["per_channel"] * image_values + (per_voxel["label"] + per_voxel["indices"]) * voxels
+        size = max(size, per_voxel["label"] * math.prod(shapes[-1]))  # a label claiming more than its image
+        cached += size
         if size > largest[0]:
-            largest = (size, shown(case.images[0], info.root), shape)
-    memory = memory_bytes()
-    if total > memory:
-        size, name, shape = largest
+            index = max(range(len(shapes)), key=lambda i: math.prod(shapes[i]))
+            path = (*case.images, case.label)[index]
+            largest = (size, shown(path, info.root), shapes[index])
+    size, name, shape = largest
+    plan = MemoryPlan(cached=cached, loading=int(LOADING_FACTOR * size), available=available_memory())
+    need = plan.cached + plan.loading
+    if need > plan.available:
         raise UserError(
-            f"{name}: its header claims {'x'.join(map(str, shape))} voxels; held in memory for training, the "
-            f"dataset would take {total / 2**30:.3g} GiB ({size / 2**30:.3g} GiB for this case), more than this "
-            f"machine's {memory / 2**30:.3g} GiB"
+            f"{name}: its header claims {'x'.join(map(str, shape))} voxels; loading the dataset would take "
+            f"about {need / 2**30:.3g} GiB ({plan.cached / 2**30:.3g} GiB held for training, "
+            f"{size / 2**30:.3g} GiB of it for this case, and {plan.loading / 2**30:.3g} GiB more while it is "
+            f"read), more than this machine's {plan.available / 2**30:.3g} GiB of available memory "
+            f"(of {safe_io.memory_bytes() / 2**30:.3g} GiB)"
         )
+    if need > plan.available // 2:
+        log.warning(
+            "data: holding the dataset will take about %.3g GiB of the %.3g GiB of memory available (largest "
+            "file %s: %s voxels)",
+            need / 2**30,
+            plan.available / 2**30,
+            name,
+            "x".join(map(str, shape)),
+        )
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,6 +215,9 @@ def check_memory(cases: list[Case], info: DatasetInfo) -> None:
 
 def _open(path: Path, info: DatasetInfo, kind: str) -> tuple[_Header, nib.Nifti1Image]:
     name = shown(path, info.root)
+    problem = link_problem(path)
+    if problem:
+        raise UserError(f"{name}: {problem}")
     if not path.is_file():
         raise UserError(f"{name}: {kind} file not found")
     try:

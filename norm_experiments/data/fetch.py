@@ -34,10 +34,8 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import sys
 import tarfile
-import tempfile
 import threading
 import time
 import zipfile
@@ -53,6 +51,7 @@ from omegaconf import OmegaConf
 from norm_experiments import safe_io
 from norm_experiments.config import CONFIG_DIR, hydra_quote
 from norm_experiments.data.layouts import find_cases
+from norm_experiments.data.workdirs import make_work_folder
 from norm_experiments.errors import (
     EXIT_INTERRUPTED,
     StdoutError,
@@ -123,9 +122,7 @@ def fetch_msd(
         raise UserError(
             f"{target}: exists but holds no dataset.json (not a fetched task); remove it and run again"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_work(target)
-    work = Path(tempfile.mkdtemp(prefix=f"{_work_prefix(target)}{os.getpid()}-", dir=target.parent))
+    work = make_work_folder(target.parent, target.name, any_name=True)  # killed fetches' removed first
     try:
         archive = _obtain(source or url, (md5 or published_md5).lower(), work, timeout)
         dataset = _extract(archive, work / "extract", task)
@@ -143,29 +140,6 @@ def fetch_msd(
 
 def _count_cases(root: Path) -> int:
     return len(find_cases("msd", root)[0])
-
-
-def _work_prefix(target: Path) -> str:
-    return f".{target.name}.tmp-{socket.gethostname()}-"
-
-
-def _remove_abandoned_work(target: Path) -> None:
-    """Remove work folders of fetches on this host whose process is gone (killed before cleaning up)."""
-    prefix = _work_prefix(target)
-    for folder in target.parent.glob(f"{prefix}*"):
-        pid = folder.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def _local_path(source: str) -> Path | None:

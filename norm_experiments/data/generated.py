@@ -4,7 +4,8 @@ as real NIfTI files in a dataset layout, atomically, and cached by their paramet
 A generator is any object with the `Generator` interface below; this module knows nothing about what it draws.
 Files are written into a hidden temporary folder beside the target and renamed into place at the end, so an
 interrupted or failed generation never leaves a half dataset where a dataset is expected, and two processes
-that generate the same dataset at once both end with the same complete folder.
+that generate the same dataset at once both end with the same complete folder. A failed generation removes its
+folder; one killed outright leaves it, and the next generation beside it removes it (data/workdirs.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import nibabel as nib
 import numpy as np
 
+from norm_experiments.data.workdirs import make_work_folder, remove_abandoned
 from norm_experiments.errors import UserError
 
 LAYOUTS = ("msd", "nnunet", "folder")
@@ -120,10 +121,11 @@ def _write_into(folder: Path, gen: Generator, layout: str) -> None:
     (folder / filename).write_text(json.dumps(content, indent=2) + "\n")
 
 
-def _generate_temp(parent: Path, prefix: str, gen: Generator, layout: str) -> Path:
-    """Generate into a fresh hidden folder in `parent`; on any error nothing is left behind."""
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}.tmp-", dir=parent))
+def _generate_temp(parent: Path, prefix: str, gen: Generator, layout: str, any_name: bool = False) -> Path:
+    """Generate into a fresh hidden folder in `parent`; on any error (a full disk, SIGTERM, Ctrl-C) nothing
+    is left behind, and the folders of generators killed outright are removed first (workdirs.py: those of
+    `prefix`, or in a cache folder with any_name, of any dataset)."""
+    tmp = make_work_folder(parent, prefix, any_name=any_name)
     try:
         _write_into(tmp, gen, layout)
     except BaseException:
@@ -172,12 +174,14 @@ def ensure_generated(cache_root: Path, gen: Generator) -> Path:
     """
     cache_root = Path(cache_root).expanduser()
     target = cache_root / f"{gen.kind}-{gen.key()}"
+    if cache_root.is_dir():  # every start: what generators killed outright left (any dataset of the cache)
+        remove_abandoned(cache_root, None)
     if (target / "dataset.json").is_file():
         return target
     if _is_nonempty_dir(target):
         raise UserError(f"{target}: incomplete {gen.kind} dataset (no dataset.json); remove the folder")
     try:
-        tmp = _generate_temp(cache_root, target.name, gen, "msd")
+        tmp = _generate_temp(cache_root, target.name, gen, "msd", any_name=True)
     except OSError as err:  # a read-only home, a cache folder that is a file, a full disk
         raise UserError(
             f"{cache_root}: cannot write the {gen.kind} dataset there ({err.strerror or err}); set "

@@ -21,16 +21,23 @@ error (naming data.labels) rather than being silently ignored.
 
 Case names are file names without the extension (for "nnunet" without the _XXXX channel suffix too). Classes
 must be the consecutive integers 0..K-1, with 0 the background.
+
+Symlinks in the dataset folder are followed (data linked in is the user's doing; norm-exp-fetch refuses
+archives with links); a path written in dataset.json must lie inside the folder as written, and a link that
+loops or leads nowhere is refused by name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import errno
 import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,12 +68,30 @@ class DatasetInfo:
     modalities: tuple[str, ...] | None = None
 
 
+# Within full_paths(): messages name files by their full path (a dataset in a cache folder the user never
+# typed, whose name a relative path would not tell).
+_FULL_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("full_paths", default=False)
+
+
 def shown(path: Path, root: Path) -> str:
-    """A path as error messages show it: relative to the dataset root when it lies inside."""
+    """A path as error messages show it: relative to the dataset root when it lies inside (the full path
+    within full_paths())."""
+    if _FULL_PATHS.get():
+        return os.path.abspath(path)
     try:
         return str(Path(path).relative_to(root))
     except ValueError:
         return str(path)
+
+
+@contextlib.contextmanager
+def full_paths() -> Iterator[None]:
+    """Messages name files by their full path in this block."""
+    token = _FULL_PATHS.set(True)
+    try:
+        yield
+    finally:
+        _FULL_PATHS.reset(token)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,6 +107,9 @@ def find_cases(layout: str, root: Path, *, labels: dict | None = None) -> tuple[
     if layout not in LAYOUTS:
         raise UserError(f"data.layout={layout!r} is not one of {', '.join(LAYOUTS)}")
     root = Path(root).expanduser()
+    problem = link_problem(root)
+    if problem:
+        raise UserError(f"data.root={root}: {problem}")
     if not root.exists():
         raise UserError(f"data.root={root}: directory does not exist")
     if not root.is_dir():
@@ -233,17 +261,38 @@ def _entry_path(root: Path, entry: object, where: str, index: int, key: str) -> 
     if not isinstance(entry, str) or not entry:
         raise UserError(f"{where}: 'training'[{index}]['{key}'] must be a file path, got {entry!r}")
     path = Path(os.path.normpath(root / entry))
-    # A dataset.json may come with a download: what it lists must lie inside the dataset folder, links
-    # followed, or training would read files from anywhere on the machine.
-    real_root = root.resolve()
-    if not path.resolve().is_relative_to(real_root):
+    # A dataset.json may come with a download: the paths it writes must lie inside the dataset folder
+    # ("../x" and "/etc/x" are refused), or training would read files from anywhere on the machine. The
+    # check is on the path as written: a file there that is a symlink (data linked in, a common way to
+    # assemble a dataset) is followed, as the user made it (norm-exp-fetch refuses archives with links).
+    if not Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root)):
         raise UserError(
-            f"{where}: 'training'[{index}]['{key}'] = {entry!r} lies outside the dataset folder {real_root}"
-            f" (it resolves to {path.resolve()}); refused"
+            f"{where}: 'training'[{index}]['{key}'] = {entry!r} lies outside the dataset folder "
+            f"{os.path.abspath(root)}; refused"
         )
+    problem = link_problem(path)
+    if problem:
+        raise UserError(f"{shown(path, root)}: {problem} (listed in {where} 'training'[{index}])")
     if not path.is_file():
         raise UserError(f"{shown(path, root)}: file not found (listed in {where} 'training'[{index}])")
     return path
+
+
+def link_problem(path: Path) -> str | None:
+    """Why a symlink cannot be followed (a loop, or a target that is missing), or None: not a symlink, or one
+    that leads to something. Messages name the link and where it points."""
+    if not path.is_symlink():
+        return None
+    try:
+        os.stat(path)
+    except OSError as err:
+        target = os.readlink(path)
+        if err.errno == errno.ELOOP:
+            return f"a symlink loop (it points to {target}, and following the links never reaches a file)"
+        if err.errno == errno.ENOENT:
+            return f"a broken symlink (it points to {target}, which does not exist)"
+        return f"a symlink that cannot be followed (to {target}: {safe_io.os_reason(err)})"
+    return None
 
 
 def _find_msd(root: Path, labels: dict | None) -> tuple[list[Case], DatasetInfo]:
@@ -279,12 +328,25 @@ def _find_msd(root: Path, labels: dict | None) -> tuple[list[Case], DatasetInfo]
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def _visible_files(folder: Path) -> list[Path]:
-    """Plain files, skipping hidden ones (macOS "._x.nii.gz" copies, editor files)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def _visible_files(folder: Path, root: Path) -> list[Path]:
+    """Plain files (symlinks followed), skipping hidden ones (macOS "._x.nii.gz" copies, editor files). A
+    NIfTI-named symlink that cannot be followed (a loop, a missing target) is refused by name: skipping it
+    would report its case as incomplete, or silently train without it."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file():
+            files.append(p)
+        elif p.name.endswith(NIFTI_ENDINGS) and (problem := link_problem(p)):
+            raise UserError(f"{shown(p, root)}: {problem}")
+    return files
 
 
 def _require_dir(folder: Path, root: Path, layout: str) -> None:
+    problem = link_problem(folder)
+    if problem:
+        raise UserError(f"data.root={root}: {folder.name}/ is {problem}")
     if not folder.is_dir():
         raise UserError(f"data.root={root}: missing folder {folder.name}/ (expected by data.layout={layout})")
 
@@ -307,7 +369,7 @@ def _find_nnunet(root: Path, labels: dict | None) -> tuple[list[Case], DatasetIn
     _require_dir(labels_dir, root, "nnunet")
 
     by_case: dict[str, dict[int, Path]] = {}
-    for file in _visible_files(images_dir):
+    for file in _visible_files(images_dir, root):
         stem = _strip_ending(file.name, [ending])
         match = _CHANNEL_SUFFIX.match(stem) if stem else None
         if match is None:
@@ -332,7 +394,7 @@ def _find_nnunet(root: Path, labels: dict | None) -> tuple[list[Case], DatasetIn
                 f"{shown(label, root)}: label file not found (images of '{name}' are in imagesTr/)"
             )
         cases.append(Case(name=name, images=tuple(files[ch] for ch in range(channels)), label=label))
-    for file in _visible_files(labels_dir):
+    for file in _visible_files(labels_dir, root):
         stem = _strip_ending(file.name, [ending])
         if stem and stem not in by_case:
             raise UserError(f"{shown(file, root)}: label without images (no imagesTr/{stem}_0000{ending})")
@@ -375,7 +437,7 @@ def _find_folder(root: Path, labels: dict | None) -> tuple[list[Case], DatasetIn
 def _by_name(folder: Path, root: Path) -> dict[str, Path]:
     """NIfTI files of a folder by case name; x.nii and x.nii.gz side by side is a duplicate."""
     out: dict[str, Path] = {}
-    for file in _visible_files(folder):
+    for file in _visible_files(folder, root):
         name = _strip_ending(file.name, NIFTI_ENDINGS)
         if name is None:
             continue

@@ -11,11 +11,13 @@ state.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +37,16 @@ from monai.transforms import (
 from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments.data.brain import BrainConfig
-from norm_experiments.data.checks import check_cases, check_memory, check_preprocessed
+from norm_experiments.data.checks import (
+    available_memory,
+    check_case,
+    check_cases,
+    check_memory,
+    check_preprocessed,
+    check_split_leak,
+)
 from norm_experiments.data.generated import Generator, ensure_generated
-from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, shown, split_cases
+from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, full_paths, shown, split_cases
 from norm_experiments.data.patches import Augmentation, cut_patch
 from norm_experiments.data.preprocessing import Preprocessing, intensity_transform, plan_preprocessing
 from norm_experiments.data.synthetic import SynthConfig
@@ -153,9 +162,21 @@ def deterministic_transforms(data_cfg: DictConfig, prep: Preprocessing) -> Compo
     return Compose(steps)
 
 
-def _cache(cases: list[Case], transform: Compose) -> list[Volume]:
+def _cache(cases: list[Case], info: DatasetInfo, transform: Compose, parallel: int) -> list[Volume]:
+    """Every case through the deterministic transforms, `parallel` at a time (checks.MemoryPlan.parallel:
+    one per CPU where the memory allows). A file that fails to load (data.check_files=false lets a damaged
+    one through) is named by the file checks, which are run then to find it."""
     items = [{"image": [str(p) for p in c.images], "label": str(c.label), "name": c.name} for c in cases]
-    cached = CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=None, progress=False)
+    try:
+        cached = CacheDataset(
+            items, transform=transform, cache_rate=1.0, num_workers=parallel, progress=False
+        )
+    except (MemoryError, RecursionError):
+        raise
+    except Exception:
+        for case in cases:
+            check_case(case, info)  # raises UserError naming the first bad file
+        raise  # every file is sound: not the data's fault
     return [Volume(case.name, cached[i], voxel_spacing(cached[i]["image"])) for i, case in enumerate(cases)]
 
 
@@ -194,13 +215,13 @@ def _check_resampled_size(cases: list[Case], prep: Preprocessing, num_channels: 
         total += math.prod(size) * (num_channels + 1) * 4
         if math.prod(size) > math.prod(largest[1]):
             largest = (case.name, size)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = available_memory()
     if total > memory:
         name, size = largest
         raise UserError(
             f"data.target_spacing={prep.target_spacing}: resampled to it, the dataset would take "
             f"{total / 2**30:.3g} GiB of memory ({name}: {'x'.join(map(str, size))} voxels), more than this "
-            f"machine's {memory / 2**30:.3g} GiB; spacings are in mm"
+            f"machine's {memory / 2**30:.3g} GiB of available memory; spacings are in mm"
         )
 
 
@@ -218,21 +239,56 @@ def load_data(data_cfg: DictConfig) -> DataBundle:
     """Find, check, split and cache a dataset; user mistakes raise UserError naming the key or file."""
     layout, root = dataset_root(data_cfg)
     labels = OmegaConf.to_container(data_cfg.labels) if "labels" in data_cfg and data_cfg.labels else None
-    cases, info = find_cases(layout, root, labels=labels)
-    check_memory(cases, info)  # from the headers, before any voxel is read
+    remedy = _cache_remedy(data_cfg, root)
+    with _damage_hint(remedy, root):
+        cases, info = find_cases(layout, root, labels=labels)
+    with full_paths() if remedy else contextlib.nullcontext():
+        memory = check_memory(cases, info)  # from the headers, before any voxel is read
     if data_cfg.check_files:
-        check_cases(cases, info)
+        with _damage_hint(remedy, root):
+            check_cases(cases, info)
     val_cases = list(data_cfg.val_cases) if data_cfg.val_cases else None
     train_cases, val_cases_ = split_cases(cases, data_cfg.val_fraction, data_cfg.split_seed, val_cases)
+    check_split_leak(train_cases, val_cases_, info)  # a copied file in both splits: by size, then content
     prep = plan_preprocessing(data_cfg, info, train_cases)
     _check_resampled_size(cases, prep, info.num_channels)
     transform = deterministic_transforms(data_cfg, prep)
-    train = _cache(train_cases, Compose([*transform.transforms, FgBgToIndicesd("label")]))
-    val = _cache(val_cases_, transform)
+    with _damage_hint(remedy, root):
+        with_indices = Compose([*transform.transforms, FgBgToIndicesd("label")])
+        train = _cache(train_cases, info, with_indices, memory.parallel)
+        val = _cache(val_cases_, info, transform, memory.parallel)
     _check_patch_fits(train + val, list(data_cfg.patch_size))
     _check_preprocessed(train, val, cases, info)
     log.info("data: %s (%s layout), %d training and %d validation cases", root, layout, len(train), len(val))
     return DataBundle(info=info, train=train, val=val, preprocessing=prep.record)
+
+
+def _cache_remedy(data_cfg: DictConfig, root: Path) -> str | None:
+    """How to get a sound copy of a dataset the project put in its cache (generated, or fetched for a
+    preset); None for the user's own dataset."""
+    if data_cfg.layout in GENERATORS:
+        return f"delete the folder {root} and the next run generates it again"
+    if data_cfg.get("fetch"):
+        return f"delete the folder {root} and run norm-exp-fetch {data_cfg.fetch} to download it again"
+    return None
+
+
+@contextlib.contextmanager
+def _damage_hint(remedy: str | None, root: Path) -> Iterator[None]:
+    """For a dataset in the project's cache (remedy given): messages name files by their full path (the user
+    never typed the folder), and one about a file of the dataset says how to get a sound copy: a damaged
+    cache file (a disk error, an edit, a copy cut short) is not the user's data to fix."""
+    if remedy is None:
+        yield
+        return
+    try:
+        with full_paths():
+            yield
+    except UserError as err:
+        message = str(err)
+        if not message.startswith(os.path.abspath(root) + os.sep):  # not about a file of the dataset
+            raise
+        raise UserError(f"{message}; this dataset is a cache: {remedy}") from None
 
 
 def host_indices(indices) -> np.ndarray:

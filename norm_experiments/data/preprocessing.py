@@ -28,11 +28,14 @@ Normalization runs before resampling, in nnU-Net's order.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,15 +175,32 @@ def cached_statistics(
             log.warning("%s: unreadable cached statistics; computing them again", path)
     stats = compute()
     content = {"fingerprint": fingerprint, "version": STATS_VERSION, "foreground_intensity": stats}
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             json.dump(content, f, indent=2)
         os.replace(tmp, path)  # concurrent runs write identical content; the last rename wins
-    except OSError as err:  # a read-only cache costs a recomputation next time, not the run
+    except OSError as err:  # a read-only or full cache costs a recomputation next time, not the run
         log.warning("%s: could not cache the dataset statistics (%s)", path, err.strerror)
+    finally:
+        if tmp is not None:  # a half-written file (a full disk, an interruption) is not left behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     return stats
+
+
+STALE_TEMPORARY_S = 600  # a statistics file takes milliseconds to write: an older temporary one is abandoned
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the half-written temporaries of `path` that a process killed outright left behind."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        with contextlib.suppress(OSError):
+            if time.time() - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+                tmp.unlink()
 
 
 # ---------------------------------------------------------------------------------------------------------
