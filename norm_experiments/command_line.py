@@ -14,6 +14,7 @@ import difflib
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -102,6 +103,7 @@ def _check(overrides: list[str], config_name: str, validate: Validate | None, mu
         raise
     _check_hydra_keys(parsed)
     _check_launcher(composed, multirun)
+    _check_sweep_folder(composed, multirun)
     if validate is None:
         return
     _validate(validate, composed)
@@ -214,6 +216,26 @@ def _check_launcher(cfg: DictConfig, multirun: bool) -> None:
         raise UserError(
             "hydra/launcher=slurm: SLURM's sbatch is not on PATH here; start the sweep on a SLURM login "
             "node, or run it here with hydra/launcher=joblib"
+        )
+
+
+# What a sweep folder of ours holds besides its run folders: a folder without multirun.yaml that holds files is
+# someone else's (a paper's folder, another tool's output), and the end-of-sweep report would replace its
+# report.md, results.csv and runs.csv.
+SWEEP_MARKER = "multirun.yaml"
+
+
+def _check_sweep_folder(cfg: DictConfig, multirun: bool) -> None:
+    if not (multirun or str(OmegaConf.select(cfg, "hydra.mode", default="")).endswith("MULTIRUN")):
+        return
+    try:
+        folder = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).expanduser()
+    except Exception:  # noqa: BLE001 - an interpolation only Hydra's run time resolves: Hydra decides
+        return
+    if folder.is_dir() and not (folder / SWEEP_MARKER).exists() and any(folder.iterdir()):
+        raise UserError(
+            f"hydra.sweep.dir={folder}: the folder holds files but no {SWEEP_MARKER}, so it is not a sweep's; "
+            "its files would be replaced by the sweep's report: choose a new or empty folder"
         )
 
 

@@ -281,3 +281,19 @@ def test_a_sweep_subdir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
         == f"hydra.sweep.subdir: cannot create the run folder, {tmp_path / 'f'} is a file"
     )
     assert output_dir_problem(["-m", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=g"]) is None
+
+
+def test_a_sweep_into_a_folder_of_someone_elses_files_is_refused(tmp_path: Path) -> None:
+    """hydra.sweep.dir= a paper's folder used to exit 0 with its report.md, results.csv and runs.csv replaced
+    by the sweep's; a sweep folder of ours (multirun.yaml) is resumed as before."""
+    from norm_experiments.command_line import command_line_problem
+
+    folder = tmp_path / "paper"
+    folder.mkdir()
+    (folder / "report.md").write_text("my paper's table")
+    argv = ["-m", "experiment=smoke", "seed=0,1", f"hydra.sweep.dir={folder}"]
+    problem = command_line_problem(argv, "train")
+    assert problem is not None and "holds files but no multirun.yaml" in problem
+    (folder / "multirun.yaml").write_text("hydra: {}\n")
+    assert command_line_problem(argv, "train") is None
+    assert command_line_problem(argv[1:], "train") is None  # one run: no sweep folder is written
