@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from norm_experiments.report import csvfiles, document, plots, tables
+from norm_experiments.report import csvfiles, curves, document, html_report, plots, summary_json, tables
 from norm_experiments.report.analysis import DEFAULT_REFERENCE, Analysis, analyze
 from norm_experiments.report.collect import Collection, collect
 from norm_experiments.report.primary import read_study
@@ -90,7 +90,8 @@ def write_report(
     header: list[str] | None = None,
     margin: float = DEFAULT_MARGIN,
 ) -> Report:
-    """Write report.md, results.csv, runs.csv and the plots to out_dir (default: the first sweep dir).
+    """Write report.md, report.html (the same, with its plots embedded), results.csv, runs.csv, summary.json and
+    the plots (learning_curves.png where runs recorded curves) to out_dir (default: the first sweep dir).
 
     With `doc` (e.g. docs/results.md) the markdown goes to that file instead, with `header` lines at its
     top, and the CSVs and plots into the folder beside it named after it (docs/results/).
@@ -125,13 +126,27 @@ def write_report(
             gap = plots.plot_bn_eval_gap(analysis, stage / "bn_eval_gap.png")
         if gap is not None:
             figures["BatchNorm evaluation modes"] = gap
-        final = {name: out_dir / name for name in ("results.csv", "runs.csv")}
+        with _naming(out_dir / curves.FILENAME, stage):
+            learning = curves.plot_learning_curves(analysis, stage / curves.FILENAME)
+        for summary, note in learning.notes:  # runs whose curves were left out: the report's notes say so
+            summary.notes.append(note)
+        if learning.path is not None:
+            figures["learning curves"] = learning.path
+        with _naming(out_dir / summary_json.FILENAME, stage):
+            summary_json.write_summary_json(analysis, collection, stage / summary_json.FILENAME)
+        final = {name: out_dir / name for name in ("results.csv", "runs.csv", summary_json.FILENAME)}
         final.update({path.name: out_dir / path.name for path in figures.values()})
         links = {
             caption: (out_dir / path.name).relative_to(markdown_path.parent)
             for caption, path in figures.items()
         }
         markdown = document.render_markdown(analysis, collection, links, header, markdown_path.parent)
+        # report.html beside the markdown, so that the same relative links hold; its plots are embedded.
+        html_path = markdown_path.with_suffix(".html")
+        with _naming(html_path, stage):
+            embedded = {str(links[caption]): path for caption, path in figures.items()}
+            html_report.write_html(markdown, embedded, stage / html_path.name)
+        final[html_path.name] = html_path
         with _naming(markdown_path, stage):
             (stage / markdown_path.name).write_text(markdown, encoding="utf-8")
         moves = [(stage / name, path) for name, path in final.items()]
