@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from norm_experiments.data.checks import check_cases
+from norm_experiments.data.fetch import msd_tasks
 from norm_experiments.data.layouts import find_cases
 from norm_experiments.data.synthetic import SynthConfig, generate_dataset
 from norm_experiments.errors import UserError
@@ -231,6 +232,7 @@ def test_a_trickling_server_times_out_in_one_line(
 ) -> None:
     """1 KiB, then a byte now and then (or headers, a line now and then): every read returns within the
     socket timeout, yet the download would never end. Less than 1 KiB in --timeout seconds is a stall."""
+    msd_tasks()  # MONAI imported before the clock starts: only the download is timed
     with trickling_server(where) as url:
         started = time.monotonic()
         code, _, err = fetch(["msd", TASK, "--url", url, "--timeout", "1"], capsys)
