@@ -179,3 +179,40 @@ def test_tensorboard_serves_runs_scalars_and_one_hparams_experiment(sweep: Path)
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def _browser_views():
+    """scripts/browser_views.py, or None where Chromium or playwright is not installed (neither is a
+    dependency: apt-get install chromium && pip install playwright)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    try:
+        import browser_views
+    finally:
+        sys.path.pop(0)
+    return browser_views if browser_views.browser_available() else None
+
+
+def test_a_browser_shows_grouped_runs_and_the_scores_of_metrics_json(sweep: Path) -> None:
+    """Chromium opens TensorBoard and report.html as a user would: the runs are listed by what differs
+    (grouped by norm), the Final/dice_mean data table shows each run's metrics.json score, unbent by the
+    default smoothing, the HParams table shows whole numbers as such and the same scores, and the HTML
+    report's table shows the means of the runs' scores."""
+    views_module = _browser_views()
+    if views_module is None:
+        pytest.skip("needs Chromium and playwright (apt-get install chromium && pip install playwright)")
+    views = views_module.capture(sweep)
+    assert views.runs == RUNS
+    for run in RUNS:
+        record = metrics_of(sweep / run)
+        assert views.final_dice[run] == round(record["val_dice"], 4)
+        assert views.smoothed_dice[run] == views.final_dice[run]
+        i = views.hparams_cells.index(
+            run
+        )  # Trial ID, metrics toggle, batch size, dataset, intensity, norm, seed
+        row = views.hparams_cells[i : i + 8]
+        assert row[2] == str(record["batch_size"]) == "2" and row[5] == record["norm"]
+        assert row[6] == str(record["seed"]) and float(row[7]) == pytest.approx(record["val_dice"], rel=1e-4)
+    assert views.report_text, "report.html was not written"
+    for norm in ("batch", "group"):
+        mean = metrics_of(sweep / f"norm={norm}")["val_dice"]  # one seed per norm in this sweep
+        assert f"{norm}\t{mean:.3f}" in views.report_text
