@@ -23,20 +23,23 @@ from urllib.parse import quote
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.*)$")  # closing #s and spaces are stripped after
 _TABLE_ALIGN = re.compile(r"^\s*\|?(\s*:?-+:?\s*\|)+\s*(:?-+:?\s*)?$")
 _BULLET = re.compile(r"^\s*[-*+]\s+(.*)$")
 _NUMBERED = re.compile(r"^\s*\d{1,9}[.)]\s+(.*)$")
 _IMAGE_LINE = re.compile(r"^!\[[^\]]*\]\((?:[^()]|\([^()]*\))*\)$")
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
-# A link target may hold one level of balanced parentheses (a run folder's name may).
+# A link target may hold one level of balanced parentheses (a run folder's name may). Every pattern scans a
+# line in about linear time, whatever it holds: a tick run is taken whole (no retrying shorter runs), link
+# text stops at the next bracket; and a line longer than MAX_INLINE_CHARS is escaped without formatting.
 _INLINE = re.compile(
-    r"(?P<ticks>`+)(?P<code>.+?)(?P=ticks)"
-    r"|!\[(?P<alt>[^\]]*)\]\((?P<src>(?:[^()]|\([^()]*\))*)\)"
-    r"|\[(?P<text>[^\]]*)\]\((?P<href>(?:[^()]|\([^()]*\))*)\)"
+    r"(?<!`)(?P<ticks>`+)(?!`)(?P<code>.+?)(?<!`)(?P=ticks)(?!`)"
+    r"|!\[(?P<alt>[^\[\]]*)\]\((?P<src>(?:[^()]|\([^()]*\))*)\)"
+    r"|\[(?P<text>[^\[\]]*)\]\((?P<href>(?:[^()]|\([^()]*\))*)\)"
     r"|\*\*(?P<bold>.+?)\*\*"
     r"|\\(?P<escaped>[\\`*_{}\[\]()#+\-.!|<>])"
 )
+MAX_INLINE_CHARS = 20_000
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 72rem;
@@ -74,6 +77,8 @@ def _image(alt: str, src: str, images: Mapping[str, bytes]) -> str:
 
 def inline(text: str, images: Mapping[str, bytes]) -> str:
     """One line of markdown text as escaped HTML with its code spans, bold, links and images."""
+    if len(text) > MAX_INLINE_CHARS:
+        return html.escape(text)
     out, pos = [], 0
     for match in _INLINE.finditer(text):
         out.append(html.escape(text[pos : match.start()]))
@@ -172,8 +177,8 @@ def body(markdown: str, images: Mapping[str, bytes]) -> str:
         if not line.strip():
             i += 1
         elif heading := _HEADING.match(line):
-            level = len(heading.group(1))
-            out.append(f"<h{level}>{inline(heading.group(2), images)}</h{level}>")
+            level, text = len(heading.group(1)), heading.group(2).rstrip(" \t#").rstrip()
+            out.append(f"<h{level}>{inline(text, images)}</h{level}>")
             i += 1
         elif line.startswith("```"):
             end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))

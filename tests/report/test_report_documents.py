@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -17,7 +18,7 @@ from urllib.parse import unquote
 import pytest
 
 from norm_experiments.report import Report, curves, write_report
-from norm_experiments.report.html_report import href, inline
+from norm_experiments.report.html_report import MAX_INLINE_CHARS, body, href, inline
 from norm_experiments.run_record import Status
 from tests.report.conftest import make_metrics, per_case
 
@@ -217,6 +218,29 @@ def test_an_image_that_is_not_one_of_the_report_s_pngs_is_not_loaded() -> None:
         '<span class="missing">[plot not embedded: plot]</span>'
     )
     assert "data:" not in inline("![p](a.png)", {"a.png": b"GIF89a"})  # not a PNG
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "[" * MAX_INLINE_CHARS,  # each bracket once scanned to the end: quadratic, seconds
+        "".join("`" * k + "a" for k in range(1, 190)),  # tick runs of every length, none closed
+        "a " + "`" * 5000 + "a" * 14000,  # one long run: no retrying every shorter run
+        "[a](" + "(" * (MAX_INLINE_CHARS - 10),
+        "# a" + " " * 100_000 + "<b>",  # a heading whose trailing spaces a lazy pattern would rescan
+    ],
+)
+def test_a_hostile_line_is_converted_in_linear_time(line: str) -> None:
+    """Run names, errors and condition values reach report.md unchanged and unbounded."""
+    start = time.perf_counter()
+    converted = body(line, {})
+    assert time.perf_counter() - start < 1.0  # linear: milliseconds; the quadratic patterns took seconds
+    assert converted.startswith(("<p>", "<h1>")) and "<b>" not in converted
+
+
+def test_a_line_longer_than_the_limit_is_escaped_without_formatting() -> None:
+    line = "**bold** <i>" + "x" * MAX_INLINE_CHARS
+    assert inline(line, {}) == "**bold** &lt;i&gt;" + "x" * MAX_INLINE_CHARS
 
 
 def test_summary_json_per_case_scores_equal_the_records(built) -> None:
