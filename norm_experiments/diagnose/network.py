@@ -105,8 +105,8 @@ def _filled(node: object, config: dict, where: str, budget: list[int], reference
     budget[0] -= 1
     if budget[0] < 0:
         raise UserError(
-            f"{where}: refused, its @-references expand to more than {safe_yaml.MAX_NODES} values; write the "
-            "network out in a YAML file and give that as net="
+            f"{where}: refused, more than {safe_yaml.MAX_NODES} values with its @-references filled in; write "
+            "the network out in a YAML file and give that as net="
         )
     if isinstance(node, dict):
         return {k: _filled(v, config, f"{where}.{k}", budget, references) for k, v in node.items()}
