@@ -280,26 +280,28 @@ def plot_learning_curves(analysis: Analysis, path: Path) -> LearningCurves:
     columns = max(len({c.cell.batch_size for c in cells}) for _, cells in found)
     fig = Figure(figsize=(3.6 * columns + 1.0, 2.9 * 2 * len(found) + 0.8), layout="constrained")
     axes = fig.subplots(2 * len(found), columns, squeeze=False, sharey="row")
-    styles: dict[str, tuple[str, str]] = {}  # row -> (colour, line style)
-    rows_of: dict[str, list[str]] = {}  # norm -> its rows, in the order drawn
+    # Every row's colour (its norm's) and line style (rows of one norm differ), in the tables' order.
+    styles: dict[str, tuple[str, str]] = {}
+    rows_of: dict[str, int] = {}
+    for norm, row in sorted({(c.cell.norm, c.cell.row) for _, cells in found for c in cells}):
+        if row not in styles:
+            styles[row] = (colors.get(norm, "black"), LINESTYLES[rows_of.get(norm, 0) % len(LINESTYLES)])
+            rows_of[norm] = rows_of.get(norm, 0) + 1
+    order = list(styles)
     for index, (summary, cells) in enumerate(found):
         sizes = sorted({c.cell.batch_size for c in cells})
         loss_axes, dice_axes = axes[2 * index], axes[2 * index + 1]
         for column, bs in enumerate(sizes):
             right = 1.0
-            for item in (c for c in cells if c.cell.batch_size == bs):
-                norm, row = item.cell.norm, item.cell.row
-                if row not in styles:
-                    same_norm = rows_of.setdefault(norm, [])
-                    same_norm.append(row)
-                    styles[row] = (
-                        colors.get(norm, "black"),
-                        LINESTYLES[(len(same_norm) - 1) % len(LINESTYLES)],
-                    )
+            drawn = sorted(
+                (c for c in cells if c.cell.batch_size == bs), key=lambda c: order.index(c.cell.row)
+            )
+            for item in drawn:
+                row = item.cell.row
                 color, style = styles[row]
                 # Rows whose curves coincide (BatchNorm at batch 1 trains as InstanceNorm does) stay visible:
                 # each row drawn later is thinner than the one under it.
-                width = max(2.8 - 0.6 * list(styles).index(row), 0.8)
+                width = max(2.8 - 0.6 * order.index(row), 0.8)
                 _draw_loss(loss_axes[column], item.loss, color, style, width)
                 _draw_dice(dice_axes[column], item.dice, color, style, width)
                 right = max(right, _right_end(item.loss, item.dice))
