@@ -212,14 +212,17 @@ def _scores(runs: list[Run], metric: str) -> dict[str | None, Scores]:
 
 
 def cell_interval(scores: Scores) -> Interval:
-    """Mean and std over seeds, with the 95% interval of the cell mean from the model the comparisons use
-    (seeds x cases, model.paired): the one interval of a cell that the tables, results.csv and the plots show."""
+    """Mean and std over seeds, with the 95% interval of the cell mean: the half-width from the model the
+    comparisons use (seeds x cases, model.paired), around the mean of the records' own values (for val_dice the
+    model's mean is that mean; a mode's recorded mean can differ slightly from the mean of its per-case
+    scores, and the interval must hold the value every table shows). The one interval of a cell that the
+    tables, results.csv and the plots show."""
     seeds = t_interval(list(scores.by_seed.values()))
     found = paired(scores)
     if found is None or found.estimate is None:
         return seeds
     half = found.estimate.half_width(0.05)
-    centre = found.estimate.mean
+    centre = seeds.mean
     return replace(
         seeds, half_width=half, low=centre - half, high=centre + half, method=found.estimate.method
     )

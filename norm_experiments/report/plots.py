@@ -94,7 +94,7 @@ def _plot_line(ax: Axes, bars: list[tuple[int, float, float, float]], offset: fl
 def _suptitle(fig: Figure, text: str) -> None:
     """The figure's title, wrapped to its width (a one-panel figure would cut a long line off)."""
     chars = int(fig.get_figwidth() * 13)
-    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in text.split("\n")), fontsize=10)
+    fig.suptitle(_plain("\n".join(textwrap.fill(line, chars) for line in text.split("\n"))), fontsize=10)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -113,10 +113,16 @@ def _panels(count: int, width: float = 5.0, rows: int = 1) -> tuple[Figure, list
     return fig, [list(r) for r in axes]
 
 
+def _plain(text: str) -> str:
+    """Text from the records (norm names, conditions) drawn as it is: matplotlib reads $...$ as a formula and
+    fails on one it cannot parse."""
+    return text.replace("$", r"\$")
+
+
 def _title(ax: Axes, summary: Summary) -> None:
     """A panel is titled by its condition; a report with one condition has no panel title."""
     if summary.condition:
-        ax.set_title(summary.condition, fontsize=10)
+        ax.set_title(_plain(summary.condition), fontsize=10)
 
 
 def cell_bars(summary: Summary, row: str, clip: bool = True) -> list[tuple[int, float, float, float]]:
@@ -153,7 +159,7 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
         for i, row in enumerate(summary.rows):
             bars = cell_bars(summary, row, clip)
             color = colors[_row_norm(summary, row)]
-            style = {"marker": MARKERS[i % len(MARKERS)], "label": row, "color": color}
+            style = {"marker": MARKERS[i % len(MARKERS)], "label": _plain(row), "color": color}
             offset = _offset(i, len(summary.rows))
             any_single |= _plot_line(ax, bars, offset, **style)
             drawn += _seed_points(ax, summary, row, offset, color)
@@ -201,7 +207,7 @@ def plot_bn_eval_gap(analysis: Analysis, path: Path) -> Path | None:
                 any_single |= _plot_line(ax, points, _offset(i, len(summary.eval_modes)), **style)
             _log2_batch_axis(ax, summary.batch_sizes)
             where = f"; {summary.condition}" if summary.condition else ""
-            ax.set_title(f"norm = {row}{where}", fontsize=10)
+            ax.set_title(_plain(f"norm = {row}{where}"), fontsize=10)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="best")
         grid_row[0].set_ylabel("Dice")  # eval_modes are always validation Dice, whatever --metric is
@@ -239,7 +245,7 @@ def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
                     capsize=3,
                     linewidth=1.5,
                     marker=MARKERS[i % len(MARKERS)],
-                    label=label,
+                    label=_plain(label),
                     color=color,
                 )
                 # A difference whose interval excludes 0 (better or worse): a star above its point.
@@ -257,7 +263,7 @@ def plot_reference_differences(analysis: Analysis, path: Path) -> Path | None:
         _title(ax, summary)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
-    axes[0][0].set_ylabel(f"{_metric_words(analysis.metric)} − {analysis.reference}")
+    axes[0][0].set_ylabel(_plain(f"{_metric_words(analysis.metric)} − {analysis.reference}"))
     star = "; ★: the interval excludes 0 (better or worse)" if starred else ""
     _suptitle(
         fig,

@@ -48,3 +48,13 @@ def test_table_csv_and_plot_show_the_same_interval(tmp_path: Path, write_cases) 
         seed_means = list(summary.cell(norm, 1).values().by_seed.values())  # type: ignore[union-attr]
         assert len(seed_means) == 3 and (low, high) != t_low_high(seed_means)
     assert (sweep / "dice_vs_batch_size.png").stat().st_size > 0
+
+
+def test_names_with_dollar_signs_are_drawn_as_text(tmp_path: Path, write_cases) -> None:
+    """matplotlib reads $...$ as a formula: a norm named a$\\frac{b$ failed the whole report."""
+    sweep = tmp_path / "sweep"
+    write_cases(sweep, "instance", 1, grid(0.8))
+    write_cases(sweep, "a$\\frac{b$", 1, grid(0.7))
+    report = write_report([sweep], reference="instance")
+    assert (sweep / "dice_vs_batch_size.png").stat().st_size > 0
+    assert "a$\\frac{b$" in report.markdown
