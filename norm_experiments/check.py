@@ -21,339 +21,24 @@ or the data (one `error:` line).
 
 from __future__ import annotations
 
-import contextlib
-import math
 import sys
-from pathlib import Path
 
 import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig
 
-from norm_experiments import config_schema as schema
 from norm_experiments import safe_io
-from norm_experiments.config import CONFIG_DIR, register_resolvers, validate_config
-from norm_experiments.data.checks import duplicate_images
-from norm_experiments.data.pipeline import load_data
-from norm_experiments.diagnose.case_verdicts import (
-    MODE_NAMES,
-    SHORT_NAMES,
-    CaseGaps,
-    compare_modes,
-    interval,
-    mean_of,
-    verdict,
-    worst_layer,
-)
-from norm_experiments.diagnose.network import (
-    build_network,
-    check_forward,
-    check_input_channels,
-    load_into,
-    net_config,
-)
-from norm_experiments.diagnose.probe import gap_table, table
-from norm_experiments.diagnose.scoring import Checked, run_checks
-from norm_experiments.errors import USER_ERROR_EXIT, UserError, exit_on_user_error, flush_stdout, guard_stdout
-from norm_experiments.models import median_spacing
-from norm_experiments.report.verdicts import Verdict
-from norm_experiments.training import checkpoint as ckpt
-from norm_experiments.training.build import amp_dtype, select_device
-from norm_experiments.training.evaluate import Inference
-from norm_experiments.training.predictions import Cases, write_label_maps
+from norm_experiments.command_line import command_line_problem
+from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.errors import USER_ERROR_EXIT, flush_stdout, guard_stdout
 
+# The body (check_network.py) brings torch and MONAI (seconds): imported when the check runs, not for --help.
 register_resolvers()
-
-TRUST_FLAG = "trust_weights=true"
-
-
-# ------------------------------------------------------------------------------------------ printing
-
-
-def score_table(checked: Checked, num_val: int) -> str:
-    names = checked.class_names
-
-    def cell(value: float | None, fmt: str) -> str:
-        return "absent" if value is None else format(value, fmt)
-
-    rows = []
-    for mode, result in checked.scores.items():
-        hd95 = result.hd95_per_class or [None] * len(names)
-        label = MODE_NAMES[mode] + (f" ({checked.precise_patches} patches)" if mode == "precise" else "")
-        rows.append(
-            [
-                label,
-                cell(result.dice_mean, ".3f"),
-                *(cell(d, ".3f") for d in result.dice_per_class),
-                cell(result.hd95_mean, ".1f"),
-                *(cell(h, ".1f") for h in hd95),
-            ]
-        )
-    header = ["mode", "Dice mean", *(f"Dice {n}" for n in names), "HD95 mean", *(f"HD95 {n}" for n in names)]
-    return table(
-        f"1. Validation scores ({num_val} volumes, whole-volume sliding window)",
-        header,
-        rows,
-        "Dice per class over the volumes holding it; HD95 (95th-percentile surface distance) in mm, a missed "
-        "class counts as the volume's diagonal",
-    )
-
-
-def layer_table(checked: Checked) -> str:
-    rows = []
-    for name, per_volume in checked.layer_gaps.items():
-        any_row = next(iter(per_volume.values()))
-        means = [r["batch_mean"] for r in per_volume.values()]
-        worst = max(per_volume, key=lambda v: per_volume[v]["mean_gap"])
-        rows.append(
-            [
-                name,
-                f"{any_row['running_mean']:.3g}",
-                f"{any_row['running_var']:.3g}",
-                f"{min(means):.3g} .. {max(means):.3g}",
-                f"{mean_of(per_volume, 'mean_gap'):.2f}",
-                f"{per_volume[worst]['mean_gap']:.2f}",
-                f"{mean_of(per_volume, 'var_gap'):.2f}",
-                f"{max(r['var_gap'] for r in per_volume.values()):.2f}",
-                worst,
-            ]
-        )
-    header = [
-        "BN layer",
-        "running μ",
-        "running σ²",
-        "volumes' μ_v",
-        "|μ_v−μ|/σ mean",
-        "max",
-        "|σ²_v−σ²|/σ² mean",
-        "max",
-        "farthest volume",
-    ]
-    return table(
-        "4. Running statistics (what model.eval() normalizes with) vs each validation volume's, per BatchNorm layer",
-        header,
-        rows,
-        "volume statistics pooled over its sliding windows, normalized as in training (batch statistics); "
-        "μ, σ² averaged over channels; gaps per channel, averaged over channels, then mean and max over volumes",
-    )
-
-
-def volume_table(checked: Checked, layer: str) -> str:
-    return gap_table(
-        checked.layer_gaps[layer],
-        f"5. Each validation volume at {layer}, the layer whose running statistics sit farthest from them",
-        row="volume",
-        of="v",
-    )
-
-
-def case_table(checked: Checked, gaps: CaseGaps) -> str:
-    modes = list(checked.scores)
-    rows = [
-        [case, *(f"{gaps.dice[m][case]:.3f}" for m in modes)]
-        + [f"{gaps.dice[m][case] - gaps.dice['running'][case]:+.3f}" for m in modes if m != "running"]
-        for case in gaps.cases
-    ]
-    header = ["case", *(SHORT_NAMES[m] for m in modes), *(f"{SHORT_NAMES[m]} − running" for m in modes[1:])]
-    return table(
-        "2. Each validation case's Dice",
-        header,
-        rows,
-        "Dice averaged over the foreground classes the case holds; a case holding none is left out",
-    )
-
-
-def gap_rows_table(gaps: CaseGaps) -> str:
-    family = gaps.family
-    rows = [
-        [f"{SHORT_NAMES[c.label]} − running", f"{c.difference:+.3f}", interval(c), c.verdict.value]
-        for c in family.comparisons
-    ]
-    level = f"{1 - family.alpha_each:.1%}"
-    return table(
-        f"3. Gaps over the running statistics, on {len(gaps.cases)} cases",
-        ["difference", "mean", f"{level} interval", "verdict"],
-        rows,
-        f"paired over cases (t, df = cases - 1); {level} intervals: Bonferroni over the {family.m} gaps "
-        f"(family-wise alpha {family.alpha}); equivalent: the interval lies inside ±{family.margin} Dice "
-        "(margin=); the interval covers other cases like these for this trained model, not another training",
-    )
-
-
-# ------------------------------------------------------------------------------------------ repaired weights
-
-
-def repaired_target(cfg: DictConfig, weights_path: Path) -> Path | None:
-    """write_repaired as a path that may be written: never the input, never an existing file."""
-    if cfg.write_repaired is None:
-        return None
-    target = Path(str(cfg.write_repaired)).expanduser()
-    if target.resolve() == weights_path.resolve():
-        raise UserError(f"write_repaired={target}: that is the input weights; choose a new file")
-    if target.exists():
-        raise UserError(
-            f"write_repaired={target}: already exists; choose a new file (nothing is overwritten)"
-        )
-    return target
-
-
-def handle_repaired(target: Path | None, gaps: CaseGaps | None, precise: nn.Module | None) -> str | None:
-    """Write the PreciseBN weights when asked and PreciseBN is better than the running statistics by more than
-    the margin; the sentence that says so (without write_repaired, a hint when it is)."""
-    if precise is None or gaps is None:
-        return f"No BatchNorm: nothing to repair, {target} not written." if target else None
-    gain = gaps.gap("precise")
-    margin = gaps.family.margin
-    worth_it = gain.verdict == Verdict.BETTER and gain.difference > margin
-    if target is None:
-        return "Add write_repaired=PATH to write the weights with PreciseBN statistics." if worth_it else None
-    if not worth_it:
-        return (
-            f"{target} not written: PreciseBN minus running statistics is {gain.difference:+.3f} {interval(gain)} "
-            f"({gain.verdict.value}); repaired weights are written only when PreciseBN is better and gains more "
-            f"than the margin ({margin} Dice)."
-        )
-    if target.exists():  # appeared while checking: still never overwrite
-        raise UserError(f"write_repaired={target}: appeared while checking; not overwritten")
-    ckpt.save(target, {k: v.cpu() for k, v in precise.state_dict().items()})  # loads on any machine
-    return (
-        f"Repaired weights written to {target} (a state dict with PreciseBN statistics): loaded into the same "
-        f"network, model.eval() scores Dice {gain.a_mean:.3f}."
-    )
-
-
-# ------------------------------------------------------------------------------------------ entry point
-
-# configs/check.yaml's own keys (the rest are norm-exp-train's); `net` is a network config of any shape.
-CHECK_KEYS = {
-    "weights": schema.text,
-    "net": schema.either(schema.text, schema.mapping, schema.optional(schema.text)),
-    "write_repaired": schema.optional(schema.text),
-    "trust_weights": schema.boolean,
-    "margin": schema.number(0),
-    "save_predictions": schema.optional(schema.text),
-}
-
-
-def inference(cfg: DictConfig, device: torch.device) -> Inference:
-    amp = amp_dtype(cfg.trainer.amp, device)
-    windows = cfg.trainer.batch_stats_windows
-    return Inference(
-        roi_size=list(cfg.data.patch_size),
-        sw_batch_size=int(cfg.trainer.sw_batch_size),
-        overlap=float(cfg.trainer.sw_overlap),
-        device=device,
-        autocast=lambda: torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext(),
-        batch_stats_windows=None if windows is None else int(windows),
-    )
-
-
-@exit_on_user_error
-def check(cfg: DictConfig) -> None:
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise UserError(
-            f"{', '.join(missing)}: required (e.g. weights=model.pt net=unet.yaml data=msd data.root=DIR)"
-        )
-    validate_config(cfg, extra=CHECK_KEYS)
-    weights_path = Path(str(cfg.weights)).expanduser()
-    target = repaired_target(cfg, weights_path)
-    predictions = predictions_target(cfg)
-    if cfg.net is not None:
-        net_config(cfg.net)  # refuses a _target_ that is no network before anything else runs
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(int(cfg.trainer.num_threads))
-    weights = ckpt.load_weights(weights_path, trust=bool(cfg.trust_weights), trust_flag=TRUST_FLAG)
-    device = select_device(str(cfg.trainer.device))
-    data = load_data(cfg.data)
-    net = build_network(cfg, data.info.num_channels, len(data.info.labels), median_spacing(data.train))
-    check_input_channels(net.model, data.info.num_channels, data)
-    load_into(net, weights_path, weights, data)
-    net.model.to(device)
-    check_forward(net.model, data, list(cfg.data.patch_size), device)
-    print(
-        f"Checking {weights_path} (network: {net.description}) on {data.info.root} ({data.info.layout}): "
-        f"{len(data.train)} training and {len(data.val)} validation cases, patch {list(cfg.data.patch_size)}."
-    )
-    for val_name, train_name in duplicate_images(data.train, data.val):
-        print(
-            f"LEAKAGE: validation case {val_name} holds the same voxels as training case {train_name}: its "
-            "scores measure what the network memorized, not how it generalizes; choose other data.val_cases"
-        )
-    inf = inference(cfg, device)
-    checked, precise = run_checks(net.model, cfg, data, inf)
-    print_results(checked, precise, target, float(cfg.margin), len(data.val))
-    if predictions is not None:
-        save_label_maps(
-            Cases(
-                data,
-                len(data.info.labels),
-                checked.class_names,
-                inf,
-                list(cfg.data.patch_size),
-                bool(cfg.data.pad_to_patch),
-            ),
-            net.model,
-            precise,
-            predictions,
-        )
-
-
-def save_label_maps(cases: Cases, model: nn.Module, precise: nn.Module | None, folder: Path) -> None:
-    """save_predictions=DIR: each case's label and error maps in every mode the check scored."""
-    modes = [("running", model, "running")]
-    if precise is not None:
-        modes += [("batch", model, "batch"), ("precise", precise, "running")]
-    try:
-        write_label_maps(cases, modes, folder)
-    except OSError as err:
-        raise UserError(f"save_predictions={folder}: could not write: {safe_io.os_reason(err)}") from err
-    print(f"\nLabel maps and error maps per case and mode: {folder} (docs/howto/view_predictions.md)")
-
-
-def predictions_target(cfg: DictConfig) -> Path | None:
-    """save_predictions as a folder that may be written: new, or empty (nothing a user has is replaced)."""
-    if cfg.save_predictions is None:
-        return None
-    folder = Path(str(cfg.save_predictions)).expanduser()
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise UserError(f"save_predictions={folder}: exists and is not an empty folder; choose a new one")
-    return folder
-
-
-def print_results(
-    checked: Checked, precise: nn.Module | None, target: Path | None, margin: float, num_val: int
-) -> None:
-    first = next(iter(checked.scores.values()))  # which classes are present does not depend on the mode
-    if math.isnan(first.dice_mean):
-        raise UserError(
-            f"no foreground class appears in the {num_val} validation cases: nothing to score; "
-            "choose others with data.val_cases"
-        )
-    print("\n" + score_table(checked, num_val))
-    for c in first.absent:
-        print(f"class {checked.class_names[c - 1]} ({c}) is absent from every validation volume: not scored")
-    if precise is None:
-        print(
-            "\nNo BatchNorm layer with running statistics in this network: model.eval() uses no statistics "
-            "averaged during training, so there is no BatchNorm train/eval gap to check."
-        )
-        repaired = handle_repaired(target, None, None)
-        if repaired:
-            print(repaired)
-        return
-    gaps = compare_modes(checked.scores, margin)
-    repaired = handle_repaired(target, gaps, precise)
-    print("\n" + case_table(checked, gaps))
-    print("\n" + gap_rows_table(gaps))
-    print("\n" + layer_table(checked))
-    print("\n" + volume_table(checked, worst_layer(checked)))
-    print("\nVerdict:\n" + "\n".join(verdict(checked, gaps, repaired)))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="check")
 def hydra_main(cfg: DictConfig) -> None:
+    from norm_experiments.check_network import check
+
     check(cfg)
 
 
@@ -362,13 +47,21 @@ def main() -> None:
     if {"-m", "--multirun"} & set(sys.argv[1:]):
         print("error: norm-exp-check runs once: drop -m/--multirun", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
-    problem = safe_io.argument_problem(sys.argv[1:])
+    # A wrong group option or key: one line with the closest names, before Hydra starts.
+    problem = safe_io.argument_problem(sys.argv[1:]) or command_line_problem(sys.argv[1:], "check")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     guard_stdout()  # a closed pipe or a full disk on stdout: one line, not a traceback
     hydra_main()
     flush_stdout()
+
+
+def __getattr__(name: str):
+    """The body's names (check, TRUST_FLAG, ...) for code that imports them from the command's module."""
+    from norm_experiments import check_network
+
+    return getattr(check_network, name)
 
 
 if __name__ == "__main__":

@@ -318,7 +318,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=d.num_cases, help="number of cases")
     p.add_argument("--spacing", type=float, default=d.spacing, help="isotropic voxel spacing in mm")
     p.add_argument("--deformation", type=float, default=d.deformation_mm, help="largest displacement in mm")
-    p.add_argument("--noise", type=float, nargs=2, default=d.noise_std, metavar=("LO", "HI"))
+    p.add_argument(
+        "--noise",
+        type=float,
+        nargs=2,
+        default=d.noise_std,
+        metavar=("LO", "HI"),
+        help="each case's Rician noise level is drawn uniformly from [LO, HI], in white-matter intensity units",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="the dataset's own seed")
     return p
 
