@@ -64,8 +64,11 @@ def test_looks_skip_decided_cells_and_stop_at_the_seed_cap(study) -> None:
     # Look 1: seeds 0-1 of the three cells; batch_vs_instance is decided, so look 2 (seed 2) runs only the
     # cells of the open question.
     assert seeds_by_cell(sweep_dir) == {"batch@1": [0, 1], "instance@1": [0, 1, 2], "group@1": [0, 1, 2]}
-    names = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir())
-    assert names[0].startswith("norm=batch,data.batch_size=1,seed=0")
+    names = sorted(str(p.parent.relative_to(sweep_dir)) for p in sweep_dir.rglob("metrics.json"))
+    assert names[0] == "norm=batch/data.batch_size=1,seed=0"  # grouped by norm, only what differs
+    # progress: look 1 launches 6 runs, look 2 adds the 2 runs of the open question's cells
+    assert "[sweep] run 1 of 6 started: " in result.stdout and "[sweep] run 6 of 6 done: " in result.stdout
+    assert "[sweep] run 8 of 8 done: " in result.stdout
     study_file = json.loads((sweep_dir / "study.json").read_text())
     assert study_file["stopped"] == "seed cap: the last look was taken"
     assert list(study_file["design"]["questions"]) == ["batch_vs_instance", "group_vs_instance"]

@@ -55,7 +55,14 @@ def test_grid_sweep_reports_four_cells_with_the_failure(grid_sweep) -> None:
     error = metrics_of(sweep_dir / failed[0])["error"]
     assert "one value per channel" in error
     # the end-of-sweep report: files written and the table printed
-    for name in ("report.md", "results.csv", "runs.csv", "dice_vs_batch_size.png"):
+    for name in (
+        "report.md",
+        "report.html",
+        "summary.json",
+        "results.csv",
+        "runs.csv",
+        "dice_vs_batch_size.png",
+    ):
         assert (sweep_dir / name).exists(), name
     with open(sweep_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
