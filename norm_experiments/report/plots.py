@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
 from norm_experiments.report.analysis import Analysis, Summary
-from norm_experiments.report.cells import EVAL_MODE_LABELS, LOWER_IS_BETTER
+from norm_experiments.report.cells import EVAL_MODE_LABELS
 from norm_experiments.report.verdicts import Verdict
 
 MARKERS = "osD^vP*Xh<>p"
@@ -138,6 +138,11 @@ def cell_bars(summary: Summary, row: str, clip: bool = True) -> list[tuple[int, 
     return bars
 
 
+def clipped(metric: str) -> bool:
+    """Whether a metric's bars are clipped to [0, 1]: a Dice score; a distance, a rate or a time is not."""
+    return "dice" in metric
+
+
 def _fit_y(ax: Axes, values: list[float], clip: bool) -> None:
     """Fit the y axis to what is drawn (a fixed 0-1 axis makes close norms overlap)."""
     if not values:
@@ -153,7 +158,7 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
     fig, axes = _panels(len(analysis.conditions), width=6.5)
     colors = norm_colors(analysis)
     any_single = False
-    clip = analysis.metric not in LOWER_IS_BETTER
+    clip = clipped(analysis.metric)
     for ax, summary in zip(axes[0], analysis.conditions, strict=True):
         drawn: list[float] = []
         for i, row in enumerate(summary.rows):

@@ -58,3 +58,16 @@ def test_names_with_dollar_signs_are_drawn_as_text(tmp_path: Path, write_cases) 
     report = write_report([sweep], reference="instance")
     assert (sweep / "dice_vs_batch_size.png").stat().st_size > 0
     assert "a$\\frac{b$" in report.markdown
+
+
+def test_a_metric_that_is_not_a_score_is_plotted_unclipped(tmp_path: Path, write_run) -> None:
+    """--metric samples_per_s used to draw an empty plot: every value was clipped to [0, 1]."""
+    from norm_experiments.report.plots import cell_bars, clipped
+
+    sweep = tmp_path / "sweep"
+    for seed, rate in enumerate((40.0, 44.0, 48.0)):
+        write_run(sweep, "group", 1, seed, samples_per_s=rate)
+    report = write_report([sweep], metric="samples_per_s")
+    assert clipped("val_dice") and clipped("eval_batch_dice") and not clipped("samples_per_s")
+    (bars,) = [cell_bars(s, "group", clipped(report.analysis.metric)) for s in report.analysis.conditions]
+    assert bars[0][1] == 44.0 and bars[0][2] < 44.0 < bars[0][3]
