@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -240,6 +241,15 @@ def check(cfg: DictConfig) -> None:
     weights_path = Path(str(cfg.weights)).expanduser()
     target = repaired_target(cfg, weights_path)
     predictions = predictions_target(cfg)
+    written = False
+    try:
+        _check(cfg, weights_path, target, predictions)
+        written = predictions is not None
+    finally:
+        release_predictions(predictions, written)
+
+
+def _check(cfg: DictConfig, weights_path: Path, target: Path | None, predictions: Path | None) -> None:
     if cfg.net is not None:
         net_config(cfg.net)  # refuses a _target_ that is no network before anything else runs
     if cfg.trainer.num_threads:
@@ -292,14 +302,39 @@ def save_label_maps(cases: Cases, model: nn.Module, precise: nn.Module | None, f
     print(f"\nLabel maps and error maps per case and mode: {folder} (docs/howto/view_predictions.md)")
 
 
+CLAIM = ".norm-exp-check-writing"  # in a save_predictions folder while this check owns it
+
+
 def predictions_target(cfg: DictConfig) -> Path | None:
-    """save_predictions as a folder that may be written: new, or empty (nothing a user has is replaced)."""
+    """save_predictions as a folder this check owns from its start: created by it (or empty, and claimed by a
+    file created exclusively), so that a folder that is not writable fails before any work, and a second
+    check started with the same folder is refused instead of mixing its maps into the first one's."""
     if cfg.save_predictions is None:
         return None
     folder = Path(str(cfg.save_predictions)).expanduser()
+    busy = UserError(f"save_predictions={folder}: another check is writing there; choose a new one")
+    if (folder / CLAIM).exists():
+        raise busy
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserError(f"save_predictions={folder}: exists and is not an empty folder; choose a new one")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(folder / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise busy from None
+    except OSError as err:
+        raise UserError(f"save_predictions={folder}: cannot write there: {safe_io.os_reason(err)}") from None
     return folder
+
+
+def release_predictions(folder: Path | None, written: bool) -> None:
+    """The claim ends: the maps stay when they were written; a folder left empty by a failure is removed."""
+    if folder is None:
+        return
+    (folder / CLAIM).unlink(missing_ok=True)
+    if not written:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty: nothing of a user's is removed
 
 
 def print_results(
