@@ -172,7 +172,7 @@ def _gap_section(summary: Summary, level: str) -> list[str]:
     if not family.comparisons:
         return []
     what = (
-        "Batch statistics (and PreciseBN) minus running statistics, same weights, same seeds and cases, validation "
+        "Batch statistics (and PreciseBN) minus running statistics, same weights, paired by seed and validation case, validation "
         f"Dice; batch stats = {batch_stats_text(summary.batch_stats_windows)}; {_seed_note(summary)}"
     )
     return [
@@ -210,7 +210,7 @@ def _errors_section(summary: Summary, level: str) -> list[str]:
         method = method_line(
             family,
             f"The same predictions with each class's largest connected component kept, minus as predicted, "
-            f"same seeds and cases; {what}",
+            f"paired by seed and validation case; {what}",
         )
         lines += [
             f"{level} Remedy: keep the largest connected component ({what.split(' ')[0]})",
@@ -241,7 +241,7 @@ def _condition_section(summary: Summary, level: str) -> list[str]:
     lines += _gap_section(summary, level)
     if summary.reference:
         what = (
-            f"Each norm minus {summary.reference} at the same batch size, same seeds and cases; {seeds}. Both are "
+            f"Each norm minus {summary.reference} at the same batch size, paired by seed and validation case; {seeds}. Both are "
             "trained with the same budget at that batch size; the difference does not separate the norm from its "
             "interaction with what the batch size does to optimization"
         )
