@@ -24,11 +24,10 @@ PALETTE = [
     "tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
     "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "black",
 ]  # fmt: skip
-METRIC_WORDS = {"val_dice": "Dice (eval mode)", "val_hd95": "HD95 (mm)"}
+# The names TensorBoard's HParams view gives the same scores (training/tensorboard.py METRICS).
+METRIC_WORDS = {"val_dice": "Dice (model.eval())", "val_hd95": "HD95 mm (model.eval())"}
 MODE_COLORS = {"running": "tab:red", "precise": "tab:orange", "batch": "tab:green"}
-ERRORBAR_NOTE = (
-    "error bars: 95% interval of the cell mean (seeds × cases; the interval table's), clipped to [0, 1]"
-)
+ERRORBAR_NOTE = "error bars: 95% interval of the cell mean (seeds × cases; the interval table's)"
 
 # Lines at the same batch size are shifted by this fraction of an octave so their error bars don't overlap.
 _DODGE = 0.04
@@ -178,7 +177,11 @@ def plot_metric_vs_batch_size(analysis: Analysis, path: Path) -> Path:
             # An all-failed sweep still gets a plot, so report.md never links to a missing file.
             ax.text(0.5, 0.5, "no completed runs yet", transform=ax.transAxes, ha="center", va="center")
     axes[0][0].set_ylabel(_metric_words(analysis.metric))
-    note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
+    note = (
+        ERRORBAR_NOTE
+        + (", clipped to [0, 1]" if clip else "")
+        + ("; n=1 points have none" if any_single else "")
+    )
     _suptitle(
         fig,
         f"{_metric_words(analysis.metric)} vs batch size\nmean over seeds, hollow points: each seed; {note}",
@@ -216,7 +219,7 @@ def plot_bn_eval_gap(analysis: Analysis, path: Path) -> Path | None:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8, loc="best")
         grid_row[0].set_ylabel("Dice")  # eval_modes are always validation Dice, whatever --metric is
-    note = ERRORBAR_NOTE + ("; n=1 points have none" if any_single else "")
+    note = ERRORBAR_NOTE + ", clipped to [0, 1]" + ("; n=1 points have none" if any_single else "")
     _suptitle(fig, f"BatchNorm family: same weights, different evaluation statistics\n{note}")
     return _save(fig, path)
 
