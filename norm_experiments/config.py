@@ -105,7 +105,9 @@ def validate_config(cfg: DictConfig, extra: dict | None = None) -> None:
             raise UserError(
                 f"data={cfg.data.preset}: dataset not found at {root}; run: norm-exp-fetch {cfg.data.fetch}"
             )
-    if cfg.data.layout not in ("synthetic", "brain"):  # generated datasets have no root
+    from norm_experiments.data import registry as layouts  # torch-free; lazily, as the schema reads it
+
+    if cfg.data.layout not in layouts.generated():  # generated datasets have no root
         root = cfg.data.root
         if root is None or not Path(str(root)).expanduser().is_dir():
             raise UserError(f"data.root: dataset folder does not exist: {root}")

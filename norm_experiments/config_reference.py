@@ -1,6 +1,9 @@
 """docs/reference/configuration.md's generated tables: every config group with its options (the files in
 configs/), and every key of config_schema.SCHEMA with its type (what the schema accepts), its default (the
-composed default config, or the option file that sets it) and its meaning (the comment beside it in the YAML).
+composed default config, or the option file that sets it) and its meaning (the comment beside it in the YAML),
+and every registered plug-in (norms, models, dataset layouts: their registries, norm_experiments/plugins.py)
+with its config file and its docs line. A plug-in whose YAML lives in a config folder of its own (its record's
+`config_dir`) is listed with its group like the files in configs/.
 
     python -m norm_experiments.config_reference docs/reference/configuration.md
 
@@ -17,12 +20,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from norm_experiments.config import CONFIG_DIR, register_resolvers
-from norm_experiments.config_schema import SCHEMA
+from norm_experiments.config_schema import full_schema
 
 GROUPS_START = "<!-- config groups: written by python -m norm_experiments.config_reference; do not edit -->"
 GROUPS_END = "<!-- end of the config groups -->"
 KEYS_START = "<!-- config keys: written by python -m norm_experiments.config_reference; do not edit -->"
 KEYS_END = "<!-- end of the config keys -->"
+PLUGINS_START = "<!-- plug-ins: written by python -m norm_experiments.config_reference; do not edit -->"
+PLUGINS_END = "<!-- end of the plug-ins -->"
 GROUPS = ("data", "model", "norm", "optim", "trainer", "experiment")
 _KEY_LINE = re.compile(
     r"^(?P<indent> *)(?P<key>[A-Za-z_][A-Za-z0-9_]*):(?P<value>[^#]*)(#\s?(?P<comment>.*))?$"
@@ -34,7 +39,16 @@ class _NoValue:
 
 
 def accepted(key: str) -> str:
-    return SCHEMA[key](_NoValue()) or "anything"
+    return full_schema()[key](_NoValue()) or "anything"
+
+
+def registries() -> dict:
+    """Config group -> the registry of its plug-ins."""
+    from norm_experiments.data import registry as layouts
+    from norm_experiments.models import registry as models
+    from norm_experiments.norms import registry as norms
+
+    return {"data": layouts.REGISTRY, "model": models.REGISTRY, "norm": norms.REGISTRY}
 
 
 def yaml_comments(path: Path, prefix: str) -> dict[str, str]:
@@ -55,7 +69,12 @@ def yaml_comments(path: Path, prefix: str) -> dict[str, str]:
 
 
 def option_files() -> dict[str, list[Path]]:
-    return {group: sorted((CONFIG_DIR / group).glob("*.yaml")) for group in GROUPS}
+    """Each group's option files: those in configs/, and the registered plug-ins' own (which may lie in a
+    config folder of their own)."""
+    found = {group: set((CONFIG_DIR / group).glob("*.yaml")) for group in GROUPS}
+    for group, registry in registries().items():
+        found[group].update(path for path in registry.config_files().values() if path.is_file())
+    return {group: sorted(paths, key=lambda p: (p.stem, str(p))) for group, paths in found.items()}
 
 
 def defaults() -> dict[str, object]:
@@ -65,7 +84,7 @@ def defaults() -> dict[str, object]:
         cfg = compose("train")
     plain = OmegaConf.to_container(cfg, resolve=False)
     values: dict[str, object] = {}
-    for key in SCHEMA:
+    for key in full_schema():
         node: object = plain
         for part in key.split("."):
             node = node.get(part, _NoValue) if isinstance(node, dict) else _NoValue
@@ -90,7 +109,7 @@ def _flat(node: object, prefix: str) -> dict[str, object]:
     if isinstance(node, dict):
         for key, value in node.items():
             path = f"{prefix}{key}"
-            if isinstance(value, dict) and path not in SCHEMA:
+            if isinstance(value, dict) and path not in full_schema():
                 out.update(_flat(value, path + "."))
             else:
                 out[path] = value
@@ -158,7 +177,7 @@ def keys_table(files: dict[str, list[Path]]) -> str:
     comments = meanings(files)
     composed, elsewhere = defaults(), option_values(files)
     rows = ["| key | accepts | default | meaning |", "| --- | --- | --- | --- |"]
-    for key in SCHEMA:
+    for key in full_schema():
         default = f"`{_show(composed[key])}`" if key in composed else elsewhere.get(key, "(set by the code)")
         rows.append(
             f"| `{key}` | {_cell(accepted(key))} | {_cell(default)} | {_cell(comments.get(key, ''))} |"
@@ -172,9 +191,21 @@ def _replace(page: str, start: str, end: str, table: str) -> str:
     return f"{before}{start}\n{table}\n{end}{after}"
 
 
+def plugins_table() -> str:
+    """Every registered norm, model and dataset layout: its config file and its docs line."""
+    rows = ["| plug-in | name | config file | what it is |", "| --- | --- | --- | --- |"]
+    for registry in registries().values():
+        for name, record in registry.records().items():
+            path = registry.config_file(record)
+            shown = path.relative_to(CONFIG_DIR.parent) if path.is_relative_to(CONFIG_DIR.parent) else path
+            rows.append(f"| {registry.kind} | `{name}` | `{shown}` | {_cell(record.summary)} |")
+    return "\n".join(rows)
+
+
 def with_tables(page: str) -> str:
     files = option_files()
     page = _replace(page, GROUPS_START, GROUPS_END, groups_table(files))
+    page = _replace(page, PLUGINS_START, PLUGINS_END, plugins_table())
     return _replace(page, KEYS_START, KEYS_END, keys_table(files))
 
 

@@ -2,8 +2,11 @@
 
 A wrong type (`data.patch_size=16`, `optim.lr=abc`), an impossible value (`model.depth=-1`) or a key nobody
 reads (`+trainer.sampels=10`, a typo Hydra's own hint suggests adding) is refused with one line naming the
-key. Norm names and options are checked by the norm registry (norms/registry.py), the synthetic dataset's
-and brain datasets' knobs by their SynthConfig and BrainConfig; the keys of Hydra's own `hydra.*` node are Hydra's.
+key. Model names and dataset layouts are the model and layout registries' (models/registry.py,
+data/registry.py, read when a value is checked, so that this module stays torch-free), and so are a plug-in's
+own keys and checks (its record's `keys` and `check`). Norm names and options are checked by the norm registry
+(norms/registry.py), a generated dataset's knobs (data.synthetic, data.brain) by its parameters' class; the
+keys of Hydra's own `hydra.*` node are Hydra's.
 """
 
 from __future__ import annotations
@@ -73,6 +76,24 @@ def choice(*options: Any) -> Check:
     return check
 
 
+def registered(kind: str) -> Check:
+    """One of the names in a registry ("model" or "layout"), asked when a value is checked."""
+
+    def check(value: Any) -> str | None:
+        valid = _registry(kind).names()
+        return None if value in valid and isinstance(value, str) else "one of " + ", ".join(valid)
+
+    return check
+
+
+def _registry(kind: str):
+    if kind == "model":
+        from norm_experiments.models import registry
+    else:
+        from norm_experiments.data import registry  # type: ignore[no-redef]
+    return registry
+
+
 def sequence(length: int | None, item: Check, what: str) -> Check:
     def check(value: Any) -> str | None:
         if not isinstance(value, (list, tuple)) or (length is not None and len(value) != length):
@@ -121,7 +142,7 @@ SCHEMA: dict[str, Check] = {
     "seed": integer(0, 2**32 - 1),  # what numpy's and torch's seeding accept
     "resume": optional(text),
     # data (common to every layout)
-    "data.layout": choice("synthetic", "brain", "msd", "nnunet", "folder"),
+    "data.layout": registered("layout"),  # on disk, or generated: the layout registry (data/registry.py)
     "data.root": optional(text),
     "data.labels": optional(either(mapping, sequence(None, text, "class names"))),
     "data.cache_dir": text,
@@ -147,7 +168,7 @@ SCHEMA: dict[str, Check] = {
     "data.cache_on_device": boolean,
     "data.check_files": boolean,
     # model
-    "model.name": choice("unet", "basic_unet", "dynunet"),
+    "model.name": registered("model"),  # the network: the model registry (models/registry.py)
     "model.depth": POSITIVE,
     "model.base_channels": POSITIVE,
     "model.growth": number(0, open_low=True),
@@ -197,30 +218,69 @@ SCHEMA: dict[str, Check] = {
     "trainer.world_size": POSITIVE,  # set by the training code under torchrun
 }
 
-# Nodes whose keys are checked elsewhere, and nodes that are not ours.
-CHECKED_ELSEWHERE = ("data.synthetic", "data.brain", "norm.options", "hydra", "experiment")
+# Nodes whose keys are checked elsewhere, and nodes that are not ours (with data.NAME of every generated
+# dataset: checked_elsewhere()).
+CHECKED_ELSEWHERE = ("norm.options", "hydra", "experiment")
 
 
-def leaves(node: dict, prefix: str = "") -> dict[str, Any]:
-    """Every leaf key of a plain config as 'a.b.c' -> value (lists are leaves), skipping CHECKED_ELSEWHERE."""
+def checked_elsewhere() -> tuple[str, ...]:
+    """CHECKED_ELSEWHERE and the parameters' node of each generated dataset (the layout registry's)."""
+    from norm_experiments.data import registry as layouts
+
+    return (*(f"data.{name}" for name in layouts.generated()), *CHECKED_ELSEWHERE)
+
+
+def plugin_keys() -> dict[str, Check]:
+    """The keys registered models and layouts add to SCHEMA (their records' `keys`)."""
+    keys: dict[str, Check] = {}
+    for kind in ("model", "layout"):
+        for record in _registry(kind).records().values():
+            keys.update(record.keys)
+    return keys
+
+
+def full_schema() -> dict[str, Check]:
+    """SCHEMA with every registered plug-in's own keys."""
+    return {**SCHEMA, **plugin_keys()}
+
+
+def leaves(
+    node: dict, prefix: str = "", schema: dict[str, Check] | None = None, skip: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Every leaf key of a plain config as 'a.b.c' -> value (lists are leaves), skipping checked_elsewhere()."""
+    schema = SCHEMA if schema is None else schema
+    skip = checked_elsewhere() if skip is None else skip
     found: dict[str, Any] = {}
     for key, value in node.items():
         path = f"{prefix}{key}"
-        if any(path == other or path.startswith(other + ".") for other in CHECKED_ELSEWHERE):
+        if any(path == other or path.startswith(other + ".") for other in skip):
             continue
-        if isinstance(value, dict) and value and path not in SCHEMA:  # a mapping-valued key is one leaf
-            found.update(leaves(value, path + "."))
+        if isinstance(value, dict) and value and path not in schema:  # a mapping-valued key is one leaf
+            found.update(leaves(value, path + ".", schema, skip))
         else:
             found[path] = value
     return found
 
 
+def plugin_problem(plain: dict) -> str | None:
+    """What the chosen model's and layout's own checks (their records' `check`) find wrong, or None."""
+    for kind, group, key in (("model", "model", "name"), ("layout", "data", "layout")):
+        node = plain.get(group)
+        if not isinstance(node, dict) or node.get(key) not in _registry(kind).names():
+            continue
+        record = _registry(kind).get(node[key])
+        problem = record.check(node) if record.check else None
+        if problem:
+            return f"{group}={record.name}: {problem}"
+    return None
+
+
 def validate(cfg: DictConfig, extra: dict[str, Check] | None = None) -> None:
     """Refuse unknown keys and values of the wrong type or range, naming the key: one UserError. `extra`:
     the keys of an app's own root config (norm-exp-check's `weights`, ...)."""
-    schema = {**SCHEMA, **(extra or {})}
+    schema = {**full_schema(), **(extra or {})}
     plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    for key, value in leaves(plain).items():  # type: ignore[arg-type]
+    for key, value in leaves(plain, schema=schema).items():  # type: ignore[arg-type]
         check = schema.get(key)
         if check is None:
             close = difflib.get_close_matches(key, list(schema), n=1)
@@ -231,3 +291,6 @@ def validate(cfg: DictConfig, extra: dict[str, Check] | None = None) -> None:
         problem = check(value)
         if problem:
             raise UserError(f"{key}: must be {problem}, got {value!r}")
+    problem = plugin_problem(plain)  # type: ignore[arg-type]
+    if problem:
+        raise UserError(problem)

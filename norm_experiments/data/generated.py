@@ -21,10 +21,17 @@ from typing import Any, Protocol
 import nibabel as nib
 import numpy as np
 
+from norm_experiments.data import registry as layouts_registry
 from norm_experiments.data.workdirs import make_work_folder, remove_abandoned
 from norm_experiments.errors import UserError
+from norm_experiments.plugins import resolve
 
-LAYOUTS = ("msd", "nnunet", "folder")
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    """LAYOUTS: the layouts a generated dataset can be written in, read from the layout registry when asked."""
+    if name == "LAYOUTS":
+        return layouts_registry.writable()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -64,46 +71,13 @@ def save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def case_paths(layout: str, name: str) -> tuple[str, str]:
-    """(image, label) paths of a case relative to the dataset root."""
-    if layout == "msd":
-        return f"imagesTr/{name}.nii.gz", f"labelsTr/{name}.nii.gz"
-    if layout == "nnunet":
-        return f"imagesTr/{name}_0000.nii.gz", f"labelsTr/{name}.nii.gz"
-    return f"images/{name}.nii.gz", f"labels/{name}.nii.gz"
+    """(image, label) paths of a case relative to the dataset root (the layout's record says)."""
+    return resolve(layouts_registry.get(layout).case_files)(name)
 
 
 def metadata(gen: Generator, layout: str, cases: list[dict]) -> tuple[str, dict]:
     """(file name, content) of the JSON file written last: dataset.json, or <kind>.json for "folder"."""
-    labels = gen.labels()
-    provenance = gen.provenance(cases)
-    common = {"name": f"{gen.kind}-{gen.key()}", "description": provenance.pop("description")}
-    if layout == "msd":
-        training = []
-        for c in cases:
-            image, label = case_paths("msd", c["name"])
-            training.append({"image": f"./{image}", "label": f"./{label}"})
-        return "dataset.json", {
-            **common,
-            "tensorImageSize": "3D",
-            "modality": {"0": gen.modality()},
-            "labels": {str(k): v for k, v in labels.items()},
-            "numTraining": len(cases),
-            "numTest": 0,
-            "training": training,
-            "test": [],
-            gen.kind: provenance,
-        }
-    if layout == "nnunet":
-        return "dataset.json", {
-            **common,
-            "channel_names": {"0": gen.modality()},
-            "labels": {v: k for k, v in labels.items()},
-            "numTraining": len(cases),
-            "file_ending": ".nii.gz",
-            gen.kind: provenance,
-        }
-    # The folder layout has no dataset.json; its labels are given in the config (data.labels).
-    return f"{gen.kind}.json", {**common, "labels": {str(k): v for k, v in labels.items()}, **provenance}
+    return resolve(layouts_registry.get(layout).metadata)(gen, cases)
 
 
 def _write_into(folder: Path, gen: Generator, layout: str) -> None:
@@ -145,8 +119,8 @@ def generate_dataset(out_dir: Path, gen: Generator, layout: str = "msd") -> Path
     interrupted run never leaves a half dataset at out_dir. Refuses an existing non-empty out_dir.
     """
     out_dir = Path(out_dir).expanduser()
-    if layout not in LAYOUTS:
-        raise UserError(f"layout '{layout}' is not one of {', '.join(LAYOUTS)}")
+    if layout not in layouts_registry.writable():
+        raise UserError(f"layout '{layout}' is not one of {', '.join(layouts_registry.writable())}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
     if _is_nonempty_dir(out_dir):

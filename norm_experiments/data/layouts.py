@@ -1,6 +1,7 @@
 """Finding the training cases of a dataset on disk, and splitting them into training and validation.
 
-Three layouts are understood:
+The layouts on disk are the records of the layout registry (data/registry.py, one plug-in module each in
+data/plugins/); their finders are here. The built-in ones:
 
 - "msd" (Medical Segmentation Decathlon): dataset.json with a "training" list of
   {"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"} (an "image" may also be a list of
@@ -44,9 +45,10 @@ from pathlib import Path
 import nibabel as nib
 
 from norm_experiments import safe_io
+from norm_experiments.data import registry as layouts_registry
 from norm_experiments.errors import UserError
+from norm_experiments.plugins import resolve
 
-LAYOUTS = ("msd", "nnunet", "folder")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 DEFAULT_LABELS = {0: "background", 1: "foreground"}
 
@@ -104,8 +106,9 @@ def find_cases(layout: str, root: Path, *, labels: dict | None = None) -> tuple[
     Raises UserError naming data.root, data.layout, data.labels, dataset.json and its key, or the file, for
     every problem that is the user's to fix.
     """
-    if layout not in LAYOUTS:
-        raise UserError(f"data.layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    found = layouts_registry.on_disk()
+    if layout not in found:
+        raise UserError(f"data.layout={layout!r} is not one of {', '.join(found)}")
     root = Path(root).expanduser()
     problem = link_problem(root)
     if problem:
@@ -114,7 +117,7 @@ def find_cases(layout: str, root: Path, *, labels: dict | None = None) -> tuple[
         raise UserError(f"data.root={root}: directory does not exist")
     if not root.is_dir():
         raise UserError(f"data.root={root}: is not a directory")
-    finder = {"msd": _find_msd, "nnunet": _find_nnunet, "folder": _find_folder}[layout]
+    finder = resolve(layouts_registry.get(layout).find)
     cases, info = finder(root, labels)
     if not cases:
         raise UserError(f"data.root={root}: no training cases found in {_where(layout, root)}")
@@ -247,7 +250,7 @@ def channels_in_file(path: Path, root: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The three layouts
+# The built-in layouts on disk (their records: data/plugins/)
 
 
 def _strip_ending(name: str, endings: Sequence[str]) -> str | None:

@@ -36,7 +36,7 @@ from monai.transforms import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments.data.brain import BrainConfig
+from norm_experiments.data import registry as layouts_registry
 from norm_experiments.data.checks import (
     available_memory,
     check_case,
@@ -49,8 +49,8 @@ from norm_experiments.data.generated import Generator, ensure_generated
 from norm_experiments.data.layouts import Case, DatasetInfo, find_cases, full_paths, shown, split_cases
 from norm_experiments.data.patches import Augmentation, cut_patch
 from norm_experiments.data.preprocessing import Preprocessing, intensity_transform, plan_preprocessing
-from norm_experiments.data.synthetic import SynthConfig
 from norm_experiments.errors import UserError
+from norm_experiments.plugins import resolve
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +88,17 @@ class DataBundle:
     preprocessing: dict = field(default_factory=dict)
 
 
-# Datasets the project generates on first use (data.layout=NAME, parameters under data.NAME).
-GENERATORS: dict[str, type] = {"synthetic": SynthConfig, "brain": BrainConfig}
+def is_generated(data_cfg: DictConfig) -> bool:
+    """A dataset the project generates on first use (data.layout=NAME, parameters under data.NAME): the
+    layout registry's records with a generator."""
+    return str(data_cfg.layout) in layouts_registry.generated()
 
 
 def generator_config(data_cfg: DictConfig) -> Generator:
     """The parameters of a generated dataset from data.<layout> (lists become tuples, as the dataclass
     expects); an unknown key is refused by name."""
     layout = str(data_cfg.layout)
-    cls = GENERATORS[layout]
+    cls = resolve(layouts_registry.get(layout).generator)
     raw = OmegaConf.to_container(data_cfg[layout], resolve=True)
     assert isinstance(raw, dict)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -111,7 +113,7 @@ def generator_config(data_cfg: DictConfig) -> Generator:
 def dataset_name(data_cfg: DictConfig) -> str:
     """What the run record calls the dataset (a condition of the study: runs on different datasets are never
     averaged together): the generated dataset's name, a preset's name, or the dataset folder's name."""
-    if data_cfg.layout in GENERATORS:
+    if is_generated(data_cfg):
         return str(data_cfg.layout)
     if data_cfg.get("preset"):
         return str(data_cfg.preset)
@@ -120,7 +122,7 @@ def dataset_name(data_cfg: DictConfig) -> str:
 
 def dataset_root(data_cfg: DictConfig) -> tuple[str, Path]:
     """(layout, root) of the dataset; a generated one is written into its cache folder on first use."""
-    if data_cfg.layout in GENERATORS:
+    if is_generated(data_cfg):
         cache = Path(str(data_cfg.cache_dir)).expanduser()
         return "msd", ensure_generated(cache, generator_config(data_cfg))
     return str(data_cfg.layout), Path(str(data_cfg.root)).expanduser()
@@ -266,7 +268,7 @@ def load_data(data_cfg: DictConfig) -> DataBundle:
 def _cache_remedy(data_cfg: DictConfig, root: Path) -> str | None:
     """How to get a sound copy of a dataset the project put in its cache (generated, or fetched for a
     preset); None for the user's own dataset."""
-    if data_cfg.layout in GENERATORS:
+    if is_generated(data_cfg):
         return f"delete the folder {root} and the next run generates it again"
     if data_cfg.get("fetch"):
         return f"delete the folder {root} and run norm-exp-fetch {data_cfg.fetch} to download it again"

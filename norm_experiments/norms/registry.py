@@ -2,25 +2,23 @@
 
 Each norm's module registers its record (``register(NormRecord(...))``) when it is imported; ``load_all``
 imports every module of this package, so adding a norm is: one module here, one file in configs/norm/, and one
-row in tests/norms/test_norms_factory.py. Everything else (the valid names, which norms keep running
+row in tests/norms/test_norms_factory.py (the pattern every plug-in follows: norm_experiments/plugins.py). Everything else (the valid names, which norms keep running
 statistics and get scored in BatchNorm's evaluation modes, pre-flight checks, the MONAI registration, the
 conv that goes before the norm, what metrics.json says about the norm for the report) asks the registry.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from norm_experiments.errors import UserError
 from norm_experiments.norms.convs import plain_conv
 from norm_experiments.norms.options import Option
+from norm_experiments.plugins import Registry
 
 # Evaluation modes of norms that keep running statistics: model.eval() (running), PreciseBN (precise), and
 # normalizing every forward with its own statistics (batch). See norms/eval_modes.py.
@@ -59,6 +57,7 @@ class NormRecord:
     spellings: tuple[str, ...] = ()  # other names users type, for "did you mean" (not accepted as names)
     # The norm every other norm is compared with in the report (exactly one record; must be batch-independent).
     report_reference: bool = False
+    config_dir: Path | None = None  # the folder holding norm/NAME.yaml; None: the project's configs/
 
     @property
     def eval_modes(self) -> tuple[str, ...]:
@@ -71,44 +70,22 @@ class NormRecord:
         return rank_patches if self.batch_dependent else None
 
 
-_RECORDS: dict[str, NormRecord] = {}
+def _unknown(name: Any, close: str | None, valid: str) -> str:
+    hint = f"; did you mean '{close}'?" if close else ""
+    return f"norm: unknown normalization '{name}'{hint} valid: {valid}"
 
 
-def register(record: NormRecord) -> NormRecord:
-    if record.name in _RECORDS and _RECORDS[record.name] != record:
-        raise ValueError(f"norm '{record.name}' is registered twice")
-    _RECORDS[record.name] = record
-    return record
-
-
-def load_all() -> None:
-    """Import every module of this package once, so every norm has registered itself."""
-    package = importlib.import_module("norm_experiments.norms")
-    for module in pkgutil.iter_modules(package.__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"norm_experiments.norms.{module.name}")
-
-
-def records() -> dict[str, NormRecord]:
-    """Every registered norm, by name, in alphabetical order."""
-    load_all()
-    return dict(sorted(_RECORDS.items()))
-
-
-def names() -> tuple[str, ...]:
-    return tuple(records())
+REGISTRY: Registry[NormRecord] = Registry("norm", "norm", "norm_experiments.norms", _unknown)
+_RECORDS = REGISTRY.by_name
+register = REGISTRY.register
+load_all = REGISTRY.load_all
+records = REGISTRY.records
+names = REGISTRY.names
 
 
 def get(name: Any) -> NormRecord:
     """The record of norm `name`; UserError with a did-you-mean hint for an unknown name."""
-    found = records()
-    if isinstance(name, str) and name in found:
-        return found[name]
-    spellings = {n: n for n in found} | {s: r.name for r in found.values() for s in r.spellings}
-    typed = str(name).lower().replace("-", "").replace(" ", "")
-    close = difflib.get_close_matches(typed, list(spellings), n=1)
-    hint = f"; did you mean '{spellings[close[0]]}'?" if close else ""
-    raise UserError(f"norm: unknown normalization '{name}'{hint} valid: {', '.join(found)}")
+    return REGISTRY.get(name, [(s, r.name) for r in REGISTRY.records().values() for s in r.spellings])
 
 
 def bn_family() -> frozenset[str]:
