@@ -2,9 +2,10 @@
 
 Each norm's module registers its record (``register(NormRecord(...))``) when it is imported; ``load_all``
 imports every module of this package, so adding a norm is: one module here, one file in configs/norm/, and one
-row in tests/norms/test_norms_factory.py (the pattern every plug-in follows: norm_experiments/plugins.py). Everything else (the valid names, which norms keep running
-statistics and get scored in BatchNorm's evaluation modes, pre-flight checks, the MONAI registration, the
-conv that goes before the norm, what metrics.json says about the norm for the report) asks the registry.
+row in tests/norms/test_norms_factory.py (the pattern every plug-in follows: norm_experiments/plugins.py).
+Everything else (the valid names, which norms keep running statistics and get scored in BatchNorm's evaluation
+modes, pre-flight checks, the MONAI registration, the conv that goes before the norm, what metrics.json says
+about the norm for the report) asks the registry.
 """
 
 from __future__ import annotations
