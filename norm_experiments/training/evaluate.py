@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -31,9 +32,12 @@ from norm_experiments.data.pipeline import BatchSampler, Volume
 from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 from norm_experiments.training import distributed
 from norm_experiments.training import error_locations as errors
+from norm_experiments.training.signals import phase, stop_point, stop_point_all_ranks
 
 if TYPE_CHECKING:
     from norm_experiments.training.build import Built
+
+log = logging.getLogger("norm_experiments.train")
 
 # PreciseBN draws its training patches from a seed stream the training batches never use (seed + this).
 PRECISE_BN_SEED_OFFSET = 1_000_003
@@ -189,14 +193,16 @@ def score_each_volume(
     """Per-class totals of each of `volumes` (volumes, 3, classes; see volume_scores) and an example slice
     from the first volume; `extras`, when given, gets each volume's error locations (and LCC scores).
 
-    The model is used as it is: the caller chooses train/eval/BN mode."""
+    The model is used as it is: the caller chooses train/eval/BN mode. A stop request (SIGTERM during a
+    run) is acted on before each volume and each forward of sliding-window inference (signals.stop_point)."""
     totals = torch.zeros(len(volumes), 3, num_classes - 1, dtype=torch.float64)
     example = None
     for i, vol in enumerate(volumes):
+        stop_point()
         image = vol.image.unsqueeze(0).to(inf.device, non_blocking=True)  # no copy if cached there already
         with inf.autocast():
             logits = sliding_window_inference(
-                image, inf.roi_size, inf.sw_batch_size, model, overlap=inf.overlap, mode="gaussian"
+                image, inf.roi_size, inf.sw_batch_size, stoppable(model), overlap=inf.overlap, mode="gaussian"
             )
         # Scores in host memory: one-hot tensors (classes x volume) could exhaust a GPU's memory.
         pred = logits.argmax(dim=1)[0].cpu()
@@ -207,6 +213,17 @@ def score_each_volume(
         if example is None:
             example = (vol.image[0].cpu(), label, pred)
     return totals, example
+
+
+def stoppable(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model` as sliding-window inference's predictor, passing a stop point before each forward (a large
+    volume is many forwards: seconds on a CPU)."""
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        stop_point()
+        return model(windows)
+
+    return predict
 
 
 def score_volumes(
@@ -287,7 +304,19 @@ def precise_bn_batches(built: Built, samples: int | None = None) -> Iterator[tor
     sampler = BatchSampler(built.data.train, cfg.data, int(cfg.seed) + PRECISE_BN_SEED_OFFSET, rank, world)
     samples = int(cfg.trainer.precise_bn_samples) if samples is None else samples
     needed = math.ceil(samples / (plan.effective_batch * world))
-    return (sampler.batch(i)[0] for i in range(needed))
+    log.info(
+        "PreciseBN: BatchNorm statistics over %d training patches", needed * plan.effective_batch * world
+    )
+    return _stoppable_batches(sampler, needed)
+
+
+def _stoppable_batches(sampler: BatchSampler, count: int) -> Iterator[torch.Tensor]:
+    """The sampler's first `count` batches' images, with a stop point before each (PreciseBN is thousands of
+    forwards with a large trainer.precise_bn_samples)."""
+    with phase("PreciseBN"):
+        for i in range(count):
+            stop_point()
+            yield sampler.batch(i)[0]
 
 
 def evaluate_bn_modes(built: Built, running: ValResult) -> dict[str, ValResult]:
@@ -301,16 +330,27 @@ def evaluate_bn_modes(built: Built, running: ValResult) -> dict[str, ValResult]:
     With trainer.remedy_modes, two remedies a user would try (docs/explanation/batchnorm_at_batch_1.md):
     batch_alone:  batch statistics of each window alone (skipped when "batch" already uses one window);
     precise_more: PreciseBN over REMEDY_PRECISE_FACTOR times the patches.
+    Each mode is a phase a stop request can interrupt (signals.stop_point); the ranks of a torchrun launch
+    agree on stopping between modes.
     """
-    scores = {"running": running, "batch": evaluate_built(built, built.model, "batch", surface=True)}
-    scores["precise"] = _precise(built, int(built.cfg.trainer.precise_bn_samples))
+    samples = int(built.cfg.trainer.precise_bn_samples)
+    modes: dict[str, Callable[[], ValResult]] = {
+        "batch": lambda: evaluate_built(built, built.model, "batch", surface=True),
+        "precise": lambda: _precise(built, samples),
+    }
     if built.cfg.trainer.get("remedy_modes"):
         windows = built.inference.batch_stats_windows or built.inference.sw_batch_size
         if windows != 1:  # batch statistics of each window alone: what BatchNorm saw in training at batch 1
-            scores["batch_alone"] = evaluate_built(built, built.model, "batch", surface=True, windows=1)
-        scores["precise_more"] = _precise(
-            built, REMEDY_PRECISE_FACTOR * int(built.cfg.trainer.precise_bn_samples)
-        )
+            modes["batch_alone"] = lambda: evaluate_built(
+                built, built.model, "batch", surface=True, windows=1
+            )
+        modes["precise_more"] = lambda: _precise(built, REMEDY_PRECISE_FACTOR * samples)
+    scores = {"running": running}
+    for mode, score in modes.items():
+        stop_point_all_ranks()
+        log.info("final evaluation: %s mode", mode)
+        with phase(f"the final evaluation ({mode} mode)"):
+            scores[mode] = score()
     return scores
 
 

@@ -42,7 +42,13 @@ from norm_experiments.training.run_folder import (
     save_config,
     save_hydra_files,
 )
-from norm_experiments.training.signals import StopRequest
+from norm_experiments.training.signals import (
+    RunInterrupted,
+    StopRequest,
+    current_phase,
+    phase,
+    stop_point_all_ranks,
+)
 from norm_experiments.training.tensorboard import (
     NoWriter,
     log_final_scores,
@@ -54,10 +60,6 @@ from norm_experiments.training.tensorboard import (
 )
 
 log = logging.getLogger("norm_experiments.train")
-
-
-class RunInterrupted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint was saved."""
 
 
 class RunDiverged(Exception):
@@ -194,8 +196,8 @@ class Run:
                 with batch_executor(self.plan.device) as prefetch:
                     self.loop(writer, monitor, progress, stop, prefetch)
                 final = self.finish(writer, started)
-            except RunInterrupted:
-                self.stopped()
+            except RunInterrupted as stop_in:
+                self.stopped(str(stop_in) or "training")
                 raise
             finally:
                 progress.close()
@@ -223,6 +225,9 @@ class Run:
         every = int(self.cfg.trainer.log_every_steps)
         stream = MicroBatches(b, prefetch, s.step * k, total * k)
         self.loss_window = torch.tensor(s.loss_window_sum, device=b.device)  # on the device: no sync per step
+        if s.step in self.plan.val_steps and s.step < total and not self.validated():
+            # A stop interrupted this step's validation (the checkpoint was saved before it): done now.
+            progress.dice = self.validate(writer).dice_mean
         t0 = time.perf_counter()
         while s.step < total:
             stream.waited = 0.0
@@ -252,7 +257,7 @@ class Run:
                 self.write_record(Status.RUNNING)  # a killed run's record shows how far it got
             progress.update(s.step, loss_value)
             if distributed.any_rank(stop.requested):  # all ranks stop after the same step
-                raise RunInterrupted
+                raise RunInterrupted(current_phase())
             t0 = time.perf_counter()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -309,17 +314,28 @@ class Run:
         where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was saved yet"
         raise RunDiverged(f"loss became {loss} at step {self.state.step}; {where}")
 
+    def validated(self) -> bool:
+        """Whether the history holds the current step's validation."""
+        return any(entry["step"] == self.state.step for entry in self.state.history)
+
     def validate(self, writer, surface: bool = False) -> ValResult:
         """Score the model as model.eval() runs it; keep the best weights. `surface`: the final evaluation
-        (HD95, error locations and the largest-component remedy too)."""
+        (HD95, error locations and the largest-component remedy too).
+
+        The history gets one entry per step: a validation done again (a resumed run redoes the final
+        evaluation that a stop or a kill interrupted) replaces the step's entry with the same numbers."""
         b, s = self.b, self.state
-        distributed.broadcast_buffers(b.model)  # one model on every rank: rank 0's running statistics
-        result = evaluate_built(b, b.model, surface=surface, lcc=surface)
+        what = "the final evaluation" if surface else "validation"
+        log.info("step %d: %s on %d cases", s.step, what, len(b.data.val))
+        with phase(what):
+            distributed.broadcast_buffers(b.model)  # one model on every rank: rank 0's running statistics
+            result = evaluate_built(b, b.model, surface=surface, lcc=surface)
         self.log_scores(writer, result)
         if result.example is not None:
             writer.add_image(
                 "Validation/slice_input_truth_prediction", slice_panel(*result.example, b.class_names), s.step
             )
+        s.history = [entry for entry in s.history if entry["step"] != s.step]
         s.history.append({"step": s.step, "samples_seen": s.samples_seen, "val_dice": result.dice_mean})
         if result.dice_mean > s.best_val_dice:  # False for nan: no class present
             s.best_val_dice, s.best_step = result.dice_mean, s.step
@@ -402,18 +418,26 @@ class Run:
             ckpt.save(self.run_dir / ckpt.FINAL_WEIGHTS, b.model.state_dict())
         if self.cfg.trainer.save_predictions:  # label maps per case and mode, to open in a viewer
             write_predictions(b, self.run_dir)  # after the weights: a failure here loses no training
+        # The last stop point: once the record says completed, the run is complete (a signal after it is
+        # too late to stop anything; the same command again would find nothing to do).
+        with phase("the record"):
+            stop_point_all_ranks()
         extra["wall_time_s"] = time.perf_counter() - started
         record = self.write_record(Status.COMPLETED, **extra)
         log_hparams(writer, record)  # the HParams view reads the Validation/ scalars
         log_final_scores(writer, record, self.state.step)
         return record
 
-    def stopped(self) -> None:
-        """After SIGTERM/SIGINT: save a checkpoint and say so in the record, on every rank in step."""
+    def stopped(self, where: str) -> None:
+        """After SIGTERM/SIGINT: save a checkpoint and say so in the record, on every rank in step. `where`:
+        the phase it stopped in. The checkpoint holds the state as it stands: the steps done and the history
+        of the validations that finished; a resumed run redoes the phase that was cut (see loop, validate)."""
         self.save_checkpoint()
         self.write_record(Status.INTERRUPTED, "stopped by a signal; run the same command again to continue")
         who = f"rank {distributed.rank()}: " if self.plan.world_size > 1 else ""
-        log.warning("%sinterrupted at step %d: checkpoint in %s", who, self.state.step, self.run_dir)
+        log.warning(
+            "%sinterrupted at step %d during %s: checkpoint in %s", who, self.state.step, where, self.run_dir
+        )
         distributed.barrier()  # no rank exits before rank 0 saved: torchrun stops the rest when one exits
 
     # -- checkpoints

@@ -40,6 +40,7 @@ from norm_experiments.errors import UserError
 from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 from norm_experiments.training import distributed
 from norm_experiments.training.evaluate import DICE, PRESENT, Inference, precise_bn_batches, score_volumes
+from norm_experiments.training.signals import phase, stop_point, stop_point_all_ranks
 
 if TYPE_CHECKING:
     from norm_experiments.training.build import Built
@@ -80,11 +81,15 @@ def mode_models(built: Built) -> Iterator[tuple[str, nn.Module, str]]:
     """(evaluation mode, model, BatchNorm mode to run it in) for every mode the run is scored in.
 
     PreciseBN statistics are recomputed on a copy over the same patches as evaluate_bn_modes, every rank
-    taking part (synchronized layers merge their statistics across ranks)."""
+    taking part (synchronized layers merge their statistics across ranks). Every rank passes the same
+    collective stop points here, before each mode (signals.stop_point_all_ranks)."""
+    stop_point_all_ranks()
     yield "running", built.model, "running"
     if not (built.plan.spec.bn_family and built.cfg.trainer.eval_modes):
         return
+    stop_point_all_ranks()
     yield "batch", built.model, "batch"
+    stop_point_all_ranks()
     precise = copy.deepcopy(built.model)
     with built.autocast():
         recompute_bn_statistics(precise, precise_bn_batches(built), built.device)
@@ -96,13 +101,15 @@ def write_predictions(built: Built, run_dir: Path) -> Path | None:
     """Write every validation case's label map per mode under run_dir/predictions/; returns that folder
     (None on ranks other than 0, which only help recompute PreciseBN statistics)."""
     folder = run_dir / FOLDER
+    log.info("predictions: writing the label maps of %d validation cases to %s", len(built.data.val), folder)
     try:
-        models = mode_models(built)
-        if not distributed.is_main():
-            for _ in models:  # every rank takes part in recomputing the PreciseBN statistics
-                pass
-            return None
-        write_label_maps(from_built(built), models, folder)
+        with phase("predictions"):
+            models = mode_models(built)
+            if not distributed.is_main():
+                for _ in models:  # every rank takes part in recomputing the PreciseBN statistics
+                    pass
+                return None
+            write_label_maps(from_built(built), models, folder)
     except OSError as err:  # a full disk, a read-only folder, a dataset file gone since training
         raise UserError(f"trainer.save_predictions: could not write {folder}: {err}") from err
     log.info("predictions: %d validation cases written to %s", len(built.data.val), folder)
@@ -131,9 +138,11 @@ def write_mode(
     index: dict,
     folder: Path,
 ) -> None:
-    """Every validation case's maps in one evaluation mode, and its Dice per class into `index`."""
+    """Every validation case's maps in one evaluation mode, and its Dice per class into `index`. A stop
+    request (SIGTERM during a training run) is acted on before each case and each forward."""
     with bn_eval_mode(model, bn_mode), distributed.local_batch_statistics(model):
         for vol in cases.data.val:
+            stop_point()
             totals, example = score_volumes(
                 model, [vol], cases.num_classes, cases.inference.for_mode(bn_mode)
             )
@@ -168,6 +177,7 @@ def write_case(
     truth = to_source_grid(vol.label[0].cpu(), grid, source.affine, shape)
     folder.mkdir(parents=True, exist_ok=True)
     save_label_map(predicted, source, folder / f"{mode}.nii.gz")
+    stop_point()  # each map of a large image is seconds of resampling and compression
     save_label_map(error_map(predicted, truth), source, folder / f"{mode}_errors.nii.gz")
 
 
