@@ -52,14 +52,17 @@ _MAX_COMPOSITIONS = 48
 Validate = Callable[[DictConfig], None]  # raises UserError naming the key
 
 
-def command_line_problem(argv: list[str], config_name: str, validate: Validate | None = None) -> str | None:
+def command_line_problem(
+    argv: list[str], config_name: str, validate: Validate | None = None, validate_run: Validate | None = None
+) -> str | None:
     """What is wrong with the overrides of `argv` for the root config `config_name`, in one line, or None.
 
     Checked: Hydra's grammar, each group option (every value of a sweep), each key that is not added with
-    `+`, the keys Hydra would write outside the run folder with, a SLURM launcher without SLURM and, with
-    `validate`, every value of the composed config (each swept value once)."""
+    `+`, the keys Hydra would write outside the run folder with, a SLURM launcher without SLURM, with
+    `validate` every value of the composed config (each swept value once) and, for a single run (not a sweep,
+    whose impossible cells are recorded as failed runs while the others go on), `validate_run`."""
     try:
-        check_command_line(argv, config_name, validate)
+        check_command_line(argv, config_name, validate, validate_run)
     except UserError as err:
         return str(err)
     except Exception:  # noqa: BLE001 - a check of ours that fails is no reason to refuse: Hydra decides
@@ -67,15 +70,24 @@ def command_line_problem(argv: list[str], config_name: str, validate: Validate |
     return None
 
 
-def check_command_line(argv: list[str], config_name: str, validate: Validate | None = None) -> None:
+def check_command_line(
+    argv: list[str], config_name: str, validate: Validate | None = None, validate_run: Validate | None = None
+) -> None:
     """command_line_problem's checks, raising UserError; any other exception is a bug of the check."""
     if any(arg.split("=", 1)[0] in _HYDRA_ONLY_FLAGS for arg in argv):
         return
     overrides = [arg for arg in argv if arg not in _MULTIRUN_FLAGS]
-    _check(overrides, config_name, validate, multirun=any(arg in _MULTIRUN_FLAGS for arg in argv))
+    multirun = any(arg in _MULTIRUN_FLAGS for arg in argv)
+    _check(overrides, config_name, validate, validate_run, multirun)
 
 
-def _check(overrides: list[str], config_name: str, validate: Validate | None, multirun: bool) -> None:
+def _check(
+    overrides: list[str],
+    config_name: str,
+    validate: Validate | None,
+    validate_run: Validate | None,
+    multirun: bool,
+) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -104,11 +116,12 @@ def _check(overrides: list[str], config_name: str, validate: Validate | None, mu
     _check_hydra_keys(parsed)
     _check_launcher(composed, multirun)
     _check_sweep_folder(composed, multirun)
-    if validate is None:
-        return
-    _validate(validate, composed)
-    for variant in _one_value_changed(parsed):
-        _validate(validate, _compose(loader, config_name, variant))
+    if validate is not None:
+        _validate(validate, composed)
+        for variant in _one_value_changed(parsed):
+            _validate(validate, _compose(loader, config_name, variant))
+    if validate_run is not None and not _is_multirun(composed, multirun):
+        _validate(validate_run, composed)
 
 
 def _validate(validate: Validate, cfg: DictConfig) -> None:
@@ -211,8 +224,7 @@ def _check_hydra_keys(parsed: list) -> None:
 
 def _check_launcher(cfg: DictConfig, multirun: bool) -> None:
     target = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
-    mode = str(OmegaConf.select(cfg, "hydra.mode", default="") or "")
-    if "SlurmLauncher" in target and (multirun or mode.endswith("MULTIRUN")) and not shutil.which("sbatch"):
+    if "SlurmLauncher" in target and _is_multirun(cfg, multirun) and not shutil.which("sbatch"):
         raise UserError(
             "hydra/launcher=slurm: SLURM's sbatch is not on PATH here; start the sweep on a SLURM login "
             "node, or run it here with hydra/launcher=joblib"
@@ -225,8 +237,13 @@ def _check_launcher(cfg: DictConfig, multirun: bool) -> None:
 SWEEP_MARKER = "multirun.yaml"
 
 
+def _is_multirun(cfg: DictConfig, multirun_flag: bool) -> bool:
+    """-m on the command line, or a preset that sweeps by itself (hydra.mode: MULTIRUN)."""
+    return multirun_flag or str(OmegaConf.select(cfg, "hydra.mode", default="")).endswith("MULTIRUN")
+
+
 def _check_sweep_folder(cfg: DictConfig, multirun: bool) -> None:
-    if not (multirun or str(OmegaConf.select(cfg, "hydra.mode", default="")).endswith("MULTIRUN")):
+    if not _is_multirun(cfg, multirun):
         return
     try:
         folder = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).expanduser()

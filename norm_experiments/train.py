@@ -183,6 +183,14 @@ def _crash(err: BaseException) -> NoReturn:
     sys.exit(EXIT_CRASHED)
 
 
+def _plan(cfg: DictConfig) -> None:
+    """A single run's plan (the norm's options, the model's shapes, the device), worked out before Hydra
+    creates the run folder, so that a refused run leaves no folder, log or lock behind."""
+    from norm_experiments.training.build import make_plan
+
+    make_plan(cfg)
+
+
 def resume_argv(argv: list[str]) -> list[str]:
     """Turn `resume=RUN_DIR` into that run's own overrides plus hydra.run.dir=RUN_DIR.
 
@@ -232,7 +240,7 @@ def main() -> None:
         argv = sys.argv[1:]
         problem = argument_problem(argv) or quoting_problem(argv) or output_dir_problem(argv)
         # Before Hydra creates a folder: a wrong option, key or value is one line and leaves nothing behind.
-        problem = problem or command_line_problem(argv, "train", validate_config)
+        problem = problem or command_line_problem(argv, "train", validate_config, _plan)
         if problem:
             raise UserError(problem)
     except UserError as err:

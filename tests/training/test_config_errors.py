@@ -28,6 +28,8 @@ from tests.helpers import assert_clean_failure, compose_config, no_result_left, 
         ),
         (["-m", "norm=batch,gruop", "seed=0,1"], "error: norm=gruop: no such option; did you mean group"),
         (["data.batch_size=0"], "error: data.batch_size: must be a whole number >= 1, got 0"),
+        # the norm registry's check (the run's plan), also before Hydra makes the folder
+        (["experiment=smoke", "norm=group", "norm.options.num_groups=3"], "does not divide 8 channels"),
     ],
 )
 def test_a_wrong_option_key_or_value_is_one_line_exit_2_and_no_folder(
