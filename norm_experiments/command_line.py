@@ -76,6 +76,8 @@ def check_command_line(
     """command_line_problem's checks, raising UserError; any other exception is a bug of the check."""
     if any(arg.split("=", 1)[0] in _HYDRA_ONLY_FLAGS for arg in argv):
         return
+    if any(arg.lstrip("+").startswith("hydra.searchpath=") for arg in argv):
+        return  # config folders of the user's own (plug-ins outside configs/): their options are Hydra's to find
     overrides = [arg for arg in argv if arg not in _MULTIRUN_FLAGS]
     multirun = any(arg in _MULTIRUN_FLAGS for arg in argv)
     _check(overrides, config_name, validate, validate_run, multirun)

@@ -79,6 +79,7 @@ def test_command_line_problems_name_the_closest_valid_names(argv: list[str], nee
         ["+trainer.num_threads=1"],
         ["trainer.num_threads=1", "hydra.job.name=myjob"],
         ["--cfg", "job", "norm=gruop"],  # Hydra prints the config or its own refusal
+        ["model=tiny", "hydra.searchpath=[file:///my/plugins]"],  # a plug-in's config folder: Hydra finds it
     ],
 )
 def test_good_command_lines_pass_the_check(argv: list[str]) -> None:
