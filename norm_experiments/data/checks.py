@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from norm_experiments import safe_io
+from norm_experiments.data import registry as layout_registry
 from norm_experiments.data.layouts import Case, DatasetInfo, link_problem, shown
 from norm_experiments.errors import UserError
 
@@ -346,11 +347,7 @@ def _check_channels(case: Case, images: list[_Header], info: DatasetInfo) -> Non
         shape = images[0].shape
         channels = shape[3] if len(shape) == 4 else 1
     if channels != info.num_channels:
-        source = {
-            "msd": "dataset.json 'modality'",
-            "nnunet": "dataset.json 'channel_names'",
-            "folder": "the first image of the dataset",
-        }[info.layout]
+        source = layout_registry.get(info.layout).channels_from
         raise UserError(
             f"{images[0].name}: has {channels} input channel(s) "
             f"but the dataset has {info.num_channels} ({source})"

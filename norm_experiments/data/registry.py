@@ -37,6 +37,8 @@ class LayoutRecord:
     # dataset can be written in this layout (norm-exp-synth --layout NAME).
     case_files: str | None = None
     metadata: str | None = None
+    # Where the dataset's channel count comes from, for a message about a case with another count.
+    channels_from: str = "the first image of the dataset"
     # Its own keys (data.KEY -> check) beyond the keys every layout shares in config_schema.SCHEMA.
     keys: Mapping[str, Check] = field(default_factory=dict)
     check: Callable[[dict], str | None] | None = None  # rules between its keys, on the plain data config

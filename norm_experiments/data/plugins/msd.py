@@ -36,5 +36,6 @@ register(
         find="norm_experiments.data.layouts:_find_msd",
         case_files=f"{__name__}:case_files",
         metadata=f"{__name__}:metadata",
+        channels_from="dataset.json 'modality'",
     )
 )

@@ -29,5 +29,6 @@ register(
         find="norm_experiments.data.layouts:_find_nnunet",
         case_files=f"{__name__}:case_files",
         metadata=f"{__name__}:metadata",
+        channels_from="dataset.json 'channel_names'",
     )
 )
