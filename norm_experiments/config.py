@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import shlex
@@ -11,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments import config_schema
+from norm_experiments import config_schema, run_names
 from norm_experiments.errors import UserError
 from norm_experiments.safe_io import full_disk_problem
 
@@ -19,54 +17,10 @@ from norm_experiments.safe_io import full_disk_problem
 # mode, so this path holds from any working directory.
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-_MAX_DIRNAME = 120
-
-
-def run_dirname(override_dirname: str) -> str:
-    """A folder name for a run from its command-line overrides: readable, filesystem-safe, unique."""
-    if not override_dirname:
-        return "default"
-    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", override_dirname)
-    if len(name) > _MAX_DIRNAME:  # keep it readable; the hash keeps distinct commands apart
-        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-        name = f"{name[: _MAX_DIRNAME - 9]}-{digest}"
-    return name
-
-
-# Keys that change where or how a run executes, not what it computes: left out of the run's identity and
-# of its folder name (configs/hydra/default.yaml reads this list through the `execution_keys` resolver), so
-# `trainer.overwrite=true` retrains in the run's own folder and `trainer.device=cpu` continues a GPU run.
-EXECUTION_KEYS = (
-    "name",
-    "resume",
-    "trainer.device",
-    "trainer.progress",
-    "trainer.num_threads",
-    "trainer.overwrite",
-    "trainer.force_resume",
-    "trainer.trust_checkpoint",
-    "trainer.log_every_steps",
-    "data.cache_dir",
-    "data.check_files",
-    "data.cache_on_device",  # the same batches wherever the volumes are held
-    # The same convolution by another CPU code path (float rounding only, like num_threads); `auto` is a pure
-    # function of config, device and layer shape, so the same command resumes on the same path.
-    "trainer.cpu_conv",
-    "trainer.runs_per_gpu",  # how many runs share a GPU: where a run executes, not what it computes
-)
-# Command-line keys of Hydra's own that only say how a sweep executes.
-LAUNCHER_KEYS = ("hydra.launcher.n_jobs",)
-
 
 def register_resolvers() -> None:
     """Resolvers used in configs/; registering twice is harmless."""
-    if not OmegaConf.has_resolver("run_dirname"):
-        OmegaConf.register_new_resolver("run_dirname", run_dirname)
-    from norm_experiments.sweep.run_names import register  # the sweep's folder names
-
-    register()
-    if not OmegaConf.has_resolver("execution_keys"):
-        OmegaConf.register_new_resolver("execution_keys", lambda: [*EXECUTION_KEYS, *LAUNCHER_KEYS])
+    run_names.register()  # run_dirname, sweep_run_dirname, execution_keys
     if not OmegaConf.has_resolver("single_process_norms"):
         OmegaConf.register_new_resolver("single_process_norms", single_process_norms)
 
@@ -77,22 +31,6 @@ def single_process_norms() -> str:
     from norm_experiments.norms import registry  # imports torch: only when a config asks for the list
 
     return ",".join(name for name, record in registry.records().items() if not record.syncs_ranks)
-
-
-def run_identity(cfg: DictConfig) -> str:
-    """Hash of the resolved config without output paths and execution-only keys: a run's identity."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    plain.pop("hydra", None)
-    for key in EXECUTION_KEYS:
-        *parents, leaf = key.split(".")
-        node = plain
-        for parent in parents:
-            node = node.get(parent, {})
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    text = json.dumps(plain, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def validate_config(cfg: DictConfig, extra: dict | None = None) -> None:

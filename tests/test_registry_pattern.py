@@ -27,7 +27,7 @@ from norm_experiments.data import registry as layouts
 from norm_experiments.errors import UserError
 from norm_experiments.models import registry as models
 from norm_experiments.norms import registry as norms
-from norm_experiments.sweep.run_names import sweep_run_name
+from norm_experiments.run_names import sweep_run_name
 
 ROOT = Path(__file__).parents[1]
 REGISTRIES = {"norm": norms.REGISTRY, "model": models.REGISTRY, "layout": layouts.REGISTRY}

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments import run_record, safe_io
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
-from norm_experiments.sweep.run_names import SWEPT_KEYS_ENV, swept_keys
+from norm_experiments.run_names import SWEPT_KEYS_ENV, swept_keys
 
 log = logging.getLogger("norm_experiments.sweep")
 
@@ -57,7 +57,7 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
-        # The jobs' folder names put the swept keys first (sweep/run_names.py); a job's config no longer
+        # The jobs' folder names put the swept keys first (run_names.py); a job's config no longer
         # shows which of its command-line overrides were sweeps, so they travel in the environment.
         keys = swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params"))
         if (

@@ -166,7 +166,7 @@ def _in_sweep(config: DictConfig) -> bool:
 
 def _name(config: DictConfig) -> str:
     """The run by its swept values (norm=group,seed=1), without what every run of the sweep shares."""
-    from norm_experiments.sweep.run_names import SWEPT_KEYS_ENV
+    from norm_experiments.run_names import SWEPT_KEYS_ENV
 
     swept = set(filter(None, os.environ.get(SWEPT_KEYS_ENV, "").split(",")))
     own = [o for o in config.hydra.overrides.task if o.split("=", 1)[0].lstrip("+~") in swept]

@@ -22,13 +22,14 @@ from monai.losses import DiceCELoss
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from norm_experiments.config import run_identity, validate_config
+from norm_experiments.config import validate_config
 from norm_experiments.data.pipeline import BatchSampler, DataBundle, keep_on_device, load_data
 from norm_experiments.errors import UserError
 from norm_experiments.models import build_model, median_spacing
 from norm_experiments.models.preflight import preflight
 from norm_experiments.norms import NormSpec, make_norm_spec, renorm_layers
 from norm_experiments.norms.cpu_conv import set_cpu_conv
+from norm_experiments.run_names import run_identity
 from norm_experiments.training import distributed
 from norm_experiments.training.evaluate import Inference
 
@@ -37,7 +38,7 @@ from norm_experiments.training.evaluate import Inference
 class Plan:
     """What a config asks for, checked: the norm, the batch sizes, the budget and the device."""
 
-    run_id: str  # hash of the config without execution-only keys (config.run_identity)
+    run_id: str  # hash of the config without execution-only keys (run_names.run_identity)
     spec: NormSpec
     world_size: int  # processes (GPUs) of a torchrun launch; 1 otherwise
     effective_batch: int  # patches per rank and forward (micro-batch): what a plain BatchNorm layer sees

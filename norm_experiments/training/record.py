@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -23,7 +23,18 @@ from norm_experiments.training.outputs import library_versions, machine, peak_rs
 from norm_experiments.training.run_folder import RunFolderBusy, locked
 
 if TYPE_CHECKING:
-    from norm_experiments.training.loop import Run
+    from norm_experiments.training.build import Built, Plan
+
+
+class Run(Protocol):
+    """What a run's record is made of: training/loop.Run is one (a protocol here, so that the record does not
+    import the loop that writes it)."""
+
+    run_dir: Path
+    cfg: DictConfig
+    plan: Plan
+    built: Built | None
+    state: Any  # loop.State: the counters, history and losses so far
 
 
 def of_run(run: Run, status: Status, error: str | None = None, **extra: object) -> dict:
@@ -137,7 +148,7 @@ def fail_run(run: Run, message: str) -> None:
 def record_failure(cfg: DictConfig, run_dir: Path, message: str) -> None:
     """Leave an honest record of a run that failed before it started (e.g. an impossible config in a
     sweep), so the sweep and its report show the cell as failed. Never touches an existing record."""
-    from norm_experiments.config import run_identity
+    from norm_experiments.run_names import run_identity
 
     if not distributed.is_main() or run_record.path_in(run_dir).exists():
         return
@@ -165,7 +176,7 @@ def settle_record(cfg: DictConfig, run_dir: Path) -> None:
     """After a failure this process saw: a record of this run still saying `running` (its failed record
     could not be written, e.g. on a full disk) is turned into `failed` in place. Same-length bytes written
     over the file's own need no free space; a record that looked alive would otherwise stay `running`."""
-    from norm_experiments.config import run_identity
+    from norm_experiments.run_names import run_identity
 
     if not distributed.is_main():
         return

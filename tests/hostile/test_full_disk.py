@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from norm_experiments import run_record
-from norm_experiments.config import run_identity
+from norm_experiments.run_names import run_identity
 from norm_experiments.training.record import settle_record
 from norm_experiments.training.run_folder import locked
 from tests.helpers import SMOKE, assert_clean_failure, compose_config, run_cli

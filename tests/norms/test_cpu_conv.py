@@ -1,7 +1,7 @@
-"""The depth-split conv (norms/cpu_conv.py) computes F.conv3d: outputs and input/weight/bias gradients match
-for every conv layer shape of the default and the quick-sweep U-Net, at batch 1 and 2, in both memory
-formats; it is taken only for one float32 sample on a CPU; every conv the U-Net builds carries the
-trainer.cpu_conv setting."""
+"""The depth-split conv and the oneDNN-tensor conv (norms/cpu_conv.py) compute F.conv3d: outputs and
+input/weight/bias gradients match for every conv layer shape of the default and the quick-sweep U-Net, at
+batch 1 and 2, in both memory formats; they are taken only for one float32 sample on a CPU; every conv the
+U-Net builds carries the trainer.cpu_conv setting."""
 
 from __future__ import annotations
 
@@ -13,10 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from norm_experiments.config import run_identity
 from norm_experiments.models.unet import UNet3D
 from norm_experiments.norms import CpuConv3d, make_norm_spec, set_cpu_conv
-from norm_experiments.norms.cpu_conv import MIN_UNFOLDED, can_split, conv3d, output_size, use_split
+from norm_experiments.norms.cpu_conv import (
+    MIN_UNFOLDED,
+    MIN_UNFOLDED_ONEDNN,
+    ONEDNN_MIN_CHANNELS,
+    can_split,
+    can_use_onednn,
+    conv3d,
+    conv_path,
+    onednn_conv3d,
+    output_size,
+    use_split,
+)
+from norm_experiments.run_names import run_identity
 from tests.helpers import built_run, compose_config
 
 CL = torch.channels_last_3d
@@ -77,26 +88,80 @@ def test_outputs_and_gradients_match_conv3d(model: str, case: tuple, batch: int,
             # weight/bias gradients sum over up to 32^3 voxels: compare relative to their size
             scale = want.abs().max().item()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale, msg=f"{mode}: grad of {name}")
-        if use_split(mode, x, weight, tuple(expected.shape[2:])) and input_shape[1] > 1:
-            # the split hands back the input's memory format (one channel: both formats at once)
+        if conv_path(mode, x, weight, tuple(expected.shape[2:])) != "torch" and input_shape[1] > 1:
+            # the split and the oneDNN tensor hand back the input's memory format (one channel: both at once)
             assert out.is_contiguous(memory_format=memory_format)
 
 
-@pytest.mark.parametrize(("model", "splits"), [("default", 9), ("quick sweep", 4)])
-def test_auto_splits_where_slow_conv3d_unfolds_a_large_matrix(model: str, splits: int) -> None:
-    """The rule the layer tables of scripts/benchmark.py (section e) measured: a 3x3x3 conv takes the split
-    at batch 1 when C_in * 27 * output voxels >= 8192 * 27 (1.08-12x faster there, 0.47-0.95x below);
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(("model", "case"), CASES, ids=[f"{m}-{case_id(c)}" for m, c in CASES])
+def test_onednn_tensor_matches_conv3d(model: str, case: tuple, memory_format) -> None:
+    """onednn_conv3d on every layer shape, also those auto does not send it (stride 2, 4^3, 1x1x1, 8 channels)."""
+    input_shape, weight_shape, stride, padding = case
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(input_shape, generator=gen).contiguous(memory_format=memory_format)
+    weight = torch.randn(weight_shape, generator=gen) * (2.0 / math.prod(weight_shape[1:])) ** 0.5
+    bias = torch.randn(weight_shape[0], generator=gen)
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    expected = F.conv3d(x, weight, bias, stride, padding)
+    grad_out = torch.randn(expected.shape, generator=gen)
+    triple = (stride,) * 3, (padding,) * 3, (1, 1, 1)
+    out = onednn_conv3d(x, weight, bias, *triple, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    if input_shape[1] > 1:
+        assert out.is_contiguous(memory_format=memory_format)
+    got_grads = grads(out, (x, weight, bias), grad_out)
+    for got, want, name in zip(got_grads, grads(expected, (x, weight, bias), grad_out), "xwb", strict=True):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale, msg=f"grad of {name}")
+    assert all(g.layout == torch.strided for g in got_grads)  # dense gradients for the optimizer
+
+
+def test_onednn_tensor_without_grad_and_with_groups() -> None:
+    """Evaluation (no_grad) and grouped convs go through the same oneDNN tensor path."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 32, 8, 8, 8, generator=gen)
+    weight = torch.randn(32, 16, 3, 3, 3, generator=gen) * 0.1
+    with torch.no_grad():
+        out = onednn_conv3d(x, weight, None, (1, 1, 1), (1, 1, 1), (1, 1, 1), 2)
+    torch.testing.assert_close(out, F.conv3d(x, weight, None, 1, 1, 1, 2), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("model", "splits", "onednn"), [("default", 3, 7), ("quick sweep", 1, 3)])
+def test_auto_takes_the_path_measured_faster(model: str, splits: int, onednn: int) -> None:
+    """The rule the layer tables of scripts/benchmark.py (section e) measured, for 3x3x3 convs of one sample:
+    from 16 input channels a oneDNN tensor where C_in * 27 * output voxels >= 4096 * 27 (0.62-0.95x the
+    split's or slow_conv3d's time there), slow_conv3d below; with fewer channels the split where the
+    unfolded matrix has >= 8192 * 27 elements (1.08-12x faster there, 0.47-0.95x below), slow_conv3d below;
     the 1x1x1 head keeps PyTorch's path."""
     taken = []
     for input_shape, weight_shape, stride, padding in layer_shapes(*MODELS[model]):
         x, weight = torch.zeros(input_shape), torch.zeros(weight_shape)
         out_size = output_size(x, weight, (stride,) * 3, (padding,) * 3, (1, 1, 1))
-        taken.append(use_split("auto", x, weight, out_size))
+        taken.append(conv_path("auto", x, weight, out_size))
         unfolded = math.prod(weight_shape[1:]) * math.prod(out_size)
-        assert taken[-1] == (weight_shape[2] == 3 and unfolded >= MIN_UNFOLDED)
-        assert not use_split("auto", torch.zeros((2, *input_shape[1:])), weight, out_size)  # batch 2
-        assert not use_split("torch", x, weight, out_size)
-    assert sum(taken) == splits
+        if weight_shape[2] == 1:
+            want = "torch"
+        elif weight_shape[1] >= ONEDNN_MIN_CHANNELS:
+            want = "onednn" if unfolded >= MIN_UNFOLDED_ONEDNN else "torch"
+        else:
+            want = "split" if unfolded >= MIN_UNFOLDED else "torch"
+        assert taken[-1] == want
+        assert use_split("auto", x, weight, out_size) == (want == "split")
+        assert conv_path("auto", torch.zeros((2, *input_shape[1:])), weight, out_size) == "torch"  # batch 2
+        assert conv_path("torch", x, weight, out_size) == "torch"
+        assert conv_path("split", x, weight, out_size) == (
+            "split" if can_split(x, weight, out_size[0]) else "torch"
+        )
+    assert taken.count("split") == splits and taken.count("onednn") == onednn
+
+
+def test_auto_keeps_pytorch_path_when_onednn_is_off() -> None:
+    x, weight = torch.zeros(1, 16, 8, 8, 8), torch.zeros(16, 16, 3, 3, 3)
+    assert conv_path("auto", x, weight, (8, 8, 8)) == "onednn"
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not can_use_onednn(x, weight)
+        assert conv_path("auto", x, weight, (8, 8, 8)) == "torch"
 
 
 @pytest.mark.parametrize(
@@ -115,13 +180,18 @@ def test_split_is_off_for_anything_but_float32_on_a_cpu(make) -> None:
     out_size = output_size(x, weight, (1, 1, 1), (1, 1, 1), (1, 1, 1))
     assert not can_split(x, weight, out_size[0])
     assert not use_split("split", x, weight, out_size)
+    if x.shape[2] % 2 == 0:  # odd depth: one float32 CPU sample, which the oneDNN tensor takes
+        assert not can_use_onednn(x, weight)
+        wide = torch.zeros(8, 16, 3, 3, 3, dtype=x.dtype, device=x.device)
+        assert conv_path("auto", torch.zeros_like(x).repeat(1, 2, 1, 1, 1), wide, out_size) == "torch"
 
 
 def test_split_is_off_under_cpu_autocast() -> None:
     x, weight = torch.zeros(1, 8, 16, 16, 16), torch.zeros(8, 8, 3, 3, 3)
-    assert can_split(x, weight, 16)
+    assert can_split(x, weight, 16) and can_use_onednn(x, weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not can_split(x, weight, 16)
+        assert not can_use_onednn(x, weight)
 
 
 @pytest.mark.cuda

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from norm_experiments.sweep.run_names import (
+from norm_experiments.run_names import (
     SWEPT_KEYS_ENV,
     flat_run_name,
     readable,

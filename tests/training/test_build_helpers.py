@@ -8,7 +8,8 @@ import math
 import pytest
 from omegaconf import OmegaConf
 
-from norm_experiments.config import CONFIG_DIR, EXECUTION_KEYS, run_dirname, run_identity
+from norm_experiments.config import CONFIG_DIR
+from norm_experiments.run_names import EXECUTION_KEYS, run_dirname, run_identity
 from norm_experiments.training.build import budget_steps, lr_factor, make_plan, scaled_lr, validation_steps
 from norm_experiments.training.run_folder import config_diff
 from tests.helpers import compose_config

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from norm_experiments.config import run_identity
 from norm_experiments.errors import UserError
+from norm_experiments.run_names import run_identity
 from norm_experiments.train import resume_argv
 from norm_experiments.training import checkpoint as ckpt
 from tests.helpers import compose_config, metrics_of, run_cli

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.utils.tensorboard
 
-from norm_experiments.config import run_identity
 from norm_experiments.norms import BNStatMonitor, renorm_layers
+from norm_experiments.run_names import run_identity
 from norm_experiments.training.build import make_plan, use_channels_last
 from norm_experiments.training.evaluate import evaluate_built
 from norm_experiments.training.loop import Run
