@@ -72,9 +72,11 @@ class StopRequest:
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
-    """The run is in phase `name` (validation, PreciseBN, predictions...): a stop in it says so."""
+    """The run is in phase `name` (validation, PreciseBN, predictions...): a stop in it says so, with the
+    phase it is part of ("PreciseBN in predictions")."""
     global _phase
-    outer, _phase = _phase, name
+    outer = _phase
+    _phase = name if outer == "training" else f"{name} in {outer}"
     try:
         yield
     finally:
