@@ -1,8 +1,9 @@
 """Faults in the last steps (#32 item 5), with real signals: a run stopped (SIGTERM) or killed (SIGKILL) in
 each phase, training, a validation, PreciseBN, the label maps of trainer.save_predictions and the end-of-run
 writing, then continued by the same command, ends with the metrics.json of a run never interrupted, field by
-field (DIFFERING lists the fields that measure time or memory). SIGTERM is acted on within a second in the
-phase it arrives in: the record says `interrupted`, and the CLI exits with status 3 (docs/reference/cli.md).
+field (DIFFERING lists the fields that measure time or memory); so does a run whose label maps met a full
+disk, run again once there is space. SIGTERM is acted on within a second in the phase it arrives in: the
+record says `interrupted`, and the CLI exits with status 3 (docs/reference/cli.md).
 
 One run is stopped again and again, each attempt in the next phase, and compared at the end with a reference
 run of the same config. Each phase is found by the line the run logs as it starts. A process start costs
@@ -30,6 +31,7 @@ import pytest
 import torch
 
 from norm_experiments import run_record
+from norm_experiments.errors import UserError
 from norm_experiments.training.loop import RunInterrupted, train
 from tests.helpers import SMOKE, compose_config, metrics_of
 
@@ -240,6 +242,17 @@ def test_a_run_stopped_or_killed_in_every_phase_ends_with_the_uninterrupted_reco
     attempt.kill()
     assert not (run_dir / "predictions" / "cases.json").exists()
     assert metrics_of(run_dir)["status"] == "running" and history_steps(run_dir) == [16, 32]
+
+    # The label maps on a full disk (the first map's temporary file is /dev/full: ENOSPC): the run fails.
+    case = sorted(uninterrupted["per_case"]["running"])[0]
+    full = run_dir / "predictions" / case / ".running.nii.gz.tmp.nii.gz"
+    full.parent.mkdir(parents=True, exist_ok=True)
+    full.unlink(missing_ok=True)
+    full.symlink_to("/dev/full")
+    with pytest.raises(UserError, match="No space left on device"):
+        train(compose_config(ARGS), run_dir)
+    assert metrics_of(run_dir)["status"] == "failed" and history_steps(run_dir) == [16, 32]
+    full.unlink()  # space freed
 
     # The end: the label maps are written; the record is not yet.
     where, latency["the record"] = stop_in_process(run_dir, "validation cases written to")
