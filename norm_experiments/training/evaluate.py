@@ -313,10 +313,9 @@ def precise_bn_batches(built: Built, samples: int | None = None) -> Iterator[tor
 def _stoppable_batches(sampler: BatchSampler, count: int) -> Iterator[torch.Tensor]:
     """The sampler's first `count` batches' images, with a stop point before each (PreciseBN is thousands of
     forwards with a large trainer.precise_bn_samples)."""
-    with phase("PreciseBN"):
-        for i in range(count):
-            stop_point()
-            yield sampler.batch(i)[0]
+    for i in range(count):
+        stop_point()
+        yield sampler.batch(i)[0]
 
 
 def evaluate_bn_modes(built: Built, running: ValResult) -> dict[str, ValResult]:
@@ -357,7 +356,7 @@ def evaluate_bn_modes(built: Built, running: ValResult) -> dict[str, ValResult]:
 def _precise(built: Built, samples: int) -> ValResult:
     """PreciseBN over `samples` training patches, on a copy (see evaluate_bn_modes)."""
     precise = copy.deepcopy(built.model)
-    with built.autocast():
+    with built.autocast(), phase("PreciseBN"):
         recompute_bn_statistics(precise, precise_bn_batches(built, samples), built.device)
     # Already equal on every rank, except torch's own SyncBatchNorm (MONAI nets), whose statistics
     # recompute_bn_statistics does not merge: then rank 0's share of the patches decides.

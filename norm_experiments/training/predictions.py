@@ -91,7 +91,7 @@ def mode_models(built: Built) -> Iterator[tuple[str, nn.Module, str]]:
     yield "batch", built.model, "batch"
     stop_point_all_ranks()
     precise = copy.deepcopy(built.model)
-    with built.autocast():
+    with built.autocast(), phase("PreciseBN"):
         recompute_bn_statistics(precise, precise_bn_batches(built), built.device)
     distributed.broadcast_buffers(precise)
     yield "precise", precise, "running"
