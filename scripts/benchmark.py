@@ -15,7 +15,7 @@ are printed and written to --out after every section. One module per section in 
      uncached Dataset; in quick and full also on 96x192x192 volumes
   c. norms.py: step time and peak memory per norm and batch size; channels_last_3d on/off per norm
   d. cuda.py: CUDA only: AMP vs fp32, torch.compile on/off, volumes cached on the device
-  e. batch1.py: CPU only: batch 1 with the depth-split conv (trainer.cpu_conv) vs batch 2
+  e. batch1.py: CPU only: batch 1 with trainer.cpu_conv (depth split, oneDNN tensor) vs batch 2
   f. runs_per_gpu.py: CUDA only: sweep throughput with k = 1, 2, 4 runs sharing the GPU (trainer.runs_per_gpu)
 Compared variants are timed side by side in rounds whose order reverses every round; ratios are geometric
 means of the per-round ratios with their 95 % interval. Torch's thread count stays at its default unless

@@ -19,6 +19,16 @@ docs/benchmarks.md ("Batch 1 on a CPU") has the tables the rule in `use_split` c
 call takes is a pure function of the setting, device, dtype and shapes, never of timing, so a resumed run
 takes the same path as the uninterrupted one at every layer. ConvTranspose3d stays on PyTorch's path:
 at batch 1 its ``slow_conv_transpose3d`` was as fast per sample as oneDNN at batch 2.
+
+A second way past ``slow_conv3d`` (added 2026-12-07): ``use_mkldnn`` sends any input that is a oneDNN
+(mkldnn) tensor to oneDNN, at N = 1 too, forward and backward. ``onednn_conv3d`` converts the sample with
+``Tensor.to_mkldnn()``, convolves it whole and converts the result back with ``to_dense()``; autograd
+differentiates both conversions (each is a copy), so again the gradients are those of the same convolution up
+to float rounding. Measured per layer at batch 1 (docs/benchmarks.md, section e), it beat the split on every
+layer with 16 or more input channels (0.66-0.95x its time; stride-2 layers and 4^3 volumes included, where
+the split lost to ``slow_conv3d``) and on the first layer (one input channel), and lost to it with 8
+(1.2-1.4x: oneDNN's blocked layouts hold 16 channels); ``auto`` therefore takes it for those layers and
+keeps the split for the others.
 """
 
 from __future__ import annotations
@@ -29,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# trainer.cpu_conv values: auto = split where scripts/benchmark.py measured it faster; split = wherever the
-# shape allows it; torch = always PyTorch's own choice.
+# trainer.cpu_conv values: auto = the split or a oneDNN tensor where scripts/benchmark.py measured it faster;
+# split = the split wherever the shape allows it; torch = always PyTorch's own choice.
 CPU_CONV_MODES = ("auto", "split", "torch")
 
 # auto splits a layer where slow_conv3d's unfolded input is large. slow_conv3d copies the input into a
@@ -39,6 +49,13 @@ CPU_CONV_MODES = ("auto", "split", "torch")
 # scripts/benchmark.py section e, both U-Nets; docs/benchmarks.md "Batch 1 on a CPU"). 1x1x1 convs unfold
 # nothing, and the split made the 1x1x1 head 3x slower: auto leaves them alone.
 MIN_UNFOLDED = 8192 * 27
+# auto converts a layer with at least ONEDNN_MIN_CHANNELS input channels (per group), or with a one-channel
+# input (the first layer), to a oneDNN tensor where the unfolded matrix has at least MIN_UNFOLDED_ONEDNN
+# elements: 0.62-0.79x the time of the split or of slow_conv3d on such layers of both U-Nets, 0.83-1.04x on
+# 16->8, 0.65-0.87x on the 1->8 first layers; below that size (16->32 stride 2 into 4^3, 32->32 and 32->64
+# into 4^3: 2048 * 27 and less) slow_conv3d was about as fast or faster (0.9-1.5x).
+ONEDNN_MIN_CHANNELS = 16
+MIN_UNFOLDED_ONEDNN = 4096 * 27
 
 
 def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
@@ -61,30 +78,68 @@ def output_size(
     )
 
 
-def can_split(x: torch.Tensor, weight: torch.Tensor, out_depth: int) -> bool:
-    """The split applies: one float32 sample on a CPU (not under CPU autocast), and an output depth that
-    halves evenly. Everything else (CUDA, bf16, batches) keeps PyTorch's own path."""
+def one_cpu_sample(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One float32 sample on a CPU (not under CPU autocast): where PyTorch takes ``slow_conv3d``."""
     return (
         x.dim() == 5
         and x.shape[0] == 1
         and x.device.type == "cpu"
         and x.layout == torch.strided
+        and weight.layout == torch.strided
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
-        and out_depth >= 2
-        and out_depth % 2 == 0
     )
+
+
+def can_split(x: torch.Tensor, weight: torch.Tensor, out_depth: int) -> bool:
+    """The split applies: one float32 sample on a CPU (not under CPU autocast), and an output depth that
+    halves evenly. Everything else (CUDA, bf16, batches) keeps PyTorch's own path."""
+    return one_cpu_sample(x, weight) and out_depth >= 2 and out_depth % 2 == 0
+
+
+def can_use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """onednn_conv3d applies: one float32 CPU sample, and PyTorch has oneDNN (built in and not turned off)."""
+    return (
+        one_cpu_sample(x, weight) and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    )
+
+
+def conv_path(mode: str, x: torch.Tensor, weight: torch.Tensor, out_size: tuple[int, int, int]) -> str:
+    """Which way `mode` (a CPU_CONV_MODES value) sends this call: "split" (depth_split_conv3d), "onednn"
+    (onednn_conv3d) or "torch" (F.conv3d). A pure function of the mode, device, dtype and shapes."""
+    if mode == "torch":
+        return "torch"
+    if mode == "split":
+        return "split" if can_split(x, weight, out_size[0]) else "torch"
+    if weight.shape[2] == 1 or not one_cpu_sample(x, weight):
+        return "torch"
+    unfolded = math.prod(weight.shape[1:]) * math.prod(out_size)  # C_in/groups * k^3 rows x output voxels
+    if weight.shape[1] >= ONEDNN_MIN_CHANNELS or x.shape[1] == 1:  # 1: the image, into the first layer
+        if unfolded >= MIN_UNFOLDED_ONEDNN and can_use_onednn(x, weight):
+            return "onednn"
+        return "torch"
+    return "split" if unfolded >= MIN_UNFOLDED and can_split(x, weight, out_size[0]) else "torch"
 
 
 def use_split(mode: str, x: torch.Tensor, weight: torch.Tensor, out_size: tuple[int, int, int]) -> bool:
     """Whether `mode` (a CPU_CONV_MODES value) sends this call through the depth split."""
-    if mode == "torch" or not can_split(x, weight, out_size[0]):
-        return False
-    if mode == "split":
-        return True
-    unfolded = math.prod(weight.shape[1:]) * math.prod(out_size)  # C_in/groups * k^3 rows x output voxels
-    return weight.shape[2] > 1 and unfolded >= MIN_UNFOLDED
+    return conv_path(mode, x, weight, out_size) == "split"
+
+
+def onednn_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """F.conv3d of a (1, C, D, H, W) input in oneDNN, forward and backward, through a oneDNN tensor (see the
+    module doc); the result comes back in the input's memory format."""
+    out = F.conv3d(x.to_mkldnn(), weight, bias, stride, padding, dilation, groups).to_dense()
+    return out.contiguous(memory_format=_memory_format(x))
 
 
 def depth_split_conv3d(
@@ -141,9 +196,13 @@ def conv3d(
     groups: int = 1,
     mode: str = "auto",
 ) -> torch.Tensor:
-    """F.conv3d (zero padding given as numbers), through the depth split where `mode` says so."""
+    """F.conv3d (zero padding given as numbers), through the depth split or a oneDNN tensor where `mode`
+    says so (conv_path)."""
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
-    if use_split(mode, x, weight, output_size(x, weight, stride, padding, dilation)):
+    path = conv_path(mode, x, weight, output_size(x, weight, stride, padding, dilation))
+    if path == "onednn":
+        return onednn_conv3d(x, weight, bias, stride, padding, dilation, groups)
+    if path == "split":
         return depth_split_conv3d(x, weight, bias, stride, padding, dilation, groups)
     return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
 

@@ -1,6 +1,7 @@
 """e. Batch 1 on a CPU: forward + backward of every conv layer shape at batch 1, PyTorch's path against the
-depth split of norms/cpu_conv.py (trainer.cpu_conv), and per-patch training throughput of every norm at
-batch 1 vs batch 2 with the split on and off (target: batch 1 >= 0.7x batch 2). Skipped on CUDA."""
+depth split and the oneDNN tensor of norms/cpu_conv.py (trainer.cpu_conv), and per-patch training
+throughput of every norm at batch 1 vs batch 2 with cpu_conv on and off (target: batch 1 >= 0.7x batch 2).
+Skipped on CUDA."""
 
 from __future__ import annotations
 
@@ -49,9 +50,13 @@ class ConvLayer:
         return f"{kind} k{self.weight_shape[2]} s{self.stride[0]}, {c_in}->{c_out}, input {size}"
 
     def conv(self, weight: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The layer's convolution: PyTorch's path (mode torch) or norms/cpu_conv.py's (auto, split)."""
+        """The layer's convolution: PyTorch's path (mode torch), norms/cpu_conv.py's (auto, split), or
+        cpu_conv.onednn_conv3d (mode onednn)."""
         if self.transposed:
             return lambda x: torch.nn.functional.conv_transpose3d(x, weight, None, self.stride, self.padding)
+        if mode == "onednn":
+            stride, padding = tuple(self.stride), tuple(self.padding)
+            return lambda x: cpu_conv.onednn_conv3d(x, weight, None, stride, padding, (1, 1, 1), 1)
         return lambda x: cpu_conv.conv3d(x, weight, None, self.stride, self.padding, mode=mode)
 
 
@@ -114,9 +119,10 @@ def layer_variants(layer: ConvLayer) -> tuple[dict[str, Callable[[], None]], str
     out_size = cpu_conv.output_size(x1, weight, layer.stride, layer.padding, (1, 1, 1))
     if cpu_conv.can_split(x1, weight, out_size[0]):
         fns["split"] = forward_backward(layer.conv(weight, "split"), x1)
+    if cpu_conv.can_use_onednn(x1, weight):
+        fns["onednn"] = forward_backward(layer.conv(weight, "onednn"), x1)
     fns["batch 2"] = forward_backward(layer.conv(weight, "torch"), x2)
-    auto = "split" if cpu_conv.use_split("auto", x1, weight, out_size) else "torch"
-    return fns, backend, auto
+    return fns, backend, cpu_conv.conv_path("auto", x1, weight, out_size)
 
 
 def calls_per_block(fn: Callable[[], None], seconds: float) -> int:
@@ -132,19 +138,22 @@ def layer_row(ctx: Context, layer: ConvLayer) -> tuple[list[object], dict[str, f
     ms = {name: median(t) * 1e3 for name, t in times.items()}
     ms["batch 2"] /= 2  # per sample
     ms["auto"] = ms[auto]
-    speedup, spread = "n/a", ""
-    if "split" in times:
-        paired = [a / b for a, b in zip(times["torch"], times["split"], strict=True)]
-        speedup = paired_ratio(times["torch"], times["split"]).text(2, "x")
-        spread = f"{min(paired):.2f}-{max(paired):.2f}"
+    speedup, spread = {}, {}
+    for path in ("split", "onednn"):
+        speedup[path], spread[path] = "n/a", ""
+        if path in times:
+            paired = [a / b for a, b in zip(times["torch"], times[path], strict=True)]
+            speedup[path] = paired_ratio(times["torch"], times[path]).text(2, "x")
+            spread[path] = f" ({min(paired):.2f}-{max(paired):.2f})"
     row = [
         layer.describe(),
         backend,
         fmt(ms["torch"], 2),
         fmt(ms.get("oneDNN op", float("nan")), 2),
         fmt(ms.get("split", float("nan")), 2),
-        speedup,
-        spread,
+        speedup["split"] + spread["split"],
+        fmt(ms.get("onednn", float("nan")), 2),
+        speedup["onednn"] + spread["onednn"],
         fmt(ms["batch 2"], 2),
         auto,
     ]
@@ -162,7 +171,18 @@ def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
         for name in total:
             total[name] += ms[name]
     rows.append(
-        ["every layer once (sum)", "", fmt(total["torch"], 2), "", "", "", "", fmt(total["batch 2"], 2), ""]
+        [
+            "every layer once (sum)",
+            "",
+            fmt(total["torch"], 2),
+            "",
+            "",
+            "",
+            "",
+            "",
+            fmt(total["batch 2"], 2),
+            "",
+        ]
     )
     head = [
         "layer (batch 1)",
@@ -170,8 +190,9 @@ def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
         "PyTorch ms",
         "oneDNN op ms",
         "depth split ms",
-        "split speed-up [95 % interval]",
-        "per-pair min-max",
+        "split speed-up [95 % interval] (per-pair min-max)",
+        "oneDNN tensor ms",
+        "oneDNN tensor speed-up [95 % interval] (per-pair min-max)",
         "batch 2, ms per sample",
         "auto takes",
     ]
@@ -180,7 +201,8 @@ def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
             f"### Conv layers at batch 1: {setup}",
             "",
             f"Forward + backward of one call (weight grads, and input grads but for the first layer), "
-            "median block; split speed-up: geometric mean of the per-round ratios. With auto the layers "
+            "median block; oneDNN tensor: cpu_conv.onednn_conv3d (to_mkldnn, conv, to_dense); speed-ups "
+            "over PyTorch's path: geometric mean of the per-round ratios. With auto the layers "
             f"take {fmt(total['auto'], 1)} ms in all, against {fmt(total['torch'], 1)} ms on PyTorch's "
             f"path ({total['torch'] / total['auto']:.2f}x) and {fmt(total['batch 2'], 1)} ms per sample "
             "at batch 2.",
@@ -268,16 +290,17 @@ def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
 
 
 def measure(ctx: Context, device: torch.device) -> str:
-    title = "## e. Batch 1 on a CPU: the depth-split conv (trainer.cpu_conv)"
+    title = "## e. Batch 1 on a CPU: the depth split and the oneDNN tensor (trainer.cpu_conv)"
     if device.type != "cpu":
         return f"{title}\n\nSkipped: measured on {device.type}; the split is CPU-only (off on CUDA)."
     parts = [
         title,
         "",
         "PyTorch runs a conv3d of one sample on a CPU as `slow_conv3d`; `trainer.cpu_conv=auto` splits the "
-        "volume's depth into a batch of two for oneDNN where the layer tables below show it faster "
-        "(norms/cpu_conv.py). `ATen backend` is what ATen picks for the layer at batch 1; the oneDNN op "
-        "column calls `torch.ops.aten.mkldnn_convolution` directly (its backward still takes ATen's choice).",
+        "volume's depth into a batch of two for oneDNN, or hands oneDNN the sample as a oneDNN tensor, where "
+        "the layer tables below show it faster (norms/cpu_conv.py). `ATen backend` is what ATen picks for "
+        "the layer at batch 1; the oneDNN op column calls `torch.ops.aten.mkldnn_convolution` directly (its "
+        "backward still takes ATen's choice).",
     ]
     for overrides in ctx.profile.batch1_models:
         parts += ["", measure_layers(ctx, overrides)]
