@@ -14,6 +14,7 @@ Every volume's own scores are kept too (ValResult.case_totals; metrics.json's pe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -21,21 +22,39 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from monai.inferers import sliding_window_inference
 from monai.metrics import compute_dice, compute_hausdorff_distance
+from omegaconf import DictConfig
 from torch import nn
 
-from norm_experiments.data.pipeline import BatchSampler, Volume
+from norm_experiments.data.pipeline import BatchSampler, DataBundle, Volume
 from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 from norm_experiments.training import distributed
 from norm_experiments.training import error_locations as errors
 from norm_experiments.training.signals import phase, stop_point, stop_point_all_ranks
 
-if TYPE_CHECKING:
-    from norm_experiments.training.build import Built
+
+class Built(Protocol):
+    """What an evaluation needs of a built run: training/build.Built is one (a protocol here, so that the
+    evaluation does not import the module that builds runs, which imports it)."""
+
+    cfg: DictConfig
+    plan: Any  # build.Plan: the device and the norm
+    data: DataBundle
+    model: nn.Module
+    inference: Inference
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
 
 log = logging.getLogger("norm_experiments.train")
 
