@@ -24,7 +24,7 @@ from norm_experiments.report.verdicts import (  # the report's verdicts, for one
     confirmable_margin,
     detectable_difference,
 )
-from norm_experiments.training.evaluate import DICE, PRESENT, ValResult
+from norm_experiments.training.evaluate import ValResult, case_mean_dice
 
 MODE_NAMES = {
     "running": "running statistics (model.eval())",
@@ -37,16 +37,16 @@ GAP_MODES = ("precise", "batch")  # each compared with "running" (model.eval())
 MAX_CASES_SUGGESTED = 10_000
 
 
-def case_dice(result: ValResult) -> dict[str, float]:
+def case_means(result: ValResult) -> dict[str, float]:
     """Each case's Dice, averaged over the foreground classes the case holds (a case holding none says nothing
     and is left out)."""
     if result.case_totals is None:
         return {}
     dice = {}
     for name, totals in zip(result.case_names, result.case_totals):
-        present = totals[PRESENT] > 0
-        if present.any():
-            dice[name] = float(totals[DICE][present].mean())
+        mean = case_mean_dice(totals)
+        if mean is not None:
+            dice[name] = mean
     return dice
 
 
@@ -67,7 +67,7 @@ class CaseGaps:
 
 def compare_modes(scores: dict[str, ValResult], margin: float) -> CaseGaps:
     """PreciseBN minus running and batch minus running, per case, decided as one family."""
-    dice = {mode: case_dice(result) for mode, result in scores.items()}
+    dice = {mode: case_means(result) for mode, result in scores.items()}
     cases = sorted(set.intersection(*(set(d) for d in dice.values())))
     family = Family("check", "", margin=margin)
     for mode in GAP_MODES:

@@ -6,24 +6,24 @@ the batch-statistics score depends. Scoring is the training's own (training/eval
 from __future__ import annotations
 
 import copy
-import math
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from norm_experiments.data.pipeline import BatchSampler, DataBundle, Volume
+from norm_experiments.data.pipeline import DataBundle, Volume
 from norm_experiments.diagnose.probe import Stats, bn_layers, gap, pre_hooks
 from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 from norm_experiments.norms.bn_common import tracks_running_stats
 from norm_experiments.norms.eval_modes import PopulationStats
 from norm_experiments.training.evaluate import (
-    PRECISE_BN_SEED_OFFSET,
     Inference,
     ValResult,
     evaluate,
+    precise_bn_draw,
     score_each_volume,
     summarize,
 )
@@ -90,12 +90,11 @@ def score_batch_mode_with_stats(
     return result, stats, windows
 
 
-def precise_bn_batches(cfg: DictConfig, data: DataBundle) -> tuple[int, list]:
-    """(patches, a generator of batches) as training drew them, for PreciseBN."""
-    sampler = BatchSampler(data.train, cfg.data, int(cfg.seed) + PRECISE_BN_SEED_OFFSET)
+def precise_bn_batches(cfg: DictConfig, data: DataBundle) -> tuple[int, Iterator[torch.Tensor]]:
+    """(patches, batches) for PreciseBN: training's own draw (evaluate.precise_bn_draw) for this config."""
     effective_batch = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
-    needed = math.ceil(int(cfg.trainer.precise_bn_samples) / effective_batch)
-    return needed * effective_batch, (sampler.batch(i)[0] for i in range(needed))
+    samples = int(cfg.trainer.precise_bn_samples)
+    return precise_bn_draw(data.train, cfg.data, int(cfg.seed), samples, effective_batch)
 
 
 def run_checks(

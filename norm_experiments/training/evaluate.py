@@ -67,6 +67,22 @@ REMEDY_PRECISE_FACTOR = 4  # trainer.remedy_modes: PreciseBN again over this man
 DICE, HD95, PRESENT = 0, 1, 2
 
 
+def case_dice(totals: torch.Tensor, class_names: Sequence[str]) -> dict[str, float | None]:
+    """The package's one per-case Dice: each foreground class's Dice in one case, from that case's totals
+    (a row of ValResult.case_totals), None where the class is absent from the case's truth. The record,
+    the label maps' index and norm-exp-check's per-case verdicts read it."""
+    present = (totals[PRESENT] > 0).tolist()
+    return {name: float(totals[DICE, c]) if present[c] else None for c, name in enumerate(class_names)}
+
+
+def case_mean_dice(totals: torch.Tensor) -> float | None:
+    """One case's Dice averaged over the foreground classes it holds (case_dice); None if it holds none."""
+    values = [
+        v for v in case_dice(totals, [str(c) for c in range(totals.shape[1])]).values() if v is not None
+    ]
+    return sum(values) / len(values) if values else None
+
+
 @dataclass
 class ValResult:
     """Validation scores; per-class lists are for the foreground classes 1..K, None where a class is absent."""
@@ -94,9 +110,8 @@ class ValResult:
         cases = {}
         for name, totals in zip(self.case_names, self.case_totals):
             present = (totals[PRESENT] > 0).tolist()
-            dice = [float(v) if p else None for v, p in zip(totals[DICE], present)]
             hd95 = [float(v) if p and surface else None for v, p in zip(totals[HD95], present)]
-            cases[name] = {"dice": dict(zip(class_names, dice)), "hd95": dict(zip(class_names, hd95))}
+            cases[name] = {"dice": case_dice(totals, class_names), "hd95": dict(zip(class_names, hd95))}
         if self.case_errors is not None:
             for name, row in zip(self.case_names, self.case_errors):
                 cases[name]["errors"] = errors.as_record(row)
@@ -320,13 +335,29 @@ def precise_bn_batches(built: Built, samples: int | None = None) -> Iterator[tor
     plan, cfg = built.plan, built.cfg
     sync = plan.spec.record.syncs_ranks
     rank, world = (distributed.rank(), plan.world_size) if sync else (0, 1)
-    sampler = BatchSampler(built.data.train, cfg.data, int(cfg.seed) + PRECISE_BN_SEED_OFFSET, rank, world)
     samples = int(cfg.trainer.precise_bn_samples) if samples is None else samples
-    needed = math.ceil(samples / (plan.effective_batch * world))
-    log.info(
-        "PreciseBN: BatchNorm statistics over %d training patches", needed * plan.effective_batch * world
+    patches, batches = precise_bn_draw(
+        built.data.train, cfg.data, int(cfg.seed), samples, plan.effective_batch, rank, world
     )
-    return _stoppable_batches(sampler, needed)
+    log.info("PreciseBN: BatchNorm statistics over %d training patches", patches)
+    return batches
+
+
+def precise_bn_draw(
+    train: Sequence[Volume],
+    data_cfg: DictConfig,
+    seed: int,
+    samples: int,
+    effective_batch: int,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[int, Iterator[torch.Tensor]]:
+    """The package's one PreciseBN draw (training, norm-exp-check and the remedy modes use it): (patches,
+    batches), at least `samples` training patches in batches of `effective_batch` per rank, from the sampler
+    training uses, seeded with a stream the training batches never use (seed + PRECISE_BN_SEED_OFFSET)."""
+    sampler = BatchSampler(list(train), data_cfg, seed + PRECISE_BN_SEED_OFFSET, rank, world)
+    needed = math.ceil(samples / (effective_batch * world))
+    return needed * effective_batch * world, _stoppable_batches(sampler, needed)
 
 
 def _stoppable_batches(sampler: BatchSampler, count: int) -> Iterator[torch.Tensor]:

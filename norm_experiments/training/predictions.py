@@ -39,7 +39,7 @@ from norm_experiments.data.pipeline import DataBundle, Volume
 from norm_experiments.errors import UserError
 from norm_experiments.norms import bn_eval_mode, recompute_bn_statistics
 from norm_experiments.training import distributed
-from norm_experiments.training.evaluate import DICE, PRESENT, Inference, precise_bn_batches, score_volumes
+from norm_experiments.training.evaluate import Inference, case_dice, precise_bn_batches, score_volumes
 from norm_experiments.training.signals import phase, stop_point, stop_point_all_ranks
 
 if TYPE_CHECKING:
@@ -157,13 +157,6 @@ def source_cases(cases: Cases) -> dict[str, Case]:
     info = cases.data.info
     found, _ = find_cases(info.layout, info.root, labels=dict(info.labels))
     return {case.name: case for case in found}
-
-
-def case_dice(totals: torch.Tensor, class_names: list[str]) -> dict[str, float | None]:
-    """Dice per foreground class of one case (None where the class is absent from its truth)."""
-    return {
-        name: float(totals[DICE, c]) if totals[PRESENT, c] > 0 else None for c, name in enumerate(class_names)
-    }
 
 
 def write_case(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from norm_experiments.check import handle_repaired
-from norm_experiments.diagnose.case_verdicts import case_dice, cases_to_confirm, compare_modes, verdict
+from norm_experiments.diagnose.case_verdicts import case_means, cases_to_confirm, compare_modes, verdict
 from norm_experiments.diagnose.scoring import Checked, WindowBatches
 from norm_experiments.report.verdicts import Verdict
 from norm_experiments.training.evaluate import DICE, HD95, PRESENT, ValResult, summarize
@@ -53,7 +53,7 @@ def test_case_dice_averages_the_classes_a_case_holds() -> None:
     totals[1, DICE] = torch.tensor([0.6, 0.0])
     totals[1, PRESENT] = torch.tensor([1.0, 0.0])  # the second class is absent from case 2
     scores = summarize(totals, surface=False, case_names=["one", "two"])
-    assert case_dice(scores) == pytest.approx({"one": 0.6, "two": 0.6})
+    assert case_means(scores) == pytest.approx({"one": 0.6, "two": 0.6})
 
 
 def test_interval_is_the_paired_t_interval_over_cases_by_hand() -> None:
