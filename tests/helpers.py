@@ -91,3 +91,15 @@ def no_result_left(folder: Path) -> bool:
         if run_record.status_of(run_record.read(path.parent)) != run_record.Status.FAILED:
             return False
     return not list(folder.rglob("model.pt")) and not list(folder.rglob("checkpoint.pt"))
+
+
+def fill(folder: Path) -> None:
+    """Write zeros into `folder` until its filesystem refuses one more byte (a tmpfs fixture's)."""
+    import errno
+
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC

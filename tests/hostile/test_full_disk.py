@@ -4,10 +4,7 @@ Every failure is one line naming the file and the errno, exit status 2, and no r
 
 from __future__ import annotations
 
-import errno
 import json
-import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,43 +13,10 @@ from norm_experiments import run_record
 from norm_experiments.run_names import run_identity
 from norm_experiments.training.record import settle_record
 from norm_experiments.training.run_folder import locked
-from tests.helpers import SMOKE, assert_clean_failure, compose_config, run_cli
+from tests.helpers import SMOKE, assert_clean_failure, compose_config, fill, run_cli
 
 # Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """mount(size_kb): a new tmpfs of that size, unmounted after the test."""
-    mounted: list[Path] = []
-
-    def mount(size_kb: int) -> Path:
-        folder = tmp_path / f"tmpfs-{len(mounted)}"
-        folder.mkdir()
-        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"a real full disk needs a tmpfs; mounting one failed here: {result.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=False)
-
-
-def fill(folder: Path) -> None:
-    """Write zeros until the filesystem refuses one more byte."""
-    with open(folder / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError as err:
-            assert err.errno == errno.ENOSPC
-    with pytest.raises(OSError):
-        (folder / "probe").write_bytes(b"x")
-    (folder / "probe").unlink()  # created empty: an inode, no data
 
 
 def test_a_full_disk_refuses_a_run_and_a_sweep_before_hydra_writes(tmpfs, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from norm_experiments.report.cli import main as report_main
 from norm_experiments.report.collect import collect
 from norm_experiments.report.model import DIFFERENT_CASES, NO_CASE_SCORES
 from norm_experiments.sweep.callback import STALE_COPY, STALE_MARK, SweepReport
+from tests.helpers import fill
 from tests.report.conftest import make_metrics, per_case
 from tests.report.test_report_sweep import table_rows
 
@@ -339,35 +340,6 @@ def test_a_hydra_multirun_yaml_names_the_sweep_command(small_sweep: Path, tmp_pa
 
 
 # --------------------------------------------------------------------------------- full disks, closed pipes
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """mount(size_kb): a real small filesystem (needs root; skipped without), unmounted after the test."""
-    mounted: list[Path] = []
-
-    def mount(size_kb: int) -> Path:
-        folder = tmp_path / f"tmpfs-{len(mounted)}"
-        folder.mkdir()
-        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(folder)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"a real full disk needs a tmpfs; mounting one failed here: {result.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=False)
-
-
-def fill(folder: Path) -> None:
-    with open(folder / "filler", "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
 
 
 def test_a_full_disk_names_the_file_and_the_sweep_report_goes_stale(small_sweep: Path, tmpfs, capsys) -> None:
