@@ -25,8 +25,7 @@ from norm_experiments.data.pipeline import load_data
 from norm_experiments.data.preprocessing import cached_statistics
 from norm_experiments.data.synthetic import SynthConfig, ensure_synthetic, generate_dataset
 from norm_experiments.errors import UserError
-from tests.helpers import SMOKE, compose_config, no_result_left, run_cli
-from tests.hostile.test_full_disk import fill, tmpfs  # noqa: F401 - tmpfs is a fixture
+from tests.helpers import SMOKE, compose_config, fill, no_result_left, run_cli
 from tests.hostile.test_odd_inputs import _claim_shape
 
 TINY = SynthConfig(num_cases=4, shape=(16, 16, 16), radius_range=(2.0, 4.0), seed=7)
@@ -215,7 +214,7 @@ def test_a_killed_generators_folder_is_removed_at_the_next_start(tmp_path: Path)
     assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, f"synthetic-{TINY.key()}"])
 
 
-def test_a_full_disk_leaves_no_half_written_temporaries(tmpfs, tmp_path: Path) -> None:  # noqa: F811
+def test_a_full_disk_leaves_no_half_written_temporaries(tmpfs, tmp_path: Path) -> None:
     disk = tmpfs(256)
     with pytest.raises(UserError, match="cannot write the synthetic dataset there"):
         ensure_synthetic(disk / "cache", SynthConfig(num_cases=40, shape=(24, 24, 24)))
