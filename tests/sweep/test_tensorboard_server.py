@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
 import sys
 import time
 import urllib.request
@@ -22,7 +21,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from norm_experiments.training.tensorboard import METRICS, STUDY_AXES
-from tests.helpers import free_port, metrics_of, run_cli
+from tests.helpers import metrics_of, run_cli
 
 # Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
 pytestmark = pytest.mark.slow
@@ -139,15 +138,7 @@ def get_json(url: str, body: dict | None = None) -> object:
 
 
 def test_tensorboard_serves_runs_scalars_and_one_hparams_experiment(sweep: Path) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host", "127.0.0.1"]
-        + ["--port", str(port), "--load_fast", "false"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
+    with browser_views().tensorboard(sweep) as base:  # the server the tutorial's screenshots come from
         runs: list = []
         deadline = time.time() + 60
         while time.time() < deadline and sorted(runs) != RUNS:
@@ -176,20 +167,16 @@ def test_tensorboard_serves_runs_scalars_and_one_hparams_experiment(sweep: Path)
             f"{base}/data/plugin/scalars/scalars?run={RUNS[1]}&tag=Final/dice_mean".replace(",", "%2C")
         )
         assert len(final_points) == 1 and abs(final_points[0][2] - final) < 1e-6  # type: ignore[index,arg-type]
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
-def _browser_views():
-    """scripts/browser_views.py, or None where Chromium or playwright is not installed (neither is a
-    dependency: apt-get install chromium && pip install playwright)."""
+def browser_views():
+    """scripts/browser_views.py (a TensorBoard server, and a browser where one is installed)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
     try:
-        import browser_views
+        import browser_views as module
     finally:
         sys.path.pop(0)
-    return browser_views if browser_views.browser_available() else None
+    return module
 
 
 def test_a_browser_shows_grouped_runs_and_the_scores_of_metrics_json(sweep: Path) -> None:
@@ -197,8 +184,8 @@ def test_a_browser_shows_grouped_runs_and_the_scores_of_metrics_json(sweep: Path
     (grouped by norm), the Final/dice_mean data table shows each run's metrics.json score, unbent by the
     default smoothing, the HParams table shows whole numbers as such and the same scores, and the HTML
     report's table shows the means of the runs' scores."""
-    views_module = _browser_views()
-    if views_module is None:
+    views_module = browser_views()
+    if not views_module.browser_available():
         pytest.skip("needs Chromium and playwright (apt-get install chromium && pip install playwright)")
     views = views_module.capture(sweep)
     assert views.runs == RUNS
