@@ -5,7 +5,7 @@ no "did you mean", exit status 1 and, for a key, advice to add it with `+` (a ke
 is only found after Hydra has created the run folder. Here each of them is one line naming the closest valid
 names, checked before anything is created, so the command exits 2 with nothing left behind.
 
-Torch-free: it runs before every command, `--help` included.
+Torch-free itself (it runs before every command but `--help`); an app's `validate_run` may bring torch.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ _HYDRA_ONLY_FLAGS = (
     "-i",
     "--shell-completion",
     "-sc",
-)
-_HYDRA_ONLY_FLAGS += (
     "--config-path",
     "-cp",
     "--config-name",
