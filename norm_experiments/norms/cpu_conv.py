@@ -29,6 +29,20 @@ layer with 16 or more input channels (0.66-0.95x its time; stride-2 layers and 4
 the split lost to ``slow_conv3d``) and on the first layer (one input channel), and lost to it with 8
 (1.2-1.4x: oneDNN's blocked layouts hold 16 channels); ``auto`` therefore takes it for those layers and
 keeps the split for the others.
+
+A third way (added 2026-12-07, after the second): ``direct_conv3d`` calls the oneDNN forward op
+(``torch.ops.aten.mkldnn_convolution``, which takes a dense sample at N = 1 too) for the forward, and writes the
+backward as two more forward convolutions, so no call reaches ``convolution_backward``'s backend choice:
+- the input's gradient of a stride-1 conv is the conv of the output's gradient with the weight flipped in
+  every spatial axis and its two channel axes swapped, padded by k - 1 - p (strided convs: the transposed
+  conv, PyTorch's own path);
+- the weight's gradient is the conv of the input, its channels taken as a batch of one-channel volumes, with
+  the output's gradient, its channels taken as the filters (dilated by the stride), cropped to the kernel:
+  grad_w[o, i, a] = sum over x of grad_out[o, x] * input_padded[i, stride * x + a].
+These are the gradients of the same convolution, up to float rounding. It needs no depth halo and no layout
+conversion, which made it faster than both other routes on every layer with fewer than 16 input or output
+channels (the 8-channel layers, and 16->8), and slower than the oneDNN tensor where both have 16 or more
+(docs/benchmarks.md, section e); ``auto`` takes it there.
 """
 
 from __future__ import annotations
@@ -39,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# trainer.cpu_conv values: auto = the split or a oneDNN tensor where scripts/benchmark.py measured it faster;
-# split = the split wherever the shape allows it; torch = always PyTorch's own choice.
+# trainer.cpu_conv values: auto = direct_conv3d, a oneDNN tensor or the split where scripts/benchmark.py measured
+# it faster; split = the split wherever the shape allows it; torch = always PyTorch's own choice.
 CPU_CONV_MODES = ("auto", "split", "torch")
 
 # auto splits a layer where slow_conv3d's unfolded input is large. slow_conv3d copies the input into a
@@ -51,11 +65,15 @@ CPU_CONV_MODES = ("auto", "split", "torch")
 MIN_UNFOLDED = 8192 * 27
 # auto converts a layer with at least ONEDNN_MIN_CHANNELS input channels (per group), or with a one-channel
 # input (the first layer), to a oneDNN tensor where the unfolded matrix has at least MIN_UNFOLDED_ONEDNN
-# elements: 0.62-0.79x the time of the split or of slow_conv3d on such layers of both U-Nets, 0.83-1.04x on
-# 16->8, 0.65-0.87x on the 1->8 first layers; below that size (16->32 stride 2 into 4^3, 32->32 and 32->64
-# into 4^3: 2048 * 27 and less) slow_conv3d was about as fast or faster (0.9-1.5x).
+# elements: 0.62-0.79x the time of the split or of slow_conv3d on such layers of both U-Nets, 0.65-0.87x on
+# the 1->8 first layers; below that size (16->32 stride 2 into 4^3, 32->32 and 32->64 into 4^3: 2048 * 27 and
+# less) slow_conv3d was about as fast or faster (0.9-1.5x).
 ONEDNN_MIN_CHANNELS = 16
 MIN_UNFOLDED_ONEDNN = 4096 * 27
+# Before both, auto takes direct_conv3d for a layer with fewer than ONEDNN_MIN_CHANNELS input or output channels
+# (and more than one input channel) from the same size up: the 8-channel layers, the stride-2 layer from 8 to
+# 16 channels and 16->8, where it beat the split, the oneDNN tensor and slow_conv3d in the per-layer tables
+# (docs/benchmarks.md, section e); where both have 16 or more the oneDNN tensor stayed faster.
 
 
 def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
@@ -105,9 +123,35 @@ def can_use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def conv_path(mode: str, x: torch.Tensor, weight: torch.Tensor, out_size: tuple[int, int, int]) -> str:
+def can_direct(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    padding: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+) -> bool:
+    """direct_conv3d applies: one float32 CPU sample with oneDNN available, an ungrouped, undilated conv
+    whose padding is at most k - 1 in every axis (the input gradient's padding, k - 1 - p, is not negative)."""
+    return (
+        groups == 1
+        and tuple(dilation) == (1, 1, 1)
+        and all(0 <= padding[i] < weight.shape[2 + i] for i in range(3))
+        and can_use_onednn(x, weight)
+    )
+
+
+def conv_path(
+    mode: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out_size: tuple[int, int, int],
+    padding: tuple[int, ...] = (1, 1, 1),
+    dilation: tuple[int, ...] = (1, 1, 1),
+    groups: int = 1,
+) -> str:
     """Which way `mode` (a CPU_CONV_MODES value) sends this call: "split" (depth_split_conv3d), "onednn"
-    (onednn_conv3d) or "torch" (F.conv3d). A pure function of the mode, device, dtype and shapes."""
+    (onednn_conv3d), "direct" (direct_conv3d) or "torch" (F.conv3d). A pure function of the mode, device,
+    dtype and shapes."""
     if mode == "torch":
         return "torch"
     if mode == "split":
@@ -115,6 +159,10 @@ def conv_path(mode: str, x: torch.Tensor, weight: torch.Tensor, out_size: tuple[
     if weight.shape[2] == 1 or not one_cpu_sample(x, weight):
         return "torch"
     unfolded = math.prod(weight.shape[1:]) * math.prod(out_size)  # C_in/groups * k^3 rows x output voxels
+    few_channels = min(weight.shape[0], weight.shape[1]) < ONEDNN_MIN_CHANNELS
+    if x.shape[1] > 1 and few_channels and unfolded >= MIN_UNFOLDED_ONEDNN:
+        if can_direct(x, weight, padding, dilation, groups):
+            return "direct"
     if weight.shape[1] >= ONEDNN_MIN_CHANNELS or x.shape[1] == 1:  # 1: the image, into the first layer
         if unfolded >= MIN_UNFOLDED_ONEDNN and can_use_onednn(x, weight):
             return "onednn"
@@ -140,6 +188,70 @@ def onednn_conv3d(
     module doc); the result comes back in the input's memory format."""
     out = F.conv3d(x.to_mkldnn(), weight, bias, stride, padding, dilation, groups).to_dense()
     return out.contiguous(memory_format=_memory_format(x))
+
+
+class _DirectConv3d(torch.autograd.Function):
+    """F.conv3d of one dense sample: forward and backward as oneDNN forward convolutions (module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):  # noqa: ANN001, ANN205 (autograd's signature)
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        return _onednn_forward(x, weight, bias, padding, stride)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=_memory_format(x))  # an expanded or odd-strided gradient
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_x = _input_grad(grad, x, weight, ctx.stride, ctx.padding) if need_x else None
+        grad_weight = _weight_grad(grad, x, weight, ctx.stride, ctx.padding) if need_weight else None
+        grad_bias = grad.sum((0, 2, 3, 4)) if need_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def _onednn_forward(x, weight, bias, padding, stride, dilation=(1, 1, 1)) -> torch.Tensor:  # noqa: ANN001
+    """oneDNN's forward convolution (ungrouped) of dense tensors, at any batch size."""
+    return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, dilation, 1)
+
+
+def _input_grad(grad, x, weight, stride, padding) -> torch.Tensor:  # noqa: ANN001
+    """The input's gradient: for stride 1 the conv of `grad` with the flipped weight, channel axes swapped;
+    strided convs take the transposed conv, with the output padding that restores the input's size."""
+    kernel = weight.shape[2:]
+    if tuple(stride) == (1, 1, 1):
+        flipped = weight.flip(2, 3, 4).transpose(0, 1).contiguous()
+        return _onednn_forward(grad, flipped, None, tuple(k - 1 - p for k, p in zip(kernel, padding)), stride)
+    extra = tuple(
+        x.shape[2 + i] - ((grad.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + kernel[i]) for i in range(3)
+    )
+    return F.conv_transpose3d(grad, weight, None, stride, padding, extra).contiguous(
+        memory_format=_memory_format(x)
+    )
+
+
+def _weight_grad(grad, x, weight, stride, padding) -> torch.Tensor:  # noqa: ANN001
+    """The weight's gradient: the input's channels as a batch of one-channel volumes, convolved with the
+    gradient's channels as filters dilated by the stride; rows past the kernel (input rows no output reads,
+    where the stride does not divide evenly) are cropped."""
+    by_channel = _onednn_forward(
+        x.transpose(0, 1).contiguous(), grad.transpose(0, 1).contiguous(), None, padding, (1, 1, 1), stride
+    )
+    kernel = weight.shape[2:]
+    return by_channel[:, :, : kernel[0], : kernel[1], : kernel[2]].transpose(0, 1).contiguous()
+
+
+def direct_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+) -> torch.Tensor:
+    """F.conv3d (ungrouped, undilated) of a (1, C, D, H, W) input in oneDNN without a oneDNN tensor: the
+    forward op and a backward written as forward convolutions (see the module doc)."""
+    return _DirectConv3d.apply(x, weight, bias, tuple(stride), tuple(padding))
 
 
 def depth_split_conv3d(
@@ -196,10 +308,13 @@ def conv3d(
     groups: int = 1,
     mode: str = "auto",
 ) -> torch.Tensor:
-    """F.conv3d (zero padding given as numbers), through the depth split or a oneDNN tensor where `mode`
-    says so (conv_path)."""
+    """F.conv3d (zero padding given as numbers), through the depth split, a oneDNN tensor or direct_conv3d
+    where `mode` says so (conv_path)."""
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
-    path = conv_path(mode, x, weight, output_size(x, weight, stride, padding, dilation))
+    out_size = output_size(x, weight, stride, padding, dilation)
+    path = conv_path(mode, x, weight, out_size, padding, dilation, groups)
+    if path == "direct":
+        return direct_conv3d(x, weight, bias, stride, padding)
     if path == "onednn":
         return onednn_conv3d(x, weight, bias, stride, padding, dilation, groups)
     if path == "split":

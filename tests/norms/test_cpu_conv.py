@@ -1,7 +1,7 @@
-"""The depth-split conv and the oneDNN-tensor conv (norms/cpu_conv.py) compute F.conv3d: outputs and
-input/weight/bias gradients match for every conv layer shape of the default and the quick-sweep U-Net, at
-batch 1 and 2, in both memory formats; they are taken only for one float32 sample on a CPU; every conv the
-U-Net builds carries the trainer.cpu_conv setting."""
+"""The depth-split conv, the oneDNN-tensor conv and the direct oneDNN conv (norms/cpu_conv.py) compute
+F.conv3d: outputs and input/weight/bias gradients match for every conv layer shape of the default and the
+quick-sweep U-Net, at batch 1 and 2, in both memory formats; they are taken only for one float32 sample on a
+CPU; every conv the U-Net builds carries the trainer.cpu_conv setting."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from norm_experiments.norms.cpu_conv import (
     MIN_UNFOLDED,
     MIN_UNFOLDED_ONEDNN,
     ONEDNN_MIN_CHANNELS,
+    can_direct,
     can_split,
     can_use_onednn,
     conv3d,
     conv_path,
+    direct_conv3d,
     onednn_conv3d,
     output_size,
     use_split,
@@ -117,6 +119,92 @@ def test_onednn_tensor_matches_conv3d(model: str, case: tuple, memory_format) ->
     assert all(g.layout == torch.strided for g in got_grads)  # dense gradients for the optimizer
 
 
+def assert_matches_conv3d(
+    conv, x: torch.Tensor, weight: torch.Tensor, bias, stride: int, padding: int
+) -> None:
+    """`conv(x, weight, bias)` against F.conv3d: the output, every gradient that is asked for (relative to its
+    size: weight and bias gradients sum over every voxel), dense gradients; the output and the input's gradient
+    in the input's memory format."""
+    expected = F.conv3d(x, weight, bias, stride, padding)
+    out = conv(x, weight, bias)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    inputs = tuple(t for t in (x, weight, bias) if t is not None and t.requires_grad)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(9))
+    got_grads = grads(out, inputs, grad_out)
+    for got, want in zip(got_grads, grads(expected, inputs, grad_out), strict=True):
+        assert got.shape == want.shape and got.layout == torch.strided
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    if x.requires_grad and x.shape[1] > 1:  # one channel: both memory formats at once
+        memory_format = CL if x.is_contiguous(memory_format=CL) else torch.contiguous_format
+        assert out.is_contiguous(memory_format=memory_format)
+        assert got_grads[0].is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize(("model", "case"), CASES, ids=[f"{m}-{case_id(c)}" for m, c in CASES])
+def test_direct_conv_matches_conv3d(model: str, case: tuple, memory_format) -> None:
+    """direct_conv3d on every layer shape, also those auto does not send it (16 channels and more, 1x1x1)."""
+    input_shape, weight_shape, stride, padding = case
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(input_shape, generator=gen).contiguous(memory_format=memory_format)
+    weight = torch.randn(weight_shape, generator=gen) * (2.0 / math.prod(weight_shape[1:])) ** 0.5
+    bias = torch.randn(weight_shape[0], generator=gen)
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    triple = (stride,) * 3, (padding,) * 3
+
+    assert_matches_conv3d(lambda *a: direct_conv3d(*a, *triple), x, weight, bias, stride, padding)
+
+
+@pytest.mark.parametrize(
+    ("shape", "stride", "with_bias", "input_grad"),
+    [
+        (
+            (1, 4, 9, 10, 11),
+            2,
+            True,
+            True,
+        ),  # odd sizes, stride 2: the transposed conv needs an output padding
+        ((1, 4, 7, 6, 5), 2, False, True),
+        ((1, 3, 6, 7, 8), 1, True, False),  # no input gradient (the image into the first layer)
+        ((1, 1, 8, 8, 8), 1, False, True),  # one channel
+    ],
+)
+def test_direct_conv_on_uneven_shapes(shape: tuple, stride: int, with_bias: bool, input_grad: bool) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=gen).requires_grad_(input_grad)
+    weight = (torch.randn(5, shape[1], 3, 3, 3, generator=gen) * 0.2).requires_grad_()
+    bias = torch.randn(5, generator=gen).requires_grad_() if with_bias else None
+    conv = lambda x, w, b: direct_conv3d(x, w, b, (stride,) * 3, (1, 1, 1))  # noqa: E731
+    assert_matches_conv3d(conv, x, weight, bias, stride, 1)
+
+
+def test_direct_conv_without_grad() -> None:
+    """Evaluation (no_grad) runs the forward op alone and keeps no graph."""
+    gen = torch.Generator().manual_seed(5)
+    x, weight = (
+        torch.randn(1, 8, 8, 8, 8, generator=gen),
+        torch.randn(8, 8, 3, 3, 3, generator=gen, requires_grad=True),
+    )
+    with torch.no_grad():
+        out = direct_conv3d(x, weight, None, (1, 1, 1), (1, 1, 1))
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, F.conv3d(x, weight, None, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_direct_conv_only_where_its_backward_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward is written for ungrouped, undilated convs with padding below the kernel size, in oneDNN."""
+    x, weight = torch.zeros(1, 8, 16, 16, 16), torch.zeros(8, 8, 3, 3, 3)
+    ones = (1, 1, 1)
+    assert can_direct(x, weight, ones, ones, 1)
+    assert not can_direct(x, torch.zeros(8, 4, 3, 3, 3), ones, ones, 2)  # groups
+    assert not can_direct(x, weight, (2, 2, 2), (2, 2, 2), 1)  # dilation
+    assert not can_direct(x, weight, (3, 1, 1), ones, 1)  # padding of the kernel's size
+    assert not can_direct(torch.zeros(2, 8, 16, 16, 16), weight, ones, ones, 1)  # a batch
+    assert conv_path("auto", x, weight, (16, 16, 16), ones, (2, 2, 2), 1) == "split"  # dilated: the split
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not can_direct(x, weight, ones, ones, 1)
+
+
 def test_onednn_tensor_without_grad_and_with_groups() -> None:
     """Evaluation (no_grad) and grouped convs go through the same oneDNN tensor path."""
     gen = torch.Generator().manual_seed(2)
@@ -127,34 +215,33 @@ def test_onednn_tensor_without_grad_and_with_groups() -> None:
     torch.testing.assert_close(out, F.conv3d(x, weight, None, 1, 1, 1, 2), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("model", "splits", "onednn"), [("default", 2, 8), ("quick sweep", 1, 4)])
-def test_auto_takes_the_path_measured_faster(model: str, splits: int, onednn: int) -> None:
-    """The rule the layer tables of scripts/benchmark.py (section e) measured, for 3x3x3 convs of one sample:
-    from 16 input channels, and for the one-channel image into the first layer, a oneDNN tensor where
-    C_in * 27 * output voxels >= 4096 * 27 (0.62-0.95x the split's or slow_conv3d's time there),
-    slow_conv3d below; with 2-15 channels the split where the
-    unfolded matrix has >= 8192 * 27 elements (1.08-12x faster there, 0.47-0.95x below), slow_conv3d below;
-    the 1x1x1 head keeps PyTorch's path."""
+@pytest.mark.parametrize(("model", "direct", "onednn"), [("default", 3, 7), ("quick sweep", 3, 3)])
+def test_auto_takes_the_path_measured_faster(model: str, direct: int, onednn: int) -> None:
+    """The rule the layer tables of scripts/benchmark.py (section e) measured, for 3x3x3 convs of one sample
+    where C_in * 27 * output voxels >= 4096 * 27 (slow_conv3d below): direct_conv3d for layers with 2-15 input
+    or output channels, a oneDNN tensor where both have 16 or more and for the one-channel image into the first
+    layer; the 1x1x1 head keeps PyTorch's path. The split is no layer's fastest any more."""
     taken = []
     for input_shape, weight_shape, stride, padding in layer_shapes(*MODELS[model]):
         x, weight = torch.zeros(input_shape), torch.zeros(weight_shape)
         out_size = output_size(x, weight, (stride,) * 3, (padding,) * 3, (1, 1, 1))
-        taken.append(conv_path("auto", x, weight, out_size))
+        taken.append(conv_path("auto", x, weight, out_size, (padding,) * 3))
         unfolded = math.prod(weight_shape[1:]) * math.prod(out_size)
-        if weight_shape[2] == 1:
+        if weight_shape[2] == 1 or unfolded < MIN_UNFOLDED_ONEDNN:
             want = "torch"
-        elif weight_shape[1] >= ONEDNN_MIN_CHANNELS or input_shape[1] == 1:
-            want = "onednn" if unfolded >= MIN_UNFOLDED_ONEDNN else "torch"
+        elif input_shape[1] > 1 and min(weight_shape[:2]) < ONEDNN_MIN_CHANNELS:
+            want = "direct"
         else:
-            want = "split" if unfolded >= MIN_UNFOLDED else "torch"
+            want = "onednn"
         assert taken[-1] == want
-        assert use_split("auto", x, weight, out_size) == (want == "split")
+        assert not use_split("auto", x, weight, out_size)
         assert conv_path("auto", torch.zeros((2, *input_shape[1:])), weight, out_size) == "torch"  # batch 2
         assert conv_path("torch", x, weight, out_size) == "torch"
         assert conv_path("split", x, weight, out_size) == (
             "split" if can_split(x, weight, out_size[0]) else "torch"
         )
-    assert taken.count("split") == splits and taken.count("onednn") == onednn
+    assert taken.count("direct") == direct and taken.count("onednn") == onednn
+    assert MIN_UNFOLDED > MIN_UNFOLDED_ONEDNN  # the split's own threshold, for layers direct cannot take
 
 
 def test_auto_keeps_pytorch_path_when_onednn_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
