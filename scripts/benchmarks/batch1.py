@@ -1,7 +1,7 @@
 """e. Batch 1 on a CPU: forward + backward of every conv layer shape at batch 1, PyTorch's path against the
-depth split and the oneDNN tensor of norms/cpu_conv.py (trainer.cpu_conv), and per-patch training
-throughput of every norm at batch 1 vs batch 2 with cpu_conv on and off (target: batch 1 >= 0.7x batch 2).
-Skipped on CUDA."""
+depth split, the oneDNN tensor and the direct oneDNN conv of norms/cpu_conv.py (trainer.cpu_conv), and
+per-patch training throughput of every norm at batch 1 vs batch 2 with cpu_conv on and off (target: batch 1
+>= 0.7x batch 2). Skipped on CUDA."""
 
 from __future__ import annotations
 
@@ -50,10 +50,12 @@ class ConvLayer:
         return f"{kind} k{self.weight_shape[2]} s{self.stride[0]}, {c_in}->{c_out}, input {size}"
 
     def conv(self, weight: torch.Tensor, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The layer's convolution: PyTorch's path (mode torch), norms/cpu_conv.py's (auto, split), or
-        cpu_conv.onednn_conv3d (mode onednn)."""
+        """The layer's convolution: PyTorch's path (mode torch), norms/cpu_conv.py's (auto, split),
+        cpu_conv.onednn_conv3d (mode onednn) or cpu_conv.direct_conv3d (mode direct)."""
         if self.transposed:
             return lambda x: torch.nn.functional.conv_transpose3d(x, weight, None, self.stride, self.padding)
+        if mode == "direct":
+            return lambda x: cpu_conv.direct_conv3d(x, weight, None, tuple(self.stride), tuple(self.padding))
         if mode == "onednn":
             stride, padding = tuple(self.stride), tuple(self.padding)
             return lambda x: cpu_conv.onednn_conv3d(x, weight, None, stride, padding, (1, 1, 1), 1)
@@ -121,8 +123,10 @@ def layer_variants(layer: ConvLayer) -> tuple[dict[str, Callable[[], None]], str
         fns["split"] = forward_backward(layer.conv(weight, "split"), x1)
     if cpu_conv.can_use_onednn(x1, weight):
         fns["onednn"] = forward_backward(layer.conv(weight, "onednn"), x1)
+    if cpu_conv.can_direct(x1, weight, layer.padding, (1, 1, 1), 1):
+        fns["direct"] = forward_backward(layer.conv(weight, "direct"), x1)
     fns["batch 2"] = forward_backward(layer.conv(weight, "torch"), x2)
-    return fns, backend, cpu_conv.conv_path("auto", x1, weight, out_size)
+    return fns, backend, cpu_conv.conv_path("auto", x1, weight, out_size, layer.padding)
 
 
 def calls_per_block(fn: Callable[[], None], seconds: float) -> int:
@@ -139,7 +143,7 @@ def layer_row(ctx: Context, layer: ConvLayer) -> tuple[list[object], dict[str, f
     ms["batch 2"] /= 2  # per sample
     ms["auto"] = ms[auto]
     speedup, spread = {}, {}
-    for path in ("split", "onednn"):
+    for path in ("split", "onednn", "direct"):
         speedup[path], spread[path] = "n/a", ""
         if path in times:
             paired = [a / b for a, b in zip(times["torch"], times[path], strict=True)]
@@ -154,6 +158,8 @@ def layer_row(ctx: Context, layer: ConvLayer) -> tuple[list[object], dict[str, f
         speedup["split"] + spread["split"],
         fmt(ms.get("onednn", float("nan")), 2),
         speedup["onednn"] + spread["onednn"],
+        fmt(ms.get("direct", float("nan")), 2),
+        speedup["direct"] + spread["direct"],
         fmt(ms["batch 2"], 2),
         auto,
     ]
@@ -180,6 +186,8 @@ def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
             "",
             "",
             "",
+            "",
+            "",
             fmt(total["batch 2"], 2),
             "",
         ]
@@ -193,6 +201,8 @@ def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
         "split speed-up [95 % interval] (per-pair min-max)",
         "oneDNN tensor ms",
         "oneDNN tensor speed-up [95 % interval] (per-pair min-max)",
+        "direct ms",
+        "direct speed-up [95 % interval] (per-pair min-max)",
         "batch 2, ms per sample",
         "auto takes",
     ]
@@ -201,7 +211,8 @@ def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
             f"### Conv layers at batch 1: {setup}",
             "",
             f"Forward + backward of one call (weight grads, and input grads but for the first layer), "
-            "median block; oneDNN tensor: cpu_conv.onednn_conv3d (to_mkldnn, conv, to_dense); speed-ups "
+            "median block; oneDNN tensor: cpu_conv.onednn_conv3d (to_mkldnn, conv, to_dense); direct: "
+            "cpu_conv.direct_conv3d (oneDNN's forward op, the backward as two forward convs); speed-ups "
             "over PyTorch's path: geometric mean of the per-round ratios. With auto the layers "
             f"take {fmt(total['auto'], 1)} ms in all, against {fmt(total['torch'], 1)} ms on PyTorch's "
             f"path ({total['torch'] / total['auto']:.2f}x) and {fmt(total['batch 2'], 1)} ms per sample "
@@ -214,8 +225,8 @@ def measure_layers(ctx: Context, model_overrides: tuple[str, ...]) -> str:
 
 BATCH1_VARIANTS = (  # (name, batch size, overrides): blocks of all four alternate
     ("b1 torch", 1, ("trainer.cpu_conv=torch",)),
-    ("b1 split", 1, ("trainer.cpu_conv=auto",)),
-    ("b1 split cl", 1, ("trainer.cpu_conv=auto", "trainer.channels_last=true")),
+    ("b1 auto", 1, ("trainer.cpu_conv=auto",)),
+    ("b1 auto cl", 1, ("trainer.cpu_conv=auto", "trainer.channels_last=true")),
     ("b2", 2, ()),
 )
 
@@ -230,19 +241,19 @@ def batch1_norm_row(ctx: Context, norm: str, model_overrides: tuple[str, ...]) -
     times = timeit({n: prep.step() for n, prep in preps.items()}, p.warmup, p.steps, p.repeats, lambda: None)
     per_patch = {n: [t / patches[n] for t in ts] for n, ts in times.items()}
     ms = {n: median(ts) * 1e3 for n, ts in per_patch.items()}
-    paired = [b2 / b1 for b1, b2 in zip(per_patch["b1 split"], per_patch["b2"], strict=True)]
-    ratio = paired_ratio(per_patch["b2"], per_patch["b1 split"])
+    paired = [b2 / b1 for b1, b2 in zip(per_patch["b1 auto"], per_patch["b2"], strict=True)]
+    ratio = paired_ratio(per_patch["b2"], per_patch["b1 auto"])
     interval = "(1 round)" if ratio.rounds < 2 else f"[{ratio.low:.2f}, {ratio.high:.2f}]"
     row = [
         norm,
         fmt(ms["b1 torch"]),
-        fmt(ms["b1 split"]),
-        fmt(ms["b1 split cl"]),
+        fmt(ms["b1 auto"]),
+        fmt(ms["b1 auto cl"]),
         fmt(ms["b2"]),
         f"{ms['b2'] / ms['b1 torch']:.2f}",
         f"**{ratio.value:.2f}** {interval} (pairs {min(paired):.2f}-{max(paired):.2f})",
         interval_verdict(ratio, BATCH1_TARGET, at_most=False),
-        f"{ms['b1 split'] / ms['b1 split cl']:.2f}x",
+        f"{ms['b1 auto'] / ms['b1 auto cl']:.2f}x",
     ]
     return row, ratio.value
 
@@ -265,12 +276,12 @@ def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
     )
     head = [
         "norm",
-        "batch 1, split off (cpu_conv=torch)",
-        "batch 1, split on (auto)",
-        "batch 1, split on + channels_last_3d",
+        "batch 1, PyTorch's path (cpu_conv=torch)",
+        "batch 1, cpu_conv=auto",
+        "batch 1, auto + channels_last_3d",
         "batch 2",
-        "batch 1 / batch 2, split off",
-        "batch 1 / batch 2, split on [95 % interval] (per-pair min-max)",
+        "batch 1 / batch 2, PyTorch's path",
+        "batch 1 / batch 2, auto [95 % interval] (per-pair min-max)",
         f">= {BATCH1_TARGET}",
         "channels_last gain at batch 1",
     ]
@@ -281,7 +292,7 @@ def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
             "`Run.train_step` on a pre-drawn batch, ms per training patch (median block; the blocks of the "
             "four variants side by side, in an order that reverses every round). Batch 2 runs as "
             "trainer.cpu_conv=auto and trainer.channels_last=auto train it (channels_last_3d except for "
-            "instance); the split never applies at batch 2. Throughput ratio = (ms per patch at batch 2) / "
+            "instance); auto's routes never apply at batch 2. Throughput ratio = (ms per patch at batch 2) / "
             "(ms per patch at batch 1): geometric mean of the per-round ratios, with its 95 % interval.",
             "",
             table(head, rows),
@@ -290,15 +301,16 @@ def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
 
 
 def measure(ctx: Context, device: torch.device) -> str:
-    title = "## e. Batch 1 on a CPU: the depth split and the oneDNN tensor (trainer.cpu_conv)"
+    title = "## e. Batch 1 on a CPU: the direct oneDNN conv, the oneDNN tensor and the depth split (trainer.cpu_conv)"
     if device.type != "cpu":
-        return f"{title}\n\nSkipped: measured on {device.type}; the split is CPU-only (off on CUDA)."
+        return f"{title}\n\nSkipped: measured on {device.type}; trainer.cpu_conv is CPU-only (off on CUDA)."
     parts = [
         title,
         "",
-        "PyTorch runs a conv3d of one sample on a CPU as `slow_conv3d`; `trainer.cpu_conv=auto` splits the "
-        "volume's depth into a batch of two for oneDNN, or hands oneDNN the sample as a oneDNN tensor, where "
-        "the layer tables below show it faster (norms/cpu_conv.py). `ATen backend` is what ATen picks for "
+        "PyTorch runs a conv3d of one sample on a CPU as `slow_conv3d`; `trainer.cpu_conv=auto` runs it in "
+        "oneDNN instead (the direct conv: oneDNN's forward op, the backward written as forward convs; or the "
+        "sample as a oneDNN tensor; or the depth split into a batch of two) where the layer tables below show "
+        "it faster (norms/cpu_conv.py). `ATen backend` is what ATen picks for "
         "the layer at batch 1; the oneDNN op column calls `torch.ops.aten.mkldnn_convolution` directly (its "
         "backward still takes ATen's choice).",
     ]
