@@ -129,8 +129,8 @@ def use_channels_last(setting: object, device: torch.device, effective_batch: in
 
     On a CPU (oneDNN) it made a step faster at batch 2 for every norm measured (benchmark section c,
     channels_last table; InstanceNorm too, although its layers drop the layout: its convs still gain). At
-    batch 1 it stays off: with trainer.cpu_conv's depth split (which runs its convs in channels_last_3d
-    inside) a channels_last model gained 0.95-1.05x per step (benchmark section e). On CUDA it stays off
+    batch 1 it stays off: with trainer.cpu_conv=auto a channels_last model was slower per step (benchmark
+    section e, its last column; docs/benchmarks.md). On CUDA it stays off
     until the benchmark's channels_last table has been measured on a GPU.
     """
     if setting != "auto":

@@ -12,6 +12,7 @@ import torch
 
 from benchmarks.common import (
     Context,
+    Ratio,
     build_run,
     compose_cfg,
     describe_cfg,
@@ -23,7 +24,6 @@ from benchmarks.common import (
     table,
     timed,
     timeit,
-    verdict,
 )
 from norm_experiments.norms import cpu_conv
 from norm_experiments.training.build import Built
@@ -231,7 +231,7 @@ BATCH1_VARIANTS = (  # (name, batch size, overrides): blocks of all four alterna
 )
 
 
-def batch1_norm_row(ctx: Context, norm: str, model_overrides: tuple[str, ...]) -> tuple[list[object], float]:
+def batch1_norm_row(ctx: Context, norm: str, model_overrides: tuple[str, ...]) -> tuple[list[object], Ratio]:
     p = ctx.profile
     ctx.log(f"batch 1: norm={norm} {' '.join(model_overrides)}")
     preps, patches = {}, {}
@@ -255,7 +255,7 @@ def batch1_norm_row(ctx: Context, norm: str, model_overrides: tuple[str, ...]) -
         interval_verdict(ratio, BATCH1_TARGET, at_most=False),
         f"{ms['b1 auto'] / ms['b1 auto cl']:.2f}x",
     ]
-    return row, ratio.value
+    return row, ratio
 
 
 def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
@@ -265,13 +265,15 @@ def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
         rows.append(row)
     cfg = compose_cfg(ctx, list(model_overrides))
     setup = describe_cfg(cfg).split(", batch")[0]
-    worst = min(ratios, key=ratios.get)
-    ctx.summary.append(
+    worst = min(ratios, key=lambda norm: ratios[norm].value)
+    ratio = ratios[worst]
+    interval = "" if ratio.rounds < 2 else f" [{ratio.low:.2f}, {ratio.high:.2f}]"
+    ctx.summary.append(  # the worst norm's own verdict: read off its interval, as in its row
         (
             f"batch 1 / batch 2 per-patch throughput, worst norm ({setup})",
-            f"{ratios[worst]:.2f} ({worst})",
+            f"{ratio.value:.2f}{interval} ({worst})",
             f">= {BATCH1_TARGET}",
-            verdict(ratios[worst] >= BATCH1_TARGET),
+            interval_verdict(ratio, BATCH1_TARGET, at_most=False),
         )
     )
     head = [
