@@ -40,9 +40,9 @@ backward as two more forward convolutions, so no call reaches ``convolution_back
   the output's gradient, its channels taken as the filters (dilated by the stride), cropped to the kernel:
   grad_w[o, i, a] = sum over x of grad_out[o, x] * input_padded[i, stride * x + a].
 These are the gradients of the same convolution, up to float rounding. It needs no depth halo and no layout
-conversion, which made it faster than both other routes on every layer with fewer than 16 input or output
-channels (the 8-channel layers, and 16->8), and slower than the oneDNN tensor where both have 16 or more
-(docs/benchmarks.md, section e); ``auto`` takes it there.
+conversion, which made it faster than both other routes on the 8-channel layers and on 16->8 at 32^3, as fast
+as the oneDNN tensor on 16->8 at 16^3, and slower than the oneDNN tensor where both channel counts are 16 or
+more (docs/benchmarks.md, section e); ``auto`` takes it for layers with fewer than 16 of either.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ ONEDNN_MIN_CHANNELS = 16
 MIN_UNFOLDED_ONEDNN = 4096 * 27
 # Before both, auto takes direct_conv3d for a layer with fewer than ONEDNN_MIN_CHANNELS input or output channels
 # (and more than one input channel) from the same size up: the 8-channel layers, the stride-2 layer from 8 to
-# 16 channels and 16->8, where it beat the split, the oneDNN tensor and slow_conv3d in the per-layer tables
-# (docs/benchmarks.md, section e); where both have 16 or more the oneDNN tensor stayed faster.
+# 16 channels and 16->8, where it beat or tied the split, the oneDNN tensor and slow_conv3d in the per-layer
+# tables (docs/benchmarks.md, section e); where both have 16 or more the oneDNN tensor stayed faster.
 
 
 def _triple(value: int | tuple[int, ...]) -> tuple[int, int, int]:
