@@ -3,10 +3,17 @@ left behind, and check that a failure was clean."""
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -39,16 +46,58 @@ def run_cli(
     module: str = "norm_experiments.train",
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run an entry point as a user would, in a subprocess, from `cwd`."""
+    """Run an entry point as a user would, `python -m module args` from `cwd`, in a process of its own: forked
+    from tests/zygote.py's server, which has imported torch, MONAI and the project once (see there)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        capture_output=True,
+    command = [sys.executable, "-m", module, *args]
+    with _ZYGOTE_LOCK:
+        global _zygote
+        if _zygote is None or _zygote.poll() is not None:
+            _zygote = _start_zygote()
+        with tempfile.TemporaryDirectory(prefix="run-cli-") as streams:
+            out, err = Path(streams, "stdout"), Path(streams, "stderr")
+            request = {"module": module, "args": list(args), "cwd": str(cwd), "env": full_env}
+            _zygote.stdin.write(json.dumps({**request, "stdout": str(out), "stderr": str(err)}) + "\n")
+            _zygote.stdin.flush()
+            pid = _answer(_zygote, "pid", time.monotonic() + 60)
+            try:
+                status = _answer(_zygote, "status", time.monotonic() + timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(pid, signal.SIGKILL)
+                _answer(_zygote, "status", time.monotonic() + 60)
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
+            return subprocess.CompletedProcess(command, status, out.read_text(), err.read_text())
+
+
+_ZYGOTE_LOCK = threading.Lock()
+_zygote: subprocess.Popen | None = None
+
+
+def _start_zygote() -> subprocess.Popen:
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("zygote.py"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        env=full_env,
     )
+    atexit.register(server.kill)
+    _answer(server, "ready", time.monotonic() + 300)
+    return server
+
+
+def _answer(server: subprocess.Popen, key: str, deadline: float) -> object:
+    """The value of `key` in the server's next line, or TimeoutExpired when none comes before `deadline`."""
+    fd = server.stdout.fileno()
+    line = b""
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise subprocess.TimeoutExpired(server.args, deadline)
+        chunk = os.read(fd, 1)  # byte by byte: nothing of the next answer is read ahead
+        if not chunk:
+            raise RuntimeError(f"tests/zygote.py ended (status {server.wait()})")
+        line += chunk
+    return json.loads(line)[key]
 
 
 def built_run(run_dir: Path, overrides: list[str]):
