@@ -18,6 +18,7 @@ sys.path.insert(
     0, str(REPO / "scripts")
 )  # scripts/benchmarks/ is imported as `benchmarks`, as the script does
 
+from benchmarks.batch1 import max_fixed_per_sample, step_cost_split  # noqa: E402
 from benchmarks.common import interval_verdict, paired_ratio  # noqa: E402
 
 # Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
@@ -85,6 +86,22 @@ def test_benchmark_smoke_writes_tables(tmp_path: Path) -> None:
     assert re.search(worst + r" >= 0.7 \| (met|MISSED|undecided)", text)
     for norm in ("batch", "weightnorm"):
         assert re.search(rf"\| {norm} \|( [\d.]+ \|){{4}} \d\.\d\d \| \*\*\d\.\d\d\*\* ", text), norm
+    # ... and its step split into F (once per step) and c (per sample), with their ratio
+    assert re.search(rf"\| {NUMBER} / -?{NUMBER} \(-?{NUMBER}\) \| {NUMBER}x \|\n", text), text
+
+
+def test_step_cost_split_recovers_the_fixed_and_per_sample_cost() -> None:
+    fixed, per_sample = 0.008, 0.0045  # seconds; steps at batch 1 and 2 = F + c, F + 2c, with per-round noise
+    noise = [0.0, 0.0004, -0.0002]
+    step_b1 = [fixed + per_sample + e for e in noise]
+    step_b2 = [fixed + 2 * per_sample + e for e in noise]
+    assert step_cost_split(step_b1, step_b2) == pytest.approx((fixed, per_sample))
+    # the boundary: at F = 1.5 c batch 1 reaches exactly 0.7 of batch 2's per-patch throughput
+    assert max_fixed_per_sample(0.7) == pytest.approx(1.5)
+    c = 1.0
+    f = max_fixed_per_sample(0.7) * c
+    assert (f + 2 * c) / (2 * (f + c)) == pytest.approx(0.7)
+    assert max_fixed_per_sample(0.75) == pytest.approx(1.0)
 
 
 def test_paired_ratio_interval_from_per_round_ratios() -> None:

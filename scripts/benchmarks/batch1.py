@@ -31,6 +31,11 @@ from norm_experiments.training.build import Built
 BATCH1_TARGET = 0.7  # per-patch training throughput at batch 1 / at batch 2, CPU
 
 
+def max_fixed_per_sample(target: float = BATCH1_TARGET) -> float:
+    """The largest F / c (step_cost_split) at which batch 1 still reaches `target` times batch 2 per patch."""
+    return (2 - 2 * target) / (2 * target - 1)
+
+
 @dataclass(frozen=True)
 class ConvLayer:
     """One conv of a U-Net as it runs at batch 1 (recorded by a forward hook)."""
@@ -243,6 +248,7 @@ def batch1_norm_row(ctx: Context, norm: str, model_overrides: tuple[str, ...]) -
     ms = {n: median(ts) * 1e3 for n, ts in per_patch.items()}
     paired = [b2 / b1 for b1, b2 in zip(per_patch["b1 auto"], per_patch["b2"], strict=True)]
     ratio = paired_ratio(per_patch["b2"], per_patch["b1 auto"])
+    fixed, per_sample = step_cost_split(times["b1 auto"], times["b2"])
     interval = "(1 round)" if ratio.rounds < 2 else f"[{ratio.low:.2f}, {ratio.high:.2f}]"
     row = [
         norm,
@@ -253,9 +259,19 @@ def batch1_norm_row(ctx: Context, norm: str, model_overrides: tuple[str, ...]) -
         f"{ms['b2'] / ms['b1 torch']:.2f}",
         f"**{ratio.value:.2f}** {interval} (pairs {min(paired):.2f}-{max(paired):.2f})",
         interval_verdict(ratio, BATCH1_TARGET, at_most=False),
+        f"{fixed * 1e3:.1f} / {per_sample * 1e3:.1f} ({fixed / per_sample:.2f})",
         f"{ms['b1 auto'] / ms['b1 auto cl']:.2f}x",
     ]
     return row, ratio
+
+
+def step_cost_split(step_b1: list[float], step_b2: list[float]) -> tuple[float, float]:
+    """A step's time as F + n * c (n samples): F, what a step pays once whatever its batch (each call's fixed
+    cost, Python, the optimizer), is 2 t1 - t2; c, the cost of one more sample, is t2 - t1 (medians over the
+    rounds of the per-round values). Batch 1 reaches r times batch 2's throughput per patch where
+    (F + 2c) / (2F + 2c) >= r, i.e. F <= c (2 - 2r) / (2r - 1): for r = 0.7, F <= 1.5 c."""
+    fixed = median([2 * t1 - t2 for t1, t2 in zip(step_b1, step_b2, strict=True)])
+    return fixed, median([t2 - t1 for t1, t2 in zip(step_b1, step_b2, strict=True)])
 
 
 def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
@@ -285,6 +301,7 @@ def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
         "batch 1 / batch 2, PyTorch's path",
         "batch 1 / batch 2, auto [95 % interval] (per-pair min-max)",
         f">= {BATCH1_TARGET}",
+        f"step = F + n c, ms: F / c (F / c; {BATCH1_TARGET} needs <= {max_fixed_per_sample():.2f})",
         "channels_last gain at batch 1",
     ]
     return "\n".join(
@@ -295,7 +312,11 @@ def measure_batch1_norms(ctx: Context, model_overrides: tuple[str, ...]) -> str:
             "four variants side by side, in an order that reverses every round). Batch 2 runs as "
             "trainer.cpu_conv=auto and trainer.channels_last=auto train it (channels_last_3d except for "
             "instance); auto's routes never apply at batch 2. Throughput ratio = (ms per patch at batch 2) / "
-            "(ms per patch at batch 1): geometric mean of the per-round ratios, with its 95 % interval.",
+            "(ms per patch at batch 1): geometric mean of the per-round ratios, with its 95 % interval. "
+            "F and c split a step's time t_n = F + n c at batch n: F = 2 t1 - t2 is what every step pays once "
+            "(each call's fixed cost, Python, the loss's and the optimizer's overhead), c = t2 - t1 what one more "
+            f"sample adds (medians over the rounds); batch 1 reaches {BATCH1_TARGET}x batch 2 per patch exactly "
+            f"when F <= {max_fixed_per_sample():.2f} c.",
             "",
             table(head, rows),
         ]
