@@ -54,9 +54,10 @@ from norm_experiments.training.tensorboard import (
     log_final_scores,
     log_hparams,
     log_mode_panel,
+    log_scores,
+    log_training,
     open_writer,
     remove_events,
-    slice_panel,
 )
 
 log = logging.getLogger("norm_experiments.train")
@@ -330,11 +331,7 @@ class Run:
         with phase(what):
             distributed.broadcast_buffers(b.model)  # one model on every rank: rank 0's running statistics
             result = evaluate_built(b, b.model, surface=surface, lcc=surface)
-        self.log_scores(writer, result)
-        if result.example is not None:
-            writer.add_image(
-                "Validation/slice_input_truth_prediction", slice_panel(*result.example, b.class_names), s.step
-            )
+        log_scores(writer, result, b.class_names, s.step)
         s.history = [entry for entry in s.history if entry["step"] != s.step]
         s.history.append({"step": s.step, "samples_seen": s.samples_seen, "val_dice": result.dice_mean})
         if result.dice_mean > s.best_val_dice:  # False for nan: no class present
@@ -343,34 +340,16 @@ class Run:
                 ckpt.save(self.run_dir / ckpt.BEST_WEIGHTS, b.model.state_dict())
         return result
 
-    def log_scores(self, writer, result: ValResult, suffix: str = "") -> None:
-        """Validation/dice_mean{suffix}, per class, and HD95 when computed; absent classes are not logged."""
-        step = self.state.step
-        writer.add_scalar(f"Validation/dice_mean{suffix}", result.dice_mean, step)
-        if result.hd95_mean is not None:
-            writer.add_scalar(f"Validation/hd95_mean{suffix}", result.hd95_mean, step)
-        if suffix:
-            return
-        for name, dice in zip(self.b.class_names, result.dice_per_class):
-            if dice is not None:
-                writer.add_scalar(f"Validation/dice_{name}", dice, step)
-        for name, hd95 in zip(self.b.class_names, result.hd95_per_class or []):
-            if hd95 is not None:
-                writer.add_scalar(f"Validation/hd95_{name}", hd95, step)
-
     def log_diagnostics(self, writer, monitor: BNStatMonitor, loss: float | None) -> None:
-        step, b = self.state.step, self.b
-        writer.add_scalar("Training/loss", loss, step)
-        writer.add_scalar("Training/loss_window_mean", self.close_loss_window(), step)
-        writer.add_scalar("Training/lr", b.scheduler.get_last_lr()[0], step)
-        if self.state.train_seconds > 0:
-            writer.add_scalar(
-                "Training/samples_per_s", self.state.samples_seen / self.state.train_seconds, step
-            )
-        for name, value in monitor.pop().items():
-            writer.add_scalar(f"bn_stats/{name}", value, step)
-        for name, value in renorm_diagnostics(b.model).items():
-            writer.add_scalar(f"batchrenorm/{name}", value, step)
+        s = self.state
+        training = {
+            "loss": loss,
+            "loss_window_mean": self.close_loss_window(),
+            "lr": self.b.scheduler.get_last_lr()[0],
+        }
+        if s.train_seconds > 0:
+            training["samples_per_s"] = s.samples_seen / s.train_seconds
+        log_training(writer, s.step, training, monitor.pop(), renorm_diagnostics(self.b.model))
 
     def close_loss_window(self) -> float:
         """The mean training loss since the last logging step, added to the loss history; a new window."""
@@ -402,14 +381,14 @@ class Run:
             extra["eval_modes"] = {mode: result.dice_mean for mode, result in modes.items()}
             extra["eval_modes_hd95"] = {mode: result.hd95_mean for mode, result in modes.items()}
             for mode, result in modes.items():
-                self.log_scores(writer, result, suffix=f"_{mode}")
+                log_scores(writer, result, b.class_names, self.state.step, suffix=f"_{mode}")
             log_mode_panel(writer, {m: r.example for m, r in modes.items()}, b.class_names, self.state.step)
         elif not self.plan.spec.bn_family:
             # No BatchNorm-family layer: every evaluation mode runs this same forward, so the mode scalars are
             # its score. Logged so that the HParams parallel-coordinates view, which leaves out runs that lack
             # a metric, shows every norm beside BatchNorm's modes.
             for mode in EVAL_MODES:
-                self.log_scores(writer, final, suffix=f"_{mode}")
+                log_scores(writer, final, b.class_names, self.state.step, suffix=f"_{mode}")
         if final.lcc is not None:  # the same predictions with each class's largest component kept
             modes = {**modes, "running_lcc": final.lcc}
         extra["per_case"] = {mode: result.per_case(b.class_names) for mode, result in modes.items()}

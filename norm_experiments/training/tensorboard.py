@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from norm_experiments.norms.registry import EVAL_MODES
+
+if TYPE_CHECKING:
+    from norm_experiments.training.evaluate import ValResult
 
 # HParams columns: (record key, column title). The study's axes are declared as differing, so TensorBoard
 # shows them (and only them) by default and draws them in the parallel-coordinates view.
@@ -164,6 +168,42 @@ def log_hparams(writer: SummaryWriter, record: Mapping) -> None:
         )
         summary = Summary(value=[Summary.Value(tag=tag, metadata=SummaryMetadata(plugin_data=plugin))])
         writer.file_writer.add_summary(summary)
+
+
+def log_scores(
+    writer: SummaryWriter, result: ValResult, class_names: Sequence[str], step: int, suffix: str = ""
+) -> None:
+    """Validation/dice_mean{suffix}, per class, and HD95 when computed; absent classes are not logged. A suffix
+    (an evaluation mode) gets the means only."""
+    writer.add_scalar(f"Validation/dice_mean{suffix}", result.dice_mean, step)
+    if result.hd95_mean is not None:
+        writer.add_scalar(f"Validation/hd95_mean{suffix}", result.hd95_mean, step)
+    if suffix:
+        return
+    for name, dice in zip(class_names, result.dice_per_class):
+        if dice is not None:
+            writer.add_scalar(f"Validation/dice_{name}", dice, step)
+    for name, hd95 in zip(class_names, result.hd95_per_class or []):
+        if hd95 is not None:
+            writer.add_scalar(f"Validation/hd95_{name}", hd95, step)
+    if result.example is not None:
+        writer.add_image(
+            "Validation/slice_input_truth_prediction", slice_panel(*result.example, class_names), step
+        )
+
+
+def log_training(
+    writer: SummaryWriter,
+    step: int,
+    training: Mapping[str, float | None],
+    bn_stats: Mapping[str, float],
+    renorm: Mapping[str, float],
+) -> None:
+    """Training/ scalars (loss, its window mean, lr, samples per s) and the diagnostics bn_stats/ (BatchNorm's
+    batch against running statistics) and batchrenorm/ (its r and d)."""
+    for group, scalars in (("Training", training), ("bn_stats", bn_stats), ("batchrenorm", renorm)):
+        for name, value in scalars.items():
+            writer.add_scalar(f"{group}/{name}", value, step)
 
 
 def log_final_scores(writer: SummaryWriter, record: Mapping, step: int) -> None:

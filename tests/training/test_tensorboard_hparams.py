@@ -1,16 +1,26 @@
-"""The HParams declaration and the panel legend, read back from a real event file (no training): the study's
-axes are the only differing hparams, also when the learning rate follows the batch size (TensorBoard ticks
-the first five differing columns, so a sixth hid the seed, seen in a browser on an 18-run sweep)."""
+"""The HParams declaration, the panel legend and the scalars of a validation and of a training step, read
+back from a real event file (no training). The study's axes are the only differing hparams, also when the
+learning rate follows the batch size (TensorBoard ticks the first five differing columns, so a sixth hid the
+seed, seen in a browser on an 18-run sweep)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from norm_experiments.training.tensorboard import METRICS, STUDY_AXES, class_legend, log_hparams
+from norm_experiments.training.evaluate import ValResult
+from norm_experiments.training.tensorboard import (
+    METRICS,
+    STUDY_AXES,
+    class_legend,
+    log_hparams,
+    log_scores,
+    log_training,
+)
 
 RECORD = {
     "norm": "batch",
@@ -49,3 +59,46 @@ def test_mode_metrics_say_what_other_norms_show(tmp_path: Path) -> None:
 
 def test_legend_names_each_class_with_its_colour() -> None:
     assert class_legend(["grey_matter", "white_matter"]) == "grey matter blue, white matter orange"
+
+
+def scalars_written(tmp_path: Path, log) -> dict[str, list[tuple[int, float]]]:
+    writer = SummaryWriter(str(tmp_path))
+    log(writer)
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_scores_per_class_leave_out_absent_classes_and_modes_get_the_means_only(tmp_path: Path) -> None:
+    result = ValResult(0.5, [0.75, None], 3.0, [2.0, None], absent=[2], example=None)
+    scalars = scalars_written(
+        tmp_path,
+        lambda w: (
+            log_scores(w, result, ["liver", "tumour"], 40),
+            log_scores(w, result, ["liver", "tumour"], 40, suffix="_batch"),
+        ),
+    )
+    assert scalars == {
+        "Validation/dice_mean": [(40, 0.5)],
+        "Validation/hd95_mean": [(40, 3.0)],
+        "Validation/dice_liver": [(40, 0.75)],
+        "Validation/hd95_liver": [(40, 2.0)],
+        "Validation/dice_mean_batch": [(40, 0.5)],
+        "Validation/hd95_mean_batch": [(40, 3.0)],
+    }
+
+
+def test_training_scalars_and_diagnostics_go_to_their_groups(tmp_path: Path) -> None:
+    scalars = scalars_written(
+        tmp_path,
+        lambda w: log_training(
+            w, 8, {"loss": 0.25, "lr": 0.001}, {"encoder.0.mean_gap": 0.5}, {"encoder.0.r_max": 1.5}
+        ),
+    )
+    assert scalars == {
+        "Training/loss": [(8, 0.25)],
+        "Training/lr": [(8, pytest.approx(0.001))],
+        "bn_stats/encoder.0.mean_gap": [(8, 0.5)],
+        "batchrenorm/encoder.0.r_max": [(8, 1.5)],
+    }
