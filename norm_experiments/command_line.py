@@ -188,8 +188,13 @@ def _check_group_option(loader, override) -> None:
 
 def _check_key(cfg: DictConfig, key: str, arg: str) -> None:
     """A key set without `+` must exist: name the closest keys that do."""
+    from omegaconf.errors import MissingMandatoryValue
+
     sentinel = object()
-    if OmegaConf.select(cfg, key, default=sentinel, throw_on_missing=False) is not sentinel:
+    try:  # a key whose value is still to be given (`weights: ???`) exists: select hands back the default
+        if OmegaConf.select(cfg, key, default=sentinel, throw_on_missing=True) is not sentinel:
+            return
+    except MissingMandatoryValue:
         return
     keys = list(_key_paths(OmegaConf.to_container(cfg, resolve=False)))
     if not key.startswith("hydra."):

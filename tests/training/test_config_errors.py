@@ -89,6 +89,17 @@ def test_good_command_lines_pass_the_check(argv: list[str]) -> None:
     check_command_line(argv, "train", validate_config)  # raises on a refusal and on a bug of the check
 
 
+def test_a_wrong_key_beside_a_key_still_to_be_given_is_the_one_named() -> None:
+    """norm-exp-check's `weights: ???` exists though its value is missing: a wrong key beside it (here a
+    typo for norm.options.num_groups) is the one the line names, not `weights`."""
+    from norm_experiments.command_line import command_line_problem
+
+    problem = command_line_problem(["weights=model.pt", "norm=group", "norm.groups=3"], "check")
+    assert problem is not None and problem.startswith("norm.groups=3: norm.groups is not a key"), problem
+    assert "norm.options.num_groups" in problem
+    assert command_line_problem(["weights=model.pt", "experiment=smoke", "norm=group"], "check") is None
+
+
 def test_a_slurm_sweep_without_slurm_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No sbatch here (PATH without it, the real check of shutil.which); a single run ignores the launcher."""
     from norm_experiments.command_line import command_line_problem
