@@ -54,7 +54,7 @@ def trained_argv(argv: list[str]) -> list[str]:
     from norm_experiments.training.run_folder import saved_overrides
 
     run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
-    overrides = saved_overrides(run_dir, CONFIG_DIR)
+    overrides = saved_overrides(run_dir, CONFIG_DIR, key="trained")
     rest = [a for a in argv[1:] if not a.startswith("trained=")]
     return [argv[0], *overrides, *rest, "hydra.mode=RUN", f"trained={hydra_quote(str(run_dir))}"]
 

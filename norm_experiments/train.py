@@ -201,8 +201,6 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not resume:
         return argv
     run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
-    if not run_dir.exists():
-        raise UserError(f"resume={run_dir}: no such folder")
     from norm_experiments.training.run_folder import saved_overrides
 
     # Only plain key=value overrides of configs/ (run_folder.saved_overrides): the folder may be someone

@@ -189,26 +189,27 @@ _OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _PLAIN_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_.]*\}")  # ${data.batch_size}: another key's value
 
 
-def saved_overrides(run_dir: Path, config_dir: Path) -> list[str]:
+def saved_overrides(run_dir: Path, config_dir: Path, key: str = "resume") -> list[str]:
     """The overrides of the run in run_dir, each checked to be a plain key=value of the configs in
-    config_dir; raises UserError naming the file and the first line it refuses."""
+    config_dir; raises UserError naming the argument (`key`=run_dir), the file and the first line it refuses."""
+    where = f"{key}={run_dir}"
+    if not run_dir.exists():
+        raise UserError(f"{where}: no such folder")
     saved = run_dir / ".hydra" / OVERRIDES
     if not saved.exists():  # something else than a file (a FIFO, a device) is refused below, by its kind
-        raise UserError(f"resume={run_dir}: not a run folder (no {saved})")
+        raise UserError(f"{where}: not a run folder (no {saved})")
     try:
         overrides = safe_yaml.load(safe_io.read_text(saved, safe_io.MAX_YAML_BYTES), saved)
     except safe_io.UnsafeFile as err:  # too large, not a file, an alias bomb, not YAML
-        raise UserError(f"resume={run_dir}: {err}") from None
+        raise UserError(f"{where}: {err}") from None
     except Exception as err:  # noqa: BLE001 - kept so that any other failure to read it is one line too
-        raise UserError(
-            f"resume={run_dir}: {saved} is not a list of overrides ({type(err).__name__})"
-        ) from None
+        raise UserError(f"{where}: {saved} is not a list of overrides ({type(err).__name__})") from None
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise UserError(f"resume={run_dir}: {saved} is not a list of overrides")
+        raise UserError(f"{where}: {saved} is not a list of overrides")
     for override in overrides:
         problem = _override_problem(override, config_dir)
         if problem:
-            raise UserError(f"resume={run_dir}: {saved} {problem}")
+            raise UserError(f"{where}: {saved} {problem}")
     return overrides
 
 

@@ -104,3 +104,12 @@ def test_the_command_on_a_trained_run(tmp_path, synthetic_cache):
         [f"trained={tmp_path / 'nothing'}"], cwd=tmp_path, module="norm_experiments.explain", env=env
     )
     assert_clean_failure(missing, "nothing")
+
+
+def test_a_trained_folder_that_is_missing_or_not_a_run_is_named_as_trained(tmp_path):
+    from norm_experiments.explain import trained_argv
+
+    with pytest.raises(UserError, match=r"^trained=\S+gone: no such folder$"):
+        trained_argv(["norm-exp-explain", f"trained={tmp_path / 'gone'}"])
+    with pytest.raises(UserError, match=r"^trained=\S+: not a run folder \(no \S+overrides.yaml\)$"):
+        trained_argv(["norm-exp-explain", f"trained={tmp_path}"])
