@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import functools
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 # Exit status for a user mistake (bad config, bad data). Distinct from 1, Python's status after an uncaught
 # exception (and Hydra's for a command line it refuses); norm-exp-train gives its own crashes 5.
@@ -25,6 +26,15 @@ F = TypeVar("F", bound=Callable[..., object])
 
 class UserError(Exception):
     """A mistake the user can fix (a config key, a file). The message names the key or the file."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for the commands that take options: a wrong argument is one line and exit status 2, instead of
+    argparse's usage block (which runs to ten lines for norm-exp-synth) above the error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} ({self.prog} --help lists the options)", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
 
 
 def exit_on_user_error(func: F) -> F:

@@ -42,9 +42,15 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from norm_experiments.data.generated import LAYOUTS, GeneratedCase, ensure_generated, generate_dataset
+from norm_experiments.data.generated import (
+    LAYOUTS,
+    GeneratedCase,
+    ensure_generated,
+    generate_dataset,
+    out_dir_argument,
+)
 from norm_experiments.data.synthetic import _log_uniform, bias_field, smooth_noise
-from norm_experiments.errors import UserError, exit_on_user_error
+from norm_experiments.errors import OneLineParser, UserError, exit_on_user_error
 
 # Bump when the generator's output changes for the same config, so old caches are not reused.
 GENERATOR_VERSION = 1
@@ -307,13 +313,13 @@ def ensure_brain(cache_root: Path, cfg: BrainConfig) -> Path:
 
 def _parser() -> argparse.ArgumentParser:
     d = BrainConfig()
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="norm-exp-brain",
         description="Write the brain-anatomy dataset (grey/white matter from the MNI152 2009 template, deformed "
         "and re-scanned per case) as NIfTI files, to inspect what data=brain trains on. No download.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("out_dir", type=Path, help="folder to create (must not exist or be empty)")
+    p.add_argument("out_dir", type=out_dir_argument, help="folder to create (must not exist or be empty)")
     p.add_argument("--layout", choices=LAYOUTS, default="msd", help="dataset layout")
     p.add_argument("--cases", type=int, default=d.num_cases, help="number of cases")
     p.add_argument("--spacing", type=float, default=d.spacing, help="isotropic voxel spacing in mm")

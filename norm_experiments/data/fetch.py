@@ -54,6 +54,7 @@ from norm_experiments.data.layouts import find_cases
 from norm_experiments.data.workdirs import make_work_folder
 from norm_experiments.errors import (
     EXIT_INTERRUPTED,
+    OneLineParser,
     StdoutError,
     UserError,
     exit_on_user_error,
@@ -365,7 +366,7 @@ def _path_override(key: str, path: Path) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="norm-exp-fetch",
         description="Download a public dataset into the dataset cache and print the data=... override to train on it.",
     )

@@ -10,6 +10,7 @@ folder; one killed outright leaves it, and the next generation beside it removes
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -110,6 +111,19 @@ def _generate_temp(parent: Path, prefix: str, gen: Generator, layout: str, any_n
 
 def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
+
+
+def out_dir_argument(text: str) -> Path:
+    """OUT_DIR of norm-exp-synth and norm-exp-brain (an argparse type). A bare `key=value` is refused: it is an
+    override typed as norm-exp-train takes them (`cases=10`), which would otherwise become a folder of that
+    name; `./key=value` still names such a folder."""
+    key = text.split("=", 1)[0]
+    if "=" in text and "/" not in text and key.replace(".", "_").replace("-", "_").isidentifier():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} looks like a key=value override: this command takes --options and a folder to write "
+            f"(./{text} writes into a folder of that name)"
+        )
+    return Path(text)
 
 
 def generate_dataset(out_dir: Path, gen: Generator, layout: str = "msd") -> Path:

@@ -4,21 +4,20 @@ dataset (data/synthetic.py) into a folder as NIfTI, to look at or to train on wi
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from norm_experiments.data.generated import LAYOUTS, generate_dataset
+from norm_experiments.data.generated import LAYOUTS, generate_dataset, out_dir_argument
 from norm_experiments.data.synthetic import SynthConfig
-from norm_experiments.errors import exit_on_user_error
+from norm_experiments.errors import OneLineParser, exit_on_user_error
 
 
 def _parser() -> argparse.ArgumentParser:
     d = SynthConfig()
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="norm-exp-synth",
         description="Write a synthetic 3D segmentation dataset (NIfTI) with per-case intensity gain/offset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every option shows its default
     )
-    p.add_argument("out_dir", type=Path, help="folder to create (must not exist or be empty)")
+    p.add_argument("out_dir", type=out_dir_argument, help="folder to create (must not exist or be empty)")
     p.add_argument("--layout", choices=LAYOUTS, default="msd", help="dataset layout")
     p.add_argument("--cases", type=int, default=d.num_cases, help="number of cases")
     p.add_argument(

@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from norm_experiments.errors import UserError, exit_on_user_error, flush_stdout, guard_stdout
+from norm_experiments.errors import OneLineParser, UserError, exit_on_user_error, flush_stdout, guard_stdout
 from norm_experiments.report import write_report
 from norm_experiments.report.analysis import DEFAULT_REFERENCE
 from norm_experiments.report.collect import collect
@@ -17,7 +17,7 @@ from norm_experiments.safe_io import os_reason
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="norm-exp-report",
         description="Summarize sweeps of batch size x norm x seed: which norm to use at which batch size.",
         epilog=(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from norm_experiments.data import synth_cli
 from norm_experiments.data.layouts import find_cases
 from norm_experiments.data.synthetic import SynthConfig
@@ -48,6 +50,37 @@ def test_cli_rejects_a_bad_value_without_traceback(tmp_path):
         "error: synthetic data: noise_std=(-1.0, -1.0) must be >= 0 (one value, or (min, max) with min <= max)"
     ]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_wrong_option_is_one_line_naming_it(tmp_path, capsys):
+    """argparse's own errors too (errors.OneLineParser): one line, exit 2, no usage block."""
+    for argv, needle in (
+        ([str(tmp_path / "x"), "--cases", "x"], "argument --cases: invalid int value: 'x'"),
+        ([str(tmp_path / "x"), "--casse", "2"], "unrecognized arguments: --casse 2"),
+        ([], "the following arguments are required: out_dir"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            synth_cli.main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert (
+            err.count("\n") == 1 and err.startswith(f"norm-exp-synth: error: {needle}") and "usage" not in err
+        )
+        assert "(norm-exp-synth --help lists the options)" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_key_value_override_is_not_taken_for_the_folder(tmp_path):
+    """norm-exp-train's habit, `cases=10`, would have written 24 cases into a folder named `cases=10`."""
+    result = helpers.run_cli(["cases=10"], tmp_path, timeout=120, module="norm_experiments.data.synth_cli")
+    assert_clean_failure(result, "'cases=10' looks like a key=value override", "./cases=10 writes into")
+    assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+    written = helpers.run_cli(
+        ["./cases=10", "--cases", "1", "--shape", "8", "8", "8"],
+        tmp_path,
+        module="norm_experiments.data.synth_cli",
+    )
+    assert written.returncode == 0 and (tmp_path / "cases=10" / "dataset.json").is_file()
 
 
 def test_every_config_field_is_reachable(tmp_path, monkeypatch):
