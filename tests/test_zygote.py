@@ -23,6 +23,9 @@ if action == "raise":
     raise ValueError("raised")
 if action == "kill":
     os.kill(os.getpid(), 9)
+if action == "interrupt":  # Ctrl-C nobody catches
+    os.kill(os.getpid(), 2)
+    time.sleep(5)
 if action == "thread":  # a non-daemon thread: the interpreter waits for it before it exits
     threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", flush=True))).start()
 if action == "atexit":
@@ -54,6 +57,7 @@ def test_argv_folder_environment_and_both_streams_are_the_commands(probe: Path) 
         (["message"], 1, "a message"),
         (["raise"], 1, "ValueError: raised"),
         (["kill"], -9, ""),
+        (["interrupt"], -2, "KeyboardInterrupt"),
     ],
 )
 def test_exit_status_as_a_fresh_interpreter_gives_it(

@@ -55,6 +55,7 @@ def run_child(request: dict, answers: int) -> None:
         os.environ.update(request["env"])
         stdin = os.open(os.devnull, os.O_RDONLY)
         os.dup2(stdin, 0)
+        os.close(stdin)
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
             opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(opened, fd)
@@ -74,6 +75,13 @@ def run_child(request: dict, answers: int) -> None:
             runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
         except SystemExit as stop:
             code = exit_code(stop.code)
+        except KeyboardInterrupt:  # as the interpreter does since 3.8: the traceback, then death by SIGINT
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         except BaseException:  # as the interpreter does: the traceback on stderr, exit status 1
             import traceback
 
