@@ -12,6 +12,7 @@ are exploratory.
 
 from __future__ import annotations
 
+import difflib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -134,16 +135,32 @@ def _check_metric(collection: Collection, metric: str) -> None:
     if not completed or any(r.value(metric) is not None for r in completed):
         return
     numeric = sorted({k for r in completed for k in r.data if r.value(k) is not None})
-    raise UserError(f"metric '{metric}' not found in any completed run; numeric fields: {', '.join(numeric)}")
+    raise UserError(
+        f"metric '{metric}' not found in any completed run{_did_you_mean(metric, numeric)}; numeric fields: "
+        f"{', '.join(numeric)}"
+    )
 
 
 def check_reference(collection: Collection, reference: str) -> None:
-    """Refuse a reference whose own training depends on the batch: differences to it would mix two effects."""
+    """Refuse a reference whose own training depends on the batch: differences to it would mix two effects.
+    A reference other than the default that no run trained is a typo: refused with the sweep's norms (the
+    default may be absent: the report then compares nothing with it and says so)."""
+    norms = sorted({r.norm for r in collection.runs if r.norm})
+    if reference != DEFAULT_REFERENCE and norms and reference not in norms:
+        raise UserError(
+            f"--reference {reference}: no run of these sweeps trained that norm{_did_you_mean(reference, norms)}; "
+            f"their norms: {', '.join(norms)}"
+        )
     if any(r.norm == reference and r.batch_dependent for r in collection.runs):
         raise UserError(
             f"--reference {reference}: its runs record batch_dependent: true; the reference must be a "
             f"batch-independent norm (default: {DEFAULT_REFERENCE})"
         )
+
+
+def _did_you_mean(given: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(given, names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def summarize_condition(

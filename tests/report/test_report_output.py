@@ -39,6 +39,30 @@ def test_a_batch_dependent_reference_is_refused_with_one_line(small_sweep) -> No
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("option", "line"),
+    [
+        (
+            ["--reference", "gruop"],
+            "error: --reference gruop: no run of these sweeps trained that norm (did you mean group?); "
+            "their norms: batch, group",
+        ),
+        (
+            ["--metric", "val_dcie"],
+            "error: metric 'val_dcie' not found in any completed run (did you mean val_dice",
+        ),
+    ],
+)
+def test_a_typo_in_the_reference_or_the_metric_names_the_closest(small_sweep, capsys, option, line) -> None:
+    """A reference no run trained used to give a report with no comparisons, exit 0."""
+    (small_sweep / "report.md").write_text("the report of yesterday")
+    with pytest.raises(SystemExit) as stop:
+        report_main([str(small_sweep), *option])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
+    assert (small_sweep / "report.md").read_text() == "the report of yesterday"
+
+
 def test_the_report_does_not_import_torch(small_sweep) -> None:
     code = (
         "import sys; from pathlib import Path; from norm_experiments.report import write_report; "
