@@ -4,6 +4,7 @@ left behind, and check that a failure was clean."""
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import select
@@ -47,9 +48,13 @@ def run_cli(
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, `python -m module args` from `cwd`, in a process of its own: forked
-    from tests/zygote.py's server, which has imported torch, MONAI and the project once (see there)."""
+    from tests/zygote.py's server, which has imported torch, MONAI and the project once (see there); a fresh
+    interpreter where a GPU is visible (MONAI's import asks CUDA for its devices, and CUDA does not survive a
+    fork)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     command = [sys.executable, "-m", module, *args]
+    if _gpu_visible():
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
     with _ZYGOTE_LOCK:
         global _zygote
         if _zygote is None or _zygote.poll() is not None:
@@ -67,6 +72,13 @@ def run_cli(
                 _answer(_zygote, "status", time.monotonic() + 60)
                 raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
             return subprocess.CompletedProcess(command, status, out.read_text(), err.read_text())
+
+
+@functools.cache
+def _gpu_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 _ZYGOTE_LOCK = threading.Lock()
