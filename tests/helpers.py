@@ -49,8 +49,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, `python -m module args` from `cwd`, in a process of its own: forked
     from tests/zygote.py's server, which has imported torch, MONAI and the project once (see there); a fresh
-    interpreter where a GPU is visible (MONAI's import asks CUDA for its devices, and CUDA does not survive a
-    fork)."""
+    interpreter where a GPU is visible (CUDA initialized in the server would not work in a forked child)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     command = [sys.executable, "-m", module, *args]
     if _gpu_visible():

@@ -7,8 +7,9 @@ separate process running the real entry point as `python -m` would (runpy, as `_
 argv, working folder, environment, stdout and stderr), so exit statuses, signals, files and output are the
 command's own. What it does not cover is the interpreter's start and the entry point's own imports: the tests
 that start a command with subprocess.Popen (signals, kill -9, DDP, the console scripts in test_cli_help) still
-start a fresh interpreter, and so does run_cli where a GPU is visible: MONAI's import asks CUDA for its
-devices, which initializes CUDA in this server, and CUDA does not work in a child forked after that.
+start a fresh interpreter, and so does run_cli where a GPU is visible: a call of torch.cuda.is_available()
+while this server imports would initialize CUDA here ("poison fork", in PyTorch's words), and CUDA does not
+work in a child forked after that.
 
 Protocol, one JSON object per line: the client writes a request {module, args, cwd, env, stdout, stderr} on
 the server's stdin; the server answers {"pid": N} once the child runs, and {"status": S} when it has ended
