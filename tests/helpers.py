@@ -97,18 +97,22 @@ def _start_zygote() -> subprocess.Popen:
 
 
 def _answer(server: subprocess.Popen, key: str, deadline: float) -> object:
-    """The value of `key` in the server's next line, or TimeoutExpired when none comes before `deadline`."""
+    """The value of `key` in the server's next line that has it (a line left by a command whose caller was
+    interrupted is skipped), or TimeoutExpired when none comes before `deadline`."""
     fd = server.stdout.fileno()
-    line = b""
-    while not line.endswith(b"\n"):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise subprocess.TimeoutExpired(server.args, deadline)
-        chunk = os.read(fd, 1)  # byte by byte: nothing of the next answer is read ahead
-        if not chunk:
-            raise RuntimeError(f"tests/zygote.py ended (status {server.wait()})")
-        line += chunk
-    return json.loads(line)[key]
+    answer: dict = {}
+    while key not in answer:
+        line = b""
+        while not line.endswith(b"\n"):
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise subprocess.TimeoutExpired(server.args, deadline - time.monotonic())
+            chunk = os.read(fd, 1)  # byte by byte: nothing of the next answer is read ahead
+            if not chunk:
+                raise RuntimeError(f"tests/zygote.py ended (status {server.wait()})")
+            line += chunk
+        answer = json.loads(line)
+    return answer[key]
 
 
 def built_run(run_dir: Path, overrides: list[str]):
