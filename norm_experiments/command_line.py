@@ -72,6 +72,7 @@ def check_command_line(
     argv: list[str], config_name: str, validate: Validate | None = None, validate_run: Validate | None = None
 ) -> None:
     """command_line_problem's checks, raising UserError; any other exception is a bug of the check."""
+    _check_modes(argv)
     if any(arg.split("=", 1)[0] in _HYDRA_ONLY_FLAGS for arg in argv):
         return
     if any(arg.lstrip("+").startswith("hydra.searchpath=") for arg in argv):
@@ -79,6 +80,28 @@ def check_command_line(
     overrides = [arg for arg in argv if arg not in _MULTIRUN_FLAGS]
     multirun = any(arg in _MULTIRUN_FLAGS for arg in argv)
     _check(overrides, config_name, validate, validate_run, multirun)
+
+
+# Hydra runs one of these at a time; two of them end in its ValueError and a traceback.
+_MODE_FLAGS = {
+    "-m": "--multirun",
+    "--multirun": "--multirun",
+    "-c": "--cfg",
+    "--cfg": "--cfg",
+    "-i": "--info",
+    "--info": "--info",
+    "-sc": "--shell-completion",
+    "--shell-completion": "--shell-completion",
+}
+
+
+def _check_modes(argv: list[str]) -> None:
+    given = sorted({_MODE_FLAGS[arg.split("=", 1)[0]] for arg in argv if arg.split("=", 1)[0] in _MODE_FLAGS})
+    if len(given) > 1:
+        raise UserError(
+            f"{' and '.join(given)}: Hydra does one of them at a time (e.g. drop --multirun to print one run's "
+            "config with --cfg job)"
+        )
 
 
 def _check(

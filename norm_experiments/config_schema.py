@@ -123,6 +123,16 @@ def text(value: Any) -> str | None:
     return None if isinstance(value, str) else "a string"
 
 
+def folder_name(value: Any) -> str | None:
+    """`name`: the sweep's folder under outputs/sweeps/ (configs/hydra/default.yaml). Subfolders are fine; a
+    `..`, `.` or empty part, or a leading `/`, would put it elsewhere (`../x` is outputs/x)."""
+    if not isinstance(value, str):
+        return "a string"
+    if any(part in ("", ".", "..") for part in value.split("/")):
+        return "a folder name under outputs/sweeps/ (sub/folders allowed; no '..', '.' or empty part, no leading '/')"
+    return None
+
+
 def anything(value: Any) -> str | None:
     return None
 
@@ -138,7 +148,7 @@ SIZES = sequence(3, integer(1), "whole numbers >= 1")
 # The checks of every key. Keys in `data.synthetic` and `norm.options` are checked where they are used
 # (SynthConfig, BrainConfig, the norm registry); a key under a group below that this table lacks is refused as unknown.
 SCHEMA: dict[str, Check] = {
-    "name": text,
+    "name": folder_name,
     "seed": integer(0, 2**32 - 1),  # what numpy's and torch's seeding accept
     "resume": optional(text),
     # data (common to every layout)

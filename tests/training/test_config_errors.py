@@ -58,6 +58,12 @@ def test_a_wrong_option_key_or_value_is_one_line_exit_2_and_no_folder(
         (["hydra.job.name=../../x"], "hydra.job.name must be a plain name"),
         (["hydra.output_subdir=.hydra"], "hydra.output_subdir cannot be set"),
         (["norm=group,"], "norm=group,:"),  # Hydra's grammar, its first line
+        # Hydra's own ValueError and traceback before: two of its modes at once
+        (["-m", "seed=0,1", "--cfg", "job"], "--cfg and --multirun: Hydra does one of them at a time"),
+        (["--info", "-m", "seed=0"], "--info and --multirun: Hydra does one of them at a time"),
+        # the sweep's folder is outputs/sweeps/<name>: ../x would be outputs/x
+        (["-m", "seed=0", "name=../escape"], "name: must be a folder name under outputs/sweeps/"),
+        (["-m", "seed=0", "name=/tmp/mine"], "no leading '/'), got '/tmp/mine'"),
     ],
 )
 def test_command_line_problems_name_the_closest_valid_names(argv: list[str], needle: str) -> None:
@@ -74,6 +80,7 @@ def test_command_line_problems_name_the_closest_valid_names(argv: list[str], nee
     [
         ["norm=group", "data.batch_size=2", "seed=3"],
         ["-m", "norm=batch,group", "seed=range(0,2)", "name=mine"],
+        ["-m", "seed=0", "name=my_study/round_1"],  # subfolders of outputs/sweeps/ are fine
         ["-m", "norm=glob(gr*)", "seed=0"],
         ["experiment=norm_sweep_quick"],
         ["+trainer.num_threads=1"],
