@@ -148,7 +148,7 @@ SIZES = sequence(3, integer(1), "whole numbers >= 1")
 # The checks of every key. Keys in `data.synthetic` and `norm.options` are checked where they are used
 # (SynthConfig, BrainConfig, the norm registry); a key under a group below that this table lacks is refused as unknown.
 SCHEMA: dict[str, Check] = {
-    "name": folder_name,
+    "name": folder_name,  # a multirun writes to outputs/sweeps/<name>/ (subfolders allowed; no "..", "." or empty part)
     "seed": integer(0, 2**32 - 1),  # what numpy's and torch's seeding accept
     "resume": optional(text),
     # data (common to every layout)

@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         "--reference",
         default=DEFAULT_REFERENCE,
         help=f"batch-independent norm every other norm is compared with, per batch size and seed; a norm whose "
-        f"records say batch_dependent is refused (default: {DEFAULT_REFERENCE})",
+        f"records say batch_dependent, or one no run trained, is refused (default: {DEFAULT_REFERENCE})",
     )
     parser.add_argument(
         "--margin",
