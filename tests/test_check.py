@@ -372,3 +372,29 @@ def test_wrapper_prefixes_are_stripped() -> None:
     assert list(unwrap_keys(ddp, net)) == list(net.state_dict())
     partly = {**net.state_dict(), "module.extra": torch.zeros(1)}  # not every key: left as it is
     assert unwrap_keys(partly, net) is partly
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.depth=2", "norm=group", "norm.options.num_groups=3"], "num_groups"),
+        (["model.depth=2", "data.patch_size=[10,16,16]"], "must be divisible by"),
+        (
+            ["norm=batch", "data.batch_size=1", "data.patch_size=[16,16,16]", "model.depth=4"],
+            "one value per channel",
+        ),
+    ],
+)
+def test_our_network_is_refused_as_training_refuses_it(overrides: list[str], expected: str) -> None:
+    """norm-exp-check builds our network through training's own plan (network_plan): an impossible config is
+    refused with the line norm-exp-train gives, before any weights or data are read."""
+    from norm_experiments.diagnose.network import build_network
+    from norm_experiments.errors import UserError
+    from norm_experiments.training.build import make_plan
+
+    with pytest.raises(UserError) as training:
+        make_plan(compose_config(["experiment=smoke", *overrides]))
+    with pytest.raises(UserError) as checking:
+        build_network(compose_check(["model=unet", *overrides]), num_channels=1, num_classes=3)
+    assert expected in str(training.value)
+    assert str(checking.value) == str(training.value)

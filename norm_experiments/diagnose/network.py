@@ -27,8 +27,8 @@ from norm_experiments.data.pipeline import DataBundle
 from norm_experiments.diagnose.probe import layer_shapes
 from norm_experiments.errors import UserError
 from norm_experiments.models import build_model
-from norm_experiments.models.preflight import preflight
-from norm_experiments.norms import bn_eval_mode, make_norm_spec, register_monai_norms
+from norm_experiments.norms import bn_eval_mode, register_monai_norms
+from norm_experiments.training.build import network_plan
 
 # Prefixes that wrappers add to every key of a saved state dict: DDP, DataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -402,9 +402,7 @@ def build_network(
     if cfg.net is not None:
         net_cfg = net_config(cfg.net)
         return Network(instantiate_net(net_cfg), str(net_cfg._target_))
-    spec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options))
-    effective_batch = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
-    preflight(spec, cfg.model, list(cfg.data.patch_size), effective_batch)
+    spec = network_plan(cfg)[0]  # the norm and the model's shapes checked as training checks them
     model = build_model(cfg.model, spec, num_channels, num_classes, spacing)  # DynUNet: as in training
     return Network(model, f"ours, model={cfg.model.name}, norm={spec.name}")
 

@@ -63,12 +63,9 @@ def make_plan(cfg: DictConfig, job_num: int = 0) -> Plan:
     if world_size > 1:
         with open_dict(cfg):
             cfg.trainer.world_size = world_size
-    spec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options))  # type: ignore[arg-type]
-    effective = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)  # data.batch_size: per GPU
+    spec, effective, bn_batch = network_plan(cfg, world_size)
     accumulate = int(cfg.trainer.accumulate_steps)
     global_batch = effective * world_size * accumulate
-    bn_batch = spec.bn_batch(effective, effective * world_size)  # one forward: accumulation adds no patches
-    preflight(spec, cfg.model, list(cfg.data.patch_size), bn_batch or effective)
     total = budget_steps(cfg.trainer, global_batch)
     gpu_index = distributed.local_rank() if world_size > 1 else job_num
     return Plan(
@@ -84,6 +81,17 @@ def make_plan(cfg: DictConfig, job_num: int = 0) -> Plan:
         ckpt_every=max(1, round(int(cfg.trainer.checkpoint_every_samples) / global_batch)),
         device=select_device(str(cfg.trainer.device), gpu_index),
     )
+
+
+def network_plan(cfg: DictConfig, world_size: int = 1) -> tuple[NormSpec, int, int | None]:
+    """(norm, patches per rank and forward, patches per batch statistic) of a config, with the model's
+    feature maps checked against them (preflight): training's plan and norm-exp-check's network share it.
+    data.batch_size counts per GPU; gradient accumulation adds no patches to a forward."""
+    spec = make_norm_spec(str(cfg.norm.name), **OmegaConf.to_container(cfg.norm.options))  # type: ignore[arg-type]
+    effective = int(cfg.data.batch_size) * int(cfg.data.patches_per_volume)
+    bn_batch = spec.bn_batch(effective, effective * world_size)
+    preflight(spec, cfg.model, list(cfg.data.patch_size), bn_batch or effective)
+    return spec, effective, bn_batch
 
 
 def budget_steps(trainer_cfg: DictConfig, global_batch: int) -> int:
