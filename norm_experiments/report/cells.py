@@ -83,8 +83,13 @@ class Cell:
         """Scores of the cell's metric (mode None), or of one BatchNorm evaluation mode."""
         return self.scores.get(mode, Scores())
 
+    def mode_intervals(self) -> dict[str, Interval]:
+        """The cell's own metric in each BatchNorm evaluation mode: runs score Dice and HD95 in every mode, and
+        no other metric ({} for those, so that no table shows a mode's Dice under another metric's name)."""
+        return {"val_dice": self.eval_modes, "val_hd95": self.eval_modes_hd95}.get(self.metric_key, {})
+
     def interval(self, mode: str | None = None) -> Interval | None:
-        return self.metric if mode is None else self.eval_modes.get(mode)
+        return self.metric if mode is None else self.mode_intervals().get(mode)
 
     @property
     def n_completed(self) -> int:

@@ -7,6 +7,7 @@ verdict does not say.
 from __future__ import annotations
 
 from norm_experiments.report.primary import Primary, power_text
+from norm_experiments.report.questions import Question
 from norm_experiments.report.sequential import Answer, Look
 from norm_experiments.report.tables import NO_DATA, markdown_table, verdict_word
 from norm_experiments.report.verdicts import Verdict
@@ -26,6 +27,11 @@ def difference_text(found: Answer) -> str:
         return NO_DATA
     d = _digits(found)
     return f"{look.estimate.mean:+.{d}f} [{interval[0]:+.{d}f}, {interval[1]:+.{d}f}]"  # type: ignore[union-attr]
+
+
+def metric_word(question: Question) -> str:
+    """What a question's differences are in: Dice or HD95 (questions.METRICS)."""
+    return "Dice" if question.metric == "val_dice" else "HD95"
 
 
 def verdict_text(found: Answer) -> str:
@@ -81,9 +87,8 @@ def sentence(found: Answer) -> str:
         return f"`{q.name}` ({q.text}): no look yet."
     where = f"at look {look.k + 1} ({look.seeds} seeds)"
     unit = "" if q.metric == "val_dice" else " mm"
-    metric = "Dice" if q.metric == "val_dice" else "HD95"
     return (
-        f"`{q.name}` ({q.text}): **{verdict_text(found)}**; {metric} of {q.a.label()} minus {q.b.label()}: "
+        f"`{q.name}` ({q.text}): **{verdict_text(found)}**; {metric_word(q)} of {q.a.label()} minus {q.b.label()}: "
         f"{difference_text(found)}{unit} {where}."
     )
 
@@ -109,7 +114,9 @@ def console_lines(primary: Primary) -> list[str]:
     where = f" ({primary.condition})" if primary.condition else ""
     lines = [f"Declared questions{where}:"]
     for found in primary.answers:
-        lines.append(f"  {found.question.name}: {verdict_text(found)} {difference_text(found)}")
+        # The metric named: `norm-exp-report --metric val_hd95` prints these Dice questions above HD95 tables.
+        q = found.question
+        lines.append(f"  {q.name}: {verdict_text(found)}, {metric_word(q)} {difference_text(found)}")
         if not found.decided:
             lines.append(f"    power: {power_text(found, primary.design)}")
     lines.append(f"  {stop_text(primary)}")

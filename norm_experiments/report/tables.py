@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from norm_experiments.report.analysis import Summary
 from norm_experiments.report.cells import Cell, mode_label
@@ -74,9 +74,9 @@ def format_metric_cell(cell: Cell | None) -> str:
 
 
 def format_mode_cell(cell: Cell | None, mode: str) -> str:
-    if cell is None or mode not in cell.eval_modes:
-        return NO_DATA
-    return format_interval(cell.eval_modes[mode], cell.n_expected)
+    """The cell's metric in one BatchNorm evaluation mode (Cell.mode_intervals)."""
+    found = None if cell is None else cell.mode_intervals().get(mode)
+    return NO_DATA if found is None else format_interval(found, cell.n_expected)
 
 
 def format_difference(comparison: Comparison | None, verdict: bool = True) -> str:
@@ -97,24 +97,23 @@ def verdict_word(verdict: Verdict, margin: float | None = None) -> str:
     return verdict.value
 
 
-def mode_rows(summary: Summary) -> list[tuple[str, str, str]]:
-    """(label, row, mode) for the extra eval-mode rows of BN-family norms.
-
-    With the default metric (val_dice, evaluated with running statistics) a 'running' row would repeat the
-    norm's own row, so it is left out.
-    """
-    modes = [m for m in summary.eval_modes if not (m == "running" and summary.metric == "val_dice")]
+def mode_rows(summary: Summary, values: Callable[[Cell], dict[str, Interval]]) -> list[tuple[str, str, str]]:
+    """(label, row, mode) for the extra eval-mode rows of BN-family norms: the modes `values` has for some
+    cell of the row. The norm's own row is scored with running statistics, so a 'running' row would repeat it."""
+    modes = [m for m in summary.eval_modes if m != "running"]
     found = []
     for row in summary.bn_rows:
         for mode in modes:
-            if any(mode in c.eval_modes for c in summary.cells.values() if c.row == row):
+            if any(mode in values(c) for c in summary.cells.values() if c.row == row):
                 found.append((mode_label(row, mode), row, mode))
     return found
 
 
-def _ordered_rows(summary: Summary) -> list[tuple[str, str, str | None]]:
+def _ordered_rows(
+    summary: Summary, values: Callable[[Cell], dict[str, Interval]]
+) -> list[tuple[str, str, str | None]]:
     """(label, row, mode) in display order: each norm, then its eval-mode rows directly below it."""
-    extra = mode_rows(summary)
+    extra = mode_rows(summary, values)
     ordered = []
     for row in summary.rows:
         ordered.append((row, row, None))
@@ -133,7 +132,7 @@ def metric_table(summary: Summary) -> str:
     """Rows = norms (+ eval-mode rows), columns = batch sizes, cells = mean ± std (†k/n: k of n seeds still
     improving). Descriptive: no row ranks the norms (only verdicts compare them)."""
     rows = []
-    for label, row, mode in _ordered_rows(summary):
+    for label, row, mode in _ordered_rows(summary, Cell.mode_intervals):
         cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
         if mode is None:
             rows.append([label] + [format_metric_cell(c) for c in cells])
@@ -145,7 +144,7 @@ def metric_table(summary: Summary) -> str:
 def hd95_table(summary: Summary) -> str:
     """HD95 in mm (mean ± std over seeds), final evaluation and each BatchNorm evaluation mode."""
     rows = []
-    for label, row, mode in _ordered_rows(summary):
+    for label, row, mode in _ordered_rows(summary, lambda cell: cell.eval_modes_hd95):
         cells = [summary.cell(row, bs) for bs in summary.batch_sizes]
         if mode is None:
             found = [c.hd95 if c else None for c in cells]
@@ -281,7 +280,7 @@ def format_ci(cell: Cell | None, mode: str | None) -> str:
 
 def ci_table(summary: Summary) -> str:
     rows = []
-    for label, row, mode in _ordered_rows(summary):
+    for label, row, mode in _ordered_rows(summary, Cell.mode_intervals):
         rows.append([label] + [format_ci(summary.cell(row, bs), mode) for bs in summary.batch_sizes])
     return markdown_table(_header(summary, "norm"), rows)
 

@@ -66,7 +66,7 @@ def test_questions_are_answered_first_and_decided_at_the_first_look_that_decides
     assert "the sweep stopped: seed cap: the last look was taken" in md
     # The open question says what deciding it would take.
     assert "Open: if the true difference is the one observed" in md
-    assert report.table.startswith("Declared questions:\n  gap: worse -0.200 [")
+    assert report.table.startswith("Declared questions:\n  gap: worse, Dice -0.200 [")
 
 
 def test_a_look_waits_for_all_its_seeds(tmp_path, write_run):

@@ -230,6 +230,30 @@ def test_custom_metric_and_unknown_metric(small_sweep):
         build_report([small_sweep], metric="nope")
 
 
+def test_eval_mode_rows_are_in_the_tables_metric(tmp_path, write_run):
+    """A mode row shows the table's metric in that mode: HD95 under --metric val_hd95 (not the mode's Dice),
+    and no mode rows for a metric the modes are not scored in."""
+    for seed, (hd95, batch_hd95) in enumerate([(6.0, 4.0), (8.0, 5.0), (10.0, 6.0)]):
+        write_run(
+            tmp_path,
+            "batch",
+            1,
+            seed,
+            0.7,
+            val_hd95=hd95,
+            eval_modes_hd95={"running": hd95, "precise": hd95 - 1.0, "batch": batch_hd95},
+        )
+    hd95 = table_rows(build_report([tmp_path], metric="val_hd95").table)
+    assert hd95 == {
+        "batch": ["8.000 ± 2.000"],
+        "batch (precise BN)": ["7.000 ± 2.000"],
+        "batch (batch stats)": ["5.000 ± 1.000"],
+    }
+    assert list(table_rows(build_report([tmp_path], metric="best_val_dice").table)) == ["batch"]
+    dice = table_rows(build_report([tmp_path]).table)
+    assert dice["batch (batch stats)"] == ["0.800 ± 0.000"]  # conftest: batch stats = val_dice + 0.1
+
+
 def test_empty_or_missing_dir_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no metrics.json found under"):
         write_report([tmp_path])
