@@ -196,6 +196,9 @@ def saved_overrides(run_dir: Path, config_dir: Path, key: str = "resume") -> lis
     if not run_dir.exists():
         raise UserError(f"{where}: no such folder")
     saved = run_dir / ".hydra" / OVERRIDES
+    # A file of a run (its model.pt, say) instead of the run's folder: name the folder to give.
+    if not run_dir.is_dir() and (run_dir.parent / ".hydra" / OVERRIDES).exists():
+        raise UserError(f"{where}: a file; give its run folder: {key}={run_dir.parent}")
     if not saved.exists():  # something else than a file (a FIFO, a device) is refused below, by its kind
         raise UserError(f"{where}: not a run folder (no {saved})")
     try:

@@ -113,3 +113,11 @@ def test_a_trained_folder_that_is_missing_or_not_a_run_is_named_as_trained(tmp_p
         trained_argv(["norm-exp-explain", f"trained={tmp_path / 'gone'}"])
     with pytest.raises(UserError, match=r"^trained=\S+: not a run folder \(no \S+overrides.yaml\)$"):
         trained_argv(["norm-exp-explain", f"trained={tmp_path}"])
+    # The model file of a run instead of its folder: the line names the folder to give.
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- norm=batch\n")
+    (run / "best_model.pt").write_bytes(b"weights")
+    with pytest.raises(UserError) as found:
+        trained_argv(["norm-exp-explain", f"trained={run / 'best_model.pt'}"])
+    assert str(found.value) == f"trained={run / 'best_model.pt'}: a file; give its run folder: trained={run}"
