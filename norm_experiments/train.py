@@ -113,7 +113,14 @@ def hydra_main(cfg: DictConfig) -> float:
         except StdoutError as err:  # the run is complete and recorded; only its summary line is lost
             print(f"error: {err}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
-    return float(metrics.get("val_dice") or math.nan)
+    return sweep_value(metrics)
+
+
+def sweep_value(metrics: dict) -> float:
+    """What a run returns to Hydra's sweeper (the sweep's progress line shows it): its val_dice, NaN where it
+    has none. A Dice of 0.0 is a result (no foreground predicted), not a failure."""
+    value = metrics.get("val_dice")
+    return math.nan if value is None else float(value)
 
 
 def _check_distributed_launch(in_sweep: bool, run_dir: Path) -> None:

@@ -85,10 +85,11 @@ def train(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict:
         previous = existing_run(run_dir, plan.run_id, cfg)
         distributed.barrier()  # every rank has read the folder before rank 0 writes to it
         if previous is not None:
+            dice = previous.get("val_dice")  # None: no class present in any validation case
             log.info(
-                "%s: already completed (val_dice=%.4f); nothing to do",
+                "%s: already completed (val_dice=%s); nothing to do",
                 run_dir,
-                previous.get("val_dice") or 0.0,
+                "none" if dice is None else f"{dice:.4f}",
             )
             return {**previous, "skipped": True}
         save_hydra_files(cfg, run_dir)

@@ -158,3 +158,21 @@ def test_unwritable_multirun_yaml_is_one_line_and_no_run(tmp_path: Path) -> None
     )
     assert_clean_failure(result, "error: could not write sw/multirun.yaml: EISDIR")
     assert no_result_left(tmp_path) and not list(tmp_path.rglob("metrics.json"))
+
+
+def test_a_dice_of_zero_is_a_result_not_a_failure() -> None:
+    """A run that predicts no foreground scores Dice 0.0: the sweep's progress line shows that score; only a
+    run without one (NaN: failed, or no class present) reads as failed."""
+    import math
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from norm_experiments.sweep.progress import outcome
+    from norm_experiments.train import sweep_value
+
+    assert sweep_value({"val_dice": 0.0}) == 0.0
+    assert math.isnan(sweep_value({"val_dice": None})) and math.isnan(sweep_value({}))
+    done = JobReturn(status=JobStatus.COMPLETED, _return_value=sweep_value({"val_dice": 0.0}))
+    assert outcome(done) == "val_dice=0.0000"
+    none = JobReturn(status=JobStatus.COMPLETED, _return_value=sweep_value({"val_dice": None}))
+    assert outcome(none) == "failed (its metrics.json says why)"
