@@ -310,9 +310,18 @@ def _check_label(path: Path, info: DatasetInfo) -> _Header:
     if undeclared:
         raise UserError(
             f"{header.name}: label values {_fmt(undeclared)} are not among the declared classes "
-            f"{_fmt(set(info.labels))} ({_labels_source(info)})"
+            f"{_fmt(set(info.labels))} ({_labels_source(info)}){_labels_example(info, undeclared)}"
         )
     return header
+
+
+def _labels_example(info: DatasetInfo, undeclared: set[int]) -> str:
+    """For a folder (classes from data.labels): the override that declares the values found, names to edit."""
+    if info.layout != "folder":
+        return ""
+    names = {**{v: f"class{v}" for v in undeclared}, **info.labels}
+    pairs = ",".join(f"{v}:{names[v]}" for v in sorted(names))
+    return f"; e.g. 'data.labels={{{pairs}}}'"
 
 
 def _label_values(data: np.ndarray, name: str) -> set[int]:

@@ -256,7 +256,20 @@ def test_channel_files_with_different_shapes(tmp_path):
 def test_folder_layout_names_data_labels(make_dataset):
     root = make_dataset("folder")
     cases, info = find_cases("folder", root)  # default classes {0, 1}; the synthetic data has class 2
-    expect_error(cases, info, r"^labels/synth_000\.nii\.gz: label values \{2\} .*\(data\.labels\)$")
+    message = expect_error(
+        cases,
+        info,
+        r"^labels/synth_000\.nii\.gz: label values \{2\} .*\(data\.labels\); "
+        r"e\.g\. 'data\.labels=\{0:background,1:foreground,2:class2\}'$",
+    )
+    # The example is an override that works: the dataset passes with the classes it declares.
+    from tests.helpers import compose_config
+
+    example = message.split("e.g. '")[1].rstrip("'")
+    cfg = compose_config(["data=folder", f"data.root={root}", example])
+    cases, info = find_cases("folder", root, labels=dict(cfg.data.labels))
+    check_cases(cases, info)
+    assert info.labels == {0: "background", 1: "foreground", 2: "class2"}
 
 
 def test_stops_at_the_first_bad_case(dataset):
