@@ -70,10 +70,15 @@ def choice(*options: Any) -> Check:
         return (
             None
             if value in options and type(value) is not float
-            else "one of " + ", ".join(map(str, options))
+            else "one of " + ", ".join(_yaml_word(o) for o in options)
         )
 
     return check
+
+
+def _yaml_word(option: Any) -> str:
+    """An option as a user types it on the command line: true / false, not Python's True / False."""
+    return str(option).lower() if isinstance(option, bool) else str(option)
 
 
 def registered(kind: str) -> Check:

@@ -131,6 +131,7 @@ def test_resume_of_a_missing_folder_says_so(tmp_path: Path) -> None:
         (["data=msd", "data.root=/nonexistent/dataset"], "data.root: dataset folder does not exist"),
         (["data=msd"], "data.root: required"),
         (["trainer.device=tpu"], "trainer.device: must be one of auto, cpu, cuda"),
+        (["trainer.amp=fp16"], "trainer.amp: must be one of auto, true, false, got 'fp16'"),  # as typed
         (["data.cache_on_device=gpu"], "data.cache_on_device: must be true or false"),
         (["trainer.channels_last=yes_please"], "trainer.channels_last"),
         (["trainer.cpu_conv=fast"], "trainer.cpu_conv"),
