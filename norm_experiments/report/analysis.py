@@ -187,6 +187,9 @@ def summarize_condition(
     rows = sorted({row for row, _ in cells})
     bn_rows = sorted({c.row for c in cells.values() if any(r.is_bn_family for r in c.runs)})
     lower = metric in LOWER_IS_BETTER
+    # The gap and the remedy's Dice family compare Dice whatever the metric: --margin is in the metric's
+    # units, so they take it only when the metric is Dice.
+    dice_margin = margin if "dice" in metric else DEFAULT_MARGIN
     has_reference = reference in rows
     deltas = Family("reference", condition, margin=margin, lower_is_better=lower)
     if has_reference:
@@ -209,11 +212,11 @@ def summarize_condition(
         seeds=seeds,
         reference=reference if has_reference else None,
         deltas=deltas,
-        gaps=gap_family(cells, bn_rows, Family("gap", condition, margin=margin)),
+        gaps=gap_family(cells, bn_rows, Family("gap", condition, margin=dice_margin)),
         problems=problems,
         batch_stats_windows=sorted(int(w) for w in windows if isinstance(w, int)),
         notes=notes,
-        remedies=lcc_families(cells, condition, margin),
+        remedies=lcc_families(cells, condition, dice_margin),
     )
 
 

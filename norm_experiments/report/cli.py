@@ -12,7 +12,7 @@ from norm_experiments.report import write_report
 from norm_experiments.report.analysis import DEFAULT_REFERENCE
 from norm_experiments.report.collect import collect
 from norm_experiments.report.provenance import header_lines
-from norm_experiments.report.verdicts import DEFAULT_MARGIN
+from norm_experiments.report.verdicts import DEFAULT_MARGIN, HD95_MARGIN, default_margin
 from norm_experiments.safe_io import os_reason
 
 
@@ -41,9 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--margin",
         type=float,
-        default=DEFAULT_MARGIN,
+        default=None,
         help="equivalence margin in the metric's units: a difference whose interval lies inside ±MARGIN is "
-        f"'equivalent' (default: {DEFAULT_MARGIN} Dice)",
+        f"'equivalent' (default: {DEFAULT_MARGIN} for Dice, {HD95_MARGIN:g} mm for --metric val_hd95)",
     )
     parser.add_argument(
         "--doc",
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             reference=args.reference,
             doc=args.doc,
             header=header,
-            margin=args.margin,
+            margin=default_margin(args.metric) if args.margin is None else args.margin,
         )
     except (
         OSError

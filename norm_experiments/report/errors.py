@@ -13,9 +13,8 @@ import math
 
 from norm_experiments.report.cells import EVAL_MODE_LABELS, Cell, outcome
 from norm_experiments.report.questions import Side, side_scores
-from norm_experiments.report.verdicts import DEFAULT_MARGIN, Family, compare
+from norm_experiments.report.verdicts import DEFAULT_MARGIN, HD95_MARGIN, Family, compare
 
-HD95_MARGIN = 1.0  # mm: a third of the quick study's 3 mm voxel
 # (field, column title) of the error table, in the order shown.
 COLUMNS = (
     ("fp_ml", "false fg mL"),

@@ -104,6 +104,20 @@ def test_the_margin_decides_equivalence(verdict_sweep, tmp_path) -> None:
     assert exit_info.value.code == 2
 
 
+def test_the_default_margin_follows_the_metric(tmp_path, write_cases) -> None:
+    """--metric val_hd95 compares in mm: its default margin is 1 mm, not 0.02; BatchNorm's gaps stay in Dice
+    with the Dice margin whatever the metric and its margin."""
+    write_cases(tmp_path, "batch", 1, grid(0.6), batch=grid(0.9, noise), val_hd95=5.0)
+    write_cases(tmp_path, "instance", 1, grid(0.7), val_hd95=4.0)
+    out = tmp_path / "out"
+    report_main([str(tmp_path), "--out", str(out), "--metric", "val_hd95"])
+    assert "equivalence margin ±1;" in (out / "report.md").read_text()
+    summary = build_report([tmp_path], metric="val_hd95", margin=3.0).analysis.conditions[0]
+    assert (summary.deltas.margin, summary.gaps.margin) == (3.0, 0.02)
+    dice = build_report([tmp_path], margin=0.004).analysis.conditions[0]
+    assert (dice.deltas.margin, dice.gaps.margin) == (0.004, 0.004)
+
+
 def test_gap_in_both_directions_and_untestable(tmp_path, write_cases) -> None:
     """bs 1: batch statistics 0.1 below running statistics (a reversed gap), bs 2: 0.3 above, PreciseBN
     equal up to noise; bs 4: one seed."""
