@@ -27,9 +27,9 @@ import hydra
 from omegaconf import DictConfig
 
 from norm_experiments import safe_io
-from norm_experiments.command_line import command_line_problem
-from norm_experiments.config import CONFIG_DIR, register_resolvers
-from norm_experiments.errors import USER_ERROR_EXIT, flush_stdout, guard_stdout
+from norm_experiments.command_line import command_line_problem, single_run_argv
+from norm_experiments.config import CONFIG_DIR, quoting_problem, register_resolvers
+from norm_experiments.errors import USER_ERROR_EXIT, UserError, flush_stdout, guard_stdout
 
 # The body (check_network.py) brings torch and MONAI (seconds): imported when the check runs, not for --help.
 register_resolvers()
@@ -43,12 +43,14 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # A multirun would create a sweep folder under outputs/ before any check could run; one run is enough.
-    if {"-m", "--multirun"} & set(sys.argv[1:]):
-        print("error: norm-exp-check runs once: drop -m/--multirun", file=sys.stderr)
+    try:
+        sys.argv = single_run_argv(sys.argv, "norm-exp-check")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
     # A wrong group option or key: one line with the closest names, before Hydra starts.
-    problem = safe_io.argument_problem(sys.argv[1:]) or command_line_problem(sys.argv[1:], "check")
+    argv = sys.argv[1:]
+    problem = safe_io.argument_problem(argv) or quoting_problem(argv) or command_line_problem(argv, "check")
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)

@@ -50,6 +50,16 @@ _MAX_COMPOSITIONS = 48
 Validate = Callable[[DictConfig], None]  # raises UserError naming the key
 
 
+def single_run_argv(argv: list[str], command: str) -> list[str]:
+    """argv of a command that runs once (norm-exp-check, norm-exp-explain), with hydra.mode=RUN added: a sweep
+    preset (experiment=norm_sweep_quick sets hydra.mode: MULTIRUN) would otherwise start its sweeper. A
+    multirun asked for on the command line is refused (it would create a sweep folder before any check)."""
+    asked = [a for a in argv[1:] if a in _MULTIRUN_FLAGS or a.lstrip("+~").startswith("hydra.mode=")]
+    if any(a in _MULTIRUN_FLAGS or a.split("=", 1)[1].strip("'\"") != "RUN" for a in asked):
+        raise UserError(f"{command} runs once: drop {' '.join(asked)}")
+    return [a for a in argv if a not in asked] + ["hydra.mode=RUN"]
+
+
 def command_line_problem(
     argv: list[str], config_name: str, validate: Validate | None = None, validate_run: Validate | None = None
 ) -> str | None:

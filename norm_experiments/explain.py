@@ -30,8 +30,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from norm_experiments.command_line import command_line_problem
-from norm_experiments.config import CONFIG_DIR, hydra_quote, register_resolvers
+from norm_experiments.command_line import command_line_problem, single_run_argv
+from norm_experiments.config import CONFIG_DIR, hydra_quote, quoting_problem, register_resolvers
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
 
 # The body (explain_batchnorm.py) brings torch and MONAI (seconds): imported when it runs, not for --help.
@@ -60,14 +60,10 @@ def trained_argv(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    # A multirun would create a sweep folder under outputs/ before any check could run; one run is enough.
-    if {"-m", "--multirun"} & set(sys.argv[1:]):
-        print("error: norm-exp-explain runs once: drop -m/--multirun", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
     try:
-        sys.argv = trained_argv(sys.argv)
+        sys.argv = single_run_argv(trained_argv(sys.argv), "norm-exp-explain")
         # A wrong group option or key: one line with the closest names, before Hydra starts.
-        problem = command_line_problem(sys.argv[1:], "explain")
+        problem = quoting_problem(sys.argv[1:]) or command_line_problem(sys.argv[1:], "explain")
         if problem:
             raise UserError(problem)
     except UserError as err:

@@ -285,8 +285,15 @@ def conclusion(f: Findings, command: str) -> list[str]:
 def train_command() -> str:
     """The norm-exp-train command that checks the verdict: the user's overrides at BatchNorm, batch size 1."""
     skip = ("norm", "data.batch_size=", "hydra", "+hydra")
-    keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
-    return " ".join(["norm-exp-train", "norm=batch", "data.batch_size=1", *keep])
+    hydra_cfg = HydraConfig.get()
+    keep = [o for o in hydra_cfg.overrides.task if not o.startswith(skip)]
+    # A sweep preset (experiment=norm_sweep_quick) would start its sweep, which refuses a single cell.
+    sweeps = hydra_cfg.runtime.choices.get("hydra/sweeper") == "study" or bool(
+        hydra_cfg.sweeper.get("params")
+    )
+    return " ".join(
+        ["norm-exp-train", "norm=batch", "data.batch_size=1", *keep, *(["hydra.mode=RUN"] if sweeps else [])]
+    )
 
 
 # ------------------------------------------------------------------------------------------ entry point

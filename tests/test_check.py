@@ -337,6 +337,16 @@ def test_existing_repaired_target_is_refused_and_kept(
     assert "that is the input weights" in line
 
 
+def test_a_weights_path_of_a_sweep_run_says_how_to_quote_it(tmp_path: Path) -> None:
+    """Our sweep's run folders are named norm=batch/data.batch_size=1,seed=0: Hydra reads '=' and ',' only
+    in a quoted value, and the line says how to quote it (Hydra's own message does not)."""
+    weights = "outputs/sweeps/s/norm=batch/data.batch_size=1,seed=0/model.pt"
+    result = run_check([f"weights={weights}", "experiment=norm_sweep_quick"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "quote it as \"weights='" + weights + "'\"" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_keys_are_named(tmp_path: Path, monkeypatch, capsys) -> None:
     line = check_error(["data=msd"], tmp_path, monkeypatch, capsys)
     assert "data.root, weights: required" in line

@@ -90,6 +90,34 @@ def test_missing_data_root_is_one_error_line(tmp_path: Path, synthetic_cache: Pa
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_sweep_preset_runs_once_and_suggests_a_single_run(tmp_path: Path, synthetic_cache: Path) -> None:
+    """experiment=norm_sweep_quick sets hydra.mode: MULTIRUN and the study sweeper: explain (and check) still
+    run once, and the training command they suggest is one run too (the study refuses a single cell)."""
+    args = ["experiment=norm_sweep_quick", "data=synthetic", "trainer.num_threads=1"]
+    result = explain(args, tmp_path, synthetic_cache)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert result.stdout.count("1. Values each channel's") == 1
+    assert list(tmp_path.iterdir()) == []  # no sweep folder
+    suggested = "`norm-exp-train norm=batch data.batch_size=1 experiment=norm_sweep_quick data=synthetic"
+    assert f"{suggested} trainer.num_threads=1 hydra.mode=RUN`" in result.stdout
+    for multirun in (["-m"], ["hydra.mode=MULTIRUN"]):
+        refused = explain([*multirun, "experiment=smoke"], tmp_path, synthetic_cache)
+        assert (
+            refused.returncode == 2
+            and f"error: norm-exp-explain runs once: drop {multirun[0]}" in refused.stderr
+        )
+
+
+def test_single_run_argv() -> None:
+    from norm_experiments.command_line import single_run_argv
+    from norm_experiments.errors import UserError
+
+    assert single_run_argv(["cmd", "a=1"], "cmd") == ["cmd", "a=1", "hydra.mode=RUN"]
+    assert single_run_argv(["cmd", "hydra.mode=RUN", "a=1"], "cmd") == ["cmd", "a=1", "hydra.mode=RUN"]
+    with pytest.raises(UserError, match="^cmd runs once: drop --multirun$"):
+        single_run_argv(["cmd", "--multirun", "a=1,2"], "cmd")
+
+
 def test_help(tmp_path: Path, synthetic_cache: Path) -> None:
     result = explain(["--help"], tmp_path, synthetic_cache)
     assert result.returncode == 0
