@@ -149,6 +149,7 @@ def _check(
     _check_hydra_keys(parsed)
     _check_launcher(composed, multirun)
     _check_sweep_folder(composed, multirun)
+    _check_study(composed, overrides, multirun, loader)
     if validate is not None:
         _validate(validate, composed)
         for variant in _one_value_changed(parsed):
@@ -292,6 +293,18 @@ def _check_sweep_folder(cfg: DictConfig, multirun: bool) -> None:
             f"hydra.sweep.dir={folder}: the folder holds files but no {SWEEP_MARKER}, so it is not a sweep's; "
             "its files would be replaced by the sweep's report: choose a new or empty folder"
         )
+
+
+def _check_study(cfg: DictConfig, overrides: list[str], multirun: bool, loader) -> None:  # noqa: ANN001
+    """A study preset's questions against the cells its command line runs (sweep/study.py plan_study), before
+    Hydra writes the sweep folder's multirun.yaml over a finished study's."""
+    study = OmegaConf.select(cfg, "hydra.sweeper.study")
+    if not _is_multirun(cfg, multirun) or study is None:
+        return
+    from norm_experiments.sweep.study import plan_study
+
+    task = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]  # what Hydra hands the sweeper
+    plan_study(study, OmegaConf.select(cfg, "hydra.sweeper.params"), task, cfg, loader)
 
 
 def _one_value_changed(parsed: list) -> Iterator[list[str]]:

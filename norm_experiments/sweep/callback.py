@@ -65,7 +65,8 @@ class SweepReport(Callback):
         ):  # the study sweeper's grid and seeds (sweep/study.py)
             keys += [k for k in ("norm", "data.batch_size", "seed") if k not in keys]
         os.environ[SWEPT_KEYS_ENV] = ",".join(keys)
-        write_multirun_yaml(config)
+        if config.hydra.sweeper.get("study") is None:  # the study sweeper writes it once its checks pass
+            write_multirun_yaml(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -144,8 +144,8 @@ class SweepProgress(Callback):
     """Hydra callback (configs/hydra/default.yaml): the sweep's progress lines."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        total = None if config.hydra.sweeper.get("study") is not None else sweep_size(config)
-        start(Path(config.hydra.sweep.dir), total)
+        if config.hydra.sweeper.get("study") is None:  # the study sweeper starts it once its checks pass
+            start(Path(config.hydra.sweep.dir), sweep_size(config))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _in_sweep(config):

@@ -74,18 +74,21 @@ def check_grid(design: Design, grid: list[list[str]], config: Any) -> None:
     """Every question's sides must be cells the grid runs (a plain norm name and a batch size)."""
     cells = {cell_of(combo, config) for combo in grid}
     norms, sizes = {n for n, _ in cells}, {b for _, b in cells}
+    alone = "; to train one cell of this study alone, add hydra.mode=RUN"
     for q in design.questions:
         for name, side in (("a", q.a), ("b", q.b)):
             where = f"hydra.sweeper.study.questions.{q.name}.{name}"
             if " " in side.row:
                 continue  # a variant row: its runs differ in a setting the grid's overrides carry
             if side.row not in norms:
-                raise UserError(f"{where}.norm={side.row}: the sweep runs norm {', '.join(sorted(norms))}")
+                raise UserError(
+                    f"{where}.norm={side.row}: the sweep runs norm {', '.join(sorted(norms))}{alone}"
+                )
             if (side.row, str(side.batch_size)) not in cells:
                 shown = sorted(sizes, key=lambda v: (len(v), v))
                 raise UserError(
                     f"{where}.batch_size={side.batch_size}: the sweep runs {side.row} at data.batch_size "
-                    f"{', '.join(b for b in shown if (side.row, b) in cells)}"
+                    f"{', '.join(b for b in shown if (side.row, b) in cells)}{alone}"
                 )
 
 
@@ -97,6 +100,28 @@ def still_needed(grid: list[list[str]], design: Design, primaries: list, config:
     asked = set(question_cells(design.questions))
     open_cells = set(question_cells([a.question for p in primaries for a in p.answers if not a.decided]))
     return [c for c in grid if cell_of(c, config) not in asked or cell_of(c, config) in open_cells]
+
+
+def plan_study(
+    study: Any, params: dict | None, arguments: list[str], config: Any, config_loader: Any = None
+) -> tuple[Design, list[list[str]]]:
+    """The declared design and the grid of one seed, checked (UserError naming the key): the sweeper's plan,
+    and the command line's check before Hydra creates the sweep folder (command_line.py), so that a refused
+    study leaves a finished sweep's files as they were."""
+    from norm_experiments.report.sequential import parse_design
+
+    raw = OmegaConf.to_container(study, resolve=True) if OmegaConf.is_config(study) else study
+    design = parse_design(raw, "hydra.sweeper.study")
+    params = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
+    overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(params)
+    if any(o.get_key_element().lstrip("+~") == "seed" for o in overrides):
+        raise UserError(
+            "seed: the study sweeper runs the seeds itself (hydra.sweeper.study.looks, seeds 0 .. n-1); "
+            "remove seed= from the command line and from hydra.sweeper.params"
+        )
+    grid = make_grid(design, overrides, BasicSweeper.split_arguments(overrides, None)[0])
+    check_grid(design, grid, config)
+    return design, grid
 
 
 class StudySweeper(BasicSweeper):
@@ -118,34 +143,19 @@ class StudySweeper(BasicSweeper):
         return self._run_looks(design, combos)
 
     def _prepare(self, arguments: list[str]) -> tuple[Design, list[list[str]]]:
-        from norm_experiments.report.sequential import parse_design
-
         assert self.config is not None and self.hydra_context is not None
-        raw = (
-            OmegaConf.to_container(self.study, resolve=True)
-            if OmegaConf.is_config(self.study)
-            else self.study
-        )
-        design = parse_design(raw, "hydra.sweeper.study")
-        params = [f"{k}={v}" for k, v in (self.params or {}).items()] + list(arguments)
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        overrides = parser.parse_overrides(params)
-        if any(o.get_key_element().lstrip("+~") == "seed" for o in overrides):
-            raise UserError(
-                "seed: the study sweeper runs the seeds itself (hydra.sweeper.study.looks, seeds 0 .. n-1); "
-                "remove seed= from the command line and from hydra.sweeper.params"
-            )
-        grid = make_grid(design, overrides, self.split_arguments(overrides, None)[0])
-        check_grid(design, grid, self.config)
-        return design, grid
+        return plan_study(self.study, self.params, arguments, self.config, self.hydra_context.config_loader)
 
     def _run_looks(self, design: Design, grid: list[list[str]]) -> list:
         from norm_experiments.report.primary import STOP_DECIDED, STOP_LAST_LOOK, STOP_TIME
 
         assert self.config is not None and self.launcher is not None
+        from norm_experiments.sweep.callback import write_multirun_yaml
+
+        # Only now, with the design and grid checked: a refused study leaves a finished one's files as they were.
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        write_multirun_yaml(self.config)
+        progress.start(sweep_dir, None)
         self._replace_design(sweep_dir, design)
         started = time.monotonic()
         returns, job_index, done, stopped = [], 0, 0, STOP_LAST_LOOK

@@ -112,3 +112,27 @@ def test_a_swept_seed_or_a_cell_the_grid_lacks_is_one_line(study) -> None:
     assert not (cwd / "outputs" / "sweeps" / "bad").exists() or not list(
         (cwd / "outputs" / "sweeps" / "bad").rglob("metrics.json")
     )
+
+
+def test_a_refused_study_leaves_a_finished_ones_files_as_they_were(study, tmp_path: Path) -> None:
+    """A command the study refuses (its grid lacks a question's cell), in the folder of a finished study, exits
+    2 with one line and leaves that study's multirun.yaml (the report's provenance), progress and design as
+    they were: checked by the sweeper (a preset from --config-dir) and before Hydra starts (ours)."""
+    cwd, args, _ = study
+    sweep_dir = cwd / "outputs" / "sweeps" / "study"
+    kept = ("multirun.yaml", ".progress.json", "study.json")
+    before = {name: (sweep_dir / name).read_bytes() for name in kept}
+    grid = "hydra.sweeper.params={norm: 'batch,instance', data.batch_size: '1'}"
+    result = run_cli([*args, grid], cwd=cwd)
+    assert_clean_failure(result, "hydra.sweeper.study.questions.group_vs_instance.a.norm=group")
+    assert "add hydra.mode=RUN" in result.stderr
+    assert {name: (sweep_dir / name).read_bytes() for name in kept} == before
+    # Our preset, refused before Hydra starts: nothing in its folder changes.
+    finished = tmp_path / "outputs" / "sweeps" / "norm_sweep_quick"
+    finished.mkdir(parents=True)
+    (finished / "multirun.yaml").write_text("hydra: {overrides: {task: [experiment=norm_sweep_quick]}}\n")
+    one_cell = ["experiment=norm_sweep_quick", "data=synthetic", "norm=batch", "data.batch_size=1"]
+    result = run_cli(one_cell, cwd=tmp_path)
+    assert_clean_failure(result, "the sweep runs norm batch; to train one cell of this study alone")
+    assert sorted(p.name for p in finished.iterdir()) == ["multirun.yaml"]
+    assert (finished / "multirun.yaml").read_text().startswith("hydra: {overrides")
