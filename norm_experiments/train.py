@@ -146,11 +146,25 @@ def _check_distributed_launch(in_sweep: bool, run_dir: Path) -> None:
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:
     modes = metrics.get("eval_modes") or {}
-    line = f"val_dice={metrics.get('val_dice', float('nan')):.4f} (eval mode)"
+    line = f"val_dice={_dice_text(metrics.get('val_dice'))} (eval mode)"
     if modes:
-        line += "  " + "  ".join(f"{mode}={dice:.4f}" for mode, dice in modes.items())
+        line += "  " + "  ".join(f"{mode}={_dice_text(dice)}" for mode, dice in modes.items())
     print(line)
-    print(f"results: {run_dir / 'metrics.json'}   tensorboard --logdir {run_dir.parent}")
+    print(f"results: {run_dir / 'metrics.json'}   tensorboard --logdir {_logdir(run_dir)}")
+
+
+def _dice_text(value: float | None) -> str:
+    """A score as the summary prints it; none where the record has none (no validation case holds a class)."""
+    return "none" if value is None else f"{value:.4f}"
+
+
+def _logdir(run_dir: Path) -> Path:
+    """The folder whose TensorBoard shows this run beside its peers: the sweep a run of a sweep belongs to
+    (the nearest folder above with a multirun.yaml), else the folder of the runs."""
+    for folder in list(run_dir.parents)[:3]:  # a sweep's runs lie 1-2 folders below it (run_names.py)
+        if (folder / "multirun.yaml").is_file():
+            return folder
+    return run_dir.parent
 
 
 def summary(err: BaseException) -> str:

@@ -173,3 +173,22 @@ def test_a_completed_run_writes_every_record_field(smoke_run: tuple[Path, Path])
     reference page is generated from them, see tests/test_run_record.py)."""
     _, run_dir = smoke_run
     assert set(metrics_of(run_dir)) == run_record.FIELDS - {"group_layers"}  # no GroupNorm layer in it
+
+
+def test_the_summary_lines_of_a_run(tmp_path: Path, capsys) -> None:
+    """A run without a score (no validation case holds a class) prints none instead of failing to format it;
+    a run of a sweep points TensorBoard at its sweep, where the grouped curves are."""
+    from norm_experiments.train import _print_summary
+
+    sweep = tmp_path / "sweeps" / "s"
+    run = sweep / "norm=batch" / "data.batch_size=1,seed=0"
+    run.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text("{}\n")
+    _print_summary({"val_dice": None, "eval_modes": {"running": None, "batch": 0.5}}, run)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "val_dice=none (eval mode)  running=none  batch=0.5000"
+    assert lines[1].endswith(f"tensorboard --logdir {sweep}")
+    alone = tmp_path / "runs" / "x"
+    alone.mkdir(parents=True)
+    _print_summary({"val_dice": 0.25}, alone)
+    assert capsys.readouterr().out.splitlines()[1].endswith(f"tensorboard --logdir {tmp_path / 'runs'}")
