@@ -61,6 +61,7 @@ from norm_experiments.errors import (
     flush_stdout,
     guard_stdout,
 )
+from norm_experiments.plugins import closest
 
 DEFAULT_TIMEOUT = 30.0  # seconds: a download that receives less than MIN_PROGRESS in that time gives up
 MIN_PROGRESS = 1024  # bytes per DEFAULT_TIMEOUT (or --timeout) seconds: less is a stalled download
@@ -100,6 +101,18 @@ class Fetched:
 # Fetching
 
 
+def _closest_task(typed: str, tasks: list[str]) -> str:
+    """' (did you mean Task04_Hippocampus?)' for a misspelt task, its number or its name without the prefix."""
+    spellings = {}
+    for task in tasks:  # Task04_Hippocampus, task04, 4, hippocampus: one spelling each
+        number, _, name = task.removeprefix("Task").partition("_")
+        spellings.update(
+            {task.lower(): task, f"task{number}": task, str(int(number)): task, name.lower(): task}
+        )
+    found = closest(typed, spellings)
+    return f" (did you mean {found}?)" if found else ""
+
+
 def fetch_msd(
     task: str,
     cache_root: Path,
@@ -111,7 +124,9 @@ def fetch_msd(
     checked against `md5` (default: the published MD5). Raises UserError with one line for every failure."""
     tasks = msd_tasks()
     if task not in tasks:
-        raise UserError(f"unknown MSD task {task!r}; choose one of {', '.join(tasks)}")
+        raise UserError(
+            f"unknown MSD task {task!r}{_closest_task(task, list(tasks))}; choose one of {', '.join(tasks)}"
+        )
     if md5 is not None and not _MD5.fullmatch(md5):
         raise UserError(f"--md5 {md5}: not an MD5 sum (32 hexadecimal digits)")
     url, published_md5 = tasks[task]

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from norm_experiments.data.fetch import main, msd_tasks
+from norm_experiments.data.fetch import fetch_msd, main, msd_tasks
 from norm_experiments.data.synthetic import SynthConfig, generate_dataset
+from norm_experiments.errors import UserError
 from tests.helpers import metrics_of, run_cli
 
 TASK = "Task04_Hippocampus"
@@ -321,3 +322,20 @@ def test_preset_without_the_data_says_how_to_fetch(
     )
     assert result.stderr.strip().splitlines()[-1] == expected
     assert not (cache / "msd").exists()  # nothing downloaded at run time
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("Task04_Hipocampus", "Task04_Hippocampus"),
+        ("hippocampus", "Task04_Hippocampus"),
+        ("9", "Task09_Spleen"),
+    ],
+)
+def test_a_misspelt_task_names_the_closest_one(tmp_path: Path, typed: str, meant: str) -> None:
+    """Refused before anything is downloaded or written, with the task meant (a typo, its number or name)."""
+    with pytest.raises(
+        UserError, match=rf"^unknown MSD task '{typed}' \(did you mean {meant}\?\); choose one of "
+    ):
+        fetch_msd(typed, tmp_path)
+    assert list(tmp_path.iterdir()) == []
