@@ -193,6 +193,12 @@ def read(run_dir: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def score_text(value: float | None) -> str:
+    """A score of a record as the command line prints it: four decimals, `none` where the record has none
+    (val_dice is null when no validation case holds a class)."""
+    return "none" if value is None else f"{value:.4f}"
+
+
 def status_of(record: dict[str, Any] | None) -> str | None:
     return None if record is None else record.get("status")
 

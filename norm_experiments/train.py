@@ -49,6 +49,7 @@ from norm_experiments.errors import (
     flush_stdout,
     guard_stdout,
 )
+from norm_experiments.run_record import score_text
 from norm_experiments.safe_io import argument_problem
 
 # Imported where they are used, not here: they bring torch (seconds), which --help does not need.
@@ -146,16 +147,11 @@ def _check_distributed_launch(in_sweep: bool, run_dir: Path) -> None:
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:
     modes = metrics.get("eval_modes") or {}
-    line = f"val_dice={_dice_text(metrics.get('val_dice'))} (eval mode)"
+    line = f"val_dice={score_text(metrics.get('val_dice'))} (eval mode)"
     if modes:
-        line += "  " + "  ".join(f"{mode}={_dice_text(dice)}" for mode, dice in modes.items())
+        line += "  " + "  ".join(f"{mode}={score_text(dice)}" for mode, dice in modes.items())
     print(line)
     print(f"results: {run_dir / 'metrics.json'}   tensorboard --logdir {_logdir(run_dir)}")
-
-
-def _dice_text(value: float | None) -> str:
-    """A score as the summary prints it; none where the record has none (no validation case holds a class)."""
-    return "none" if value is None else f"{value:.4f}"
 
 
 def _logdir(run_dir: Path) -> Path:

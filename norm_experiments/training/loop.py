@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from norm_experiments.errors import UserError
 from norm_experiments.norms import BNStatMonitor, renorm_diagnostics
 from norm_experiments.norms.registry import EVAL_MODES
-from norm_experiments.run_record import Status
+from norm_experiments.run_record import Status, score_text
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
 from norm_experiments.training import record as records
@@ -85,11 +85,10 @@ def train(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict:
         previous = existing_run(run_dir, plan.run_id, cfg)
         distributed.barrier()  # every rank has read the folder before rank 0 writes to it
         if previous is not None:
-            dice = previous.get("val_dice")  # None: no class present in any validation case
             log.info(
                 "%s: already completed (val_dice=%s); nothing to do",
                 run_dir,
-                "none" if dice is None else f"{dice:.4f}",
+                score_text(previous.get("val_dice")),
             )
             return {**previous, "skipped": True}
         save_hydra_files(cfg, run_dir)
