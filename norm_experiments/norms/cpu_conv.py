@@ -313,13 +313,24 @@ def conv3d(
     stride, padding, dilation = _triple(stride), _triple(padding), _triple(dilation)
     out_size = output_size(x, weight, stride, padding, dilation)
     path = conv_path(mode, x, weight, out_size, padding, dilation, groups)
+    if path == "torch":
+        return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    route = _route_outside_graph if torch.compiler.is_compiling() else _route
+    return route(path, x, weight, bias, stride, padding, dilation, groups)
+
+
+def _route(path, x, weight, bias, stride, padding, dilation, groups) -> torch.Tensor:  # noqa: ANN001
+    """The conv through `path` (conv_path's answer other than "torch")."""
     if path == "direct":
         return direct_conv3d(x, weight, bias, stride, padding)
     if path == "onednn":
         return onednn_conv3d(x, weight, bias, stride, padding, dilation, groups)
-    if path == "split":
-        return depth_split_conv3d(x, weight, bias, stride, padding, dilation, groups)
-    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+    return depth_split_conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+# Under trainer.compile the graph breaks here and the route runs eagerly: dynamo cannot trace a oneDNN tensor or
+# the raw mkldnn_convolution op (compiling them failed), and PyTorch's own path at batch 1 is slow_conv3d.
+_route_outside_graph = torch.compiler.disable(_route)
 
 
 class CpuConv3d(nn.Conv3d):

@@ -305,7 +305,9 @@ def build(cfg: DictConfig, plan: Plan, data: DataBundle | None = None) -> Built:
         model.to(memory_format=memory_format)
     net = distributed.wrap_ddp(model, device)
     if cfg.trainer.compile:  # the training forward only; evaluation and saving use the plain module
-        net = torch.compile(net)
+        # Static shapes: every layer sees one shape for the whole run, and inductor's dynamic-shape lowering of
+        # convolution_backward failed on the smoke model at batch 1 on a CPU (ValueRangeError).
+        net = torch.compile(net, dynamic=False)
     lr = scaled_lr(cfg.optim, plan.global_batch)  # the optimizer's batch: all ranks
     optimizer = make_optimizer(cfg.optim, model, lr)
     warmup = int(plan.total_steps * float(cfg.optim.warmup_fraction))

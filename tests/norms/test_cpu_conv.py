@@ -325,3 +325,17 @@ def test_cpu_conv_is_execution_only() -> None:
     """Float rounding only: a run may resume with another setting (as with trainer.num_threads)."""
     base = compose_config(["experiment=smoke"])
     assert run_identity(base) == run_identity(compose_config(["experiment=smoke", "trainer.cpu_conv=torch"]))
+
+
+def test_compiled_training_at_batch_1_runs_and_matches_eager(tmp_path: Path) -> None:
+    """trainer.compile=true at batch 1 on a CPU: dynamo cannot trace the routes (a oneDNN tensor, the raw
+    mkldnn_convolution op), so each runs eagerly behind a graph break; this crashed before (fake-tensor
+    strides, then inductor's dynamic-shape lowering). Compiling changes float rounding only."""
+    losses = {}
+    for compile_ in ("false", "true"):
+        overrides = ["experiment=smoke", "data.batch_size=1", f"trainer.compile={compile_}"]
+        run = built_run(tmp_path / compile_, overrides)
+        images, labels = run.b.sampler.batch(0)
+        losses[compile_] = [float(run.train_step(images, labels)) for _ in range(2)]
+    assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+    assert losses["false"][1] != losses["false"][0]  # the first step changed the weights
