@@ -306,6 +306,17 @@ def validate(cfg: DictConfig, extra: dict[str, Check] | None = None) -> None:
         problem = check(value)
         if problem:
             raise UserError(f"{key}: must be {problem}, got {value!r}")
-    problem = plugin_problem(plain)  # type: ignore[arg-type]
+    problem = plugin_problem(plain) or combination_problem(plain)  # type: ignore[arg-type]
     if problem:
         raise UserError(problem)
+
+
+def combination_problem(plain: dict) -> str | None:
+    """Two keys whose values are each valid but do nothing together (a silently ignored request)."""
+    trainer = plain.get("trainer") or {}
+    if trainer.get("remedy_modes") and not trainer.get("eval_modes", True):
+        return (
+            "trainer.remedy_modes=true: the remedies are scored among the evaluation modes, which "
+            "trainer.eval_modes=false turns off; set trainer.eval_modes=true, or trainer.remedy_modes=false"
+        )
+    return None
