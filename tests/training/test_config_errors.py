@@ -55,7 +55,10 @@ def test_a_wrong_option_key_or_value_is_one_line_exit_2_and_no_folder(
         (["-m", "seed=range(0,3)", "trainer.samples=-1"], "trainer.samples: must be a whole number >= 1"),
         (["data.patch_size=[16,16]"], "data.patch_size: must be a list of 3 whole numbers"),
         # each valid alone; together the remedies were silently not scored
-        (["trainer.eval_modes=false", "trainer.remedy_modes=true"], "trainer.remedy_modes=true: the remedies"),
+        (
+            ["trainer.eval_modes=false", "trainer.remedy_modes=true"],
+            "trainer.remedy_modes=true: the remedies",
+        ),
         (["norm=group", "+trainer.sampels=4"], "trainer.sampels: not a key this project reads; did you mean"),
         (["hydra.job.name=../../x"], "hydra.job.name must be a plain name"),
         (["hydra.output_subdir=.hydra"], "hydra.output_subdir cannot be set"),
