@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments import run_record, safe_io, safe_yaml
 from norm_experiments.errors import UserError
+from norm_experiments.run_names import EXECUTION_KEYS
 from norm_experiments.run_record import Status
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training import distributed
@@ -91,13 +92,28 @@ def _flatten(node: object, prefix: str = "") -> dict[str, object]:
 
 
 def config_diff(old: dict, new: dict) -> list[str]:
-    """Human-readable differences between two resolved configs, as 'key: old -> new'."""
+    """Human-readable differences between two resolved configs, as 'key: old -> new', values spelt as typed
+    (true, null, [16, 16, 16]). Execution-only keys (run_names.EXECUTION_KEYS: trainer.force_resume, ...) are
+    left out: they do not make a run's config another one."""
     a, b = _flatten(old), _flatten(new)
     return [
-        f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
+        f"{k}: {_typed(a.get(k, '<absent>'))} -> {_typed(b.get(k, '<absent>'))}"
         for k in sorted(a.keys() | b.keys())
-        if a.get(k) != b.get(k)
+        if a.get(k) != b.get(k) and not _execution_only(k)
     ]
+
+
+def _execution_only(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in EXECUTION_KEYS)
+
+
+def _typed(value: object) -> str:
+    """A config value as a user types it in an override."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_typed, value)) + "]"
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def existing_run(run_dir: Path, run_id: str, cfg: DictConfig) -> dict | None:
@@ -124,11 +140,12 @@ def existing_run(run_dir: Path, run_id: str, cfg: DictConfig) -> dict | None:
     if (run_dir / RUN_CONFIG).exists():
         old = _saved_config(run_dir / RUN_CONFIG)
         diff = config_diff(old, OmegaConf.to_container(cfg, resolve=True)) if old else []  # type: ignore[arg-type]
+    # force_resume continues an unfinished run only: for a completed one it would be advice that does nothing
+    resume = "" if completed else ", or trainer.force_resume=true to continue it with the new config"
     raise UserError(
         f"{run_dir} holds a {previous.get('status')} run of a different config "
-        f"({'; '.join(diff[:6]) or 'see its run_config.yaml'}). Use another hydra.run.dir, "
-        "trainer.overwrite=true to retrain in place (its result is lost), or trainer.force_resume=true "
-        "to continue an unfinished run with the new config"
+        f"({'; '.join(diff[:6]) or 'see its run_config.yaml'}). Use another hydra.run.dir, or "
+        f"trainer.overwrite=true to retrain in place (its result is lost){resume}"
     )
 
 

@@ -63,6 +63,20 @@ def test_config_diff_lists_changed_added_and_removed_keys() -> None:
     assert config_diff(old, old) == []
 
 
+def test_config_diff_spells_values_as_typed_and_leaves_out_execution_keys() -> None:
+    """The refusal of a run folder listed 'trainer.force_resume: False -> True' first: the flag the user had
+    just added to continue, which changes no run."""
+    old = {
+        "trainer": {"force_resume": False, "amp": True, "num_threads": None},
+        "data": {"patch_size": [16, 16]},
+    }
+    new = {
+        "trainer": {"force_resume": True, "amp": False, "num_threads": 2},
+        "data": {"patch_size": [32, 32]},
+    }
+    assert config_diff(old, new) == ["data.patch_size: [16, 16] -> [32, 32]", "trainer.amp: true -> false"]
+
+
 def test_execution_keys_change_neither_identity_nor_folder_name() -> None:
     base = compose_config(["experiment=smoke"])
     for key in EXECUTION_KEYS:

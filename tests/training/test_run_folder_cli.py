@@ -294,3 +294,17 @@ def test_result_files_follow_the_umask(tmp_path: Path) -> None:
         for name in ("metrics.json", "checkpoint.pt", "model.pt", "best_model.pt", "run_config.yaml"):
             mode = stat.S_IMODE((tmp_path / oct(umask) / name).stat().st_mode)
             assert mode == modes[umask], (oct(umask), name, oct(mode))
+
+
+def test_a_completed_run_of_another_config_lists_only_what_changes_the_run(tmp_path: Path) -> None:
+    """force_resume=true on a completed run: refused, listing the budget change but not the flag itself
+    (printed first before, as 'False -> True'), and no advice to add the flag the user just added."""
+    run_dir = tmp_path / "run"
+    short = ["experiment=smoke", "trainer.samples=8", "trainer.eval_modes=false", f"hydra.run.dir={run_dir}"]
+    assert run_cli(short, tmp_path).returncode == 0
+    record = metrics_of(run_dir)
+
+    result = run_cli([*short, "trainer.samples=16", "trainer.force_resume=true"], tmp_path)
+    assert_clean_failure(result, "holds a completed run of a different config (trainer.samples: 8 -> 16)")
+    assert "force_resume" not in result.stderr, result.stderr
+    assert metrics_of(run_dir) == record
