@@ -2,7 +2,7 @@
 eval mode, on the user's own data?
 
     norm-exp-check weights=model.pt net=unet.yaml data=msd data.root=/data/Task09_Spleen data.batch_size=1
-    norm-exp-check weights=outputs/runs/X/model.pt experiment=smoke norm=batch   # a network of ours
+    norm-exp-check weights=outputs/runs/X   # one of our runs: its model.pt, with the run's own overrides
 
 The network is a Hydra `_target_` config (any MONAI network: a YAML file or inline) or ours (model=, norm= as
 in training); the data options are norm-exp-train's `data` group (configs/check.yaml). It prints
@@ -22,12 +22,13 @@ or the data (one `error:` line).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from norm_experiments import safe_io
-from norm_experiments.command_line import command_line_problem, single_run_argv
+from norm_experiments.command_line import command_line_problem, replay_run_argv, single_run_argv
 from norm_experiments.config import CONFIG_DIR, quoting_problem, register_resolvers
 from norm_experiments.errors import USER_ERROR_EXIT, UserError, flush_stdout, guard_stdout
 
@@ -42,9 +43,28 @@ def hydra_main(cfg: DictConfig) -> None:
     check(cfg)
 
 
+def run_folder_argv(argv: list[str]) -> list[str]:
+    """`weights=RUN_DIR`, one of our run folders: its model.pt, scored with that run's own overrides (model,
+    norm, data, patch size), as norm-exp-explain's trained= reads them; what the command line says after it
+    wins. Anything else given as weights= is left to the weights loader."""
+    given = [a for a in argv[1:] if a.startswith("weights=")]
+    if not given:
+        return argv
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
+    if not (run_dir.is_dir() and (run_dir / ".hydra").is_dir()):
+        return argv
+    if not (run_dir / "model.pt").is_file():
+        raise UserError(
+            f"weights={run_dir}: the run has no model.pt (it is written when the run completes); to check its "
+            f"last checkpoint: weights={run_dir / 'checkpoint.pt'} with the overrides in "
+            f"{run_dir / '.hydra' / 'overrides.yaml'}"
+        )
+    return replay_run_argv(argv, "weights", lambda folder: folder / "model.pt")
+
+
 def main() -> None:
     try:
-        sys.argv = single_run_argv(sys.argv, "norm-exp-check")
+        sys.argv = single_run_argv(run_folder_argv(sys.argv), "norm-exp-check")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.config import CONFIG_DIR, hydra_quote, register_resolvers
 from norm_experiments.errors import UserError
 
 # Hydra flags after which Hydra alone decides what happens (help, printing the config, shell completion,
@@ -58,6 +58,22 @@ def single_run_argv(argv: list[str], command: str) -> list[str]:
     if any(a in _MULTIRUN_FLAGS or a.split("=", 1)[1].strip("'\"") != "RUN" for a in asked):
         raise UserError(f"{command} runs once: drop {' '.join(asked)}")
     return [a for a in argv if a not in asked] + ["hydra.mode=RUN"]
+
+
+def replay_run_argv(argv: list[str], key: str, value: Callable[[Path], Path] | None = None) -> list[str]:
+    """`key=RUN_DIR` (the last one given): that run's own overrides (only plain key=value overrides of
+    configs/, as resume= reads them), then the rest of the command line (which wins), then
+    key=value(RUN_DIR), quoted (run folders of a sweep hold '=' and ','). Unchanged without `key=`."""
+    given = [a for a in argv[1:] if a.startswith(f"{key}=")]
+    if not given:
+        return argv
+    from norm_experiments.training.run_folder import saved_overrides
+
+    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
+    overrides = saved_overrides(run_dir, CONFIG_DIR, key=key)
+    rest = [a for a in argv[1:] if not a.startswith(f"{key}=")]
+    target = value(run_dir) if value else run_dir
+    return [argv[0], *overrides, *rest, f"{key}={hydra_quote(str(target))}"]
 
 
 def command_line_problem(

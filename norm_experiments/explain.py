@@ -25,13 +25,12 @@ Exit status: 0 done, 2 a mistake in the config, the data or the run folder (one 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from norm_experiments.command_line import command_line_problem, single_run_argv
-from norm_experiments.config import CONFIG_DIR, hydra_quote, quoting_problem, register_resolvers
+from norm_experiments.command_line import command_line_problem, replay_run_argv, single_run_argv
+from norm_experiments.config import CONFIG_DIR, quoting_problem, register_resolvers
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
 
 # The body (explain_batchnorm.py) brings torch and MONAI (seconds): imported when it runs, not for --help.
@@ -46,17 +45,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def trained_argv(argv: list[str]) -> list[str]:
-    """`trained=RUN_DIR`: that run's own overrides (only plain key=value overrides of configs/, as resume=
-    reads them), in one run (not its sweep), then the rest of the command line."""
-    given = [a for a in argv[1:] if a.startswith("trained=")]
-    if not given:
-        return argv
-    from norm_experiments.training.run_folder import saved_overrides
-
-    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
-    overrides = saved_overrides(run_dir, CONFIG_DIR, key="trained")
-    rest = [a for a in argv[1:] if not a.startswith("trained=")]
-    return [argv[0], *overrides, *rest, "hydra.mode=RUN", f"trained={hydra_quote(str(run_dir))}"]
+    """`trained=RUN_DIR`: that run's own overrides (command_line.replay_run_argv), then the rest."""
+    return replay_run_argv(argv, "trained")
 
 
 def main() -> None:

@@ -244,6 +244,12 @@ def test_dynunet_of_ours_at_batch_1_reproduces_its_eval_modes_with_intervals(tmp
         assert verdict in {"better", "worse", "equivalent", "inconclusive"}
     assert "What " in out and " cases can show: a true gap of " in out
 
+    # The run's folder alone: its model.pt, scored with the run's own overrides (dynunet, batch 1).
+    by_folder = run_check(["weights=run"], tmp_path)
+    assert by_folder.returncode == 0, (by_folder.stdout + by_folder.stderr)[-3000:]
+    assert "Checking run/model.pt (network: ours, model=dynunet, norm=batch)" in by_folder.stdout
+    assert scores(by_folder.stdout) == scores(out)
+
 
 # ------------------------------------------------------------------------------------------ bad inputs
 
@@ -345,6 +351,18 @@ def test_a_weights_path_of_a_sweep_run_says_how_to_quote_it(tmp_path: Path) -> N
     assert result.returncode == 2, result.stderr
     assert "quote it as \"weights='" + weights + "'\"" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unfinished_run_folder_as_weights_is_one_line(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=smoke\n")
+    (run / "checkpoint.pt").write_bytes(b"")
+    result = run_check(["weights=run"], tmp_path)
+    assert one_error_line(result) == (
+        "error: weights=run: the run has no model.pt (it is written when the run completes); to check its "
+        "last checkpoint: weights=run/checkpoint.pt with the overrides in run/.hydra/overrides.yaml"
+    )
 
 
 def test_missing_keys_are_named(tmp_path: Path, monkeypatch, capsys) -> None:
