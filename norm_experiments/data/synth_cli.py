@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = generate_dataset(a.out_dir, cfg, a.layout)
     shape = "x".join(map(str, cfg.shape))
-    print(
-        f"wrote {cfg.num_cases} cases ({a.layout} layout, {shape} voxels, {cfg.num_classes} classes) to {out}"
-    )
+    cases = f"{cfg.num_cases} case{'s' if cfg.num_cases != 1 else ''}"
+    classes = f"{cfg.num_classes} foreground class{'es' if cfg.num_classes != 1 else ''}"
+    print(f"wrote {cases} ({a.layout} layout, {shape} voxels, {classes}) to {out}")
 
 
 if __name__ == "__main__":

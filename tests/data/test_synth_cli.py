@@ -26,7 +26,7 @@ def test_cli_writes_a_dataset(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 1 and "wrote 2 cases" in lines[0] and str(out) in lines[0]
+    assert lines == [f"wrote 2 cases (nnunet layout, 16x16x12 voxels, 3 foreground classes) to {out}"]
     assert (out / "dataset.json").is_file()
     assert (out / "imagesTr" / "synth_001_0000.nii.gz").is_file()
     cases, info = find_cases("nnunet", out)
