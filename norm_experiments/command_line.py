@@ -128,6 +128,15 @@ def _check_modes(argv: list[str]) -> None:
             f"{' and '.join(given)}: Hydra does one of them at a time (e.g. drop --multirun to print one run's "
             "config with --cfg job)"
         )
+    # Hydra's own ValueError and traceback before, for the flag alone
+    if "--shell-completion" in given and not any(a.startswith(_COMPLETION_ACTIONS) for a in argv):
+        raise UserError(
+            "--shell-completion: say what to do: --shell-completion install=bash (or fish; print the script "
+            "to source), or uninstall=bash"
+        )
+
+
+_COMPLETION_ACTIONS = ("install=", "uninstall=", "query=")
 
 
 def _check(

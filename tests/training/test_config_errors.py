@@ -66,6 +66,8 @@ def test_a_wrong_option_key_or_value_is_one_line_exit_2_and_no_folder(
         # Hydra's own ValueError and traceback before: two of its modes at once
         (["-m", "seed=0,1", "--cfg", "job"], "--cfg and --multirun: Hydra does one of them at a time"),
         (["--info", "-m", "seed=0"], "--info and --multirun: Hydra does one of them at a time"),
+        (["--shell-completion"], "--shell-completion: say what to do: --shell-completion install=bash"),
+        (["-sc"], "--shell-completion: say what to do"),
         # the sweep's folder is outputs/sweeps/<name>: ../x would be outputs/x
         (["-m", "seed=0", "name=../escape"], "name: must be a folder name under outputs/sweeps/"),
         (["-m", "seed=0", "name=/tmp/mine"], "no leading '/'), got '/tmp/mine'"),
@@ -91,6 +93,7 @@ def test_command_line_problems_name_the_closest_valid_names(argv: list[str], nee
         ["+trainer.num_threads=1"],
         ["trainer.num_threads=1", "hydra.job.name=myjob"],
         ["--cfg", "job", "norm=gruop"],  # Hydra prints the config or its own refusal
+        ["--shell-completion", "install=bash"],
         ["model=tiny", "hydra.searchpath=[file:///my/plugins]"],  # a plug-in's config folder: Hydra finds it
     ],
 )
