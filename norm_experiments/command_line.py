@@ -99,6 +99,7 @@ def check_command_line(
 ) -> None:
     """command_line_problem's checks, raising UserError; any other exception is a bug of the check."""
     _check_modes(argv)
+    _check_config_dirs(argv)
     if any(arg.split("=", 1)[0] in _HYDRA_ONLY_FLAGS for arg in argv):
         return
     if any(arg.lstrip("+").startswith("hydra.searchpath=") for arg in argv):
@@ -137,6 +138,19 @@ def _check_modes(argv: list[str]) -> None:
 
 
 _COMPLETION_ACTIONS = ("install=", "uninstall=", "query=")
+
+
+def _check_config_dirs(argv: list[str]) -> None:
+    """--config-dir DIR (docs/howto/sweeps.md: your own experiment files) names an existing folder, relative
+    to the current one as Hydra reads it; Hydra's own refusal is three lines and exit status 1."""
+    for i, arg in enumerate(argv):
+        flag, _, value = arg.partition("=")
+        if flag not in ("--config-dir", "-cd"):
+            continue
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value and not Path(value).expanduser().is_dir():
+            raise UserError(f"{flag} {value}: no such folder (from {Path.cwd()})")
 
 
 def _check(
