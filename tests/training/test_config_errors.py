@@ -68,7 +68,10 @@ def test_a_wrong_option_key_or_value_is_one_line_exit_2_and_no_folder(
         (["--info", "-m", "seed=0"], "--info and --multirun: Hydra does one of them at a time"),
         (["--shell-completion"], "--shell-completion: say what to do: --shell-completion install=bash"),
         (["-sc"], "--shell-completion: say what to do"),
-        (["--config-dir", "no_such_folder", "experiment=mine"], "--config-dir no_such_folder: no such folder"),
+        (
+            ["--config-dir", "no_such_folder", "experiment=mine"],
+            "--config-dir no_such_folder: no such folder",
+        ),
         (["--config-dir=/no/such/folder"], "--config-dir /no/such/folder: no such folder"),
         # the sweep's folder is outputs/sweeps/<name>: ../x would be outputs/x
         (["-m", "seed=0", "name=../escape"], "name: must be a folder name under outputs/sweeps/"),
