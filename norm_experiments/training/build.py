@@ -306,7 +306,10 @@ def build(cfg: DictConfig, plan: Plan, data: DataBundle | None = None) -> Built:
     net = distributed.wrap_ddp(model, device)
     if cfg.trainer.compile:  # the training forward only; evaluation and saving use the plain module
         # Static shapes: every layer sees one shape for the whole run, and inductor's dynamic-shape lowering of
-        # convolution_backward failed on the smoke model at batch 1 on a CPU (ValueRangeError).
+        # convolution_backward failed on the smoke model at batch 1 on a CPU (ValueRangeError). There the conv
+        # routes break the graph between layers, so a block's code meets one shape per layer: dynamo's default
+        # of 8 compilations per code object fell back to eager, with five warning lines each, on nnU-Net's.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         net = torch.compile(net, dynamic=False)
     lr = scaled_lr(cfg.optim, plan.global_batch)  # the optimizer's batch: all ranks
     optimizer = make_optimizer(cfg.optim, model, lr)

@@ -338,4 +338,7 @@ def test_compiled_training_at_batch_1_runs_and_matches_eager(tmp_path: Path) -> 
         images, labels = run.b.sampler.batch(0)
         losses[compile_] = [float(run.train_step(images, labels)) for _ in range(2)]
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-5)
+    # A compile per layer shape (the routes break the graph between layers): nnU-Net's network at 32^3 hit
+    # dynamo's default limit of 8 and fell back to eager with warnings.
+    assert torch._dynamo.config.recompile_limit >= 64
     assert losses["false"][1] != losses["false"][0]  # the first step changed the weights
