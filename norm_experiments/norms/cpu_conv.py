@@ -315,7 +315,10 @@ def conv3d(
     path = conv_path(mode, x, weight, out_size, padding, dilation, groups)
     if path == "torch":
         return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
-    route = _route_outside_graph if torch.compiler.is_compiling() else _route
+    # Under trainer.compile the graph breaks here and the route runs eagerly: dynamo cannot trace a oneDNN tensor
+    # or the raw mkldnn_convolution op (compiling them failed), and PyTorch's own path at batch 1 is
+    # slow_conv3d. Wrapped only while compiling: torch.compiler.disable imports dynamo, slow for every start.
+    route = torch.compiler.disable(_route) if torch.compiler.is_compiling() else _route
     return route(path, x, weight, bias, stride, padding, dilation, groups)
 
 
@@ -326,11 +329,6 @@ def _route(path, x, weight, bias, stride, padding, dilation, groups) -> torch.Te
     if path == "onednn":
         return onednn_conv3d(x, weight, bias, stride, padding, dilation, groups)
     return depth_split_conv3d(x, weight, bias, stride, padding, dilation, groups)
-
-
-# Under trainer.compile the graph breaks here and the route runs eagerly: dynamo cannot trace a oneDNN tensor or
-# the raw mkldnn_convolution op (compiling them failed), and PyTorch's own path at batch 1 is slow_conv3d.
-_route_outside_graph = torch.compiler.disable(_route)
 
 
 class CpuConv3d(nn.Conv3d):
