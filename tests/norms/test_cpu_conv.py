@@ -6,6 +6,8 @@ CPU; every conv the U-Net builds carries the trainer.cpu_conv setting."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -342,3 +344,14 @@ def test_compiled_training_at_batch_1_runs_and_matches_eager(tmp_path: Path) -> 
     # dynamo's default limit of 8 and fell back to eager with warnings.
     assert torch._dynamo.config.recompile_limit >= 64
     assert losses["false"][1] != losses["false"][0]  # the first step changed the weights
+
+
+def test_training_does_not_load_dynamo_unless_it_compiles() -> None:
+    """torch.compiler.disable loads torch._dynamo (seconds at every start); the routes take it only while
+    compiling. It was applied at import, so every command paid for it."""
+    code = (
+        "import sys, norm_experiments.training.build, norm_experiments.training.loop\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]
