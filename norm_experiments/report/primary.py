@@ -136,12 +136,14 @@ def power_text(found: Answer, design: Design) -> str:
         return "no look yet: fewer than 2 seeds on both sides"
     est, q = look.estimate, found.question
     detect = detectable_difference(est.se, est.df, look.level)
-    at_gap = power_two_sided(GAP / est.se, est.df, look.level) if est.se > 0 else 1.0
     unit = "" if q.metric == "val_dice" else " mm"
     text = (
         f"{100 * POWER:.0f} % for a difference of {detect:.3f}{unit} (exact noncentral t, α' = {look.level:.3g}, "
-        f"SE {est.se:.4f}, df {est.df:.1f}); a difference of {GAP}{unit}: {100 * at_gap:.0f} %"
+        f"SE {est.se:.4f}, df {est.df:.1f})"
     )
+    if q.metric == "val_dice":  # GAP is a Dice difference (0.05 mm of HD95 would be no reference)
+        at_gap = power_two_sided(GAP / est.se, est.df, look.level) if est.se > 0 else 1.0
+        text += f"; a difference of {GAP}: {100 * at_gap:.0f} %"
     if found.decided:
         return text
     last = len(design.looks) - 1

@@ -129,3 +129,20 @@ def test_the_largest_component_side_reads_its_own_scores(tmp_path, write_run):
     assert Question(
         "q", "", Side("instance", 1, "model_lcc"), Side("instance", 1), "val_dice", 0.02
     ).a.label() == ("instance (largest component), bs 1")
+
+
+def test_the_power_line_states_the_dice_reference_gap_for_dice_only(tmp_path, write_run):
+    """Every Dice question's power line also gives the power at a 0.05 difference; an HD95 question's said
+    'a difference of 0.05 mm: 1 %', a reference that means nothing in mm."""
+    import dataclasses
+
+    from norm_experiments.report.primary import power_text
+
+    report = build_report([sweep(tmp_path, write_run, range(5))])
+    (primary,) = report.analysis.primary
+    gap = primary.answers[0]
+    assert "; a difference of 0.05: " in power_text(gap, primary.design)
+    in_mm = dataclasses.replace(gap, question=dataclasses.replace(gap.question, metric="val_hd95"))
+    text = power_text(in_mm, primary.design)
+    assert text.startswith("80 % for a difference of ") and " mm (exact noncentral t" in text
+    assert "0.05" not in text
