@@ -83,8 +83,21 @@ def test_window_dice_and_a_volume_measured_window_by_window():
 
 def test_a_run_without_batchnorm_is_refused_in_one_line(tmp_path, synthetic_cache, monkeypatch):
     monkeypatch.setenv("NORM_EXP_CACHE", str(synthetic_cache))
+    (tmp_path / "model.pt").write_bytes(b"")  # the norm is refused before the weights are read
     with pytest.raises(UserError, match="its norm is instance; this measures running statistics"):
         explain_trained(compose_config([*SMOKE, "norm=instance"]), tmp_path)
+
+
+def test_an_unfinished_run_is_named_before_the_data_loads(tmp_path, monkeypatch):
+    """A run folder without model.pt said '.../model.pt: no such file', after loading the data."""
+    monkeypatch.setenv("NORM_EXP_CACHE", str(tmp_path / "no_cache"))  # the data would be generated here
+    with pytest.raises(UserError) as found:
+        explain_trained(compose_config([*SMOKE, "norm=batch"]), tmp_path)
+    assert str(found.value) == (
+        f"trained={tmp_path}: the run has no model.pt (it is written when the run completes); this measures a "
+        "finished run's network"
+    )
+    assert not (tmp_path / "no_cache").exists()
 
 
 @pytest.mark.slow
