@@ -22,14 +22,13 @@ or the data (one `error:` line).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from norm_experiments import safe_io
 from norm_experiments.command_line import command_line_problem, replay_run_argv, single_run_argv
-from norm_experiments.config import CONFIG_DIR, quoting_problem, register_resolvers
+from norm_experiments.config import CONFIG_DIR, path_argument, quoting_problem, register_resolvers
 from norm_experiments.errors import USER_ERROR_EXIT, UserError, flush_stdout, guard_stdout
 
 # The body (check_network.py) brings torch and MONAI (seconds): imported when the check runs, not for --help.
@@ -50,7 +49,7 @@ def run_folder_argv(argv: list[str]) -> list[str]:
     given = [a for a in argv[1:] if a.startswith("weights=")]
     if not given:
         return argv
-    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
+    run_dir = path_argument(given[-1])
     if not (run_dir.is_dir() and (run_dir / ".hydra").is_dir()):
         return argv
     if not (run_dir / "model.pt").is_file():

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from norm_experiments.config import CONFIG_DIR, hydra_quote, register_resolvers
+from norm_experiments.config import CONFIG_DIR, hydra_quote, path_argument, register_resolvers
 from norm_experiments.errors import UserError
 
 # Hydra flags after which Hydra alone decides what happens (help, printing the config, shell completion,
@@ -69,7 +69,7 @@ def replay_run_argv(argv: list[str], key: str, value: Callable[[Path], Path] | N
         return argv
     from norm_experiments.training.run_folder import saved_overrides
 
-    run_dir = Path(given[-1].split("=", 1)[1]).expanduser()
+    run_dir = path_argument(given[-1])
     overrides = saved_overrides(run_dir, CONFIG_DIR, key=key)
     rest = [a for a in argv[1:] if not a.startswith(f"{key}=")]
     target = value(run_dir) if value else run_dir

@@ -51,6 +51,22 @@ def validate_config(cfg: DictConfig, extra: dict | None = None) -> None:
             raise UserError(f"data.root: dataset folder does not exist: {root}")
 
 
+def path_argument(arg: str) -> Path:
+    """The folder or file of a `key=PATH` argument (resume=, trained=, weights=), as Hydra would read it when the
+    user quoted it (`resume='outputs/sweeps/s/norm=batch/seed=0'`, as our quoting advice says), else as typed:
+    an unquoted run folder of a sweep holds '=' and ',' that Hydra's grammar refuses, and is taken literally."""
+    raw = arg.split("=", 1)[1]
+    if raw[:1] in ("'", '"'):
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        try:
+            value = OverridesParser.create().parse_override(arg).value()
+        except Exception:  # noqa: BLE001 - not Hydra's grammar after all: the text as typed
+            value = raw
+        raw = value if isinstance(value, str) else raw
+    return Path(raw).expanduser()
+
+
 def hydra_quote(value: str) -> str:
     """`value` as a single-quoted string of Hydra's override grammar, which reads it back unchanged: a quote
     is escaped, and so are the backslashes right before a quote or at the end (elsewhere one is itself)."""

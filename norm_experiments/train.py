@@ -35,6 +35,7 @@ from norm_experiments.config import (
     CONFIG_DIR,
     hydra_quote,
     output_dir_problem,
+    path_argument,
     quoting_problem,
     register_resolvers,
     validate_config,
@@ -217,7 +218,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     resume = [a for a in argv[1:] if a.startswith("resume=")]
     if not resume:
         return argv
-    run_dir = Path(resume[-1].split("=", 1)[1]).expanduser()
+    run_dir = path_argument(resume[-1])
     from norm_experiments.training.run_folder import saved_overrides
 
     # Only plain key=value overrides of configs/ (run_folder.saved_overrides): the folder may be someone

@@ -249,6 +249,9 @@ def test_dynunet_of_ours_at_batch_1_reproduces_its_eval_modes_with_intervals(tmp
     assert by_folder.returncode == 0, (by_folder.stdout + by_folder.stderr)[-3000:]
     assert "Checking run/model.pt (network: ours, model=dynunet, norm=batch)" in by_folder.stdout
     assert scores(by_folder.stdout) == scores(out)
+    # Its model file without the run's overrides builds another network: the line names the folder to give.
+    line = one_error_line(run_check(["weights=run/model.pt", "experiment=smoke"], tmp_path))
+    assert line.endswith("; one of our runs: give its folder, weights=run, to build the run's own network")
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

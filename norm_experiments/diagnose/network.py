@@ -479,6 +479,13 @@ def channel_count_mismatch(
     return None
 
 
+def _run_folder_hint(path: Path) -> str:
+    """A model file of one of our runs, given without the run's overrides: say how to check it with them."""
+    if (path.parent / ".hydra" / "overrides.yaml").is_file():
+        return f"; one of our runs: give its folder, weights={path.parent}, to build the run's own network"
+    return ""
+
+
 def load_into(net: Network, path: Path, weights: dict, data: DataBundle) -> None:
     num_channels, num_classes = data.info.num_channels, len(data.info.labels)
     weights = unwrap_keys(weights, net.model)
@@ -489,6 +496,7 @@ def load_into(net: Network, path: Path, weights: dict, data: DataBundle) -> None
             raise UserError(f"{path}: {counts} ({data.info.root})")
         raise UserError(
             f"{path}: the weights do not match the network ({net.description}): {'; '.join(problems)}"
+            f"{_run_folder_hint(path)}"
         )
     try:
         net.model.load_state_dict(weights)

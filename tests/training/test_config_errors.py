@@ -305,6 +305,27 @@ def test_resume_replays_neither_overwrite_nor_trust(tmp_path: Path) -> None:
     assert OverridesParser.create().parse_override(argv[-1]).value() == str(run_dir)
 
 
+def test_run_folder_arguments_may_be_quoted_as_hydra_reads_them(tmp_path: Path) -> None:
+    """Our quoting advice for a sweep run's path ("weights='.../norm=batch/seed=0/model.pt'") was followed for
+    its folder too, and resume=, trained= and weights= took the quotes as part of the path ('no such folder')."""
+    from norm_experiments.check import run_folder_argv
+    from norm_experiments.config import hydra_quote, path_argument
+    from norm_experiments.explain import trained_argv
+
+    run_dir = tmp_path / "sweep" / "norm=batch" / "data.batch_size=1,seed=0"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- experiment=smoke\n- norm=batch\n")
+    (run_dir / "model.pt").write_bytes(b"")
+    for typed in (str(run_dir), hydra_quote(str(run_dir)), f'"{run_dir}"'):
+        assert path_argument(f"resume={typed}") == run_dir, typed
+        assert resume_argv(["prog", f"resume={typed}"])[1:3] == ["experiment=smoke", "norm=batch"]
+        assert trained_argv(["prog", f"trained={typed}"])[1:3] == ["experiment=smoke", "norm=batch"]
+        checked = run_folder_argv(["prog", f"weights={typed}"])
+        assert checked[1:3] == ["experiment=smoke", "norm=batch"]
+        assert checked[-1] == f"weights={hydra_quote(str(run_dir / 'model.pt'))}"
+    assert path_argument("trained=~/x") == Path.home() / "x"
+
+
 def test_a_sweep_subdir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     """Hydra used to fail with a traceback creating the run folder over a file."""
     from norm_experiments.config import output_dir_problem
