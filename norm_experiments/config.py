@@ -64,6 +64,8 @@ def path_argument(arg: str) -> Path:
         except Exception:  # noqa: BLE001 - not Hydra's grammar after all: the text as typed
             value = raw
         raw = value if isinstance(value, str) else raw
+    if not raw:  # Path("") is the current folder: the line would name "." as the folder given
+        raise UserError(f"{arg}: empty; give a path")
     return Path(raw).expanduser()
 
 

@@ -324,6 +324,9 @@ def test_run_folder_arguments_may_be_quoted_as_hydra_reads_them(tmp_path: Path) 
         assert checked[1:3] == ["experiment=smoke", "norm=batch"]
         assert checked[-1] == f"weights={hydra_quote(str(run_dir / 'model.pt'))}"
     assert path_argument("trained=~/x") == Path.home() / "x"
+    for empty in ("resume=", "resume=''"):  # Path("") is ".": the line named the current folder
+        with pytest.raises(UserError, match=f"^{empty}: empty; give a path$"):
+            path_argument(empty)
 
 
 def test_a_sweep_subdir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
