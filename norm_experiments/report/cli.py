@@ -13,7 +13,7 @@ from norm_experiments.report.analysis import DEFAULT_REFERENCE
 from norm_experiments.report.collect import collect
 from norm_experiments.report.provenance import header_lines
 from norm_experiments.report.verdicts import DEFAULT_MARGIN, HD95_MARGIN, default_margin
-from norm_experiments.safe_io import os_reason
+from norm_experiments.safe_io import UnsafeFile, os_reason, read_text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +56,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def doc_target_problem(doc: Path) -> str | None:
+    """--doc replaces FILE.md and FILE.html: refuse when either exists and is not a report of ours (the user's
+    notes, a README), whose content would be lost. Ours carry the header line provenance.header_lines writes."""
+    for path in (doc, doc.with_suffix(".html")):
+        if not (path.exists() or path.is_symlink()):
+            continue
+        try:
+            head = read_text(path, MAX_DOC_BYTES)[:_HEAD_CHARS]
+        except (UnsafeFile, OSError):  # a folder, a FIFO, a huge or binary file: not a report of ours
+            head = ""
+        if not ("Written by" in head and "norm-exp-report" in head):
+            return (
+                f"--doc {doc}: {path} exists and was not written by norm-exp-report; the report would replace "
+                "it: choose another file, or move it away"
+            )
+    return None
+
+
+MAX_DOC_BYTES = 64 * 2**20  # far above any report (docs/results.html embeds its plots)
+_HEAD_CHARS = 4000  # the header is the document's first lines
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     # A full disk on stdout: one line, not a traceback; a closed pipe (`| head`, `| true`): the reader wants no
@@ -64,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     header = None
     if args.doc is not None:
+        problem = doc_target_problem(args.doc)
+        if problem:
+            raise UserError(problem)
         given = sys.argv[1:] if argv is None else argv
         header = header_lines(collect(args.sweep_dirs), shlex.join(["norm-exp-report", *given]))
     try:

@@ -339,6 +339,33 @@ def test_a_hydra_multirun_yaml_names_the_sweep_command(small_sweep: Path, tmp_pa
     assert "Runs made by `norm-exp-train norm=batch,group seed=0,1,2`" in doc.read_text()
 
 
+@pytest.mark.parametrize("suffix", [".md", ".html"])
+def test_doc_never_replaces_a_file_the_report_did_not_write(
+    suffix: str, small_sweep: Path, tmp_path: Path, capsys
+) -> None:
+    """`--doc notes.md` replaced the user's notes.md (and notes.html) with the report; a report of ours is
+    still written over, as `--doc docs/results.md` regenerates the project's own."""
+    doc = tmp_path / "notes.md"
+    theirs = doc.with_suffix(suffix)
+    theirs.write_text("my notes\n")
+    code, _, stderr = run_main([str(small_sweep), "--doc", str(doc)], capsys)
+    assert code == 2 and stderr.strip() == (
+        f"error: --doc {doc}: {theirs} exists and was not written by norm-exp-report; the report would "
+        "replace it: choose another file, or move it away"
+    )
+    assert theirs.read_text() == "my notes\n" and not (tmp_path / "notes").exists()
+
+    theirs.unlink()
+    assert run_main([str(small_sweep), "--doc", str(doc)], capsys)[0] == 0
+    first = doc.read_text()
+    assert run_main([str(small_sweep), "--doc", str(doc)], capsys)[0] == 0  # ours: written again
+
+    def body(text: str) -> list[str]:  # but the line with the time it was written
+        return [line for line in text.splitlines() if not line.startswith("- Written by")]
+
+    assert body(doc.read_text()) == body(first) and doc.with_suffix(".html").exists()
+
+
 # --------------------------------------------------------------------------------- full disks, closed pipes
 
 
