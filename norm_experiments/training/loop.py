@@ -177,6 +177,10 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Ctrl-C while the data loads raises KeyboardInterrupt (nothing written yet; train.py says so).
         self.built = build(self.cfg, self.plan)
+        if self.cfg.trainer.amp is True and self.built.amp is None:  # asked for, and not given: say so
+            log.info(
+                "trainer.amp=true: autocast is for CUDA here; on %s this run trains in float32", self.b.device
+            )
         resumed = self.restore_checkpoint()
         stop = StopRequest()
         # From here on SIGTERM/SIGINT only ask the loop to stop after a step; the handlers stay installed

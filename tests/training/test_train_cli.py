@@ -142,6 +142,15 @@ def test_accumulation_at_batch_1_with_batchnorm_runs_through_the_cli(tmp_path: P
     assert set(metrics["per_case"]) == {"running", "precise", "batch", "running_lcc"}
 
 
+def test_amp_asked_for_on_a_cpu_says_it_trains_in_float32(tmp_path: Path) -> None:
+    """trainer.amp=true on a CPU trained in float32 without a word (autocast here is CUDA's)."""
+    args = [*SMOKE, "trainer.amp=true", "trainer.eval_modes=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = "trainer.amp=true: autocast is for CUDA here; on cpu this run trains in float32"
+    assert line in result.stdout + result.stderr
+
+
 def test_same_command_again_skips_the_completed_run(smoke_run: tuple[Path, Path]) -> None:
     cwd, run_dir = smoke_run
     before = (run_dir / "metrics.json").read_text()
