@@ -70,15 +70,20 @@ def choice(*options: Any) -> Check:
         return (
             None
             if value in options and type(value) is not float
-            else "one of " + ", ".join(_yaml_word(o) for o in options)
+            else "one of " + ", ".join(typed(o) for o in options)
         )
 
     return check
 
 
-def _yaml_word(option: Any) -> str:
-    """An option as a user types it on the command line: true / false, not Python's True / False."""
-    return str(option).lower() if isinstance(option, bool) else str(option)
+def typed(value: Any) -> str:
+    """A config value as a user types it in an override: true / false / null and [16, 16, 16], not Python's
+    True / False / None."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(typed, value)) + "]"
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def registered(kind: str) -> Check:

@@ -301,9 +301,8 @@ def train_command() -> str:
 
 def explain_trained(cfg: DictConfig, run_dir: Path) -> None:
     """The trained network of a finished run, window by window (diagnose/trained.py)."""
-    if not (
-        run_dir / ckpt.FINAL_WEIGHTS
-    ).exists():  # before the data loads (a FIFO or a link: the loader's line)
+    # Said before the data loads; a FIFO or a link in its place gets the weights loader's own line.
+    if not (run_dir / ckpt.FINAL_WEIGHTS).exists():
         raise UserError(
             f"trained={run_dir}: the run has no {ckpt.FINAL_WEIGHTS} (it is written when the run completes); "
             "this measures a finished run's network"

@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from norm_experiments import run_record, safe_io, safe_yaml
+from norm_experiments.config_schema import typed
 from norm_experiments.errors import UserError
 from norm_experiments.run_names import EXECUTION_KEYS
 from norm_experiments.run_record import Status
@@ -97,7 +98,7 @@ def config_diff(old: dict, new: dict) -> list[str]:
     left out: they do not make a run's config another one."""
     a, b = _flatten(old), _flatten(new)
     return [
-        f"{k}: {_typed(a.get(k, '<absent>'))} -> {_typed(b.get(k, '<absent>'))}"
+        f"{k}: {typed(a.get(k, '<absent>'))} -> {typed(b.get(k, '<absent>'))}"
         for k in sorted(a.keys() | b.keys())
         if a.get(k) != b.get(k) and not _execution_only(k)
     ]
@@ -105,15 +106,6 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 def _execution_only(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in EXECUTION_KEYS)
-
-
-def _typed(value: object) -> str:
-    """A config value as a user types it in an override."""
-    if isinstance(value, list):
-        return "[" + ", ".join(map(_typed, value)) + "]"
-    if value is None:
-        return "null"
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def existing_run(run_dir: Path, run_id: str, cfg: DictConfig) -> dict | None:
