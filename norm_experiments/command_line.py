@@ -61,17 +61,17 @@ def single_run_argv(argv: list[str], command: str) -> list[str]:
 
 
 def replay_run_argv(argv: list[str], key: str, value: Callable[[Path], Path] | None = None) -> list[str]:
-    """`key=RUN_DIR` (the last one given): that run's own overrides (only plain key=value overrides of
-    configs/, as resume= reads them), then the rest of the command line (which wins), then
+    """`key=RUN_DIR` (the last one given): that run's own overrides (as resume= replays them:
+    run_folder.replayable_overrides), then the rest of the command line (which wins), then
     key=value(RUN_DIR), quoted (run folders of a sweep hold '=' and ','). Unchanged without `key=`."""
     given = [a for a in argv[1:] if a.startswith(f"{key}=")]
     if not given:
         return argv
-    from norm_experiments.training.run_folder import saved_overrides
+    from norm_experiments.training.run_folder import replayable_overrides
 
     run_dir = path_argument(given[-1])
-    overrides = saved_overrides(run_dir, CONFIG_DIR, key=key)
     rest = [a for a in argv[1:] if not a.startswith(f"{key}=")]
+    overrides = replayable_overrides(run_dir, CONFIG_DIR, key, rest)
     target = value(run_dir) if value else run_dir
     return [argv[0], *overrides, *rest, f"{key}={hydra_quote(str(target))}"]
 

@@ -219,16 +219,13 @@ def resume_argv(argv: list[str]) -> list[str]:
     if not resume:
         return argv
     run_dir = path_argument(resume[-1])
-    from norm_experiments.training.run_folder import saved_overrides
+    from norm_experiments.training.run_folder import replayable_overrides
 
-    # Only plain key=value overrides of configs/ (run_folder.saved_overrides): the folder may be someone
-    # else's, and its file becomes part of this command line.
-    overrides = saved_overrides(run_dir, CONFIG_DIR)
-    # One-time instructions are never replayed: the trust opt-in holds for one load, and overwrite=true would
-    # discard the very checkpoint a resume continues from.
-    once = ("trainer.trust_checkpoint=", "trainer.overwrite=")
-    overrides = [o for o in overrides if not o.lstrip("+~").startswith(once)]
+    # Only plain key=value overrides of norm-exp-train's configs, never a one-time instruction or where to
+    # write (run_folder.replayable_overrides): the folder may be someone else's, and its file becomes part of
+    # this command line.
     rest = [a for a in argv[1:] if not a.startswith("resume=")]
+    overrides = replayable_overrides(run_dir, CONFIG_DIR, "resume", rest)
     # hydra.mode=RUN: a run of a sweep preset is resumed alone, not its whole sweep.
     # Quoted: run folder names hold '=' and ',' that Hydra's override grammar would otherwise parse.
     return [argv[0], *overrides, *rest, "hydra.mode=RUN", f"hydra.run.dir={hydra_quote(str(run_dir))}"]

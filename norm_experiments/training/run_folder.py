@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import socket
@@ -198,6 +199,38 @@ _OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _PLAIN_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_.]*\}")  # ${data.batch_size}: another key's value
 
 
+# One-time instructions are never replayed from a run folder: the trust opt-in holds for one load, and
+# overwrite=true would discard the very checkpoint a resume continues from.
+ONE_TIME_KEYS = ("trainer.trust_checkpoint", "trainer.overwrite")
+# Keys that name where to write: a run folder may be someone else's, so it never decides where this process
+# writes. Replayed only when the command line gives the key again (the user's own choice, which wins).
+WRITE_LOCATION_KEYS = ("data.cache_dir",)
+
+
+def replayable_overrides(run_dir: Path, config_dir: Path, key: str, command_line: list[str]) -> list[str]:
+    """The overrides of the run in run_dir that `key`=run_dir replays before `command_line` (the rest of the
+    command line): saved_overrides without the one-time instructions; a key that names where to write is
+    refused unless the command line gives it too."""
+    replayed = []
+    for override in saved_overrides(run_dir, config_dir, key):
+        name = _override_key(override)
+        if name in ONE_TIME_KEYS:
+            continue
+        given = any(_override_key(arg) == name for arg in command_line)
+        if name in WRITE_LOCATION_KEYS and not given:
+            raise UserError(
+                f"{key}={run_dir}: {run_dir / '.hydra' / OVERRIDES} sets {override}, a folder to write in, which "
+                f"is never taken from a run folder; give {name}=... on the command line if that folder is yours"
+            )
+        replayed.append(override)
+    return replayed
+
+
+def _override_key(override: str) -> str:
+    """The key of a `key=value` command-line override, without Hydra's +, ++ or ~ prefix."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def saved_overrides(run_dir: Path, config_dir: Path, key: str = "resume") -> list[str]:
     """The overrides of the run in run_dir, each checked to be a plain key=value of the configs in
     config_dir; raises UserError naming the argument (`key`=run_dir), the file and the first line it refuses."""
@@ -239,8 +272,20 @@ def _override_problem(override: str, config_dir: Path) -> str | None:
     key = parsed.key_or_group
     if key == "hydra" or key.startswith(("hydra.", "hydra/")):
         return never
+    root = re.split(r"[./]", key, maxsplit=1)[0]
+    if root not in _training_roots(config_dir):  # check's trust_weights=, save_predictions=, explain's keys
+        return f"{never} ({root} is no key of norm-exp-train's config)"
     problem = _value_problem(override, parsed, config_dir)
     return f"holds {override!r}: {problem}" if problem else None
+
+
+@functools.cache
+def _training_roots(config_dir: Path) -> frozenset[str]:
+    """The first component of every key norm-exp-train's config has: its groups (folders of config_dir) and
+    the root keys of train.yaml (our own file, not the run folder's)."""
+    roots = safe_yaml.load((config_dir / "train.yaml").read_text(encoding="utf-8"), config_dir / "train.yaml")
+    groups = {child.name for child in config_dir.iterdir() if child.is_dir()}
+    return frozenset(groups | (set(roots) - {"defaults"}))
 
 
 def _value_problem(override: str, parsed, config_dir: Path) -> str | None:

@@ -191,6 +191,44 @@ def test_resume_never_replays_trust_or_hydra_settings(tmp_path: Path) -> None:
         resume_argv(["prog", f"resume={run_dir}"])
 
 
+def test_a_run_folder_never_sets_check_or_explain_options_or_where_to_write(tmp_path: Path) -> None:
+    """weights=RUN_DIR replayed the folder's overrides into norm-exp-check's own config: a line
+    `trust_weights=true` there unpickled its model.pt (running code), and `save_predictions=/elsewhere` or
+    `data.cache_dir=/elsewhere` made check, explain or resume write outside the folder."""
+    from norm_experiments.check import run_folder_argv
+    from norm_experiments.explain import trained_argv
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "model.pt").write_bytes(b"")
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    replays = {
+        "weights": lambda extra: run_folder_argv(["prog", f"weights={run_dir}", *extra]),
+        "trained": lambda extra: trained_argv(["prog", f"trained={run_dir}", *extra]),
+        "resume": lambda extra: resume_argv(["prog", f"resume={run_dir}", *extra]),
+    }
+    for line in ("trust_weights=true", "save_predictions=/tmp/x", "write_repaired=/tmp/x.pt", "trained=/tmp"):
+        saved.write_text(f"- experiment=smoke\n- {line}\n")
+        for key, replay in replays.items():
+            root = line.split("=")[0]
+            with pytest.raises(
+                UserError, match=rf"^{key}=.*sets {line}, .*\({root} is no key of norm-exp-train"
+            ):
+                replay([])
+    saved.write_text("- experiment=smoke\n- data.cache_dir=/tmp/elsewhere\n")
+    for key, replay in replays.items():
+        with pytest.raises(
+            UserError, match=rf"^{key}=.*sets data.cache_dir=/tmp/elsewhere, a folder to write in"
+        ):
+            replay([])
+        # given again on the command line, it is the user's own choice (and theirs wins, coming last)
+        argv = replay(["data.cache_dir=/tmp/mine"])
+        assert argv.index("data.cache_dir=/tmp/elsewhere") < argv.index("data.cache_dir=/tmp/mine")
+    saved.write_text("- experiment=smoke\n- trainer.trust_checkpoint=true\n- trainer.overwrite=true\n")
+    for key, replay in replays.items():
+        assert not any("trust_checkpoint" in a or "overwrite" in a for a in replay([])), key
+
+
 # ------------------------------------------------------------------------ an interrupted run, real CLI
 
 
