@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from norm_experiments import safe_io
 from norm_experiments.config import CONFIG_DIR, hydra_quote, path_argument, register_resolvers
 from norm_experiments.errors import UserError
 
@@ -189,6 +190,7 @@ def _check(
     _check_launcher(composed, multirun)
     _check_sweep_folder(composed, multirun)
     _check_study(composed, overrides, multirun, loader)
+    _check_same_fixed_keys(composed, parsed, multirun)
     if validate is not None:
         _validate(validate, composed)
         for variant in _one_value_changed(parsed):
@@ -332,6 +334,72 @@ def _check_sweep_folder(cfg: DictConfig, multirun: bool) -> None:
             f"hydra.sweep.dir={folder}: the folder holds files but no {SWEEP_MARKER}, so it is not a sweep's; "
             "its files would be replaced by the sweep's report: choose a new or empty folder"
         )
+    link = safe_io.link_problem(folder) if folder.is_dir() else None
+    if link:
+        raise UserError(f"hydra.sweep.dir={folder}: {link}")
+
+
+def _check_same_fixed_keys(cfg: DictConfig, parsed: list, multirun: bool) -> None:
+    """A sweep run again in its folder gives every key that is not swept as its runs were made with (values
+    may be added to a swept key): a changed key made each finished run refuse its folder while the sweep
+    ended "skipped (already completed)" with the old scores, under a multirun.yaml naming the new command."""
+    if not _is_multirun(cfg, multirun):
+        return
+    try:
+        folder = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).expanduser()
+    except Exception:  # noqa: BLE001 - an interpolation only Hydra's run time resolves: Hydra decides
+        return
+    before = _previous_task(folder / SWEEP_MARKER)
+    if before is None:
+        return
+    (fixed_before, swept_before), (fixed_now, swept_now) = _fixed_and_swept(before), _fixed_and_swept(parsed)
+    from norm_experiments.run_names import EXECUTION_KEYS
+
+    keys = (set(fixed_before) | set(fixed_now)) - swept_before - swept_now - set(EXECUTION_KEYS)
+    changed = sorted(k for k in keys if fixed_before.get(k) != fixed_now.get(k))
+    if not changed:
+        return
+    said = lambda fixed, key: f"{key}={fixed[key]}" if key in fixed else f"no {key}="  # noqa: E731
+    key = changed[0]
+    more = f" (and {len(changed) - 1} more key(s))" if len(changed) > 1 else ""
+    raise UserError(
+        f"hydra.sweep.dir={folder}: its runs were made with {said(fixed_before, key)} and this command gives "
+        f"{said(fixed_now, key)}{more}; a sweep's runs share every key but the swept ones: give the keys as "
+        "before (a swept key may take more values), or run in a new folder (name=NEW)"
+    )
+
+
+def _previous_task(multirun_yaml: Path) -> list | None:
+    """The parsed command-line overrides a sweep folder's multirun.yaml says its runs were made with, or None
+    (no file, or one that cannot be read: the runs' own identity checks still guard their results)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from norm_experiments import safe_yaml
+
+    if not multirun_yaml.is_file():
+        return None
+    try:
+        saved = safe_yaml.load(safe_io.read_text(multirun_yaml, safe_io.MAX_YAML_BYTES), multirun_yaml)
+        task = saved["hydra"]["overrides"]["task"]
+        if not isinstance(task, list) or not all(isinstance(t, str) for t in task):
+            return None
+        return OverridesParser.create().parse_overrides(task)
+    except Exception:  # noqa: BLE001 - not ours to judge here (see the docstring)
+        return None
+
+
+def _fixed_and_swept(parsed: list) -> tuple[dict[str, str], set[str]]:
+    """{key: value as typed} of the overrides that give one value, and the keys that sweep."""
+    fixed, swept = {}, set()
+    for override in parsed:
+        key = override.key_or_group
+        if key.startswith("hydra"):
+            continue
+        if override.is_sweep_override():
+            swept.add(key)
+        else:
+            fixed[key] = override.get_value_element_as_str()
+    return fixed, swept
 
 
 def _check_study(cfg: DictConfig, overrides: list[str], multirun: bool, loader) -> None:  # noqa: ANN001
@@ -340,10 +408,13 @@ def _check_study(cfg: DictConfig, overrides: list[str], multirun: bool, loader) 
     study = OmegaConf.select(cfg, "hydra.sweeper.study")
     if not _is_multirun(cfg, multirun) or study is None:
         return
-    from norm_experiments.sweep.study import plan_study
+    from norm_experiments.sweep.study import design_change_problem, plan_study
 
     task = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]  # what Hydra hands the sweeper
-    plan_study(study, OmegaConf.select(cfg, "hydra.sweeper.params"), task, cfg, loader)
+    design, _ = plan_study(study, OmegaConf.select(cfg, "hydra.sweeper.params"), task, cfg, loader)
+    problem = design_change_problem(Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).expanduser(), design)
+    if problem:
+        raise UserError(problem)
 
 
 def _one_value_changed(parsed: list) -> Iterator[list[str]]:

@@ -142,6 +142,36 @@ def load_json(path: Path | str, max_bytes: int = MAX_JSON_BYTES) -> Any:
     return parse_json(read_text(path, max_bytes), path)
 
 
+def link_inside(folder: Path, limit: int = 100_000) -> Path | None:
+    """The first symbolic link found inside `folder` (at any depth; links are not followed), or None. A run or
+    sweep folder may be someone else's: writing its train.log, .hydra/ or a run's folder through a link would
+    write wherever the link points. Stops after `limit` entries (a sweep of 480 runs holds a few thousand)."""
+    seen = 0
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            if os.path.islink(os.path.join(root, name)):
+                return Path(root) / name
+        seen += len(dirs) + len(files)
+        if seen > limit:
+            break
+    return None
+
+
+def link_problem(folder: Path) -> str | None:
+    """One line naming the symbolic link inside `folder` (link_inside), or None."""
+    link = link_inside(folder)
+    if link is None:
+        return None
+    try:
+        target = os.readlink(link)
+    except OSError:
+        target = "?"
+    return (
+        f"{link} is a symbolic link (to {target}): this command writes in {folder} and never through a link; "
+        "remove the link, or run in a new folder"
+    )
+
+
 def os_reason(err: OSError) -> str:
     """'ENOSPC: No space left on device': the errno's name and its text, for one-line messages."""
     name = errno.errorcode.get(err.errno or 0, "")

@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from norm_experiments import safe_io
 from norm_experiments.command_line import command_line_problem
 from norm_experiments.config import (
     CONFIG_DIR,
@@ -86,6 +87,14 @@ def hydra_main(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     _check_distributed_launch(in_sweep, run_dir)
+    link = safe_io.link_problem(run_dir) if run_dir.is_dir() else None
+    if link:  # before the first write: its train.log, lock or .hydra/ could be a link to anywhere
+        _close_log_files(run_dir)
+        if in_sweep:
+            log.error("%s: %s", run_dir.name, link)
+            return math.nan
+        print(f"error: {link}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
     try:
         metrics = train(cfg, run_dir, job_num=hydra_cfg.job.num if in_sweep else 0)
     except RunInterrupted:
@@ -116,6 +125,19 @@ def hydra_main(cfg: DictConfig) -> float:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
     return sweep_value(metrics)
+
+
+def _close_log_files(run_dir: Path) -> None:
+    """Remove the log handlers that write into run_dir (Hydra's train.log, opened at its first line:
+    configs/hydra/default.yaml), so that nothing is written there."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if (
+            isinstance(handler, logging.FileHandler)
+            and Path(handler.baseFilename).parent == run_dir.absolute()
+        ):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def sweep_value(metrics: dict) -> float:

@@ -190,6 +190,8 @@ def find_metrics_files(sweep_dir: Path) -> list[Path]:
 def read_run(path: Path) -> Run:
     """Read one metrics.json and check it against the report's schema (schema.py). Raises ValueError with a
     short reason naming the field if it is unusable: the file is then left out of the analysis as a whole."""
+    if path.is_symlink():  # a run's record lies in its own folder; a link may point at any file
+        raise ValueError(f"a symbolic link (to {os.readlink(path)}), not a run's own record")
     try:  # bounded: a FIFO, a device or a huge or deeply nested file is refused, not read
         data = safe_io.load_json(path)
         mtime = path.stat().st_mtime

@@ -17,6 +17,7 @@ plugin whenever any of our commands starts, and the report brings matplotlib.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 import time
@@ -119,9 +120,68 @@ def plan_study(
             "seed: the study sweeper runs the seeds itself (hydra.sweeper.study.looks, seeds 0 .. n-1); "
             "remove seed= from the command line and from hydra.sweeper.params"
         )
+    if config_loader is not None:
+        check_sides(design, config_loader.get_group_options("norm"))
     grid = make_grid(design, overrides, BasicSweeper.split_arguments(overrides, None)[0])
     check_grid(design, grid, config)
     return design, grid
+
+
+# Evaluation modes only a norm with running statistics has (report/questions.py EVALS)
+BATCHNORM_EVALS = ("batch", "precise", "batch_alone", "precise_more")
+
+
+def check_sides(design: Design, norm_options: list[str]) -> None:
+    """Each question's side names a norm option (configs/norm/, or the user's config folder), and asks for one
+    of BatchNorm's evaluation modes only of a norm that has them: a side no run can score made the study run to
+    its end with that question "untestable", its share of alpha spent for nothing."""
+    from norm_experiments.norms import registry
+
+    for q in design.questions:
+        for name, side in (("a", q.a), ("b", q.b)):
+            where = f"hydra.sweeper.study.questions.{q.name}.{name}"
+            if " " in side.row:
+                continue  # a variant row (check_grid)
+            if side.row not in norm_options:
+                close = difflib.get_close_matches(side.row, norm_options, n=2, cutoff=0.5)
+                hint = f"did you mean {' or '.join(close)}? " if close else ""
+                raise UserError(
+                    f"{where}.norm={side.row}: no such norm; {hint}The options: {', '.join(norm_options)}"
+                )
+            known = side.row in registry.names()
+            if side.eval in BATCHNORM_EVALS and known and not registry.get(side.row).bn_family:
+                raise UserError(
+                    f"{where}.eval={side.eval}: {side.row} keeps no running statistics, so it has only "
+                    "eval=model (as model.eval() scores it) or model_lcc; the others are BatchNorm's"
+                )
+
+
+def design_change_problem(sweep_dir: Path, design: Design) -> str | None:
+    """Why this design may not run in sweep_dir, or None: its study.json declares another design and runs were
+    made under it. Questions, looks, alpha and margins are fixed before the first run: changed after seeing
+    results (a wider margin turning "inconclusive" into "equivalent") they would void the error rates the
+    design promises. The wall-time cap is not part of that promise and may change on a resume."""
+    from norm_experiments.report.primary import read_study
+    from norm_experiments.run_record import FILENAME
+
+    try:
+        before = read_study([sweep_dir])
+    except UserError:  # an unreadable design: the report names it; nothing here to compare with
+        return None
+    if before is None or not any(sweep_dir.rglob(FILENAME)):
+        return None
+    old, new = before.design.as_dict(), design.as_dict()
+    changed = [key for key in old if key != "max_minutes" and old[key] != new[key]]
+    if not changed:
+        return None
+    said = ", ".join(
+        "the questions" if key == "questions" else f"{key} {old[key]} -> {new[key]}" for key in changed
+    )
+    return (
+        f"hydra.sweep.dir={sweep_dir}: its runs were made under the design in {before.path}, and this command "
+        f"changes {said}; a study's design is fixed before its first run (changed after seeing results, it "
+        "would void the error rates): run the new design in a new folder (name=NEW)"
+    )
 
 
 class StudySweeper(BasicSweeper):
@@ -137,6 +197,10 @@ class StudySweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         try:
             design, combos = self._prepare(arguments)
+            # as the command line's check does before Hydra starts (a preset from --config-dir is Hydra's)
+            problem = design_change_problem(Path(self.config.hydra.sweep.dir), design)
+            if problem:
+                raise UserError(problem)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
@@ -187,16 +251,8 @@ class StudySweeper(BasicSweeper):
         return returns
 
     def _replace_design(self, sweep_dir: Path, design: Design) -> None:
-        """Write the design before the first run; say so when it replaces another one (a resumed study whose
-        questions or looks were changed: its verdicts then follow the new design)."""
-        from norm_experiments.report.primary import read_study
-
-        try:
-            before = read_study([sweep_dir])
-        except UserError:  # an unreadable old design is replaced like any other
-            before = None
-        if before is not None and before.design != design:
-            log.warning("%s held another study design; the new one replaces it", before.path)
+        """Write the design before the first run: a resumed study's own, or one whose time cap changed (a
+        changed design over finished runs was refused in `sweep`: design_change_problem)."""
         self._write(sweep_dir, design, None, None)
 
     @staticmethod

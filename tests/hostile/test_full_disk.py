@@ -5,6 +5,7 @@ Every failure is one line naming the file and the errno, exit status 2, and no r
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,11 +45,19 @@ def test_a_sweep_that_fills_the_disk_records_each_run_as_failed(tmpfs, tmp_path:
 
 
 def test_hydra_folder_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
-    """/dev/full under .hydra/config.yaml: the kernel's own ENOSPC, no mount needed."""
+    """/dev/full mounted over .hydra/config.yaml: the kernel's own ENOSPC (a symbolic link to /dev/full is
+    refused as a link before anything is written: tests/hostile/test_links.py)."""
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "config.yaml").symlink_to("/dev/full")
-    result = run_cli([*SMOKE, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
+    target = run_dir / ".hydra" / "config.yaml"
+    target.touch()
+    mounted = subprocess.run(["mount", "--bind", "/dev/full", str(target)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"/dev/full over a file needs a bind mount; it failed here: {mounted.stderr.strip()}")
+    try:
+        result = run_cli([*SMOKE, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=120)
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
     assert_clean_failure(
         result, f"error: could not write {run_dir}/.hydra/config.yaml: ENOSPC: No space left on device"
     )

@@ -5,6 +5,7 @@ declared questions are printed first, and the same command again resumes without
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,29 @@ def test_a_refused_study_leaves_a_finished_ones_files_as_they_were(study, tmp_pa
     assert_clean_failure(result, "the sweep runs norm batch; to train one cell of this study alone")
     assert sorted(p.name for p in finished.iterdir()) == ["multirun.yaml"]
     assert (finished / "multirun.yaml").read_text().startswith("hydra: {overrides")
+
+
+def test_a_finished_studys_design_cannot_be_changed_but_its_time_cap_can(study) -> None:
+    """Rerun with a wider margin and alpha, a finished study re-decided its open question as "equivalent" from
+    the same runs and rewrote study.json: now one line, exit 2, before Hydra starts, and the files are kept."""
+    cwd, args, _ = study
+    sweep_dir = cwd / "outputs" / "sweeps" / "study"
+    kept = ("multirun.yaml", ".progress.json", "study.json")
+    before = {name: (sweep_dir / name).read_bytes() for name in kept}
+    wider = [
+        *args,
+        "hydra.sweeper.study.alpha=0.45",
+        "hydra.sweeper.study.questions.group_vs_instance.margin=0.9",
+    ]
+    result = run_cli(wider, cwd=cwd)
+    assert_clean_failure(
+        result, "changes alpha 0.05 -> 0.45, the questions;", "run the new design in a new folder"
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {name: (sweep_dir / name).read_bytes() for name in kept} == before
+    copy = cwd / "outputs" / "sweeps" / "study_capped"  # a copy: the other tests read the study as it ran
+    shutil.copytree(sweep_dir, copy)
+    capped = run_cli([*args, "hydra.sweeper.study.max_minutes=30", f"hydra.sweep.dir={copy}"], cwd=cwd)
+    assert capped.returncode == 0, capped.stderr[-3000:]
+    assert "skipped (already completed)" in capped.stdout + capped.stderr
+    assert json.loads((copy / "study.json").read_text())["design"]["max_minutes"] == 30

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from norm_experiments import config_schema
 from norm_experiments.config import CONFIG_DIR, quoting_problem
@@ -356,3 +357,51 @@ def test_a_sweep_into_a_folder_of_someone_elses_files_is_refused(tmp_path: Path)
     (folder / "multirun.yaml").write_text("hydra: {}\n")
     assert command_line_problem(argv, "train") is None
     assert command_line_problem(argv[1:], "train") is None  # one run: no sweep folder is written
+
+
+def test_a_sweep_run_again_with_another_fixed_key_is_refused_before_hydra(tmp_path: Path) -> None:
+    """Run again with trainer.samples changed, a finished sweep printed "failed" for every run, then "skipped
+    (already completed)" with the old scores and exit 0, under a multirun.yaml rewritten to the new command."""
+    from norm_experiments.command_line import command_line_problem
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    before = ["experiment=smoke", "norm=batch,group", "seed=0", "trainer.samples=16", "name=p"]
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": before}}}))
+    where = f"hydra.sweep.dir={sweep}"
+    problem = lambda *args: command_line_problem(["-m", *args, where], "train")  # noqa: E731
+    assert problem(*before[:3], "trainer.samples=24", "name=p") == (
+        f"{where}: its runs were made with trainer.samples=16 and this command gives trainer.samples=24; a "
+        "sweep's runs share every key but the swept ones: give the keys as before (a swept key may take more "
+        "values), or run in a new folder (name=NEW)"
+    )
+    assert "made with no data.batch_size= and this command gives data.batch_size=1" in problem(
+        *before, "data.batch_size=1"
+    )
+    assert "made with trainer.samples=16 and this command gives no trainer.samples=" in problem(*before[:3])
+    # The same keys, more seeds and another norm on a swept key, an execution key, another name: go on.
+    assert (
+        problem("experiment=smoke", "norm=batch,group,instance", "seed=0,1,2", "trainer.samples=16") is None
+    )
+    assert problem(*before, "trainer.progress=none", "name=q") is None
+
+
+def test_a_study_question_names_a_norm_option_and_a_mode_that_norm_has(tmp_path: Path) -> None:
+    """A misspelt norm in a question ended in Hydra's multi-line error (exit 1) after multirun.yaml and
+    study.json were written; BatchNorm's eval=batch asked of InstanceNorm ran the whole study to an
+    "untestable" question. Both are one line before Hydra starts."""
+    from norm_experiments.command_line import command_line_problem
+
+    question = "hydra.sweeper.study.questions.batch_vs_instance_bs1.b"
+    problem = lambda *args: command_line_problem(  # noqa: E731
+        ["experiment=norm_sweep_quick", f"hydra.sweep.dir={tmp_path / 'sweep'}", *args], "train"
+    )
+    assert problem(f"{question}.norm=instanse").startswith(
+        f"{question}.norm=instanse: no such norm; did you mean instance"
+    )
+    assert problem(f"+{question}.eval=batch") == (
+        f"{question}.eval=batch: instance keeps no running statistics, so it has only eval=model (as "
+        "model.eval() scores it) or model_lcc; the others are BatchNorm's"
+    )
+    assert problem(f"+{question}.eval=model_lcc") is None
+    assert not (tmp_path / "sweep").exists()
