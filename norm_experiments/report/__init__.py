@@ -17,10 +17,10 @@ from norm_experiments.report.analysis import DEFAULT_REFERENCE, Analysis, analyz
 from norm_experiments.report.collect import Collection, collect
 from norm_experiments.report.primary import read_study
 from norm_experiments.report.primary_text import console_lines
-from norm_experiments.report.publish import publish, staging
+from norm_experiments.report.publish import MANIFEST, publish, stage_manifest, staging
 from norm_experiments.report.verdicts import DEFAULT_MARGIN
 
-__all__ = ["Report", "build_report", "write_report"]
+__all__ = ["Report", "build_report", "file_names", "write_report"]
 
 
 @dataclass
@@ -79,6 +79,13 @@ def _naming(final: Path, stage: Path) -> Iterator[None]:
         if err.filename is None or Path(err.filename).parent == stage:
             raise OSError(err.errno, err.strerror or str(err), str(final)) from err
         raise
+
+
+def file_names(reference: str, doc: Path | None) -> list[str]:
+    """The names write_report may write into its folder (for --doc: beside the document, its own two aside)."""
+    names = ["results.csv", "runs.csv", summary_json.FILENAME, "dice_vs_batch_size.png", "bn_eval_gap.png"]
+    names += [f"difference_to_{reference}.png", curves.FILENAME]
+    return names if doc is not None else [*names, "report.md", "report.html"]
 
 
 def write_report(
@@ -150,6 +157,8 @@ def write_report(
         with _naming(markdown_path, stage):
             (stage / markdown_path.name).write_text(markdown, encoding="utf-8")
         moves = [(stage / name, path) for name, path in final.items()]
+        ours = [path.name for path in [*final.values(), markdown_path] if path.parent == out_dir]
+        moves.append((stage_manifest(stage, out_dir, ours), out_dir / MANIFEST))
         publish(moves + [(stage / markdown_path.name, markdown_path)], lock_dir=out_dir)
     files = {**final, markdown_path.name: markdown_path}
     return Report(collection, analysis, markdown, out_dir, files)

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 from norm_experiments.errors import OneLineParser, UserError, exit_on_user_error, flush_stdout, guard_stdout
-from norm_experiments.report import write_report
+from norm_experiments.report import file_names, write_report
 from norm_experiments.report.analysis import DEFAULT_REFERENCE
 from norm_experiments.report.collect import collect
 from norm_experiments.report.provenance import header_lines
+from norm_experiments.report.publish import written_before
 from norm_experiments.report.verdicts import DEFAULT_MARGIN, HD95_MARGIN, default_margin
 from norm_experiments.safe_io import UnsafeFile, os_reason, read_text
 
@@ -74,6 +75,34 @@ def doc_target_problem(doc: Path) -> str | None:
     return None
 
 
+def out_files_problem(
+    sweep_dirs: list[Path], out: Path | None, doc: Path | None, reference: str
+) -> str | None:
+    """--out DIR (or --doc's folder beside the document) replaces the report's files there: refuse when one
+    exists that no report of ours wrote (the folder's manifest lists ours; the user's results.csv would be
+    lost). A sweep's own folder is the report's default home, and a --doc document of ours vouches for its
+    folder (written before the manifest existed)."""
+    if doc is not None:
+        folder, flag = doc.parent / doc.stem, f"--doc {doc}"
+        if doc.exists():  # doc_target_problem has found it ours
+            return None
+    elif out is not None:
+        folder, flag = out, f"--out {out}"
+    else:
+        return None
+    if not folder.is_dir() or any(folder.resolve() == d.resolve() for d in sweep_dirs):
+        return None
+    ours = written_before(folder)
+    for name in file_names(reference, doc):
+        path = folder / name
+        if (path.exists() or path.is_symlink()) and name not in ours:
+            return (
+                f"{flag}: {path} exists and was not written by norm-exp-report; the report would replace it: "
+                "choose another folder, or move it away"
+            )
+    return None
+
+
 MAX_DOC_BYTES = 64 * 2**20  # far above any report (docs/results.html embeds its plots)
 _HEAD_CHARS = 4000  # the header is the document's first lines
 
@@ -85,10 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     guard_stdout(quiet_when_closed=True)
     args = _parser().parse_args(argv)
     header = None
+    problem = doc_target_problem(args.doc) if args.doc is not None else None
+    problem = problem or out_files_problem(args.sweep_dirs, args.out, args.doc, args.reference)
+    if problem:
+        raise UserError(problem)
     if args.doc is not None:
-        problem = doc_target_problem(args.doc)
-        if problem:
-            raise UserError(problem)
         given = sys.argv[1:] if argv is None else argv
         header = header_lines(collect(args.sweep_dirs), shlex.join(["norm-exp-report", *given]))
     try:

@@ -9,6 +9,7 @@ nothing is renamed until every file is complete, and the staging folder is remov
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 STAGING_PREFIX = ".report-staging-"
+# In a folder the report writes into: the names of the files norm-exp-report put there, so that a later report
+# replaces only those (a user's own results.csv in an --out folder is refused, not replaced).
+MANIFEST = ".norm-exp-report.json"
 
 
 @contextmanager
@@ -55,3 +59,21 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def written_before(out_dir: Path) -> set[str]:
+    """The file names out_dir's manifest lists (none when it is missing or not a list of names)."""
+    from norm_experiments import safe_io
+
+    try:
+        names = safe_io.load_json(out_dir / MANIFEST, max_bytes=2**20)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return set()
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
+def stage_manifest(stage: Path, out_dir: Path, names: list[str]) -> Path:
+    """The manifest of out_dir after this report (the names it lists already, and `names`), staged."""
+    path = stage / MANIFEST
+    path.write_text(json.dumps(sorted(written_before(out_dir) | set(names)), indent=1), encoding="utf-8")
+    return path

@@ -366,6 +366,37 @@ def test_doc_never_replaces_a_file_the_report_did_not_write(
     assert body(doc.read_text()) == body(first) and doc.with_suffix(".html").exists()
 
 
+def test_out_and_docs_folder_never_replace_files_the_report_did_not_write(
+    small_sweep: Path, tmp_path: Path, capsys
+) -> None:
+    """`--out DIR` replaced the user's own DIR/report.md and results.csv, and `--doc d/r.md` the user's
+    d/r/results.csv: refused now, and kept; the report's own files there are replaced as before."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("report.md", "results.csv"):
+        (out / name).write_text("mine\n")
+    code, _, stderr = run_main([str(small_sweep), "--out", str(out)], capsys)
+    assert code == 2 and stderr.strip() == (
+        f"error: --out {out}: {out / 'results.csv'} exists and was not written by norm-exp-report; the report "
+        "would replace it: choose another folder, or move it away"
+    )
+    assert [(out / n).read_text() for n in ("report.md", "results.csv")] == ["mine\n", "mine\n"]
+    (out / "results.csv").unlink()
+    (out / "report.md").unlink()
+    assert run_main([str(small_sweep), "--out", str(out)], capsys)[0] == 0
+    assert run_main([str(small_sweep), "--out", str(out)], capsys)[0] == 0  # its own files: replaced
+    assert "results.csv" in json.loads((out / ".norm-exp-report.json").read_text())
+
+    doc = tmp_path / "d" / "r.md"
+    (doc.parent / "r").mkdir(parents=True)
+    (doc.parent / "r" / "runs.csv").write_text("mine\n")
+    code, _, stderr = run_main([str(small_sweep), "--doc", str(doc)], capsys)
+    assert code == 2 and f"--doc {doc}: {doc.parent / 'r' / 'runs.csv'} exists and was not written" in stderr
+    assert (doc.parent / "r" / "runs.csv").read_text() == "mine\n" and not doc.exists()
+    # The sweep's own folder is the report's home: written there as always.
+    assert run_main([str(small_sweep)], capsys)[0] == 0 and (small_sweep / "report.md").exists()
+
+
 # --------------------------------------------------------------------------------- full disks, closed pipes
 
 
