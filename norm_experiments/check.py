@@ -50,8 +50,15 @@ def run_folder_argv(argv: list[str]) -> list[str]:
     if not given:
         return argv
     run_dir = path_argument(given[-1])
-    if not (run_dir.is_dir() and (run_dir / ".hydra").is_dir()):
+    if not run_dir.is_dir():
         return argv
+    if not (
+        run_dir / ".hydra"
+    ).is_dir():  # the grammar's and the loader's lines would be about something else
+        raise UserError(
+            f"weights={run_dir}: a folder, but not a run folder of ours (no {run_dir / '.hydra'}); give the weights "
+            "file itself (weights=FILE) with the overrides it was trained with"
+        )
     if not (run_dir / "model.pt").is_file():
         raise UserError(
             f"weights={run_dir}: the run has no model.pt (it is written when the run completes); to check its "

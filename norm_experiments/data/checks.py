@@ -227,7 +227,27 @@ def _open(path: Path, info: DatasetInfo, kind: str) -> tuple[_Header, nib.Nifti1
         raise UserError(
             f"{name}: not a readable NIfTI file (truncated, corrupt or another format; {_reason(err)})"
         ) from None
-    return _Header(name=name, shape=tuple(int(s) for s in img.shape), affine=np.asarray(img.affine)), img
+    header = _Header(name=name, shape=tuple(int(s) for s in img.shape), affine=np.asarray(img.affine))
+    if 0 in header.shape:
+        raise UserError(
+            f"{name}: {kind} has an axis of length 0 (shape {header.shape}); expected a 3D volume"
+        )
+    problem = _affine_problem(header.affine)
+    if problem:
+        raise UserError(
+            f"{name}: its affine (the header's voxel-to-world matrix) {problem}; fix the sform/qform"
+        )
+    return header, img
+
+
+def _affine_problem(affine: np.ndarray) -> str | None:
+    """Why a voxel grid cannot be placed in the world (spacing, resampling, HD95 and saved predictions read
+    it), or None."""
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        return "holds NaN or infinite values"
+    if abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        return "is singular (a voxel spacing of 0)"
+    return None
 
 
 def _voxels(header: _Header, img: nib.Nifti1Image) -> np.ndarray:

@@ -200,7 +200,11 @@ def _labels_from_nnunet(raw: object, where: str) -> dict[int, str]:
             )
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{where}: 'labels' value of {name!r} must be an integer, got {value!r}")
+        if value in out:
+            raise UserError(f"{where}: 'labels' gives the value {value} to {out[value]!r} and to {name!r}")
         out[value] = str(name)
+    if "background" in raw and raw["background"] != 0:
+        raise UserError(f"{where}: 'labels' gives background the value {raw['background']!r}; nnU-Net's is 0")
     return _consecutive(out, where)
 
 
@@ -218,6 +222,14 @@ def _consecutive(labels: dict[int, str], where: str) -> dict[int, str]:
     values = sorted(labels)
     if values != list(range(len(values))) or len(values) < 2:
         raise UserError(f"{where}: 'labels' must be the consecutive classes 0..K-1 with K >= 2, got {values}")
+    first: dict[str, int] = {}
+    for value in values:  # per-class scores are recorded by name: two classes of one name would merge
+        twice = first.setdefault(labels[value], value)
+        if twice != value:
+            raise UserError(
+                f"{where}: 'labels' names classes {twice} and {value} both {labels[value]!r}; each class needs "
+                "its own name"
+            )
     return {v: labels[v] for v in values}
 
 

@@ -19,6 +19,7 @@ import os
 import pickle
 import random
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -294,4 +295,4 @@ def _reason(err: Exception) -> str:
     """The reason in torch's multi-line refusal (e.g. "Unsupported operand 103")."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     reasons = [line for line in lines if line.startswith("Unsupported")]
-    return (reasons or lines or [err.__class__.__name__])[0][:120]
+    return textwrap.shorten((reasons or lines or [err.__class__.__name__])[0], 160, placeholder=" ...")

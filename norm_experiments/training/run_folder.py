@@ -135,8 +135,12 @@ def existing_run(run_dir: Path, run_id: str, cfg: DictConfig) -> dict | None:
         diff = config_diff(old, OmegaConf.to_container(cfg, resolve=True)) if old else []  # type: ignore[arg-type]
     # force_resume continues an unfinished run only: for a completed one it would be advice that does nothing
     resume = "" if completed else ", or trainer.force_resume=true to continue it with the new config"
+    status = previous.get("status")
+    what = (
+        f"{'an' if str(status)[:1] in 'aeiou' else 'a'} {status} run" if status in tuple(Status) else "a run"
+    )
     raise UserError(
-        f"{run_dir} holds a {previous.get('status')} run of a different config "
+        f"{run_dir} holds {what} of a different config "
         f"({'; '.join(diff[:6]) or 'see its run_config.yaml'}). Use another hydra.run.dir, or "
         f"trainer.overwrite=true to retrain in place (its result is lost){resume}"
     )

@@ -290,3 +290,40 @@ def test_voxels_that_are_not_one_real_number(dataset, what):
         data = np.zeros(image.shape, np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))
     nib.save(nib.Nifti1Image(data, affine), str(root / IMAGE))
     expect_error(cases, info, rf"^{IMAGE}: image voxels are of type .* \(complex or RGB\); expected one real")
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ("nan", "holds NaN or infinite values"),
+        ("zero", r"is singular \(a voxel spacing of 0\)"),
+    ],
+)
+def test_an_unusable_affine_is_one_line_naming_the_file(dataset, bad: str, why: str):
+    """A NaN sform crashed resampling (LinAlgError) and saving predictions at the end of training; an all-zero
+    one trained and recorded HD95 from a voxel spacing of 0."""
+    root, cases, info = dataset
+    image, affine = load(root, IMAGE)
+    header = nib.Nifti1Image(image, affine).header.copy()  # the fields as a broken tool writes them
+    header["qform_code"], header["sform_code"] = 0, 1
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row][:3] = 0.0
+    if bad == "nan":
+        header["srow_x"][0] = np.nan
+    nib.save(nib.Nifti1Image(image, None, header), str(root / IMAGE))
+    expect_error(
+        cases,
+        info,
+        rf"^{IMAGE}: its affine \(the header's voxel-to-world matrix\) {why}; fix the sform/qform$",
+    )
+
+
+def test_an_axis_of_length_0_is_one_line(dataset):
+    """(0, 24, 24) ended in an internal error (IndexError) in the intensity check."""
+    root, cases, info = dataset
+    write_nifti(root / IMAGE, np.zeros((0, 16, 16), np.float32), spacing=(1.5, 1.5, 2.0))
+    expect_error(
+        cases,
+        info,
+        rf"^{IMAGE}: image has an axis of length 0 \(shape \(0, 16, 16\)\); expected a 3D volume$",
+    )

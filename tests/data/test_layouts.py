@@ -385,3 +385,25 @@ def test_empty_validation_split_names_the_key():
 def test_empty_training_split_names_the_key():
     with pytest.raises(UserError, match=r"data\.val_fraction=0\.95 of 4 cases gives an empty training split"):
         split_cases(fake_cases(4), 0.95, seed=0)
+
+
+def test_two_classes_of_one_name_are_refused(make_dataset):
+    """{1: c1, 2: c1} merged the two classes' scores in val_dice_per_class (one of them lost)."""
+    root = make_dataset()
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["labels"] = {"0": "background", "1": "tumour", "2": "tumour"}
+    write_json(root / "dataset.json", meta)
+    with pytest.raises(UserError, match=r"dataset\.json: 'labels' names classes 1 and 2 both 'tumour'; each"):
+        find_cases("msd", root)
+
+
+def test_nnunet_labels_give_background_0_and_each_value_once(make_dataset):
+    root = make_dataset(layout="nnunet")
+    meta = json.loads((root / "dataset.json").read_text())
+    for labels, message in [
+        ({"background": 1, "a": 0}, "'labels' gives background the value 1; nnU-Net's is 0"),
+        ({"background": 0, "a": 1, "b": 1}, "'labels' gives the value 1 to 'a' and to 'b'"),
+    ]:
+        write_json(root / "dataset.json", {**meta, "labels": labels})
+        with pytest.raises(UserError, match=message):
+            find_cases("nnunet", root)

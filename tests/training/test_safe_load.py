@@ -305,3 +305,14 @@ def test_old_checkpoint_is_refused_then_resumes_once_trusted(interrupted: Path, 
     assert metrics["status"] == "completed" and metrics["steps"] == 64
     # The checkpoint it leaves is in the safe form: the opt-in was needed once.
     assert ckpt.load(run_dir / "checkpoint.pt")["state"]["step"] == 64
+
+
+def test_check_weights_a_plain_folder_says_it_is_no_run_folder(tmp_path: Path) -> None:
+    """weights=FOLDER without .hydra/ got a line about Hydra's quoting grammar (the same unquoted path works
+    for a run folder) or about a folder where a file is expected."""
+    from norm_experiments.check import run_folder_argv
+
+    folder = tmp_path / "norm=batch" / "seed=0"
+    folder.mkdir(parents=True)
+    with pytest.raises(UserError, match=rf"^weights={folder}: a folder, but not a run folder of ours \(no "):
+        run_folder_argv(["prog", f"weights={folder}"])
