@@ -21,7 +21,7 @@ from norm_experiments.errors import UserError
 from norm_experiments.run_names import run_identity
 from norm_experiments.train import resume_argv
 from norm_experiments.training import checkpoint as ckpt
-from tests.helpers import compose_config, metrics_of, run_cli
+from tests.helpers import assert_clean_failure, compose_config, metrics_of, run_cli
 
 # Subprocess runs of the real CLI or trainings: the full suite runs them, `pytest -m "not slow"` does not.
 pytestmark = pytest.mark.slow
@@ -316,3 +316,42 @@ def test_check_weights_a_plain_folder_says_it_is_no_run_folder(tmp_path: Path) -
     folder.mkdir(parents=True)
     with pytest.raises(UserError, match=rf"^weights={folder}: a folder, but not a run folder of ours \(no "):
         run_folder_argv(["prog", f"weights={folder}"])
+
+
+def test_a_resume_on_other_data_is_refused_and_on_its_own_data_continues(tmp_path: Path) -> None:
+    """Interrupted with a relative data.root, then resumed from another folder holding other data under the
+    same name, a run continued on the other data and was recorded as completed: two datasets in one run."""
+    from norm_experiments.data.synthetic import SynthConfig, generate_dataset
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    for cwd, seed in ((here, 1), (elsewhere, 2)):
+        generate_dataset(cwd / "ds", SynthConfig(num_cases=6, shape=(24, 24, 24), seed=seed), "msd")
+    run_dir = tmp_path / "run"
+    args = [*ARGS, "data=msd", "data.root=ds", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "norm_experiments.train", *args],
+        cwd=here,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, output[-2000:]
+    checkpoint = (run_dir / "checkpoint.pt").read_bytes()
+
+    refused = run_cli([f"resume={run_dir}"], cwd=elsewhere)
+    assert_clean_failure(
+        refused, f"{run_dir / 'checkpoint.pt'}: trained on other data than {elsewhere / 'ds'}"
+    )
+    assert "trainer.force_resume=true to continue on this data" in refused.stderr
+    assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint and metrics_of(run_dir)[
+        "status"
+    ] != "completed"
+
+    resumed = run_cli([f"resume={run_dir}"], cwd=here)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in (run_dir / "train.log").read_text() and metrics_of(run_dir)["status"] == "completed"
