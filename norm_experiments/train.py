@@ -281,6 +281,9 @@ def main() -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the command line is checked (imports take seconds)
+        print("interrupted before the run started: nothing was written", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
         _crash(err)
     try:
