@@ -226,9 +226,12 @@ def _crash(err: BaseException) -> NoReturn:
 def _plan(cfg: DictConfig) -> None:
     """A single run's plan (the norm's options, the model's shapes, the device), worked out before Hydra
     creates the run folder, so that a refused run leaves no folder, log or lock behind."""
+    from norm_experiments.data.pipeline import generator_config, is_generated
     from norm_experiments.training.build import make_plan
 
     make_plan(cfg)
+    if is_generated(cfg.data):  # data.synthetic.* / data.brain.*: their parameters' own checks
+        generator_config(cfg.data)
 
 
 def resume_argv(argv: list[str]) -> list[str]:

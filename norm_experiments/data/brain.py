@@ -120,7 +120,8 @@ class BrainConfig:
         require(self.seed >= 0, "seed", "must be >= 0")
         require(0.5 <= self.spacing <= 8, "spacing", "must be in [0.5, 8] mm")
         require(0 <= self.rotation_deg <= 30, "rotation_deg", "must be in [0, 30]")
-        require(self.translation_mm >= 0, "translation_mm", "must be >= 0")
+        # the template's head is about 150 mm wide: a shift past 30 mm moves it out of the volume
+        require(0 <= self.translation_mm <= 30, "translation_mm", "must be in [0, 30] mm")
         require(0 <= self.deformation_mm <= 10, "deformation_mm", "must be in [0, 10]")
         require(self.deformation_smoothness_mm > 0, "deformation_smoothness_mm", "must be > 0")
         for name in ("scale_range", "intensity_scale_range", "gamma_range"):

@@ -140,8 +140,17 @@ class SynthConfig:
 
         require(self.num_cases >= 1, "num_cases", "must be >= 1")
         require(self.seed >= 0, "seed", "must be >= 0")
-        require(len(self.shape) == 3 and min(self.shape) >= 8, "shape", "must be 3 sizes, each >= 8")
-        require(len(self.spacing) == 3 and min(self.spacing) > 0, "spacing", "must be 3 positive numbers")
+        # 512 per side: a case of 512^3 float32 voxels is 0.5 GiB, and the generator holds several such arrays
+        require(
+            len(self.shape) == 3 and 8 <= min(self.shape) and max(self.shape) <= 512,
+            "shape",
+            "must be 3 sizes, each in [8, 512]",
+        )
+        require(
+            len(self.spacing) == 3 and all(0 < s < 1000 for s in self.spacing),
+            "spacing",
+            "must be 3 positive numbers (mm, below 1000)",
+        )
         require(1 <= self.num_classes <= 254, "num_classes", "must be between 1 and 254")
         lo, hi = _pair(self.objects_per_class)
         require(1 <= lo <= hi, "objects_per_class", "must be (min, max) with 1 <= min <= max")

@@ -130,3 +130,22 @@ def test_cli_into_a_folder_that_cannot_be_created(tmp_path):
         f"error: {out}: cannot write the dataset there (File exists)"
     ]
     assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_an_infinite_spacing_or_a_huge_shape_is_one_line(tmp_path):
+    """--spacing inf ended in nibabel's traceback, --shape 100000 100000 100000 in numpy's (909 TiB)."""
+    for args, line in (
+        (
+            ["--spacing", "inf", "1", "1"],
+            "spacing=(inf, 1.0, 1.0) must be 3 positive numbers (mm, below 1000)",
+        ),
+        (
+            ["--shape", "100000", "100000", "100000"],
+            "shape=(100000, 100000, 100000) must be 3 sizes, each in [8, 512]",
+        ),
+    ):
+        result = run_cli(str(tmp_path / "x"), "--cases", "1", *args)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+            f"error: synthetic data: {line}"
+        ]
+        assert not (tmp_path / "x").exists()

@@ -405,3 +405,19 @@ def test_a_study_question_names_a_norm_option_and_a_mode_that_norm_has(tmp_path:
     )
     assert problem(f"+{question}.eval=model_lcc") is None
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_generated_datasets_parameters_are_checked_before_any_folder(tmp_path: Path) -> None:
+    """data.synthetic.* and data.brain.* were checked only after Hydra made the run folder (a failed
+    metrics.json left behind); data.brain.translation_mm=1e9 generated an empty brain, blamed on its foreground."""
+    from norm_experiments.command_line import command_line_problem
+    from norm_experiments.config import validate_config
+    from norm_experiments.train import _plan
+
+    problem = lambda *args: command_line_problem(list(args), "train", validate_config, _plan)  # noqa: E731
+    assert problem("data.synthetic.spacing=[inf,1,1]") == (
+        "synthetic data: spacing=(inf, 1.0, 1.0) must be 3 positive numbers (mm, below 1000)"
+    )
+    assert problem("data=brain", "data.brain.translation_mm=1e9") == (
+        "brain data: translation_mm=1000000000.0 must be in [0, 30] mm"
+    )
