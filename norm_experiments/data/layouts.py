@@ -144,7 +144,7 @@ def _check_unique(cases: list[Case], root: Path) -> None:
 # dataset.json and labels
 
 
-def read_dataset_json(root: Path, required: Sequence[str]) -> dict:
+def read_dataset_json(root: Path, required: Sequence[str], layout: str) -> dict:
     path = root / "dataset.json"
     if not path.is_file():
         raise UserError(f"{path}: not found (data.root must contain the dataset's dataset.json)")
@@ -162,15 +162,15 @@ def read_dataset_json(root: Path, required: Sequence[str]) -> dict:
         raise UserError(f"{path}: expected a JSON object at the top level")
     for key in required:
         if key not in content:
-            raise UserError(f"{path}: missing key '{key}'{_layout_hint(content)}")
+            raise UserError(f"{path}: missing key '{key}'{_layout_hint(content, layout)}")
     return content
 
 
-def _layout_hint(content: dict) -> str:
-    """A likely cause of a missing key: the dataset is in the other layout."""
-    if "training" in content and "file_ending" not in content:
+def _layout_hint(content: dict, layout: str) -> str:
+    """A likely cause of a missing key: the dataset is in the other layout than `layout`, the one read."""
+    if "training" in content and "file_ending" not in content and layout != "msd":
         return " (it has a 'training' list: an MSD dataset? use data.layout=msd)"
-    if "file_ending" in content and "training" not in content:
+    if "file_ending" in content and "training" not in content and layout != "nnunet":
         return " (it has 'file_ending': an nnU-Net dataset? use data.layout=nnunet)"
     return ""
 
@@ -312,7 +312,7 @@ def link_problem(path: Path) -> str | None:
 
 def _find_msd(root: Path, labels: dict | None) -> tuple[list[Case], DatasetInfo]:
     path = root / "dataset.json"
-    meta = read_dataset_json(root, ["training", "labels"])
+    meta = read_dataset_json(root, ["training", "labels"], "msd")
     declared = _labels_from_msd(meta["labels"], str(path))
     _agree(declared, labels, path)
     training = meta["training"]
@@ -368,10 +368,10 @@ def _require_dir(folder: Path, root: Path, layout: str) -> None:
 
 def _find_nnunet(root: Path, labels: dict | None) -> tuple[list[Case], DatasetInfo]:
     path = root / "dataset.json"
-    meta = read_dataset_json(root, ["labels", "file_ending"])
+    meta = read_dataset_json(root, ["labels", "file_ending"], "nnunet")
     channel_key = "channel_names" if "channel_names" in meta else "modality"
     if channel_key not in meta:
-        raise UserError(f"{path}: missing key 'channel_names'{_layout_hint(meta)}")
+        raise UserError(f"{path}: missing key 'channel_names'{_layout_hint(meta, 'nnunet')}")
     modalities = _modalities_from(meta[channel_key], str(path), channel_key)
     channels = len(modalities)
     declared = _labels_from_nnunet(meta["labels"], str(path))

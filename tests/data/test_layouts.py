@@ -407,3 +407,17 @@ def test_nnunet_labels_give_background_0_and_each_value_once(make_dataset):
         write_json(root / "dataset.json", {**meta, "labels": labels})
         with pytest.raises(UserError, match=message):
             find_cases("nnunet", root)
+
+
+def test_a_missing_key_hints_at_the_other_layout_only(make_dataset):
+    """An MSD dataset.json without 'labels', read as MSD, was told "an MSD dataset? use data.layout=msd"."""
+    root = make_dataset()
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["labels"]
+    write_json(root / "dataset.json", meta)
+    with pytest.raises(UserError, match=r"dataset\.json: missing key 'labels'$"):
+        find_cases("msd", root)
+    with pytest.raises(
+        UserError, match=r"missing key 'labels' \(it has a 'training' list: an MSD dataset\? use data"
+    ):
+        find_cases("nnunet", root)
