@@ -40,6 +40,11 @@ def _kind(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
 
 
+def kind_of(path: Path | str) -> str:
+    """What `path` is when it is not a regular file ("a folder", "a FIFO (named pipe)", ...), symlinks followed."""
+    return _kind(os.stat(path).st_mode)
+
+
 def open_regular(path: Path | str, max_bytes: int) -> IO[bytes]:
     """`path` opened for binary reading, only if it is a regular file (after symlinks) of at most max_bytes.
 

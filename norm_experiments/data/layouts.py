@@ -355,6 +355,8 @@ def _visible_files(folder: Path, root: Path) -> list[Path]:
             files.append(p)
         elif p.name.endswith(NIFTI_ENDINGS) and (problem := link_problem(p)):
             raise UserError(f"{shown(p, root)}: {problem}")
+        elif p.name.endswith(NIFTI_ENDINGS) and p.exists():  # a folder, a FIFO, a device under a NIfTI name
+            raise UserError(f"{shown(p, root)}: {safe_io.kind_of(p)}, not a NIfTI file")
     return files
 
 

@@ -421,3 +421,17 @@ def test_a_missing_key_hints_at_the_other_layout_only(make_dataset):
         UserError, match=r"missing key 'labels' \(it has a 'training' list: an MSD dataset\? use data"
     ):
         find_cases("nnunet", root)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_folder_or_fifo_under_a_nifti_name_is_named_as_such(make_dataset, kind: str):
+    """It was reported as "no matching image file in images/ (expected images/X.nii.gz)", which exists."""
+    import os
+
+    root = make_dataset("folder")
+    image = root / "images" / f"{NAMES[0]}.nii.gz"
+    image.unlink()
+    image.mkdir() if kind == "folder" else os.mkfifo(image)
+    what = "a folder" if kind == "folder" else r"a FIFO \(named pipe\)"
+    with pytest.raises(UserError, match=rf"^images/{NAMES[0]}\.nii\.gz: {what}, not a NIfTI file$"):
+        find_cases("folder", root)
