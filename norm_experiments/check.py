@@ -56,8 +56,8 @@ def run_folder_argv(argv: list[str]) -> list[str]:
         run_dir / ".hydra"
     ).is_dir():  # the grammar's and the loader's lines would be about something else
         raise UserError(
-            f"weights={run_dir}: a folder, but not a run folder of ours (no {run_dir / '.hydra'}); give the weights "
-            "file itself (weights=FILE) with the overrides it was trained with"
+            f"weights={run_dir}: refused, a folder where a file is expected, and not a run folder of ours (no "
+            f"{run_dir / '.hydra'}); give the weights file (weights=FILE) with the overrides it was trained with"
         )
     if not (run_dir / "model.pt").is_file():
         raise UserError(

@@ -314,7 +314,10 @@ def test_check_weights_a_plain_folder_says_it_is_no_run_folder(tmp_path: Path) -
 
     folder = tmp_path / "norm=batch" / "seed=0"
     folder.mkdir(parents=True)
-    with pytest.raises(UserError, match=rf"^weights={folder}: a folder, but not a run folder of ours \(no "):
+    with pytest.raises(
+        UserError,
+        match=rf"^weights={folder}: refused, a folder where a file is expected, and not a run folder of ours \(no ",
+    ):
         run_folder_argv(["prog", f"weights={folder}"])
 
 
