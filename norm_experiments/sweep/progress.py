@@ -69,7 +69,11 @@ def _counts(sweep_dir: Path) -> tuple[int, int]:
         lines = (sweep_dir / EVENTS).read_text().splitlines()
     except OSError:
         return 0, 0
-    return sum(line.startswith("start ") for line in lines), sum(line.startswith("end ") for line in lines)
+    # Distinct runs: a run of a killed sweep's leftover worker (a joblib process finishing its job after its
+    # parent was killed) ends once more, after this sweep started again: counted it made "run 3 of 2" (150 %).
+    started = {line[6:] for line in lines if line.startswith("start ")}
+    ended = {line[4:] for line in lines if line.startswith("end ")}
+    return len(started), len(ended & started)
 
 
 def duration(seconds: float) -> str:
