@@ -40,8 +40,12 @@ def validate_config(cfg: DictConfig, extra: dict | None = None) -> None:
     if cfg.data.get("fetch"):  # a preset for a dataset that norm-exp-fetch downloads
         root = Path(str(cfg.data.root)).expanduser()
         if not (root / "dataset.json").is_file():
+            from norm_experiments.data.fetch import default_cache_root  # torch-free
+
+            cache = Path(str(cfg.data.cache_dir)).expanduser().absolute()
+            where = "" if cache == default_cache_root() else f" --cache-dir {shlex.quote(str(cache))}"
             raise UserError(
-                f"data={cfg.data.preset}: dataset not found at {root}; run: norm-exp-fetch {cfg.data.fetch}"
+                f"data={cfg.data.preset}: dataset not found at {root}; run: norm-exp-fetch {cfg.data.fetch}{where}"
             )
     from norm_experiments.data import registry as layouts  # torch-free; lazily, as the schema reads it
 

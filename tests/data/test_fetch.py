@@ -339,3 +339,17 @@ def test_a_misspelt_task_names_the_closest_one(tmp_path: Path, typed: str, meant
     ):
         fetch_msd(typed, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_preset_with_its_own_cache_dir_names_it_in_the_fetch_command(tmp_path: Path) -> None:
+    """With data.cache_dir=X the advice `norm-exp-fetch msd TASK` fetched into the default cache, where the run
+    would not look."""
+    from norm_experiments.command_line import command_line_problem
+    from norm_experiments.config import validate_config
+
+    other = tmp_path / "my cache"
+    problem = command_line_problem(["data=msd_spleen", f"data.cache_dir='{other}'"], "train", validate_config)
+    assert problem == (
+        f"data=msd_spleen: dataset not found at {other / 'msd' / 'Task09_Spleen'}; run: norm-exp-fetch msd "
+        f"Task09_Spleen --cache-dir '{other}'"
+    )
