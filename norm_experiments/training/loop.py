@@ -87,7 +87,8 @@ def train(cfg: DictConfig, run_dir: Path, job_num: int = 0) -> dict:
         distributed.barrier()  # every rank has read the folder before rank 0 writes to it
         if previous is not None:
             log.info(
-                "%s: already completed (val_dice=%s); nothing to do",
+                "%s: already completed (val_dice=%s); nothing to do (trainer.overwrite=true trains it again, "
+                "e.g. after its data changed)",
                 run_dir,
                 score_text(previous.get("val_dice")),
             )

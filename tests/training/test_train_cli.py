@@ -157,6 +157,8 @@ def test_same_command_again_skips_the_completed_run(smoke_run: tuple[Path, Path]
     result = run_cli([*SMOKE, "norm=batch", "data.batch_size=1"], cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "already completed" in result.stdout + result.stderr
+    # a user who fixed a label and ran the command again learns how to train it again
+    assert "nothing to do (trainer.overwrite=true trains it again" in result.stdout + result.stderr
     assert (run_dir / "metrics.json").read_text() == before
 
 
