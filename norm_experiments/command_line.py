@@ -339,6 +339,21 @@ def _check_sweep_folder(cfg: DictConfig, multirun: bool) -> None:
         raise UserError(f"hydra.sweep.dir={folder}: {link}")
 
 
+def sweep_folder_problem(cfg: DictConfig) -> str | None:
+    """The sweep folder's checks of command_line_problem (links, another config's folder, fixed keys changed)
+    for a multirun Hydra has composed: run again by the sweep's first callback, for a preset from --config-dir
+    whose command line is left to Hydra (check_command_line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(cfg.hydra.overrides.task))
+        _check_sweep_folder(cfg, True)
+        _check_same_fixed_keys(cfg, parsed, True)
+    except UserError as err:
+        return str(err)
+    return None
+
+
 def _check_same_fixed_keys(cfg: DictConfig, parsed: list, multirun: bool) -> None:
     """A sweep run again in its folder gives every key that is not swept as its runs were made with (values
     may be added to a swept key): a changed key made each finished run refuse its folder while the sweep

@@ -23,6 +23,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from norm_experiments.errors import USER_ERROR_EXIT
+
 PLAN = ".progress.json"  # {"started": unix time, "total": runs}: written by the sweep's main process
 EVENTS = ".progress.log"  # "start NAME" / "end NAME" lines, appended by the runs
 
@@ -148,6 +150,12 @@ class SweepProgress(Callback):
     """Hydra callback (configs/hydra/default.yaml): the sweep's progress lines."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from norm_experiments.command_line import sweep_folder_problem
+
+        problem = sweep_folder_problem(config)  # before Hydra's sweeper writes multirun.yaml
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
         if config.hydra.sweeper.get("study") is None:  # the study sweeper starts it once its checks pass
             start(Path(config.hydra.sweep.dir), sweep_size(config))
 

@@ -421,3 +421,24 @@ def test_a_generated_datasets_parameters_are_checked_before_any_folder(tmp_path:
     assert problem("data=brain", "data.brain.translation_mm=1e9") == (
         "brain data: translation_mm=1000000000.0 must be in [0, 30] mm"
     )
+
+
+@pytest.mark.slow  # a subprocess of the real CLI
+def test_a_config_dir_sweep_gets_the_sweep_folder_checks_from_its_first_callback(tmp_path: Path) -> None:
+    """With --config-dir the command line is Hydra's to check; the sweep folder's checks ran nowhere, and a
+    rerun with another fixed key rewrote multirun.yaml."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - smoke\n")
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    before = ["experiment=mine", "norm=batch,group", "trainer.samples=16"]
+    saved = yaml.safe_dump({"hydra": {"overrides": {"task": before}}})
+    (sweep / "multirun.yaml").write_text(saved)
+    args = ["--config-dir", str(tmp_path / "conf"), "-m", *before[:2], "trainer.samples=24"]
+    result = run_cli([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert_clean_failure(
+        result, f"error: hydra.sweep.dir={sweep}: its runs were made with trainer.samples=16"
+    )
+    assert (sweep / "multirun.yaml").read_text() == saved and sorted(p.name for p in sweep.iterdir()) == [
+        "multirun.yaml"
+    ]
