@@ -355,38 +355,49 @@ def sweep_folder_problem(cfg: DictConfig) -> str | None:
 
 
 def _check_same_fixed_keys(cfg: DictConfig, parsed: list, multirun: bool) -> None:
-    """A sweep run again in its folder gives every key that is not swept as its runs were made with (values
-    may be added to a swept key): a changed key made each finished run refuse its folder while the sweep
-    ended "skipped (already completed)" with the old scores, under a multirun.yaml naming the new command."""
+    """A sweep run again in its folder, over runs that have a result, gives every key that is not swept as its
+    runs were made with (a swept key may take more values; trainer.overwrite=true retrains in place): a changed
+    key made each finished run refuse its folder while the sweep ended "skipped (already completed)" with the
+    old scores, under a multirun.yaml naming the new command."""
     if not _is_multirun(cfg, multirun):
         return
     try:
         folder = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).expanduser()
     except Exception:  # noqa: BLE001 - an interpolation only Hydra's run time resolves: Hydra decides
         return
-    before = _previous_task(folder / SWEEP_MARKER)
-    if before is None:
+    saved = _previous_sweep(folder / SWEEP_MARKER)
+    if saved is None or not _holds_a_result(folder):
         return
-    (fixed_before, swept_before), (fixed_now, swept_now) = _fixed_and_swept(before), _fixed_and_swept(parsed)
+    before, now = _fixed_and_swept(saved[0], saved[1]), _fixed_and_swept(parsed, OmegaConf.to_container(cfg))
+    if now[0].get("trainer.overwrite", (False,))[0] is True:
+        return
     from norm_experiments.run_names import EXECUTION_KEYS
 
+    (fixed_before, swept_before), (fixed_now, swept_now) = before, now
     keys = (set(fixed_before) | set(fixed_now)) - swept_before - swept_now - set(EXECUTION_KEYS)
-    changed = sorted(k for k in keys if fixed_before.get(k) != fixed_now.get(k))
+    changed = sorted(k for k in keys if fixed_before.get(k, (None,))[0] != fixed_now.get(k, (None,))[0])
     if not changed:
         return
-    said = lambda fixed, key: f"{key}={fixed[key]}" if key in fixed else f"no {key}="  # noqa: E731
+    said = lambda fixed, key: f"{key}={fixed[key][1]}" if key in fixed else f"no {key}="  # noqa: E731
     key = changed[0]
     more = f" (and {len(changed) - 1} more key(s))" if len(changed) > 1 else ""
     raise UserError(
         f"hydra.sweep.dir={folder}: its runs were made with {said(fixed_before, key)} and this command gives "
         f"{said(fixed_now, key)}{more}; a sweep's runs share every key but the swept ones: give the keys as "
-        "before (a swept key may take more values), or run in a new folder (name=NEW)"
+        "before (a swept key may take more values), run in a new folder (name=NEW), or retrain its runs in "
+        "place (trainer.overwrite=true)"
     )
 
 
-def _previous_task(multirun_yaml: Path) -> list | None:
-    """The parsed command-line overrides a sweep folder's multirun.yaml says its runs were made with, or None
-    (no file, or one that cannot be read: the runs' own identity checks still guard their results)."""
+def _holds_a_result(folder: Path) -> bool:
+    """A run below `folder` has weights or a checkpoint: what a changed config would leave beside new runs."""
+    return any(True for name in ("model.pt", "checkpoint.pt") for _ in folder.rglob(name))
+
+
+def _previous_sweep(multirun_yaml: Path) -> tuple[list, dict] | None:
+    """(parsed command-line overrides, the composed config) a sweep folder's multirun.yaml says its runs were
+    made with, or None (no file, or one that cannot be read: the runs' own identity checks still guard their
+    results)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from norm_experiments import safe_yaml
@@ -398,14 +409,25 @@ def _previous_task(multirun_yaml: Path) -> list | None:
         task = saved["hydra"]["overrides"]["task"]
         if not isinstance(task, list) or not all(isinstance(t, str) for t in task):
             return None
-        return OverridesParser.create().parse_overrides(task)
+        return OverridesParser.create().parse_overrides(task), saved
     except Exception:  # noqa: BLE001 - not ours to judge here (see the docstring)
         return None
 
 
-def _fixed_and_swept(parsed: list) -> tuple[dict[str, str], set[str]]:
-    """{key: value as typed} of the overrides that give one value, and the keys that sweep."""
-    fixed, swept = {}, set()
+# The study sweeper runs these itself (the questions' cells, the looks' seeds): swept whatever the command says
+_STUDY_SWEEPS = {"norm", "data.batch_size", "seed"}
+
+
+def _fixed_and_swept(parsed: list, config: Any) -> tuple[dict[str, tuple[Any, str]], set[str]]:
+    """{key: (value, value as typed)} of the overrides that give one value, and the keys swept: on the command
+    line, by the preset's hydra.sweeper.params, or by the study sweeper. `config`: the sweep's config as plain
+    data (its hydra.sweeper section)."""
+    sweeper = config.get("hydra", {}).get("sweeper", {}) if isinstance(config, dict) else {}
+    params = sweeper.get("params") if isinstance(sweeper, dict) else None
+    swept = {str(k).lstrip("+~") for k in params} if isinstance(params, dict) else set()
+    if isinstance(sweeper, dict) and sweeper.get("study") is not None:
+        swept |= _STUDY_SWEEPS
+    fixed = {}
     for override in parsed:
         key = override.key_or_group
         if key.startswith("hydra"):
@@ -413,7 +435,7 @@ def _fixed_and_swept(parsed: list) -> tuple[dict[str, str], set[str]]:
         if override.is_sweep_override():
             swept.add(key)
         else:
-            fixed[key] = override.get_value_element_as_str()
+            fixed[key] = (override.value(), override.get_value_element_as_str())
     return fixed, swept
 
 

@@ -150,15 +150,17 @@ def load_json(path: Path | str, max_bytes: int = MAX_JSON_BYTES) -> Any:
 def link_inside(folder: Path, limit: int = 100_000) -> Path | None:
     """The first symbolic link found inside `folder` (at any depth; links are not followed), or None. A run or
     sweep folder may be someone else's: writing its train.log, .hydra/ or a run's folder through a link would
-    write wherever the link points. Stops after `limit` entries (a sweep of 480 runs holds a few thousand)."""
-    seen = 0
-    for root, dirs, files in os.walk(folder):
-        for name in [*dirs, *files]:
-            if os.path.islink(os.path.join(root, name)):
-                return Path(root) / name
-        seen += len(dirs) + len(files)
-        if seen > limit:
-            break
+    write wherever the link points. Not below `.submitit/`, the SLURM launcher's own folder (submitit links its
+    submission files there). Looks at `limit` entries at most (a sweep of 480 runs holds a few thousand)."""
+    pending, seen = [Path(folder)], 0
+    while pending and seen <= limit:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:  # DirEntry knows its kind from the listing: no stat per entry
+                seen += 1
+                if entry.is_symlink():
+                    return Path(entry.path)
+                if entry.is_dir(follow_symlinks=False) and entry.name != ".submitit":
+                    pending.append(Path(entry.path))
     return None
 
 

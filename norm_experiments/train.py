@@ -129,7 +129,7 @@ def hydra_main(cfg: DictConfig) -> float:
 
 def _close_log_files(run_dir: Path) -> None:
     """Remove the log handlers that write into run_dir (Hydra's train.log, opened at its first line:
-    configs/hydra/default.yaml), so that nothing is written there."""
+    configs/hydra/job_logging/run_log.yaml), so that nothing is written there."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if (

@@ -114,6 +114,16 @@ def dataset_fingerprint(cases: Sequence[Case], root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def dataset_files(cases: Sequence[Case], root: Path) -> str:
+    """A short hash of the cases' files by relative path and size only: a copy of the same files (to a node's
+    scratch disk, say: new modification times) keeps it; other data under the same names rarely does."""
+    digest = hashlib.sha256(b"norm-experiments dataset files v1\n")
+    for case in sorted(cases, key=lambda c: c.name):
+        for path in (*case.images, case.label):
+            digest.update(f"{case.name}|{shown(path, root)}|{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def _array(path: Path) -> np.ndarray:
     return np.asanyarray(nib.load(str(path)).dataobj)
 
@@ -248,6 +258,7 @@ def plan_preprocessing(data_cfg: DictConfig, info: DatasetInfo, train_cases: Seq
         spacing = [float(s) for s in spacing_setting]
     record = {
         "dataset_fingerprint": fingerprint,
+        "dataset_files": dataset_files(train_cases, info.root),
         "intensity": setting,
         "modalities": list(modalities) if modalities is not None else None,
         "channel_intensity": modes,

@@ -7,10 +7,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from norm_experiments.command_line import SWEEP_MARKER
 from norm_experiments.errors import OneLineParser, UserError, exit_on_user_error, flush_stdout, guard_stdout
 from norm_experiments.report import file_names, write_report
 from norm_experiments.report.analysis import DEFAULT_REFERENCE
 from norm_experiments.report.collect import collect
+from norm_experiments.report.document import REPORT_TITLE
 from norm_experiments.report.provenance import header_lines
 from norm_experiments.report.publish import written_before
 from norm_experiments.report.verdicts import DEFAULT_MARGIN, HD95_MARGIN, default_margin
@@ -78,29 +80,38 @@ def doc_target_problem(doc: Path) -> str | None:
 def out_files_problem(
     sweep_dirs: list[Path], out: Path | None, doc: Path | None, reference: str
 ) -> str | None:
-    """--out DIR (or --doc's folder beside the document) replaces the report's files there: refuse when one
-    exists that no report of ours wrote (the folder's manifest lists ours; the user's results.csv would be
-    lost). A sweep's own folder is the report's default home, and a --doc document of ours vouches for its
-    folder (written before the manifest existed)."""
+    """The report replaces its files in its folder (--out DIR, the folder beside --doc's document, or by default
+    the first SWEEP_DIR, which may be any folder above sweeps): refuse when one exists that no report of ours
+    wrote there (the folder's manifest lists ours; the user's results.csv would be lost). A sweep's own folder
+    (multirun.yaml) is the report's home, and a document of ours (--doc's, or an older report.md there) vouches
+    for its folder's files, written before the manifest existed."""
     if doc is not None:
-        folder, flag = doc.parent / doc.stem, f"--doc {doc}"
+        folder, how = doc.parent / doc.stem, f"--doc {doc}: "
         if doc.exists():  # doc_target_problem has found it ours
             return None
-    elif out is not None:
-        folder, flag = out, f"--out {out}"
     else:
+        folder = out if out is not None else sweep_dirs[0]
+        how = f"--out {out}: " if out is not None else f"{folder} is no sweep's folder (no {SWEEP_MARKER}): "
+    if not folder.is_dir() or (folder / SWEEP_MARKER).is_file():
         return None
-    if not folder.is_dir() or any(folder.resolve() == d.resolve() for d in sweep_dirs):
+    if doc is None and _is_our_report(folder / "report.md"):
         return None
     ours = written_before(folder)
     for name in file_names(reference, doc):
         path = folder / name
         if (path.exists() or path.is_symlink()) and name not in ours:
             return (
-                f"{flag}: {path} exists and was not written by norm-exp-report; the report would replace it: "
-                "choose another folder, or move it away"
+                f"{how}{path} exists and was not written by norm-exp-report; the report would replace it: "
+                "choose another folder (--out DIR), or move it away"
             )
     return None
+
+
+def _is_our_report(path: Path) -> bool:
+    try:
+        return read_text(path, MAX_DOC_BYTES).startswith(REPORT_TITLE)
+    except (UnsafeFile, OSError, UnicodeDecodeError):
+        return False
 
 
 MAX_DOC_BYTES = 64 * 2**20  # far above any report (docs/results.html embeds its plots)

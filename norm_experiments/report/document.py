@@ -27,6 +27,7 @@ MODEL_TEXT = {
     "mean squares, Satterthwaite df)",
     SEEDS_ONLY: "a paired t-test over seeds (df = seeds - 1)",
 }
+REPORT_TITLE = "# Normalization vs batch size: "  # the first line of every report.md (the metric follows)
 STATISTICS_DOC = "docs/explanation/statistics.md"
 EXPLORATORY = (
     "**Exploratory.** The tables below were not declared before the study: their verdicts hold within each "
@@ -352,7 +353,7 @@ def render_markdown(
     metric = analysis.metric
     sweep_list = ", ".join(f"`{d}`" for d in collection.sweep_dirs)
     described = f", {METRIC_DESCRIPTIONS[metric]}" if metric in METRIC_DESCRIPTIONS else ""
-    lines = [f"# Normalization vs batch size: {metric}", ""]
+    lines = [f"{REPORT_TITLE}{metric}", ""]
     if header:
         lines += header + [""]
     lines += [

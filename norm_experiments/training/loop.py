@@ -129,9 +129,10 @@ class State:
     loss_history: list[dict] = field(default_factory=list)
     loss_window_sum: float = 0.0
     loss_window_steps: int = 0
-    # The training cases' files it trained on (preprocessing.dataset_fingerprint): a resume on other data
-    # (a relative data.root read from another folder, files changed in place) is refused. None: older checkpoints.
-    dataset_fingerprint: str | None = None
+    # The training cases' files it trained on, by name and size (preprocessing.dataset_files): a resume on other
+    # data (a relative data.root read from another folder, files changed in place) is refused. None: older
+    # checkpoints.
+    dataset_files: str | None = None
 
 
 class MicroBatches:
@@ -187,7 +188,7 @@ class Run:
                 "trainer.amp=true: autocast is for CUDA here; on %s this run trains in float32", self.b.device
             )
         resumed = self.restore_checkpoint()
-        self.state.dataset_fingerprint = self.b.data.preprocessing.get("dataset_fingerprint")
+        self.state.dataset_files = self.b.data.preprocessing.get("dataset_files")
         stop = StopRequest()
         # From here on SIGTERM/SIGINT only ask the loop to stop after a step; the handlers stay installed
         # until the checkpoint and the record of a stop are written.
@@ -442,17 +443,16 @@ class Run:
         if not path.exists() or self.cfg.trainer.overwrite:
             return False
         state = State(**ckpt.restore_run(path, self.b, trust=bool(self.cfg.trainer.trust_checkpoint)))
-        now = self.b.data.preprocessing.get("dataset_fingerprint")
-        # A generated dataset is a function of its parameters (part of the run's config): written again into
-        # a new cache it has new modification times, and the same content.
-        changed = state.dataset_fingerprint not in (None, now) and not is_generated(self.cfg.data)
+        now = self.b.data.preprocessing.get("dataset_files")
+        # A generated dataset is a function of its parameters (part of the run's config).
+        changed = state.dataset_files not in (None, now) and not is_generated(self.cfg.data)
         if changed and not self.cfg.trainer.force_resume:
             raise UserError(
-                f"{path}: trained on other data than {self.b.data.info.root.absolute()} holds now (the training cases' "
-                f"names, sizes or modification times differ: dataset fingerprint {state.dataset_fingerprint} -> "
-                f"{now}); continuing would mix two datasets in one run: give the data it was trained on (a "
-                "relative data.root is read from the current folder), or trainer.force_resume=true to continue "
-                "on this data, or trainer.overwrite=true to start again"
+                f"{path}: trained on other data than {self.b.data.info.root.absolute()} holds now (the training "
+                f"cases' file names or sizes differ: {state.dataset_files} -> {now}); continuing would mix two "
+                "datasets in one run: give the data it was trained on (a relative data.root is read from the "
+                "current folder), or trainer.force_resume=true to continue on this data, or "
+                "trainer.overwrite=true to start again"
             )
         self.state = state
         log.info("resuming %s from step %d/%d", self.run_dir, self.state.step, self.plan.total_steps)

@@ -203,9 +203,10 @@ _OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _PLAIN_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_.]*\}")  # ${data.batch_size}: another key's value
 
 
-# One-time instructions are never replayed from a run folder: the trust opt-in holds for one load, and
-# overwrite=true would discard the very checkpoint a resume continues from.
-ONE_TIME_KEYS = ("trainer.trust_checkpoint", "trainer.overwrite")
+# One-time instructions are never replayed from a run folder: the trust opt-in holds for one load,
+# overwrite=true would discard the very checkpoint a resume continues from, and force_resume=true (given once
+# to continue with a new config) would silence every later refusal of another config or other data.
+ONE_TIME_KEYS = ("trainer.trust_checkpoint", "trainer.overwrite", "trainer.force_resume")
 # Keys that name where to write: a run folder may be someone else's, so it never decides where this process
 # writes. Replayed only when the command line gives the key again (the user's own choice, which wins).
 WRITE_LOCATION_KEYS = ("data.cache_dir",)

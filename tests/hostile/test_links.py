@@ -21,6 +21,10 @@ def test_link_inside_finds_a_link_at_any_depth_and_none_in_a_plain_folder(tmp_pa
     (tmp_path / "sweep" / "norm=batch" / "seed=0" / ".hydra").mkdir(parents=True)
     (tmp_path / "sweep" / "norm=batch" / "seed=0" / "train.log").write_text("x")
     assert safe_io.link_inside(tmp_path / "sweep") is None
+    submitit = tmp_path / "sweep" / ".submitit"  # the SLURM launcher links its submission files there
+    submitit.mkdir()
+    (submitit / ".submission_file_1.sh").symlink_to(submitit / "1" / "1_submission.sh")
+    assert safe_io.link_inside(tmp_path / "sweep") is None
     (tmp_path / "outside").mkdir()
     deep = tmp_path / "sweep" / "norm=batch" / "seed=0" / ".hydra" / "config.yaml"
     deep.symlink_to(tmp_path / "outside" / "c.yaml")  # dangling: a link counts, not its target

@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -378,7 +379,7 @@ def test_out_and_docs_folder_never_replace_files_the_report_did_not_write(
     code, _, stderr = run_main([str(small_sweep), "--out", str(out)], capsys)
     assert code == 2 and stderr.strip() == (
         f"error: --out {out}: {out / 'results.csv'} exists and was not written by norm-exp-report; the report "
-        "would replace it: choose another folder, or move it away"
+        "would replace it: choose another folder (--out DIR), or move it away"
     )
     assert [(out / n).read_text() for n in ("report.md", "results.csv")] == ["mine\n", "mine\n"]
     (out / "results.csv").unlink()
@@ -386,6 +387,8 @@ def test_out_and_docs_folder_never_replace_files_the_report_did_not_write(
     assert run_main([str(small_sweep), "--out", str(out)], capsys)[0] == 0
     assert run_main([str(small_sweep), "--out", str(out)], capsys)[0] == 0  # its own files: replaced
     assert "results.csv" in json.loads((out / ".norm-exp-report.json").read_text())
+    (out / ".norm-exp-report.json").unlink()  # a folder an older norm-exp-report wrote: its report.md vouches
+    assert run_main([str(small_sweep), "--out", str(out)], capsys)[0] == 0
 
     doc = tmp_path / "d" / "r.md"
     (doc.parent / "r").mkdir(parents=True)
@@ -395,6 +398,16 @@ def test_out_and_docs_folder_never_replace_files_the_report_did_not_write(
     assert (doc.parent / "r" / "runs.csv").read_text() == "mine\n" and not doc.exists()
     # The sweep's own folder is the report's home: written there as always.
     assert run_main([str(small_sweep)], capsys)[0] == 0 and (small_sweep / "report.md").exists()
+    # By default the report goes into the first SWEEP_DIR, which may be any folder above sweeps: a folder of
+    # the user's (no multirun.yaml) keeps its own results.csv.
+    papers = tmp_path / "papers"
+    shutil.copytree(small_sweep, papers / "sweep")
+    (papers / "results.csv").write_text("mine\n")
+    code, _, stderr = run_main([str(papers)], capsys)
+    assert (
+        code == 2 and f"{papers} is no sweep's folder (no multirun.yaml): {papers / 'results.csv'}" in stderr
+    )
+    assert (papers / "results.csv").read_text() == "mine\n"
 
 
 # --------------------------------------------------------------------------------- full disks, closed pipes

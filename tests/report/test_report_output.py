@@ -55,12 +55,13 @@ def test_a_batch_dependent_reference_is_refused_with_one_line(small_sweep) -> No
 )
 def test_a_typo_in_the_reference_or_the_metric_names_the_closest(small_sweep, capsys, option, line) -> None:
     """A reference no run trained used to give a report with no comparisons, exit 0."""
-    (small_sweep / "report.md").write_text("the report of yesterday")
+    yesterday = "# Normalization vs batch size: val_dice\n\nthe report of yesterday\n"
+    (small_sweep / "report.md").write_text(yesterday)
     with pytest.raises(SystemExit) as stop:
         report_main([str(small_sweep), *option])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
-    assert (small_sweep / "report.md").read_text() == "the report of yesterday"
+    assert (small_sweep / "report.md").read_text() == yesterday
 
 
 def test_the_report_does_not_import_torch(small_sweep) -> None:

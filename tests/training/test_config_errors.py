@@ -370,20 +370,33 @@ def test_a_sweep_run_again_with_another_fixed_key_is_refused_before_hydra(tmp_pa
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": before}}}))
     where = f"hydra.sweep.dir={sweep}"
     problem = lambda *args: command_line_problem(["-m", *args, where], "train")  # noqa: E731
-    assert problem(*before[:3], "trainer.samples=24", "name=p") == (
+    changed = [*before[:3], "trainer.samples=24", "name=p"]
+    assert problem(*changed) is None  # no run has a result yet: nothing to mix with (a fix after a crash)
+    (sweep / "norm=batch").mkdir()
+    (sweep / "norm=batch" / "checkpoint.pt").write_bytes(b"")
+    assert problem(*changed) == (
         f"{where}: its runs were made with trainer.samples=16 and this command gives trainer.samples=24; a "
         "sweep's runs share every key but the swept ones: give the keys as before (a swept key may take more "
-        "values), or run in a new folder (name=NEW)"
+        "values), run in a new folder (name=NEW), or retrain its runs in place (trainer.overwrite=true)"
     )
     assert "made with no data.batch_size= and this command gives data.batch_size=1" in problem(
         *before, "data.batch_size=1"
     )
     assert "made with trainer.samples=16 and this command gives no trainer.samples=" in problem(*before[:3])
-    # The same keys, more seeds and another norm on a swept key, an execution key, another name: go on.
+    # The same keys, more seeds and another norm on a swept key, an execution key, another name, the same
+    # value typed otherwise, and retraining in place: go on.
     assert (
         problem("experiment=smoke", "norm=batch,group,instance", "seed=0,1,2", "trainer.samples=16") is None
     )
     assert problem(*before, "trainer.progress=none", "name=q") is None
+    assert problem(*before[:3], "trainer.samples=16.0") is None
+    assert problem(*changed, "trainer.overwrite=true") is None
+    # A key the preset sweeps (hydra.sweeper.params: norm_sweep's seeds and datasets) is swept whatever is typed.
+    preset = {
+        "hydra": {"overrides": {"task": ["experiment=norm_sweep"]}, "sweeper": {"params": {"seed": "0,1,2"}}}
+    }
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(preset))
+    assert problem("experiment=norm_sweep", "seed=3") is None
 
 
 def test_a_study_question_names_a_norm_option_and_a_mode_that_norm_has(tmp_path: Path) -> None:
@@ -434,11 +447,13 @@ def test_a_config_dir_sweep_gets_the_sweep_folder_checks_from_its_first_callback
     before = ["experiment=mine", "norm=batch,group", "trainer.samples=16"]
     saved = yaml.safe_dump({"hydra": {"overrides": {"task": before}}})
     (sweep / "multirun.yaml").write_text(saved)
+    (sweep / "model.pt").write_bytes(b"")  # a result the changed key would leave beside new runs
     args = ["--config-dir", str(tmp_path / "conf"), "-m", *before[:2], "trainer.samples=24"]
     result = run_cli([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert_clean_failure(
         result, f"error: hydra.sweep.dir={sweep}: its runs were made with trainer.samples=16"
     )
     assert (sweep / "multirun.yaml").read_text() == saved and sorted(p.name for p in sweep.iterdir()) == [
-        "multirun.yaml"
+        "model.pt",
+        "multirun.yaml",
     ]

@@ -224,9 +224,10 @@ def test_a_run_folder_never_sets_check_or_explain_options_or_where_to_write(tmp_
         # given again on the command line, it is the user's own choice (and theirs wins, coming last)
         argv = replay(["data.cache_dir=/tmp/mine"])
         assert argv.index("data.cache_dir=/tmp/elsewhere") < argv.index("data.cache_dir=/tmp/mine")
-    saved.write_text("- experiment=smoke\n- trainer.trust_checkpoint=true\n- trainer.overwrite=true\n")
-    for key, replay in replays.items():
-        assert not any("trust_checkpoint" in a or "overwrite" in a for a in replay([])), key
+    once = ("trainer.trust_checkpoint=true", "trainer.overwrite=true", "trainer.force_resume=true")
+    saved.write_text("".join(f"- {line}\n" for line in ("experiment=smoke", *once)))
+    for key, replay in replays.items():  # force_resume replayed would silence every later refusal
+        assert not any(a.startswith(once) for a in replay([])), key
 
 
 # ------------------------------------------------------------------------ an interrupted run, real CLI
@@ -355,6 +356,8 @@ def test_a_resume_on_other_data_is_refused_and_on_its_own_data_continues(tmp_pat
         "status"
     ] != "completed"
 
-    resumed = run_cli([f"resume={run_dir}"], cwd=here)
+    copied = tmp_path / "copied"  # the same files copied (new modification times), as onto a node's scratch
+    shutil.copytree(here / "ds", copied / "ds", copy_function=shutil.copyfile)
+    resumed = run_cli([f"resume={run_dir}"], cwd=copied)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in (run_dir / "train.log").read_text() and metrics_of(run_dir)["status"] == "completed"
