@@ -33,6 +33,19 @@ def single_process_norms() -> str:
     return ",".join(name for name, record in registry.records().items() if not record.syncs_ranks)
 
 
+def config_cache_root() -> Path:
+    """data.cache_dir as the data configs resolve it here: ${oc.env:NORM_EXP_CACHE,${oc.env:HOME,.}/.cache/
+    norm-experiments}; relative (to the folder training starts in) when neither variable is set."""
+    if "NORM_EXP_CACHE" in os.environ:
+        return Path(os.environ["NORM_EXP_CACHE"])
+    return Path(os.environ.get("HOME", ".")) / ".cache" / "norm-experiments"
+
+
+def default_cache_root() -> Path:
+    """Where a fetch puts tasks without --cache-dir: the data configs' cache root, as an absolute path."""
+    return config_cache_root().expanduser().absolute()
+
+
 def validate_config(cfg: DictConfig, extra: dict | None = None) -> None:
     """Refuse, naming the key, unknown keys, values of the wrong type or range (config_schema.SCHEMA, plus an
     app's own root keys in `extra`) and a dataset folder that does not exist."""
@@ -40,8 +53,6 @@ def validate_config(cfg: DictConfig, extra: dict | None = None) -> None:
     if cfg.data.get("fetch"):  # a preset for a dataset that norm-exp-fetch downloads
         root = Path(str(cfg.data.root)).expanduser()
         if not (root / "dataset.json").is_file():
-            from norm_experiments.data.fetch import default_cache_root  # torch-free
-
             cache = Path(str(cfg.data.cache_dir)).expanduser().absolute()
             where = "" if cache == default_cache_root() else f" --cache-dir {shlex.quote(str(cache))}"
             raise UserError(

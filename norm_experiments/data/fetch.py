@@ -49,7 +49,7 @@ from urllib.request import url2pathname, urlopen
 from omegaconf import OmegaConf
 
 from norm_experiments import safe_io
-from norm_experiments.config import CONFIG_DIR, hydra_quote
+from norm_experiments.config import CONFIG_DIR, config_cache_root, default_cache_root, hydra_quote
 from norm_experiments.data.layouts import find_cases
 from norm_experiments.data.workdirs import make_work_folder
 from norm_experiments.errors import (
@@ -75,19 +75,6 @@ def msd_tasks() -> dict[str, tuple[str, str]]:
     from monai.apps import DecathlonDataset
 
     return {task: (url, DecathlonDataset.md5[task]) for task, url in DecathlonDataset.resource.items()}
-
-
-def config_cache_root() -> Path:
-    """data.cache_dir as the data configs resolve it here: ${oc.env:NORM_EXP_CACHE,${oc.env:HOME,.}/.cache/
-    norm-experiments}; relative (to the folder training starts in) when neither variable is set."""
-    if "NORM_EXP_CACHE" in os.environ:
-        return Path(os.environ["NORM_EXP_CACHE"])
-    return Path(os.environ.get("HOME", ".")) / ".cache" / "norm-experiments"
-
-
-def default_cache_root() -> Path:
-    """Where a fetch puts tasks without --cache-dir: the data configs' cache root, as an absolute path."""
-    return config_cache_root().expanduser().absolute()
 
 
 @dataclass(frozen=True)
