@@ -50,6 +50,8 @@ def run_folder_argv(argv: list[str]) -> list[str]:
     if not given:
         return argv
     run_dir = path_argument(given[-1])
+    if not (run_dir.exists() or run_dir.is_symlink()):  # else the grammar's quoting advice came first
+        raise UserError(f"weights={run_dir}: no such file or folder")
     if not run_dir.is_dir():
         return argv
     if not (

@@ -350,10 +350,12 @@ def test_a_weights_path_of_a_sweep_run_says_how_to_quote_it(tmp_path: Path) -> N
     """Our sweep's run folders are named norm=batch/data.batch_size=1,seed=0: Hydra reads '=' and ',' only
     in a quoted value, and the line says how to quote it (Hydra's own message does not)."""
     weights = "outputs/sweeps/s/norm=batch/data.batch_size=1,seed=0/model.pt"
+    (tmp_path / weights).parent.mkdir(parents=True)
+    (tmp_path / weights).write_bytes(b"")
     result = run_check([f"weights={weights}", "experiment=norm_sweep_quick"], tmp_path)
     assert result.returncode == 2, result.stderr
     assert "quote it as \"weights='" + weights + "'\"" in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [tmp_path / "outputs"]
 
 
 def test_an_unfinished_run_folder_as_weights_is_one_line(tmp_path: Path) -> None:

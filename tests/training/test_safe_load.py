@@ -361,3 +361,13 @@ def test_a_resume_on_other_data_is_refused_and_on_its_own_data_continues(tmp_pat
     resumed = run_cli([f"resume={run_dir}"], cwd=copied)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in (run_dir / "train.log").read_text() and metrics_of(run_dir)["status"] == "completed"
+
+
+def test_check_weights_that_do_not_exist_say_so_before_any_quoting_advice(tmp_path: Path) -> None:
+    """A missing run folder whose name holds '=' and ',' (as ours do) got Hydra's quoting advice, and quoted,
+    'no such file'; norm-exp-explain's trained= said 'no such folder' at once."""
+    from norm_experiments.check import run_folder_argv
+
+    missing = tmp_path / "outputs" / "runs" / "norm=batch,data.batch_size=1"
+    with pytest.raises(UserError, match=rf"^weights={missing}: no such file or folder$"):
+        run_folder_argv(["prog", f"weights={missing}"])
