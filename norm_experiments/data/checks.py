@@ -464,6 +464,12 @@ def check_preprocessed(
             val_name,
             train_name,
         )
+    empty = [vol.name for vol in splits.get("training", []) if not bool((vol.label > 0).any())]
+    if empty and len(empty) < len(splits["training"]):  # said once here; MONAI's cropper warns at every draw
+        log.info(
+            "training cases without foreground (their patches are all centred on background): %s",
+            ", ".join(empty[:8]) + (", ..." if len(empty) > 8 else ""),
+        )
     for split, volumes in splits.items():
         if volumes and not any(bool((vol.label > 0).any()) for vol in volumes):
             names = ", ".join(vol.name for vol in volumes[:4]) + (", ..." if len(volumes) > 4 else "")

@@ -11,6 +11,7 @@ in MONAI.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -50,15 +51,17 @@ class Augmentation:
         A patch is centred on a foreground voxel with probability foreground_fraction (otherwise on a
         background voxel), the centre moved inwards so the patch fits, as MONAI's RandCropByPosNegLabeld.
         """
-        centers = generate_pos_neg_label_crop_centers(
-            self.patch_size,
-            num_patches,
-            self.foreground_fraction,
-            tuple(volume_shape),
-            fg_indices,
-            bg_indices,
-            rand,
-        )
+        with warnings.catch_warnings():  # a case without foreground: said once when the data is checked
+            warnings.filterwarnings("ignore", message="Num foregrounds 0", category=UserWarning)
+            centers = generate_pos_neg_label_crop_centers(
+                self.patch_size,
+                num_patches,
+                self.foreground_fraction,
+                tuple(volume_shape),
+                fg_indices,
+                bg_indices,
+                rand,
+            )
         return [self._turns(rand, _start(center, self.patch_size)) for center in centers]
 
     def _turns(self, rand: np.random.RandomState, start: tuple[int, int, int]) -> PatchDraw:

@@ -327,3 +327,32 @@ def test_an_axis_of_length_0_is_one_line(dataset):
         info,
         rf"^{IMAGE}: image has an axis of length 0 \(shape \(0, 16, 16\)\); expected a 3D volume$",
     )
+
+
+def test_a_training_case_without_foreground_is_said_once_not_at_every_draw(caplog):
+    """MONAI's cropper warned "Num foregrounds 0 ..." (two lines of its source) at each draw of such a case."""
+    import logging
+    import types
+    import warnings
+
+    import torch
+
+    from norm_experiments.data.checks import check_preprocessed
+    from norm_experiments.data.patches import Augmentation
+
+    def volume(name: str, foreground: bool) -> types.SimpleNamespace:
+        label = torch.zeros(1, 8, 8, 8)
+        label[0, 2, 2, 2] = float(foreground)
+        return types.SimpleNamespace(name=name, image=torch.zeros(1, 8, 8, 8), label=label)
+
+    splits = {"training": [volume("a", True), volume("empty", False)], "validation": [volume("v", True)]}
+    with caplog.at_level(logging.INFO, logger="norm_experiments"):
+        check_preprocessed(splits, {}, {})
+    said = [r.getMessage() for r in caplog.records if "without foreground" in r.getMessage()]
+    assert said == ["training cases without foreground (their patches are all centred on background): empty"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        draws = Augmentation((4, 4, 4), 0.5, 0.0, 0.0).draw(
+            np.random.RandomState(0), (8, 8, 8), np.array([], dtype=np.int64), np.arange(512), 4
+        )
+    assert len(draws) == 4
