@@ -322,12 +322,19 @@ def _is_multirun(cfg: DictConfig, multirun_flag: bool) -> bool:
     return multirun_flag or str(OmegaConf.select(cfg, "hydra.mode", default="")).endswith("MULTIRUN")
 
 
-def _check_sweep_folder(cfg: DictConfig, multirun: bool) -> None:
+def _sweep_folder(cfg: DictConfig, multirun: bool) -> Path | None:
+    """The folder a multirun writes in (None for a single run, or one only Hydra's run time resolves)."""
     if not _is_multirun(cfg, multirun):
-        return
+        return None
     try:
-        folder = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).expanduser()
+        return Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).expanduser()
     except Exception:  # noqa: BLE001 - an interpolation only Hydra's run time resolves: Hydra decides
+        return None
+
+
+def _check_sweep_folder(cfg: DictConfig, multirun: bool) -> None:
+    folder = _sweep_folder(cfg, multirun)
+    if folder is None:
         return
     if folder.is_dir() and not (folder / SWEEP_MARKER).exists() and any(folder.iterdir()):
         raise UserError(
@@ -359,13 +366,8 @@ def _check_same_fixed_keys(cfg: DictConfig, parsed: list, multirun: bool) -> Non
     runs were made with (a swept key may take more values; trainer.overwrite=true retrains in place): a changed
     key made each finished run refuse its folder while the sweep ended "skipped (already completed)" with the
     old scores, under a multirun.yaml naming the new command."""
-    if not _is_multirun(cfg, multirun):
-        return
-    try:
-        folder = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).expanduser()
-    except Exception:  # noqa: BLE001 - an interpolation only Hydra's run time resolves: Hydra decides
-        return
-    saved = _previous_sweep(folder / SWEEP_MARKER)
+    folder = _sweep_folder(cfg, multirun)
+    saved = _previous_sweep(folder / SWEEP_MARKER) if folder is not None else None
     if saved is None or not _holds_a_result(folder):
         return
     before, now = _fixed_and_swept(saved[0], saved[1]), _fixed_and_swept(parsed, OmegaConf.to_container(cfg))
