@@ -154,13 +154,18 @@ def link_inside(folder: Path, limit: int = 100_000) -> Path | None:
     submission files there). Looks at `limit` entries at most (a sweep of 480 runs holds a few thousand)."""
     pending, seen = [Path(folder)], 0
     while pending and seen <= limit:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:  # DirEntry knows its kind from the listing: no stat per entry
-                seen += 1
-                if entry.is_symlink():
-                    return Path(entry.path)
-                if entry.is_dir(follow_symlinks=False) and entry.name != ".submitit":
-                    pending.append(Path(entry.path))
+        try:
+            entries = list(
+                os.scandir(pending.pop())
+            )  # DirEntry knows its kind from the listing: no stat each
+        except OSError:  # a folder this user cannot list: nothing of ours is written in it either
+            continue
+        for entry in entries:
+            seen += 1
+            if entry.is_symlink():
+                return Path(entry.path)
+            if entry.is_dir(follow_symlinks=False) and entry.name != ".submitit":
+                pending.append(Path(entry.path))
     return None
 
 
