@@ -16,14 +16,13 @@ average one.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from norm_experiments.config import CONFIG_DIR, register_resolvers
-from norm_experiments.errors import UserError
+from norm_experiments.errors import OneLineParser, UserError, exit_on_user_error, flush_stdout, guard_stdout
 from norm_experiments.report.analysis import analyze
 from norm_experiments.report.collect import collect
 from norm_experiments.report.model import paired
@@ -33,17 +32,55 @@ from norm_experiments.report.simulate import simulate, truth_from
 
 
 def preset_design(experiment: str) -> Design:
+    from hydra.errors import HydraException
+
     register_resolvers()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        try:
+            cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        except HydraException:
+            options = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+            raise UserError(
+                f"--experiment {experiment}: no such preset; the options: {', '.join(options)}"
+            ) from None
     study = cfg.hydra.sweeper.get("study")
     if study is None:
         raise UserError(f"experiment={experiment} declares no study (hydra.sweeper.study)")
     return parse_design(OmegaConf.to_container(study, resolve=True), f"experiment={experiment}")
 
 
+def positive_ints(text: str, flag: str, minimum: int = 1) -> tuple[int, ...]:
+    """'6,8,12' as numbers, each at least `minimum`, or UserError naming the flag."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} {text}: expected whole numbers separated by commas (e.g. 6,10,14)") from None
+    if not values or min(values) < minimum:
+        raise UserError(f"{flag} {text}: each must be a whole number >= {minimum}")
+    return values
+
+
+def candidate_looks(text: str) -> tuple[int, ...]:
+    looks = positive_ints(text, "--looks", minimum=2)
+    if any(b <= a for a, b in zip(looks, looks[1:])):
+        raise UserError(f"--looks {text}: the seeds at each look must increase (e.g. 6,10,14)")
+    return looks
+
+
+def studies(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    guard_stdout(quiet_when_closed=True)  # `| head`: the reader wants no more; a full disk: one line
+    parser = OneLineParser(prog="plan_study.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("pilot", type=Path, help="a finished sweep with the questions' cells")
     parser.add_argument("--experiment", required=True, help="the preset whose questions to size")
     parser.add_argument(
@@ -52,42 +89,49 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--looks", action="append", default=[], help="looks to try, e.g. 6,10,14 (repeatable)"
     )
-    parser.add_argument("--studies", type=int, default=1000, help="simulated studies per design")
+    parser.add_argument("--studies", type=studies, default=1000, help="simulated studies per design")
     args = parser.parse_args(argv)
-    try:
-        design = preset_design(args.experiment)
-        analysis = analyze(collect([args.pilot]))
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    cases = positive_ints(args.cases, "--cases", minimum=2) if args.cases else ()
+    looks = [candidate_looks(text) for text in args.looks]
+    design = preset_design(args.experiment)
+    analysis = analyze(collect([args.pilot]))
     summary = analysis.conditions[0]
-    truths, pilot_cases = [], 0
-    print(f"Pilot: {args.pilot} ({len(summary.seeds)} seeds); questions of experiment={args.experiment}\n")
-    print(
-        "| question | observed difference | SD seed | SD case | SD seed x case | cases | single look: seeds for 80 % |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for q in design.questions:
+    rows, truths, pilot_cases = [], [], 0
+    for q in design.questions:  # every question first: an error leaves no half table behind
         a = side_scores(summary.cell(q.a.row, q.a.batch_size), q.a, q.metric)
         b = side_scores(summary.cell(q.b.row, q.b.batch_size), q.b, q.metric)
         found = paired(a, b)
         if found is None or found.estimate is None:
-            sys.exit(f"error: the pilot has no paired seeds for {q.name}")
+            raise UserError(
+                f"the pilot has no paired seeds for {q.name}: it needs runs of {q.a.label()} and of "
+                f"{q.b.label()} with the same seeds"
+            )
         est = found.estimate
         truth = truth_from(est)
         truths.append(truth)
         pilot_cases = est.n_cases
         need = seeds_to_decide(est, design.level(len(design.looks) - 1), q.margin)
-        print(
+        rows.append(
             f"| {q.name} | {est.mean:+.4f} | {truth.var_seed**0.5:.4f} | {truth.var_case**0.5:.4f} | "
             f"{truth.var_e**0.5:.4f} | {est.n_cases} | {need if need else '> 200'} |"
         )
-    cases = [int(c) for c in args.cases.split(",") if c] or [pilot_cases]
-    looks = [tuple(int(n) for n in text.split(",")) for text in args.looks] or [design.looks]
+    where = ""
+    if len(analysis.conditions) > 1:  # sized from one; the others are named, not silently left out
+        others = ", ".join(c.condition for c in analysis.conditions[1:])
+        where = f"; condition {summary.condition} (the pilot's others, not used: {others})"
+    print(
+        f"Pilot: {args.pilot} ({len(summary.seeds)} seeds{where}); questions of experiment={args.experiment}\n"
+    )
+    print(
+        "| question | observed difference | SD seed | SD case | SD seed x case | cases | single look: seeds for 80 % |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
     names = " | ".join(f"P(decide {q.name})" for q in design.questions)
     print(f"\n| cases | looks | {names} | P(all decided) | family-wise error | mean seeds |")
     print("|---:|---|" + "---:|" * (design.m + 3))
-    for c in cases:
-        for look in looks:
+    for c in cases or (pilot_cases,):
+        for look in looks or [design.looks]:
             candidate = Design(design.questions, look, design.alpha, design.spending, design.margin)
             oc = simulate(candidate, truths, c, args.studies, seed=1)
             rates = " | ".join(f"{oc.decided_rate(i):.2f}" for i in range(design.m))
@@ -96,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{oc.error_rate:.3f} | {oc.mean_seeds:.1f} |"
             )
     print(f"\n{args.studies} simulated studies per row ({design.spending} spending, α = {design.alpha}).")
+    flush_stdout()
 
 
 if __name__ == "__main__":
