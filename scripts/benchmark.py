@@ -43,7 +43,7 @@ from omegaconf.errors import OmegaConfBaseException
 from benchmarks import batch1, cuda, epoch, norms, overhead, runs_per_gpu
 from benchmarks.common import ALL_NORMS, Context, Profile, compose_cfg, table, usable_cores
 from norm_experiments.config import validate_config
-from norm_experiments.errors import UserError
+from norm_experiments.errors import OneLineParser, UserError
 from norm_experiments.training.build import make_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -177,8 +177,42 @@ def load_average() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def out_problem(out: str) -> str | None:
+    """Why --out cannot be written (checked before anything is measured, and by --dry-run), or None."""
+    if out == "-":
+        return None
+    path = Path(out)
+    if path.is_dir():
+        return f"--out {out}: a folder; give the markdown file to write"
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        return f"--out {out}: cannot write into {parent} (no such folder, or not writable)"
+    return None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
+        prog="benchmark.py",
         description="Benchmark the training step, the data pipeline and every norm; writes markdown tables.",
     )
     size = parser.add_mutually_exclusive_group()
@@ -218,21 +252,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--repeats",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="rounds where a section times a fixed number (default: the profile's); more: narrower intervals",
     )
     parser.add_argument(
         "--overhead-cap",
-        type=float,
+        type=non_negative,
         default=None,
         metavar="SECONDS",
         help="section a adds paired blocks until the interval is narrow or this long (default: the profile's)",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="torch.set_num_threads(N) first (default: leave torch's default, as training does)",
@@ -305,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         print("benchmark: --device cuda, but no CUDA device is available", file=sys.stderr)
+        return 2
+    problem = out_problem(args.out)
+    if problem:
+        print(f"benchmark: {problem}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)

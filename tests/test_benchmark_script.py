@@ -117,6 +117,27 @@ def test_paired_ratio_interval_from_per_round_ratios() -> None:
     assert interval_verdict(paired_ratio([1.0] * 3, [1.0] * 3), 1.05, at_most=True) == "met"
     assert interval_verdict(paired_ratio([2.0, 2.1, 1.9], [1.0] * 3), 1.05, at_most=True) == "MISSED"
     assert interval_verdict(paired_ratio([2.0, 2.1, 1.9], [1.0] * 3), 1.0, at_most=False) == "met"
+    # one round has no interval: no verdict either (--smoke wrote "MISSED" from a single 0.54)
+    assert (
+        interval_verdict(paired_ratio([2.0], [1.0]), 1.05, at_most=True)
+        == "undecided (one round: no interval)"
+    )
+
+
+def test_benchmark_refuses_nonsense_numbers_and_an_unwritable_out_before_measuring(tmp_path: Path) -> None:
+    """--threads -1 was a traceback, --repeats -2 a report of "-2 rounds", and an --out that cannot be written a
+    traceback after the measuring (--dry-run passed it)."""
+    import benchmark
+
+    assert (
+        benchmark.out_problem(str(tmp_path)) == f"--out {tmp_path}: a folder; give the markdown file to write"
+    )
+    assert "cannot write into" in benchmark.out_problem(str(tmp_path / "no" / "x.md"))
+    assert benchmark.out_problem(str(tmp_path / "x.md")) is None and benchmark.out_problem("-") is None
+    for args in (["--threads", "-1"], ["--repeats", "0"], ["--overhead-cap", "-5"]):
+        with pytest.raises(SystemExit) as stop:
+            benchmark.parse_args(["--smoke", *args])
+        assert stop.value.code == 2, args
 
 
 def test_benchmark_dry_run_checks_the_command_line_and_config(tmp_path: Path) -> None:

@@ -290,9 +290,10 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> Ratio:
 
 
 def interval_verdict(ratio: Ratio, target: float, at_most: bool) -> str:
-    """met / MISSED when the whole interval is on one side of the target, else undecided."""
+    """met / MISSED when the whole interval is on one side of the target, else undecided (one round gives no
+    interval: undecided too, whatever its value)."""
     if math.isnan(ratio.low):
-        return verdict(ratio.value <= target if at_most else ratio.value >= target)
+        return "undecided (one round: no interval)"
     good, bad = (
         (ratio.high <= target, ratio.low > target) if at_most else (ratio.low >= target, ratio.high < target)
     )
