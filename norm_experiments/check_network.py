@@ -176,6 +176,9 @@ def repaired_target(cfg: DictConfig, weights_path: Path) -> Path | None:
         raise UserError(
             f"write_repaired={target}: already exists; choose a new file (nothing is overwritten)"
         )
+    blocking = next((p for p in target.parents if p.exists()), None)  # checked now, not after the whole check
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"write_repaired={target}: {blocking} is a file, not a folder; choose another path")
     return target
 
 
@@ -212,7 +215,8 @@ CHECK_KEYS = {
     "net": schema.either(schema.text, schema.mapping, schema.optional(schema.text)),
     "write_repaired": schema.optional(schema.text),
     "trust_weights": schema.boolean,
-    "margin": schema.number(0),
+    # in Dice: a margin of 1 or more calls any model equivalent
+    "margin": schema.number(0, 1, open_low=True, open_high=True),
     "save_predictions": schema.optional(schema.text),
 }
 

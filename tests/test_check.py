@@ -431,3 +431,32 @@ def test_our_network_is_refused_as_training_refuses_it(overrides: list[str], exp
         build_network(compose_check(["model=unet", *overrides]), num_channels=1, num_classes=3)
     assert expected in str(training.value)
     assert str(checking.value) == str(training.value)
+
+
+@pytest.mark.parametrize("margin", ["inf", "2", "1", "0"])
+def test_a_margin_outside_0_1_is_refused(margin: str) -> None:
+    """margin=inf (or 2) called a near-random model "equivalent within ±inf Dice ... fine in model.eval()"."""
+    from norm_experiments.check_network import CHECK_KEYS
+    from norm_experiments.config import register_resolvers, validate_config
+    from norm_experiments.errors import UserError
+
+    register_resolvers()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("check", overrides=["weights=w.pt", "data=synthetic", f"margin={margin}"])
+    with pytest.raises(UserError, match=r"^margin"):
+        validate_config(cfg, extra=CHECK_KEYS)
+
+
+def test_write_repaired_under_a_file_is_refused_before_the_check(tmp_path: Path) -> None:
+    """write_repaired=existing.pt/x.pt ran the whole check, then failed with EEXIST."""
+    from omegaconf import OmegaConf
+
+    from norm_experiments.check_network import repaired_target
+    from norm_experiments.errors import UserError
+
+    (tmp_path / "existing.pt").write_bytes(b"")
+    cfg = OmegaConf.create({"write_repaired": str(tmp_path / "existing.pt" / "x.pt")})
+    with pytest.raises(UserError, match=r"existing\.pt is a file, not a folder; choose another path$"):
+        repaired_target(cfg, tmp_path / "w.pt")
+    cfg = OmegaConf.create({"write_repaired": str(tmp_path / "new" / "x.pt")})  # a folder to be made: fine
+    assert repaired_target(cfg, tmp_path / "w.pt") == tmp_path / "new" / "x.pt"
