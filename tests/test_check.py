@@ -393,9 +393,12 @@ def test_weights_for_other_channel_or_class_counts() -> None:
     two_channels = build_model(cfg.model, spec, 2, 3).state_dict()
     four_classes = build_model(cfg.model, spec, 1, 4).state_dict()
     assert "the weights take 2 input channel(s)" in channel_count_mismatch(model, two_channels, 1, 3)
-    assert "the weights output 4 classes (head.bias), the dataset has 3" in channel_count_mismatch(
+    assert "the weights output 4 classes (head.bias), the network 3" in channel_count_mismatch(
         model, four_classes, 1, 3
     )
+    # a network built for 4 classes, 3-class weights, a 3-class dataset: the network is named, not "3 vs 3"
+    line = channel_count_mismatch(build_model(cfg.model, spec, 1, 4), model.state_dict(), 1, 3)
+    assert line == "the weights output 3 classes (head.bias), the network 4, the dataset has 3"
     assert channel_count_mismatch(model, model.state_dict(), 1, 3) is None
 
 

@@ -475,7 +475,9 @@ def channel_count_mismatch(
     name, last = list(model.named_parameters())[-1]  # a segmentation head's bias: one value per class
     w = weights.get(name)
     if last.dim() == 1 and isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] != last.shape[0]:
-        return f"the weights output {w.shape[0]} classes ({name}), the dataset has {num_classes}"
+        return f"the weights output {w.shape[0]} classes ({name}), the network {last.shape[0]}" + (
+            f", the dataset has {num_classes}" if num_classes != last.shape[0] else ""
+        )
     return None
 
 

@@ -164,7 +164,13 @@ def load_weights(path: Path, trust: bool = False, trust_flag: str = TRUST_FLAG) 
     if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
         saved = saved["model"]
     if not isinstance(saved, dict) or not any(isinstance(v, torch.Tensor) for v in saved.values()):
-        raise UserError(f"{path}: holds no model weights (neither a state dict nor a checkpoint)")
+        keys = (
+            ", ".join(repr(k) for k in list(saved)[:6]) if isinstance(saved, dict) else type(saved).__name__
+        )
+        raise UserError(
+            f"{path}: holds no model weights (found {keys}); give a state dict (torch.save(net.state_dict())) or "
+            "a checkpoint holding one under 'model' (for a checkpoint with its own key, save that entry alone)"
+        )
     check_weights(path, saved)
     return saved
 

@@ -139,7 +139,9 @@ def test_load_weights_of_a_state_dict_and_of_a_checkpoint(tmp_path: Path) -> Non
 def test_load_weights_refuses_what_is_not_weights(tmp_path: Path) -> None:
     ckpt.save(tmp_path / "numbers.pt", {"a": 1, "b": [2.0]})
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    with pytest.raises(UserError, match=r"numbers\.pt: holds no model weights"):
+    with pytest.raises(
+        UserError, match=r"numbers\.pt: holds no model weights \(found 'a', 'b'\); give a state"
+    ):
         ckpt.load_weights(tmp_path / "numbers.pt")
     with pytest.raises(UserError, match=r"text\.pt: not a readable checkpoint"):
         ckpt.load_weights(tmp_path / "text.pt")
