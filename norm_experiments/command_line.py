@@ -58,7 +58,15 @@ def single_run_argv(argv: list[str], command: str) -> list[str]:
     asked = [a for a in argv[1:] if a in _MULTIRUN_FLAGS or a.lstrip("+~").startswith("hydra.mode=")]
     if any(a in _MULTIRUN_FLAGS or a.split("=", 1)[1].strip("'\"") != "RUN" for a in asked):
         raise UserError(f"{command} runs once: drop {' '.join(asked)}")
-    return [a for a in argv if a not in asked] + ["hydra.mode=RUN"]
+    overrides, flags = _split_flags([a for a in argv[1:] if a not in asked])
+    return [argv[0], *overrides, "hydra.mode=RUN", *flags]
+
+
+def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(key=value overrides, the rest: flags and their values, in order). Hydra's argparse takes the overrides
+    in one run: an override added after `--cfg job` ended in "unrecognized arguments"."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    return overrides, [a for a in args if a not in overrides]
 
 
 def replay_run_argv(argv: list[str], key: str, value: Callable[[Path], Path] | None = None) -> list[str]:
@@ -74,7 +82,8 @@ def replay_run_argv(argv: list[str], key: str, value: Callable[[Path], Path] | N
     rest = [a for a in argv[1:] if not a.startswith(f"{key}=")]
     overrides = replayable_overrides(run_dir, CONFIG_DIR, key, rest)
     target = value(run_dir) if value else run_dir
-    return [argv[0], *overrides, *rest, f"{key}={hydra_quote(str(target))}"]
+    given_overrides, flags = _split_flags(rest)
+    return [argv[0], *overrides, *given_overrides, f"{key}={hydra_quote(str(target))}", *flags]
 
 
 def command_line_problem(

@@ -373,3 +373,24 @@ def test_check_weights_that_do_not_exist_say_so_before_any_quoting_advice(tmp_pa
     missing = tmp_path / "outputs" / "runs" / "norm=batch,data.batch_size=1"
     with pytest.raises(UserError, match=rf"^weights={missing}: no such file or folder$"):
         run_folder_argv(["prog", f"weights={missing}"])
+
+
+def test_check_and_explain_take_cfg_job_before_or_after_their_overrides(tmp_path: Path) -> None:
+    """`norm-exp-check weights=x --cfg job` ended in argparse's "unrecognized arguments: ... hydra.mode=RUN": the
+    added override came after the flag, splitting Hydra's overrides in two."""
+    from norm_experiments.command_line import single_run_argv
+    from norm_experiments.explain import trained_argv
+
+    assert single_run_argv(["prog", "weights=x", "--cfg", "job"], "c") == [
+        "prog",
+        "weights=x",
+        "hydra.mode=RUN",
+        "--cfg",
+        "job",
+    ]
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- experiment=smoke\n")
+    for order in (["--cfg", "job", "seed=1"], ["seed=1", "--cfg", "job"]):
+        argv = trained_argv(["prog", f"trained={run_dir}", *order])
+        assert argv[1:3] == ["experiment=smoke", "seed=1"] and argv[-2:] == ["--cfg", "job"], argv
