@@ -257,6 +257,10 @@ def check_weights(path: Path, weights: dict) -> None:
             raise UserError(
                 f"{path}: {key} holds {bad} NaN or infinite value(s); these weights score nothing"
             )
+        if key.endswith("running_var") and isinstance(value, torch.Tensor) and bool((value < 0).any()):
+            raise UserError(  # a variance below 0 is no variance: its square root makes every output NaN
+                f"{path}: {key} holds {int((value < 0).sum())} negative variance(s); not the statistics of any data"
+            )
 
 
 def _load(path: Path, trust: bool, trust_flag: str, hint: str) -> object:

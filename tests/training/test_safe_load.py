@@ -394,3 +394,13 @@ def test_check_and_explain_take_cfg_job_before_or_after_their_overrides(tmp_path
     for order in (["--cfg", "job", "seed=1"], ["seed=1", "--cfg", "job"]):
         argv = trained_argv(["prog", f"trained={run_dir}", *order])
         assert argv[1:3] == ["experiment=smoke", "seed=1"] and argv[-2:] == ["--cfg", "job"], argv
+
+
+def test_weights_with_a_negative_running_variance_are_refused(tmp_path: Path) -> None:
+    """A negated running_var ran the whole check and printed "nanσ" in its verdict; NaN was already refused."""
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
+    state = net.state_dict()
+    state["1.running_var"] = torch.tensor([1.0, -0.5])
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(UserError, match=r"w\.pt: 1\.running_var holds 1 negative variance\(s\)"):
+        ckpt.load_weights(tmp_path / "w.pt")
