@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Everything a GPU must check, in one command, on a machine with one CUDA GPU (at most 11.5 minutes on an
-# H100-class GPU). Fills the GPU cells of docs/benchmarks.md and writes the GPU study's document
+# Everything a GPU must check, in one command, on a machine with one CUDA GPU (11.5 minutes of step limits on
+# an H100-class GPU; at most 12.5 with the 15 s each step gets to stop). Fills the GPU cells of docs/benchmarks.md and writes the GPU study's document
 # (OUT_DIR/results_gpu.md, for docs/results_gpu.md); writes every table and log under OUT_DIR.
 #
 #   scripts/gpu_check.sh OUT_DIR             run it (OUT_DIR must be new or empty)
 #   scripts/gpu_check.sh --dry-run OUT_DIR   anywhere, no GPU needed: checks that every step's command exists
 #                                            and parses its arguments; trains and measures nothing
 #
-# Steps (each with a time limit: 60 + 150 + 450 + 30 s, so that the whole stays within 11.5 minutes):
+# Steps (each with a time limit: 60 + 150 + 450 + 30 s = 11.5 minutes; a step still running 15 s after its
+# limit's SIGTERM is killed, so the whole stays within 12.5 minutes):
 #   1. tests:     the CUDA-only tests (pytest -m cuda)                       -> OUT_DIR/tests.log
 #   2. benchmark: scripts/benchmark.py --quick --device cuda: d (AMP vs fp32 at 32^3 and 64^3, compile on/off,
 #                 volumes cached on the device), f (k runs per GPU)         -> OUT_DIR/benchmark.md
@@ -62,10 +63,11 @@ FAILED=0
 step() {  # step NAME LIMIT_S OUTPUT COMMAND...: run COMMAND with a time limit, its output in OUT/NAME.log
     local name=$1 limit=$2 output=$3 start=$SECONDS rc status
     shift 3
-    echo "[gpu_check] $name (at most ${limit}s): $*" >&2
     if declare -F "$1" >/dev/null; then
+        echo "[gpu_check] $name (a check of this script, no time limit): $*" >&2
         "$@" >"$OUT/$name.log" 2>&1  # a function of this script (the dry run's checks): quick, no limit
     else
+        echo "[gpu_check] $name (at most ${limit}s): $*" >&2
         timeout --kill-after=15 "$limit" "$@" >"$OUT/$name.log" 2>&1
     fi
     rc=$?
