@@ -30,6 +30,7 @@ from norm_experiments.report.model import Scores
 # model: what model.eval() scores (running statistics for BatchNorm); model_lcc: the same predictions with
 # each class's largest connected component kept (post-processing); batch, precise: BatchNorm's other modes.
 EVALS = ("model", "model_lcc", "batch", "precise", "batch_alone", "precise_more")
+BATCHNORM_EVALS = EVALS[2:]  # the modes only a norm with running statistics has
 RECORD_MODES = {"model": "running", "model_lcc": "running_lcc", **{e: e for e in EVALS[2:]}}
 METRICS = tuple(CASE_MEASURES)  # metrics with per-case scores: val_dice, val_hd95
 MAX_QUESTIONS = 20

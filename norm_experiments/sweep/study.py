@@ -127,15 +127,12 @@ def plan_study(
     return design, grid
 
 
-# Evaluation modes only a norm with running statistics has (report/questions.py EVALS)
-BATCHNORM_EVALS = ("batch", "precise", "batch_alone", "precise_more")
-
-
 def check_sides(design: Design, norm_options: list[str]) -> None:
     """Each question's side names a norm option (configs/norm/, or the user's config folder), and asks for one
     of BatchNorm's evaluation modes only of a norm that has them: a side no run can score made the study run to
     its end with that question "untestable", its share of alpha spent for nothing."""
     from norm_experiments.norms import registry
+    from norm_experiments.report.questions import BATCHNORM_EVALS
 
     for q in design.questions:
         for name, side in (("a", q.a), ("b", q.b)):
