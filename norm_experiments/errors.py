@@ -37,6 +37,17 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(USER_ERROR_EXIT)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (OneLineParser then reports anything else in one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def exit_on_user_error(func: F) -> F:
     """Wrap a CLI entry point so that a UserError prints one line and exits with USER_ERROR_EXIT."""
 

@@ -43,7 +43,7 @@ from omegaconf.errors import OmegaConfBaseException
 from benchmarks import batch1, cuda, epoch, norms, overhead, runs_per_gpu
 from benchmarks.common import ALL_NORMS, Context, Profile, compose_cfg, table, usable_cores
 from norm_experiments.config import validate_config
-from norm_experiments.errors import OneLineParser, UserError
+from norm_experiments.errors import OneLineParser, UserError, positive_int
 from norm_experiments.training.build import make_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,16 +175,6 @@ def machine_header(ctx: Context, device: torch.device) -> str:
 
 def load_average() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
 
 
 def non_negative(text: str) -> float:

@@ -15,14 +15,20 @@ average one.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from norm_experiments.config import CONFIG_DIR, register_resolvers
-from norm_experiments.errors import OneLineParser, UserError, exit_on_user_error, flush_stdout, guard_stdout
+from norm_experiments.errors import (
+    OneLineParser,
+    UserError,
+    exit_on_user_error,
+    flush_stdout,
+    guard_stdout,
+    positive_int,
+)
 from norm_experiments.report.analysis import analyze
 from norm_experiments.report.collect import collect
 from norm_experiments.report.model import paired
@@ -67,16 +73,6 @@ def candidate_looks(text: str) -> tuple[int, ...]:
     return looks
 
 
-def studies(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     guard_stdout(quiet_when_closed=True)  # `| head`: the reader wants no more; a full disk: one line
@@ -89,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--looks", action="append", default=[], help="looks to try, e.g. 6,10,14 (repeatable)"
     )
-    parser.add_argument("--studies", type=studies, default=1000, help="simulated studies per design")
+    parser.add_argument("--studies", type=positive_int, default=1000, help="simulated studies per design")
     args = parser.parse_args(argv)
     cases = positive_ints(args.cases, "--cases", minimum=2) if args.cases else ()
     looks = [candidate_looks(text) for text in args.looks]
