@@ -19,6 +19,13 @@ import numpy as np
 import torch
 from monai.transforms.utils import generate_pos_neg_label_crop_centers
 
+# A training case without foreground is said once when the data is checked (data/checks.py); MONAI's cropper
+# would warn at every draw of it. Set once here, not per draw: draws also run in the prefetch thread, and
+# warnings.catch_warnings is not thread-safe.
+warnings.filterwarnings(
+    "ignore", message="Num foregrounds 0", category=UserWarning, module="monai.transforms.utils"
+)
+
 
 @dataclass(frozen=True)
 class PatchDraw:
@@ -51,17 +58,15 @@ class Augmentation:
         A patch is centred on a foreground voxel with probability foreground_fraction (otherwise on a
         background voxel), the centre moved inwards so the patch fits, as MONAI's RandCropByPosNegLabeld.
         """
-        with warnings.catch_warnings():  # a case without foreground: said once when the data is checked
-            warnings.filterwarnings("ignore", message="Num foregrounds 0", category=UserWarning)
-            centers = generate_pos_neg_label_crop_centers(
-                self.patch_size,
-                num_patches,
-                self.foreground_fraction,
-                tuple(volume_shape),
-                fg_indices,
-                bg_indices,
-                rand,
-            )
+        centers = generate_pos_neg_label_crop_centers(
+            self.patch_size,
+            num_patches,
+            self.foreground_fraction,
+            tuple(volume_shape),
+            fg_indices,
+            bg_indices,
+            rand,
+        )
         return [self._turns(rand, _start(center, self.patch_size)) for center in centers]
 
     def _turns(self, rand: np.random.RandomState, start: tuple[int, int, int]) -> PatchDraw:
