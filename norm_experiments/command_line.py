@@ -402,7 +402,7 @@ def _check_same_fixed_keys(cfg: DictConfig, parsed: list, multirun: bool) -> Non
 
 def _holds_a_result(folder: Path) -> bool:
     """A run below `folder` has weights or a checkpoint: what a changed config would leave beside new runs."""
-    return any(True for name in ("model.pt", "checkpoint.pt") for _ in folder.rglob(name))
+    return any(any(folder.rglob(name)) for name in ("model.pt", "checkpoint.pt"))
 
 
 def _previous_sweep(multirun_yaml: Path) -> tuple[list, dict] | None:
@@ -460,7 +460,8 @@ def _check_study(cfg: DictConfig, overrides: list[str], multirun: bool, loader) 
 
     task = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]  # what Hydra hands the sweeper
     design, _ = plan_study(study, OmegaConf.select(cfg, "hydra.sweeper.params"), task, cfg, loader)
-    problem = design_change_problem(Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))).expanduser(), design)
+    folder = _sweep_folder(cfg, multirun)
+    problem = design_change_problem(folder, design) if folder is not None else None
     if problem:
         raise UserError(problem)
 

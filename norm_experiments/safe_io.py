@@ -154,10 +154,8 @@ def link_inside(folder: Path, limit: int = 100_000) -> Path | None:
     submission files there). Looks at `limit` entries at most (a sweep of 480 runs holds a few thousand)."""
     pending, seen = [Path(folder)], 0
     while pending and seen <= limit:
-        try:
-            entries = list(
-                os.scandir(pending.pop())
-            )  # DirEntry knows its kind from the listing: no stat each
+        try:  # a DirEntry knows its kind from the listing: no stat per entry
+            entries = list(os.scandir(pending.pop()))
         except OSError:  # a folder this user cannot list: nothing of ours is written in it either
             continue
         for entry in entries:
