@@ -15,6 +15,8 @@ in training); the data options are norm-exp-train's `data` group (configs/check.
    5. each volume's statistics at the layer where they sit farthest;
 then a verdict that follows from those numbers, and writes the weights with PreciseBN statistics when asked
 (write_repaired=PATH) and PreciseBN is better than the running statistics by more than the margin.
+A network without BatchNorm whose InstanceNorm layers keep running statistics is scored in eval mode and with each
+window's own statistics (as in training), with the gap's interval and verdict.
 Exit status: 0 done (a network without BatchNorm is scored plainly), 2 a mistake in the config, the weights
 or the data (one `error:` line).
 """

@@ -105,6 +105,7 @@ def scores(output: str) -> dict[str, list[str]]:
         "precise": "PreciseBN",
         "batch": "batch statistics",
         "plain": "eval mode",
+        "own": "each window's own statistics",
     }
     rows = section(output, "1. Validation scores")
     return {m: row[1:] for row in rows for m, label in modes.items() if row[0].startswith(label)}
@@ -280,6 +281,53 @@ def test_network_without_batchnorm_is_scored_plainly(gain: dict, tmp_path: Path)
     assert "No BatchNorm layer" in result.stdout and "Verdict" not in result.stdout
     assert list(scores(result.stdout)) == ["plain"]
     assert "out.pt not written" in result.stdout and not (tmp_path / "out.pt").exists()
+
+
+def test_instance_norm_with_running_statistics_is_checked_against_its_own_statistics(
+    gain: dict, tmp_path: Path
+) -> None:
+    """InstanceNorm with track_running_stats=true normalizes with running averages in model.eval(): the check
+    scores it both ways, and its "own statistics" row is exactly the same weights without running statistics."""
+    norm = ["instance", {"affine": True, "track_running_stats": True}]
+    torch.manual_seed(0)
+    net = UNet(**{k: v for k, v in UNET.items() if k != "_target_"} | {"norm": tuple(norm)})
+    cfg = compose_config(data_args(gain["root"])[:-1])
+    sampler = BatchSampler(load_data(cfg.data).train, cfg.data, 0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    for step in range(40):
+        images, labels = sampler.batch(step)
+        optimizer.zero_grad()
+        loss_fn(net(images), labels).backward()
+        optimizer.step()
+    state = net.state_dict()
+    torch.save(state, tmp_path / "tracked.pt")
+    running = {k for k in state if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    assert running, "the network keeps no running statistics"
+    torch.save({k: v for k, v in state.items() if k not in running}, tmp_path / "untracked.pt")
+    write_net(tmp_path / "tracked.yaml", norm=norm)
+    write_net(tmp_path / "untracked.yaml", norm=["instance", {"affine": True}])
+
+    tracked = run_check(["weights=tracked.pt", "net=tracked.yaml", *data_args(gain["root"])], tmp_path)
+    untracked = run_check(["weights=untracked.pt", "net=untracked.yaml", *data_args(gain["root"])], tmp_path)
+    assert tracked.returncode == 0 and untracked.returncode == 0, tracked.stdout + tracked.stderr
+    table = scores(tracked.stdout)
+    assert list(table) == ["running", "own"]
+    assert table["own"] == scores(untracked.stdout)["plain"]  # the same numbers, cell for cell
+    assert table["running"] != table["own"]
+    layers = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+    assert f"but {layers} InstanceNorm layer(s) keep running statistics" in tracked.stdout
+    line = next(x for x in tracked.stdout.splitlines() if "own minus eval mode" in x)
+    difference = re.search(
+        r"own minus eval mode ([+-]\d\.\d{3}) \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\]: (\w+)", line
+    )
+    assert difference, line
+    value, low, high = (float(difference.group(i)) for i in (1, 2, 3))
+    assert low < value < high
+    verdict = "better" if low > 0 else "worse" if high < 0 else None
+    if verdict:
+        assert difference.group(4) == verdict
+    assert "No BatchNorm layer with running statistics in this network" not in tracked.stdout
 
 
 # The same errors in process (check() behind the CLI's Hydra wrapper): each CLI start costs seconds of imports.

@@ -31,8 +31,15 @@ MODE_NAMES = {
     "precise": "PreciseBN statistics",
     "batch": "batch statistics",
     "plain": "eval mode",
+    "own": "each window's own statistics (as in training)",
 }
-SHORT_NAMES = {"running": "running", "precise": "PreciseBN", "batch": "batch stats", "plain": "eval mode"}
+SHORT_NAMES = {
+    "running": "running",
+    "precise": "PreciseBN",
+    "batch": "batch stats",
+    "plain": "eval mode",
+    "own": "own statistics",
+}
 GAP_MODES = ("precise", "batch")  # each compared with "running" (model.eval())
 MAX_CASES_SUGGESTED = 10_000
 
@@ -65,12 +72,14 @@ class CaseGaps:
         return {c.label: c.verdict for c in self.family.comparisons}
 
 
-def compare_modes(scores: dict[str, ValResult], margin: float) -> CaseGaps:
-    """PreciseBN minus running and batch minus running, per case, decided as one family."""
+def compare_modes(
+    scores: dict[str, ValResult], margin: float, modes: tuple[str, ...] = GAP_MODES
+) -> CaseGaps:
+    """Each of `modes` (PreciseBN and batch statistics) minus running, per case, decided as one family."""
     dice = {mode: case_means(result) for mode, result in scores.items()}
     cases = sorted(set.intersection(*(set(d) for d in dice.values())))
     family = Family("check", "", margin=margin)
-    for mode in GAP_MODES:
+    for mode in modes:
         diffs = [dice[mode][c] - dice["running"][c] for c in cases]
         a = [dice[mode][c] for c in cases]
         b = [dice["running"][c] for c in cases]
@@ -176,6 +185,34 @@ def verdict(checked: Checked, gaps: CaseGaps, repaired: str | None) -> list[str]
     lines.append(fit_sentence(checked))
     line = power_line(gaps)
     return lines + ([line] if line else []) + ([repaired] if repaired else [])
+
+
+def instance_verdict(checked: Checked, gaps: CaseGaps) -> list[str]:
+    """The verdict for a network whose InstanceNorm layers keep running statistics (no BatchNorm): does
+    model.eval() lose against each window's own statistics, which is how training normalized?"""
+    dice = {mode: result.dice_mean for mode, result in checked.scores.items()}
+    own = gaps.gap("own")
+    layers = len(checked.instance_layers)
+    lines = [
+        f"No BatchNorm layer in this network, but {layers} InstanceNorm layer(s) keep running statistics "
+        "(track_running_stats=true), and model.eval() normalizes with those averages instead of each window's "
+        f"own statistics. On {len(gaps.cases)} validation cases: Dice {dice['running']:.3f} in eval mode, "
+        f"{dice['own']:.3f} with each window's own statistics; own minus eval mode {own.difference:+.3f} "
+        f"{interval(own)}: {own.verdict.value}."
+    ]
+    if own.verdict == Verdict.UNTESTABLE:
+        lines.append("Score at least 2 validation cases (data.val_cases or data.val_fraction) for a verdict.")
+    elif own.verdict == Verdict.BETTER:
+        lines.append(
+            "Eval mode LOSES accuracy: train with track_running_stats=false (the default of norm=instance), "
+            "so that model.eval() normalizes as training did."
+        )
+    elif own.verdict in (Verdict.EQUIVALENT, Verdict.WORSE):
+        lines.append(
+            "Eval mode scores no lower than each window's own statistics: fine in model.eval() on this data."
+        )
+    line = power_line(gaps)
+    return lines + ([line] if line else [])
 
 
 def loss_lines(checked: Checked, gaps: CaseGaps) -> list[str]:

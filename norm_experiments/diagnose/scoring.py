@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,7 @@ class Checked:
     layer_gaps: dict[str, dict[str, dict[str, float]]]  # BN layer -> volume -> gap() row
     precise_patches: int
     windows: WindowBatches | None = None  # None without BatchNorm
+    instance_layers: list[str] = field(default_factory=list)  # InstanceNorm layers with running statistics
 
 
 def score(model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference, mode: str) -> ValResult:
@@ -97,6 +99,50 @@ def precise_bn_batches(cfg: DictConfig, data: DataBundle) -> tuple[int, Iterator
     return precise_bn_draw(data.train, cfg.data, int(cfg.seed), samples, effective_batch)
 
 
+def instance_running_layers(model: nn.Module) -> list[str]:
+    """InstanceNorm layers that keep running statistics (norm.options.track_running_stats=true): model.eval()
+    normalizes with their averages, where training normalized each window with its own statistics."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+    ]
+
+
+@contextmanager
+def own_statistics(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """The named InstanceNorm layers normalize each window with its own statistics, as in training, and leave
+    their running statistics untouched: given its running buffers, F.instance_norm with input statistics would
+    also update them, so the buffers are lent out for the duration."""
+    layers = dict(model.named_modules())
+    saved = {n: (layers[n].running_mean, layers[n].running_var, layers[n].track_running_stats) for n in names}
+    try:
+        for name in names:
+            layer = layers[name]
+            layer.running_mean, layer.running_var, layer.track_running_stats = None, None, False
+        yield
+    finally:
+        for name, (running_mean, running_var, tracking) in saved.items():
+            layer = layers[name]
+            layer.running_mean, layer.running_var, layer.track_running_stats = (
+                running_mean,
+                running_var,
+                tracking,
+            )
+
+
+def score_instance_modes(
+    model: nn.Module, volumes: list[Volume], num_classes: int, inf: Inference, names: list[str]
+) -> dict[str, ValResult]:
+    """Scores as model.eval() runs the network (InstanceNorm's running statistics) and with each window's own."""
+    scores = {"running": score(model, volumes, num_classes, inf, "running")}
+    with own_statistics(model, names):
+        scores["own"] = score(model, volumes, num_classes, inf, "running")
+    return scores
+
+
 def run_checks(
     model: nn.Module, cfg: DictConfig, data: DataBundle, inf: Inference
 ) -> tuple[Checked, nn.Module | None]:
@@ -105,6 +151,10 @@ def run_checks(
     class_names = [data.info.labels[i] for i in sorted(data.info.labels) if i != 0]
     layers = {n: m for n, m in bn_layers(model).items() if tracks_running_stats(m)}
     if not layers:
+        instance = instance_running_layers(model)
+        if instance:
+            scores = score_instance_modes(model, data.val, num_classes, inf, instance)
+            return Checked(scores, class_names, {}, 0, instance_layers=instance), None
         plain = {"plain": score(model, data.val, num_classes, inf, "running")}
         return Checked(plain, class_names, {}, 0), None
     scores = {"running": score(model, data.val, num_classes, inf, "running")}
