@@ -39,6 +39,7 @@ from norm_experiments.norms import bn_eval_mode
 from norm_experiments.norms.batch import RECORD as BATCHNORM  # the norm this command explains
 from norm_experiments.training import checkpoint as ckpt
 from norm_experiments.training.build import Built, build, make_plan
+from norm_experiments.training.run_folder import changed_from_run
 
 register_resolvers()
 
@@ -321,8 +322,11 @@ def explain_trained(cfg: DictConfig, run_dir: Path) -> None:
     window = tuple(int(v) for v in cfg.data.patch_size)
     print(
         f"Explaining the trained network of {run_dir} ({run.plan.spec.name}, batch size {cfg.data.batch_size}, "
-        f"seed {cfg.seed}) on its {len(run.data.val)} validation volumes, in windows of {list(window)}."
+        f"seed {cfg.seed}) on {len(run.data.val)} validation volumes, in windows of {list(window)}."
     )
+    changed = changed_from_run(run_dir, cfg)
+    if changed:
+        print(f"Not the run's own (given on the command line): {'; '.join(changed)}.")
     found = trained.measure(run.model, run.data.val, window, run.num_classes)
     print("\n" + trained.layer_table(found))
     print("\n" + trained.content_table(found))

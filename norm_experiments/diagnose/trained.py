@@ -11,7 +11,8 @@ from the running statistics the layer normalizes with in model.eval():
 
 and per window how the two forwards' predictions differ (the share of voxels whose class changes) and each
 forward's Dice against the labels (windows that hold foreground). The tables then say which layers carry the
-gap, whether a window's gap goes with its change of prediction (Spearman's rank correlation over windows),
+gap, whether a window's gap goes with its change of prediction (Spearman's rank correlation over windows,
+with an interval from resampling whole volumes: windows of one volume are not independent of each other),
 and which window contents (share of head voxels, share of foreground) carry both.
 """
 
@@ -149,9 +150,48 @@ def rank_correlation(a: list[float], b: list[float]) -> float:
     return float(stats.spearmanr(np.asarray(a), np.asarray(b)).statistic)
 
 
+BOOTSTRAP_DRAWS = 1000
+BOOTSTRAP_SEED = 0  # the same run gives the same intervals
+
+
+def rho_intervals(found: Measured, level: float) -> dict[str, tuple[float, float]]:
+    """Per layer, a percentile interval for Spearman's rho (mean gap vs change of prediction) from a bootstrap that
+    resamples whole volumes (the windows of one volume share its anatomy and scanner, so resampling windows would
+    claim too much). (nan, nan) with fewer than 2 volumes or where the draws give no rho."""
+    cases = sorted({w.case for w in found.windows})
+    if len(cases) < 2:
+        return {n: (math.nan, math.nan) for n in found.layers}
+    by_case = {c: [w for w in found.windows if w.case == c] for c in cases}
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    draws: dict[str, list[float]] = {n: [] for n in found.layers}
+    for _ in range(BOOTSTRAP_DRAWS):
+        windows = [w for i in rng.integers(len(cases), size=len(cases)) for w in by_case[cases[i]]]
+        changed = [w.changed for w in windows]
+        for name in found.layers:
+            rho = rank_correlation([w.mean_gap[name] for w in windows], changed)
+            if not math.isnan(rho):
+                draws[name].append(rho)
+    tail = 100 * (1 - level) / 2
+    return {
+        n: tuple(float(v) for v in np.percentile(d, [tail, 100 - tail])) if d else (math.nan, math.nan)  # type: ignore[misc]
+        for n, d in draws.items()
+    }
+
+
+def rho_level(found: Measured) -> float:
+    """The level of each layer's interval: 95 % over all layers together (Bonferroni)."""
+    return 1 - 0.05 / max(len(found.layers), 1)
+
+
+def _interval(bounds: tuple[float, float]) -> str:
+    return "no interval" if math.isnan(bounds[0]) else f"[{bounds[0]:+.2f}, {bounds[1]:+.2f}]"
+
+
 def layer_table(found: Measured) -> str:
     """Per layer: mean and var gap over windows, and their rank correlation with the change of prediction."""
     changed = [w.changed for w in found.windows]
+    level = rho_level(found)
+    intervals = rho_intervals(found, level)
     rows = []
     for name in found.layers:
         means = [w.mean_gap[name] for w in found.windows]
@@ -161,17 +201,20 @@ def layer_table(found: Measured) -> str:
                 name,
                 f"{_mean(means):.2f}σ",
                 f"{_mean(variances):.2f}",
-                f"{rank_correlation(means, changed):+.2f}",
+                f"{rank_correlation(means, changed):+.2f} {_interval(intervals[name])}",
                 f"{rank_correlation(variances, changed):+.2f}",
             ]
         )
+    volumes = len({w.case for w in found.windows})
     return table(
         f"T1. Each BatchNorm layer of the trained network: its running statistics against each window's own "
-        f"({len(found.windows)} validation windows)",
-        ["BN layer", "|μ_w−μ|/σ", "|σ²_w−σ²|/σ²", "ρ(mean gap, changed)", "ρ(var gap, changed)"],
+        f"({len(found.windows)} validation windows of {volumes} volumes)",
+        ["BN layer", "|μ_w−μ|/σ", "|σ²_w−σ²|/σ²", "ρ(mean gap, changed) [interval]", "ρ(var gap, changed)"],
         rows,
         "gaps: mean over channels, then over windows; ρ: Spearman's rank correlation over windows with the share "
-        "of the window's voxels whose class changes between running and own statistics",
+        "of the window's voxels whose class changes between running and own statistics; interval: "
+        f"{100 * level:.1f} % each (95 % over the {len(found.layers)} layers together), percentiles of "
+        f"{BOOTSTRAP_DRAWS} bootstrap draws of whole volumes",
     )
 
 
@@ -203,7 +246,14 @@ def content_rows(found: Measured) -> list[tuple[str, int, float, float, float, f
 def content_table(found: Measured) -> str:
     layer = worst_layer(found)
     rows = [
-        [label, str(n), f"{gap:.2f}σ", f"{100 * changed:.1f} %", f"{running:.3f}", f"{own:.3f}"]
+        [
+            label,
+            str(n),
+            _or_none(gap, "{:.2f}σ"),
+            _or_none(100 * changed, "{:.1f} %"),
+            _or_none(running, "{:.3f}"),
+        ]
+        + [_or_none(own, "{:.3f}")]
         for label, n, gap, changed, running, own in content_rows(found)
     ]
     return table(
@@ -211,9 +261,13 @@ def content_table(found: Measured) -> str:
         "does to its prediction",
         ["window content", "windows", "|μ_w−μ|/σ", "voxels changed", "Dice running", "Dice own statistics"],
         rows,
-        "head: the image above a low threshold, holes filled; Dice: mean over the windows that hold foreground "
-        "(nan: none do)",
+        "head: the image above a low threshold, holes filled; Dice: mean over the windows that hold foreground; "
+        "none: no window of the row (holding foreground) to average",
     )
+
+
+def _or_none(value: float, fmt: str) -> str:
+    return "none" if math.isnan(value) else fmt.format(value)
 
 
 def conclusion(found: Measured) -> list[str]:
@@ -230,20 +284,11 @@ def conclusion(found: Measured) -> list[str]:
     ]
     ranked = sorted((rhos[n], n) for n in found.layers if not math.isnan(rhos[n]))
     if ranked:
-        (low_rho, low_name), (high_rho, high_name) = ranked[0], ranked[-1]
-        if high_rho < 0:
-            trend = "at every layer the windows with the larger gap change their prediction less"
-        elif low_rho > 0:
-            trend = "at every layer the windows with the larger gap change their prediction more"
-        else:
-            trend = "the sign of the relation differs between layers"
-        lines.append(
-            f"- Across the {len(found.windows)} windows, {trend} (Spearman ρ from {low_rho:+.2f} at {low_name} "
-            f"to {high_rho:+.2f} at {high_name}); {100 * _mean(changed):.1f} % of all voxels change class between "
-            "running and own statistics."
-        )
-    rows = content_rows(found)
-    for label, n, gap, moved, running, own in rows:
+        lines.append(trend_sentence(found, rhos, rho_intervals(found, rho_level(found))))
+    lines.append(
+        f"- {100 * _mean(changed):.1f} % of all voxels change class between running and own statistics."
+    )
+    for label, n, gap, moved, running, own in content_rows(found):
         if n:
             dice = (
                 ""
@@ -254,3 +299,36 @@ def conclusion(found: Measured) -> list[str]:
                 f"- {label}: {n} windows, gap {gap:.2f}σ at {top}, {100 * moved:.1f} % of voxels changed{dice}."
             )
     return lines
+
+
+def trend_sentence(found: Measured, rhos: dict[str, float], intervals: dict[str, tuple[float, float]]) -> str:
+    """Whether windows with the larger gap change their prediction more or less: stated only for the layers whose
+    interval (T1) excludes 0; the rest are inconclusive."""
+    less = [n for n in found.layers if intervals[n][1] < 0]
+    more = [n for n in found.layers if intervals[n][0] > 0]
+    open_ = [n for n in found.layers if intervals[n][0] <= 0 <= intervals[n][1]]
+    rest = len(found.layers) - len(less) - len(more) - len(open_)  # no interval (fewer than 2 volumes)
+    ranked = sorted((rhos[n], n) for n in found.layers if not math.isnan(rhos[n]))
+    (low_rho, low_name), (high_rho, high_name) = ranked[0], ranked[-1]
+    parts = []
+    if less:
+        parts.append(
+            f"at {len(less)} of {len(found.layers)} layers the windows with the larger gap change their prediction less"
+        )
+    if more:
+        parts.append(
+            f"at {len(more)} of {len(found.layers)} layers the windows with the larger gap change their prediction more"
+        )
+    if open_:
+        parts.append(
+            f"at {len(open_)} of {len(found.layers)} layers the direction is inconclusive (the interval includes 0)"
+        )
+    if rest:
+        parts.append(
+            f"at {rest} of {len(found.layers)} layers no direction is shown (no interval: fewer than 2 volumes)"
+        )
+    return (
+        f"- Across the {len(found.windows)} windows of {len({w.case for w in found.windows})} volumes, "
+        f"{'; '.join(parts)} (Spearman ρ from {low_rho:+.2f} at {low_name} to {high_rho:+.2f} at {high_name}; "
+        "intervals in T1)."
+    )

@@ -105,6 +105,20 @@ def config_diff(old: dict, new: dict) -> list[str]:
     ]
 
 
+def changed_from_run(run_dir: Path, cfg: DictConfig) -> list[str]:
+    """The keys of `cfg` that both configs hold and that differ from the run's own (its run_config.yaml), as
+    'key: run's -> now': what a command given a run folder was told to change. Empty when the file is unreadable."""
+    old = _saved_config(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).exists() else None
+    if not old:
+        return []
+    a, b = _flatten(old), _flatten(OmegaConf.to_container(cfg, resolve=True))
+    return [
+        line
+        for line in config_diff(old, OmegaConf.to_container(cfg, resolve=True))
+        if line.split(":")[0] in a.keys() & b.keys()
+    ]  # type: ignore[arg-type]
+
+
 def _execution_only(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in EXECUTION_KEYS)
 

@@ -112,7 +112,19 @@ def test_the_command_on_a_trained_run(tmp_path, synthetic_cache):
     out = result.stdout
     assert "T1. Each BatchNorm layer of the trained network" in out and "T2. What a window holds" in out
     assert "- The running statistics sit farthest from the windows' own at " in out
+    assert "Not the run's own" not in out
     assert not (tmp_path / "outputs").exists()  # writes nothing
+    # A value given on the command line is not called the run's own.
+    result = run_cli(
+        [f"trained={tmp_path / 'run'}", "data.patch_size=[8,8,8]"],
+        cwd=tmp_path,
+        module="norm_experiments.explain",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "in windows of [8, 8, 8]." in result.stdout
+    assert "Not the run's own (given on the command line): data.patch_size: [" in result.stdout
+    assert "-> [8, 8, 8]." in result.stdout
     missing = run_cli(
         [f"trained={tmp_path / 'nothing'}"], cwd=tmp_path, module="norm_experiments.explain", env=env
     )
@@ -134,3 +146,53 @@ def test_a_trained_folder_that_is_missing_or_not_a_run_is_named_as_trained(tmp_p
     with pytest.raises(UserError) as found:
         trained_argv(["norm-exp-explain", f"trained={run / 'best_model.pt'}"])
     assert str(found.value) == f"trained={run / 'best_model.pt'}: a file; give its run folder: trained={run}"
+
+
+def windows_of(case: str, gaps: list[float], changed: list[float]) -> list:
+    from norm_experiments.diagnose.trained import Window
+
+    return [
+        Window(case, 0.5, 0.1, {"a": g, "b": g}, {"a": 0.0, "b": 0.0}, c, None, None)
+        for g, c in zip(gaps, changed, strict=True)
+    ]
+
+
+def test_the_rank_correlation_interval_resamples_volumes_and_the_trend_is_stated_only_where_it_excludes_0():
+    from norm_experiments.diagnose.trained import (
+        Measured,
+        rank_correlation,
+        rho_intervals,
+        rho_level,
+        trend_sentence,
+    )
+
+    # Within every volume the windows with the larger gap change more at layer "a" (rho +1 in each volume);
+    # layer "b" is told to go the same way in 4 volumes and the other way in 4: no direction over volumes.
+    found = Measured(["a", "b"])
+    for i in range(8):
+        found.windows += windows_of(
+            f"case{i}", [0.1, 0.2, 0.3, 0.4], [0.01 * i, 0.01 * i + 0.1, 0.01 * i + 0.2, 0.01 * i + 0.3]
+        )
+    for w in found.windows:
+        flip = int(w.case[-1]) % 2 == 1
+        w.mean_gap["b"] = (0.5 - w.mean_gap["a"]) if flip else w.mean_gap["a"]
+    level = rho_level(found)
+    assert level == pytest.approx(0.975)
+    intervals = rho_intervals(found, level)
+    assert intervals["a"][0] > 0.5  # +0.9 over windows, and every resampled study agrees on the sign
+    assert intervals["b"][0] < 0 < intervals["b"][1]
+    assert intervals == rho_intervals(found, level)  # a fixed seed: the same intervals every time
+    rhos = {
+        n: rank_correlation([w.mean_gap[n] for w in found.windows], [w.changed for w in found.windows])
+        for n in "ab"
+    }
+    sentence = trend_sentence(found, rhos, intervals)
+    assert "at 1 of 2 layers the windows with the larger gap change their prediction more" in sentence
+    assert "at 1 of 2 layers the direction is inconclusive (the interval includes 0)" in sentence
+    assert "less" not in sentence
+    # One volume: nothing to resample, no interval, and no direction claimed.
+    one = Measured(["a"], windows_of("only", [0.1, 0.2, 0.3], [0.1, 0.2, 0.3]))
+    assert all(math.isnan(v) for v in rho_intervals(one, 0.95)["a"])
+    assert "no direction is shown (no interval: fewer than 2 volumes)" in trend_sentence(
+        one, {"a": 1.0}, rho_intervals(one, 0.95)
+    )
