@@ -166,6 +166,16 @@ def test_running_statistics_vs_each_volume_per_layer(gain: dict) -> None:
     assert float(layers[first][4]) > 0.5  # max over volumes of |μ_v−μ|/σ
     volumes = section(gain["out"], "5. Each validation volume at")
     assert len(volumes) == 6 and all(v[0].startswith("synth_") for v in volumes)
+    # The verdict quotes the variance too: the layer with the largest mean |σ²_v−σ²|/σ² (table 4), its max.
+    var_layer = max(layers, key=lambda n: float(layers[n][5]))
+    sentence = re.search(
+        r"running variance is off from a volume's by up to (\S+) times itself \((\S+), at (\S+); (\S+) on",
+        gain["out"],
+    )
+    assert sentence, gain["out"]
+    assert sentence.group(3) == var_layer
+    assert float(sentence.group(1)) == pytest.approx(float(layers[var_layer][6]), abs=0.006)
+    assert float(sentence.group(4)) == pytest.approx(float(layers[var_layer][5]), abs=0.006)
 
 
 def test_verdict_in_plain_words(gain: dict) -> None:

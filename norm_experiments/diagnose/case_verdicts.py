@@ -283,9 +283,14 @@ def fit_sentence(checked: Checked) -> str:
     layer = worst_layer(checked)
     rows = checked.layer_gaps[layer]
     volume = max(rows, key=lambda v: rows[v]["mean_gap"])
+    var_layer = max(checked.layer_gaps, key=lambda n: mean_of(checked.layer_gaps[n], "var_gap"))
+    var_rows = checked.layer_gaps[var_layer]
+    var_volume = max(var_rows, key=lambda v: var_rows[v]["var_gap"])
     return (
         f"The running statistics sit up to {rows[volume]['mean_gap']:.2f}σ from a validation volume's mean "
-        f"({volume}, at {layer}; {mean_of(rows, 'mean_gap'):.2f}σ on average over volumes)."
+        f"({volume}, at {layer}; {mean_of(rows, 'mean_gap'):.2f}σ on average over volumes), and the running "
+        f"variance is off from a volume's by up to {var_rows[var_volume]['var_gap']:.2f} times itself "
+        f"({var_volume}, at {var_layer}; {mean_of(var_rows, 'var_gap'):.2f} on average over volumes)."
     )
 
 
