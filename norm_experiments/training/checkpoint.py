@@ -20,6 +20,7 @@ import pickle
 import random
 import re
 import textwrap
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -277,7 +278,14 @@ def _unpickle(path: Path, trust: bool, trust_flag: str, hint: str) -> object:
         with safe_io.open_regular(
             path, safe_io.memory_bytes()
         ) as f:  # a FIFO would block, /dev/zero fill memory
+            if _is_torchscript(f):
+                raise UserError(
+                    f"{path}: a TorchScript archive (torch.jit.save), not a state dict; save the weights with "
+                    "torch.save(model.state_dict(), PATH) and give that file"
+                )
             return torch.load(f, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except safe_io.UnsafeFile as err:
         raise UserError(str(err)) from None
     except pickle.UnpicklingError as err:
@@ -299,6 +307,20 @@ def _unpickle(path: Path, trust: bool, trust_flag: str, hint: str) -> object:
             return torch.load(f, map_location="cpu", weights_only=False)
     except Exception as err:
         raise UserError(f"{path}: not a readable checkpoint ({err.__class__.__name__}); {hint}") from err
+
+
+def _is_torchscript(f) -> bool:  # noqa: ANN001 - a binary file object
+    """A TorchScript archive: a zip with a constants.pkl record (torch.load would hand it to torch.jit.load,
+    printing a warning, and refuse it under weights_only). Leaves the file at its start."""
+    try:
+        if not zipfile.is_zipfile(f):
+            return False
+        f.seek(0)
+        return any(name.endswith("/constants.pkl") for name in zipfile.ZipFile(f).namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False  # torch.load then says what it is
+    finally:
+        f.seek(0)
 
 
 def _reason(err: Exception) -> str:

@@ -404,3 +404,19 @@ def test_weights_with_a_negative_running_variance_are_refused(tmp_path: Path) ->
     torch.save(state, tmp_path / "w.pt")
     with pytest.raises(UserError, match=r"w\.pt: 1\.running_var holds 1 negative variance\(s\)"):
         ckpt.load_weights(tmp_path / "w.pt")
+
+
+def test_a_torchscript_archive_is_named_as_one_and_never_loaded(tmp_path: Path, recwarn) -> None:
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2)))
+    torch.jit.save(net, tmp_path / "scripted.pt")
+    for trust in (False, True):  # trusting the source does not make it a state dict
+        with pytest.raises(UserError) as err:
+            ckpt.load_weights(tmp_path / "scripted.pt", trust=trust)
+        assert str(err.value) == (
+            f"{tmp_path / 'scripted.pt'}: a TorchScript archive (torch.jit.save), not a state dict; save the "
+            "weights with torch.save(model.state_dict(), PATH) and give that file"
+        )
+    assert not [w for w in recwarn if "TorchScript" in str(w.message)]  # torch's own warning never shows
+    # A state dict is a zip too: it still loads.
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+    assert set(ckpt.load_weights(tmp_path / "weights.pt")) == set(net.state_dict())
