@@ -3,7 +3,7 @@
 
     python scripts/benchmark.py --quick             # minutes on a 2-core CPU
     python scripts/benchmark.py                     # every norm at batch 1, 2, 4, 8 (longer)
-    python scripts/benchmark.py --smoke --out -     # seconds: only checks that every measurement runs
+    python scripts/benchmark.py --smoke             # about a minute: only checks that every measurement runs
     python scripts/benchmark.py --quick --device cuda --dry-run   # checks the command line; measures nothing
 
 Everything runs in this one process on this one machine (f starts sweeps as subprocesses), and the tables
@@ -214,12 +214,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument(
         "--smoke",
         action="store_true",
-        help="the smoke config, 1-2 steps per measurement: checks that everything runs (seconds)",
+        help="the smoke config, 1-2 steps per measurement: checks that everything runs (about a minute on 2 "
+        "CPU cores); prints its tables and writes no file unless --out is given",
     )
     parser.add_argument(
         "--out",
-        default=str(DEFAULT_OUT),
-        help="markdown file to write, after every section (default: docs/benchmark_results.md); '-' prints only",
+        default=None,
+        help="markdown file to write, after every section (default: docs/benchmark_results.md; with --smoke, "
+        "none); '-' prints only",
     )
     parser.add_argument(
         "--device",
@@ -271,7 +273,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="check the command line and that the config composes and validates, then exit: measures nothing",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:  # smoke numbers measure nothing worth keeping: printed, never written over a report
+        args.out = "-" if args.smoke else str(DEFAULT_OUT)
+    return args
 
 
 def choose_profile(args: argparse.Namespace) -> Profile:

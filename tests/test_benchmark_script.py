@@ -138,6 +138,10 @@ def test_benchmark_refuses_nonsense_numbers_and_an_unwritable_out_before_measuri
         with pytest.raises(SystemExit) as stop:
             benchmark.parse_args(["--smoke", *args])
         assert stop.value.code == 2, args
+    # A smoke run prints only, unless told where to write; the other profiles write the default report.
+    assert benchmark.parse_args(["--smoke"]).out == "-"
+    assert benchmark.parse_args(["--smoke", "--out", str(tmp_path / "x.md")]).out == str(tmp_path / "x.md")
+    assert benchmark.parse_args(["--quick"]).out == str(benchmark.DEFAULT_OUT)
 
 
 def test_benchmark_dry_run_checks_the_command_line_and_config(tmp_path: Path) -> None:
