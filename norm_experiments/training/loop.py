@@ -194,7 +194,7 @@ class Run:
         # until the checkpoint and the record of a stop are written.
         with stop.installed():
             save_config(self.cfg, self.run_dir)
-            self.write_record(Status.RUNNING)
+            record = self.write_record(Status.RUNNING)
             writer = NoWriter()
             if distributed.is_main():
                 if not resumed:
@@ -202,6 +202,7 @@ class Run:
                 writer = open_writer(
                     self.run_dir, self.state.step if resumed else None, self.plan.global_batch
                 )
+                log_hparams(writer, record, completed=False)  # its HParams row before it completes
             monitor = BNStatMonitor(self.b.model)
             progress = Progress(self.plan.total_steps, self.state.step, self.progress_mode(), self.label())
             try:

@@ -131,9 +131,11 @@ def remove_events(run_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def log_hparams(writer: SummaryWriter, record: Mapping) -> None:
-    """The HParams view: this run's hyperparameters from its record, the experiment declaration shared by
-    every run (study axes differing; every metric, whether or not this run logs it) and its end."""
+def log_hparams(writer: SummaryWriter, record: Mapping, completed: bool = True) -> None:
+    """The HParams view: this run's hyperparameters from its record and the experiment declaration shared by
+    every run (study axes differing; every metric, whether or not this run logs it); with `completed`, its end.
+    Written when the run starts too (completed=False), so that an unfinished or interrupted run has its row,
+    with the metrics it has logged so far; the copy at the end holds the same values."""
     # Exactly the study's axes differ: TensorBoard shows the first five differing columns by default, so a
     # sixth (the learning rate, which follows the batch size) would hide the seed.
     varied = STUDY_AXES
@@ -156,12 +158,14 @@ def log_hparams(writer: SummaryWriter, record: Mapping) -> None:
         for tag, title in METRICS.items()
     ]
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
-    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
-    for tag, data in (
+    parts = [
         (metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment)),
         (metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_start_info=start)),
-        (metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)),
-    ):
+    ]
+    if completed:
+        end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
+        parts.append((metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=end)))
+    for tag, data in parts:
         data.version = metadata.PLUGIN_DATA_VERSION
         plugin = SummaryMetadata.PluginData(
             plugin_name=metadata.PLUGIN_NAME, content=data.SerializeToString()

@@ -420,3 +420,24 @@ def test_a_torchscript_archive_is_named_as_one_and_never_loaded(tmp_path: Path, 
     # A state dict is a zip too: it still loads.
     torch.save(net.state_dict(), tmp_path / "weights.pt")
     assert set(ckpt.load_weights(tmp_path / "weights.pt")) == set(net.state_dict())
+
+
+def test_an_interrupted_run_has_its_hparams_row_without_an_end(interrupted: Path, tmp_path: Path) -> None:
+    """TensorBoard's HParams view lists a run from its start: an interrupted one shows its hyperparameters
+    (and the metrics it logged so far), with no end status until it completes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    _, run_dir = copy_of(interrupted, tmp_path)
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    tags = acc.PluginTagToContent("hparams")
+    assert set(tags) == {"_hparams_/experiment", "_hparams_/session_start_info"}
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        tags["_hparams_/session_start_info"]
+    ).session_start_info
+    record = metrics_of(run_dir)
+    assert record["status"] == "interrupted"
+    assert start.hparams["norm"].string_value == record["norm"]
+    assert start.hparams["seed"].string_value == str(record["seed"])
+    assert start.hparams["batch_size"].string_value == str(record["batch_size"])
