@@ -177,13 +177,18 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
     print(f"results: {run_dir / 'metrics.json'}   tensorboard --logdir {_logdir(run_dir)}")
 
 
+RUNS_FOLDER = "runs"  # configs/hydra/default.yaml: single runs go to outputs/runs/<overrides>
+
+
 def _logdir(run_dir: Path) -> Path:
     """The folder whose TensorBoard shows this run beside its peers: the sweep a run of a sweep belongs to
-    (the nearest folder above with a multirun.yaml), else the folder of the runs."""
+    (the nearest folder above with a multirun.yaml), else the folder of the runs (outputs/runs). A run in a
+    folder of the user's choosing (hydra.run.dir=/tmp/x) is named itself: TensorBoard would read every event
+    file under its parent (/tmp, or a home folder)."""
     for folder in list(run_dir.parents)[:3]:  # a sweep's runs lie 1-2 folders below it (run_names.py)
         if (folder / "multirun.yaml").is_file():
             return folder
-    return run_dir.parent
+    return run_dir.parent if run_dir.parent.name == RUNS_FOLDER else run_dir
 
 
 def summary(err: BaseException) -> str:

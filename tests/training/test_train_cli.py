@@ -203,3 +203,8 @@ def test_the_summary_lines_of_a_run(tmp_path: Path, capsys) -> None:
     alone.mkdir(parents=True)
     _print_summary({"val_dice": 0.25}, alone)
     assert capsys.readouterr().out.splitlines()[1].endswith(f"tensorboard --logdir {tmp_path / 'runs'}")
+    # A run folder of the user's choosing (hydra.run.dir=...) is named itself, never the folder above it.
+    chosen = tmp_path / "my_experiment"
+    chosen.mkdir()
+    _print_summary({"val_dice": 0.25}, chosen)
+    assert capsys.readouterr().out.splitlines()[1].endswith(f"tensorboard --logdir {chosen}")
