@@ -109,7 +109,12 @@ def _filled(node: object, config: dict, where: str, budget: list[int], reference
             "the network out in a YAML file and give that as net="
         )
     if isinstance(node, dict):
-        return {k: _filled(v, config, f"{where}.{k}", budget, references) for k, v in node.items()}
+        _special_keys(node, where)
+        return {
+            k: _filled(v, config, f"{where}.{k}", budget, references)
+            for k, v in node.items()
+            if k not in BUNDLE_NOTES
+        }
     if isinstance(node, list):
         return [_filled(v, config, f"{where}[{i}]", budget, references) for i, v in enumerate(node)]
     if isinstance(node, str) and node.startswith(("$", "%")):
@@ -118,10 +123,42 @@ def _filled(node: object, config: dict, where: str, budget: list[int], reference
             "write the value out in a YAML file and give that as net="
         )
     if isinstance(node, str) and node.startswith("@"):
-        value = config.get(node[1:]) if isinstance(config, dict) else None
+        value = _referenced(config, node[1:])
         if value is None or references >= 4 or (isinstance(value, str) and value.startswith(("$", "%", "@"))):
             raise UserError(f"{where}={node}: refers to no plain value of the bundle config; write it out")
         return _filled(value, config, f"{where} ({node})", budget, references + 1)
+    return node
+
+
+# monai.bundle's keys about a component rather than arguments of it: _requires_ (components to build first: a
+# network needs none of them here) and _desc_ (a description) are left out; _disabled_ and _mode_ change what
+# is built, so only their defaults are accepted.
+BUNDLE_NOTES = ("_requires_", "_desc_", "_disabled_", "_mode_")
+BUNDLE_ID_SEPARATORS = ("::", "#")  # monai.bundle's id separator, and its older spelling
+
+
+def _special_keys(node: dict, where: str) -> None:
+    disabled, mode = node.get("_disabled_", False), node.get("_mode_", "default")
+    if disabled not in (False, "false", "False") or mode != "default":
+        key = "_disabled_" if disabled not in (False, "false", "False") else "_mode_"
+        raise UserError(
+            f"{where}.{key}={node[key]}: changes what the bundle builds, which this check does not follow; write "
+            "the network out in a YAML file and give that as net="
+        )
+
+
+def _referenced(config: object, reference: str) -> object:
+    """The value a bundle id names: "key", or a path into it ("network_def::channels", "a::b::0"; "#" in older
+    bundles). None when no such value exists."""
+    separator = next((sep for sep in BUNDLE_ID_SEPARATORS if sep in reference), None)
+    node = config
+    for part in reference.split(separator) if separator else [reference]:
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
     return node
 
 

@@ -47,6 +47,33 @@ def test_bundle_network_def_becomes_a_network_config(tmp_path: Path) -> None:
     assert net.channels == [8, 16, 32]
 
 
+def test_bundle_ids_with_paths_and_monai_special_keys(tmp_path: Path) -> None:
+    """monai.bundle ids name nested values ("a::b::0"; "#" in older bundles); _requires_ and _desc_ say
+    nothing about the network's arguments and are left out."""
+    change = {
+        "channels": "@sizes::widths",
+        "strides": "@sizes#strides",
+        "in_channels": "@sizes::inputs::0",
+        "_requires_": "@device",  # an expression: never evaluated, never passed on
+        "_desc_": "the segmentation network",
+    }
+    sizes = {"widths": [8, 16, 32], "strides": [2, 2], "inputs": [1, 4]}
+    net = bundle_network(write_bundle(tmp_path / "b", NETWORK_DEF | change, sizes=sizes))
+    assert net.channels == [8, 16, 32] and net.strides == [2, 2] and net.in_channels == 1
+    assert "_requires_" not in net and "_desc_" not in net
+    for bad, needle in (
+        ({"in_channels": "@sizes::inputs::7"}, "refers to no plain value"),
+        ({"in_channels": "@sizes::nothing"}, "refers to no plain value"),
+        ({"_disabled_": True}, r"network_def\._disabled_=True: changes what the bundle builds"),
+        ({"_mode_": "callable"}, r"network_def\._mode_=callable: changes what the bundle builds"),
+    ):
+        folder = write_bundle(
+            tmp_path / f"bad{len(list(tmp_path.iterdir()))}", NETWORK_DEF | bad, sizes=sizes
+        )
+        with pytest.raises(UserError, match=needle):
+            bundle_network(folder)
+
+
 @pytest.mark.parametrize(
     ("change", "needle"),
     [
