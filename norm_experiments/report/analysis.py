@@ -163,6 +163,11 @@ def _did_you_mean(given: str, names: list[str]) -> str:
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
+def _setting(row: str) -> str:
+    """The bracketed settings of a row label ("samples_budget=2400]" of "group [samples_budget=2400]"), or ''."""
+    return row.partition(" [")[2]
+
+
 def summarize_condition(
     condition: str,
     runs: list[Run],
@@ -172,7 +177,8 @@ def summarize_condition(
     own_seeds: bool = False,
 ) -> Summary:
     """Cells, differences to the reference and BatchNorm's gaps for the runs of one condition. A grid expects
-    every seed of the condition in every cell; with `own_seeds` (a study, whose sweeper stops running a cell
+    every seed of the condition in every cell (of a row split off by a setting: every seed of that row); with
+    `own_seeds` (a study, whose sweeper stops running a cell
     once its questions are decided) a cell expects the seeds it was run with."""
     notes: list[str] = []
     labels = row_labels(runs, notes)
@@ -180,10 +186,16 @@ def summarize_condition(
     for run in runs:
         grouped[(labels[run], run.batch_size)].append(run)
     seeds = sorted({r.seed for r in runs})
+    # A row split off by a setting (e.g. another budget: "group [samples_budget=2400]") expects the seeds run
+    # with that setting, in any row, not those run with other settings.
+    setting_seeds: dict[str, set[int]] = defaultdict(set)
+    for run in runs:
+        setting_seeds[_setting(labels[run])].add(run.seed)
     cells = {}
     for key, group in grouped.items():
         kept = one_per_seed(group, notes)
-        cells[key] = make_cell(key[0], kept, metric, len(kept) if own_seeds else len(seeds))
+        expected = len(setting_seeds[_setting(key[0])]) if _setting(key[0]) else len(seeds)
+        cells[key] = make_cell(key[0], kept, metric, len(kept) if own_seeds else expected)
     rows = sorted({row for row, _ in cells})
     bn_rows = sorted({c.row for c in cells.values() if any(r.is_bn_family for r in c.runs)})
     lower = metric in LOWER_IS_BETTER

@@ -36,6 +36,13 @@ EXPLORATORY = (
 )
 
 
+def _direction(family: Family) -> str:
+    """How better and worse are read off a difference's interval: lower is better for HD95."""
+    if family.lower_is_better:
+        return "better / worse = entirely below / above 0 (lower is better)"
+    return "better / worse = entirely above / below 0"
+
+
 def method_line(family: Family, what: str) -> str:
     """What was compared, the model used, the family's correction and how verdicts are read."""
     if not family.m:
@@ -56,7 +63,7 @@ def method_line(family: Family, what: str) -> str:
     return (
         f"{what}. Model: {model}. Interval: two-sided {pct:.4g}% (Bonferroni over the m = {family.m} tested "
         f"comparisons of this table, α = {family.alpha} family-wise, α' = {family.alpha_each:.3g} each). Verdict "
-        f"read off that interval: better / worse = entirely above / below 0; equivalent = inside "
+        f"read off that interval: {_direction(family)}; equivalent = inside "
         f"±{family.margin:g} (two one-sided tests); otherwise inconclusive; untestable = fewer than 2 shared "
         f"seeds. Formulas: {STATISTICS_DOC}."
     )
@@ -157,24 +164,33 @@ def group_lines(runs: list[Run]) -> list[str]:
     ]
 
 
-def _seed_note(summary: Summary) -> str:
+def _seed_note(summary: Summary, study: bool) -> str:
     counts = sorted({len(c.runs) for c in summary.cells.values()})
-    if len(counts) > 1:  # a study: a cell runs until its questions are decided
-        return (
-            f"n = {counts[0]} to {counts[-1]} seeds per cell (seeds from 0; a study stops running a cell once "
-            "the questions that compare it are decided)"
+    if len(counts) > 1:
+        why = (
+            "a study stops running a cell once the questions that compare it are decided"
+            if study
+            else "`n=k/m` marks the cells with fewer seeds that have a result; see the runs without a result"
         )
+        return f"n = {counts[0]} to {counts[-1]} seeds per cell (seeds {_seed_list(summary.seeds)}; {why})"
     n = len(summary.seeds)
     return f"n = {n} seed{'s' if n != 1 else ''} per cell ({', '.join(map(str, summary.seeds))})"
 
 
-def _gap_section(summary: Summary, level: str) -> list[str]:
+def _seed_list(seeds: list[int]) -> str:
+    """'0-10' for a run of consecutive seeds, else the seeds themselves."""
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
+
+
+def _gap_section(summary: Summary, level: str, study: bool) -> list[str]:
     family = summary.gaps
     if not family.comparisons:
         return []
     what = (
         "Batch statistics (and PreciseBN) minus running statistics, same weights, paired by seed and validation case, validation "
-        f"Dice; batch stats = {batch_stats_text(summary.batch_stats_windows)}; {_seed_note(summary)}"
+        f"Dice; batch stats = {batch_stats_text(summary.batch_stats_windows)}; {_seed_note(summary, study)}"
     )
     return [
         f"{level} BatchNorm evaluation modes: the gap",
@@ -226,8 +242,8 @@ def _errors_section(summary: Summary, level: str) -> list[str]:
     return lines
 
 
-def _condition_section(summary: Summary, level: str) -> list[str]:
-    metric, seeds = summary.metric, _seed_note(summary)
+def _condition_section(summary: Summary, level: str, study: bool) -> list[str]:
+    metric, seeds = summary.metric, _seed_note(summary, study)
     lines = [
         f"{level} {metric} by norm and batch size",
         "",
@@ -239,7 +255,7 @@ def _condition_section(summary: Summary, level: str) -> list[str]:
         "Descriptive: which norm is better is said only by a verdict.",
         "",
     ]
-    lines += _gap_section(summary, level)
+    lines += _gap_section(summary, level, study)
     if summary.reference:
         what = (
             f"Each norm minus {summary.reference} at the same batch size, paired by seed and validation case; {seeds}. Both are "
@@ -382,9 +398,10 @@ def render_markdown(
         lines += [EXPLORATORY, ""]
     for summary in analysis.conditions:
         if len(analysis.conditions) > 1:
-            lines += [f"## Condition: {summary.condition}", ""] + _condition_section(summary, "###")
+            lines += [f"## Condition: {summary.condition}", ""]
+            lines += _condition_section(summary, "###", bool(analysis.primary))
         else:
-            lines += _condition_section(summary, "##")
+            lines += _condition_section(summary, "##", bool(analysis.primary))
     lines += ["## Plots", ""]
     for caption, path in plots.items():
         lines += [f"![{caption}]({path})", ""]

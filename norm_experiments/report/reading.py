@@ -80,6 +80,13 @@ def _per_row(summary: Summary, family, matches, lead: str) -> list[str]:
 def reference_sentences(summary: Summary, reference: str) -> list[str]:
     """Per row: the row minus the reference at each batch size, by verdict."""
     if summary.reference is None:
+        split = [row for row in summary.rows if row.startswith(f"{reference} [")]
+        if split:  # the reference's runs differ in a setting beyond the seed: no one row to subtract
+            return [
+                f"The {_name(reference)} runs{_where(summary.condition)} differ in more than the seed, so they "
+                f"are split into {len(split)} rows ({', '.join(split)}) and none of them is the reference: no "
+                "difference to the reference was tested."
+            ]
         return [
             f"No {_name(reference)} runs{_where(summary.condition)}: no difference to the reference was tested."
         ]

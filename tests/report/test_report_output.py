@@ -94,8 +94,9 @@ def test_runs_that_differ_in_more_than_the_seed_are_split_and_named(tmp_path, wr
         write_run(tmp_path, "group", 1, seed, 0.6 + 0.1 * (budget > 1200), samples_budget=budget)
     report = build_report([tmp_path])
     rows = table_rows(report.table)
-    assert rows["group [samples_budget=1200]"] == ["0.600 ± 0.000 (n=2/3)"]
-    assert rows["group [samples_budget=2400]"] == ["0.700 (n=1/3)"]
+    # Each row expects the seeds run with its setting: seed 2 is no missing result of the 1200 row.
+    assert rows["group [samples_budget=1200]"] == ["0.600 ± 0.000"]
+    assert rows["group [samples_budget=2400]"] == ["0.700 (n=1)"]
     assert (
         "group bs=1: runs differ in samples_budget (1200; 2400): split into rows, never averaged"
         in report.markdown
@@ -175,3 +176,46 @@ def test_a_full_disk_leaves_the_previous_report(small_sweep, tmp_path, monkeypat
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: cannot write the report: ") and line.endswith(": No space left on device")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing new, nothing half-written
+
+
+def test_a_reference_split_by_a_setting_is_named_not_called_missing(tmp_path, write_run) -> None:
+    """Two sweeps of other budgets merged: the reference's runs are split into rows, and the reading says so."""
+    for seed in range(2):
+        for norm in ("batch", "instance"):
+            write_run(tmp_path / "a", norm, 1, seed, 0.6, samples_budget=16, run_id=f"a{norm}{seed}")
+            write_run(tmp_path / "b", norm, 1, seed, 0.7, samples_budget=320, run_id=f"b{norm}{seed}")
+    write_run(tmp_path / "a", "instance", 1, 2, 0.6, samples_budget=16, run_id="ainstance2")
+    report = build_report([tmp_path / "a", tmp_path / "b"])
+    assert "No `instance` runs" not in report.markdown
+    assert (
+        "The `instance` runs differ in more than the seed, so they are split into 2 rows (instance "
+        "[samples_budget=16], instance [samples_budget=320]) and none of them is the reference"
+        in report.markdown
+    )
+    rows = table_rows(report.table)
+    assert rows["instance [samples_budget=320]"] == ["0.700 ± 0.000"]  # seeds 0-1 run, none missing
+    assert rows["batch [samples_budget=16]"] == ["0.600 ± 0.000 (n=2/3)"]  # seed 2 ran for instance only
+
+
+def test_unequal_seed_counts_in_a_grid_are_not_explained_by_a_study(tmp_path, write_run) -> None:
+    for seed in range(3):
+        for norm in ("batch", "instance"):
+            if (norm, seed) != ("instance", 2):
+                write_run(tmp_path, norm, 1, seed, 0.6 + 0.01 * seed)
+    markdown = build_report([tmp_path]).markdown
+    assert "a study stops running a cell" not in markdown
+    assert "n = 2 to 3 seeds per cell (seeds 0-2; `n=k/m` marks the cells with fewer seeds" in markdown
+
+
+def test_hd95_verdicts_are_read_with_lower_is_better(tmp_path, write_run) -> None:
+    for seed in range(3):
+        write_run(tmp_path, "batch", 1, seed, 0.7, val_hd95=5.0 + seed)
+        write_run(tmp_path, "instance", 1, seed, 0.7, val_hd95=25.0 + seed + 0.1 * seed**2)
+    markdown = build_report([tmp_path], metric="val_hd95").markdown
+    assert "better / worse = entirely below / above 0 (lower is better)" in markdown
+    (method,) = [line for line in markdown.splitlines() if line.startswith("Each norm minus instance")]
+    assert "better / worse = entirely below / above 0 (lower is better)" in method
+    (gap,) = [
+        line for line in markdown.splitlines() if line.startswith("Batch statistics (and PreciseBN) minus")
+    ]
+    assert "better / worse = entirely above / below 0;" in gap  # the gap compares Dice: higher is better
