@@ -45,14 +45,20 @@ def staging(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def publish(moves: list[tuple[Path, Path]], lock_dir: Path) -> None:
+def publish(moves: list[tuple[Path, Path]], lock_dir: Path, stale: tuple[str, ...] = ()) -> None:
     """Rename every (staged, final) pair in order under the lock; put the document last, since it links the
-    others. Files get the permissions a new file gets from the umask (mkstemp-like folders are 0700)."""
+    others. Then remove `stale`: files an earlier report wrote into lock_dir that this one no longer makes
+    (a plot of a reference no longer asked for), which would sit there looking current. Files get the
+    permissions a new file gets from the umask (mkstemp-like folders are 0700)."""
     mode = 0o666 & ~_umask()
     with locked(lock_dir):
         for staged, final in moves:
             os.chmod(staged, mode)
             os.replace(staged, final)
+        for name in stale:
+            path = lock_dir / name
+            if path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -72,8 +78,15 @@ def written_before(out_dir: Path) -> set[str]:
     return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
+def stale_files(out_dir: Path, names: list[str]) -> tuple[str, ...]:
+    """The files out_dir's manifest lists that a report writing `names` no longer makes (plain names only)."""
+    return tuple(
+        sorted(n for n in written_before(out_dir) - set(names) if n == Path(n).name and n != MANIFEST)
+    )
+
+
 def stage_manifest(stage: Path, out_dir: Path, names: list[str]) -> Path:
-    """The manifest of out_dir after this report (the names it lists already, and `names`), staged."""
+    """The manifest of out_dir after this report: the names it wrote (earlier ones are removed), staged."""
     path = stage / MANIFEST
-    path.write_text(json.dumps(sorted(written_before(out_dir) | set(names)), indent=1), encoding="utf-8")
+    path.write_text(json.dumps(sorted(set(names)), indent=1), encoding="utf-8")
     return path

@@ -610,3 +610,20 @@ def test_a_record_whose_summary_differs_from_its_cases_still_plots(tmp_path: Pat
     assert cell.metric is not None and cell.metric.mean == pytest.approx(0.9)
     assert cell.metric.low < 0.9 < cell.metric.high and cell.metric.high - cell.metric.low < 0.01
     assert plots.plot_metric_vs_batch_size(report.analysis, tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_a_plot_an_earlier_report_wrote_and_this_one_does_not_is_removed(
+    small_sweep: Path, tmp_path: Path, capsys
+) -> None:
+    """A difference plot of a reference no longer asked for sat beside the new report, looking current."""
+    (small_sweep / "notes.txt").write_text("mine\n")
+    assert run_main([str(small_sweep), "--reference", "group"], capsys)[0] == 0
+    assert (small_sweep / "difference_to_group.png").is_file()
+    assert run_main([str(small_sweep), "--reference", "batch_independent_none"], capsys)[0] == 2  # refused: kept
+    assert (small_sweep / "difference_to_group.png").is_file()
+    assert run_main([str(small_sweep)], capsys)[0] == 0  # the default reference, instance: no runs, no plot
+    assert not (small_sweep / "difference_to_group.png").exists()
+    assert "difference_to_group.png" not in (small_sweep / "report.md").read_text()
+    manifest = json.loads((small_sweep / ".norm-exp-report.json").read_text())
+    assert "difference_to_group.png" not in manifest and "report.md" in manifest
+    assert (small_sweep / "notes.txt").read_text() == "mine\n"  # never the report's: never touched
