@@ -26,10 +26,13 @@ from norm_experiments.run_names import SWEPT_KEYS_ENV, swept_keys
 log = logging.getLogger("norm_experiments.sweep")
 
 
-def sweep_status(sweep_dir: Path, started: float) -> Counter:
-    """Count runs below sweep_dir by status; completed runs untouched since `started` count as skipped."""
+def sweep_status(sweep_dir: Path, started: float, only: set[Path] | None = None) -> Counter:
+    """Count runs below sweep_dir by status (of the run folders in `only`, when given); completed runs
+    untouched since `started` count as skipped."""
     counts: Counter = Counter()
     for path in sorted(sweep_dir.rglob(run_record.FILENAME)):
+        if only is not None and path.parent.absolute() not in only:
+            continue
         status = run_record.status_of(run_record.read(path.parent) or {"status": "unreadable"}) or "unknown"
         if status == run_record.Status.COMPLETED and path.stat().st_mtime < started:
             status = "skipped (already completed)"
@@ -69,10 +72,22 @@ class SweepReport(Callback):
             write_multirun_yaml(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from norm_experiments.sweep.progress import launched
+
         sweep_dir = Path(config.hydra.sweep.dir)
-        counts = sweep_status(sweep_dir, self.started)
+        ran = launched(sweep_dir)
+        counts = sweep_status(sweep_dir, self.started, ran or None)
+        others = sum(sweep_status(sweep_dir, self.started).values()) - sum(counts.values()) if ran else 0
+        more = (
+            f"; the folder holds {others} more run(s) of earlier sweeps, which its report includes"
+            if others
+            else ""
+        )
         log.info(
-            "sweep %s: %s", sweep_dir, ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+            "sweep %s: %s%s",
+            sweep_dir,
+            ", ".join(f"{n} {status}" for status, n in sorted(counts.items())),
+            more,
         )
         if not self.enabled:
             return

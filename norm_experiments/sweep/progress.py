@@ -65,17 +65,27 @@ def _append(sweep_dir: Path, line: str) -> None:
         os.close(fd)
 
 
-def _counts(sweep_dir: Path) -> tuple[int, int]:
-    """(runs started, runs finished) so far in this sweep."""
+def _counts(sweep_dir: Path) -> tuple[int, int, int]:
+    """(runs started, runs finished, runs finished without training: skipped) so far in this sweep."""
     try:
         lines = (sweep_dir / EVENTS).read_text().splitlines()
     except OSError:
-        return 0, 0
+        return 0, 0, 0
     # Distinct runs: a run of a killed sweep's leftover worker (a joblib process finishing its job after its
     # parent was killed) ends once more, after this sweep started again: counted it made "run 3 of 2" (150 %).
     started = {line[6:] for line in lines if line.startswith("start ")}
-    ended = {line[4:] for line in lines if line.startswith("end ")}
-    return len(started), len(ended & started)
+    ended = {line[4:] for line in lines if line.startswith("end ")} & started
+    skipped = {line[5:] for line in lines if line.startswith("skip ")} & ended
+    return len(started), len(ended), len(skipped)
+
+
+def launched(sweep_dir: Path) -> set[Path] | None:
+    """The run folders this sweep started (None: not recorded, e.g. the events file is gone)."""
+    try:
+        lines = (sweep_dir / EVENTS).read_text().splitlines()
+    except OSError:
+        return None
+    return {Path(line[4:]) for line in lines if line.startswith("dir ")}
 
 
 def duration(seconds: float) -> str:
@@ -87,18 +97,24 @@ def duration(seconds: float) -> str:
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
-def started_line(sweep_dir: Path, name: str) -> str:
+def started_line(sweep_dir: Path, name: str, run_dir: Path | None = None) -> str:
+    if run_dir is not None:  # which folders this sweep ran: its end counts those, not every run in the folder
+        _append(sweep_dir, f"dir {run_dir}")
     _append(sweep_dir, f"start {name}")
-    started, done = _counts(sweep_dir)
+    started, done, _ = _counts(sweep_dir)
     total = _read_plan(sweep_dir).get("total")
     of = f" of {total}" if total else ""
     return f"[sweep] run {started}{of} started: {name} ({started - done} running, {done} done)"
 
 
-def finished_line(sweep_dir: Path, name: str, outcome: str) -> str:
-    """'[sweep] run k of N done: NAME  OUTCOME  (k/N, elapsed, ETA)'; k counts runs finished."""
+def finished_line(sweep_dir: Path, name: str, outcome: str, skipped: bool = False) -> str:
+    """'[sweep] run k of N done: NAME  OUTCOME  (k/N, elapsed, ETA)'; k counts runs finished. The ETA is
+    the time per run that trained in this sweep: a run skipped as already completed takes a second, and
+    counted in the rate it made the ETA of a resumed sweep a fraction of the time left."""
+    if skipped:
+        _append(sweep_dir, f"skip {name}")
     _append(sweep_dir, f"end {name}")
-    started, done = _counts(sweep_dir)
+    started, done, skips = _counts(sweep_dir)
     plan = _read_plan(sweep_dir)
     total, began = plan.get("total"), plan.get("started")
     elapsed = time.time() - began if isinstance(began, (int, float)) else None
@@ -106,9 +122,21 @@ def finished_line(sweep_dir: Path, name: str, outcome: str) -> str:
     where = [f"{100 * done / total:.0f} %"] if total else []
     if elapsed is not None:
         where.append(f"{duration(elapsed)} elapsed")
-        if total and done < total:
-            where.append(f"ETA {duration(elapsed / done * (total - done))}")
+        if total and done < total and done > skips:
+            where.append(f"ETA {duration(elapsed / (done - skips) * (total - done))}")
+    if skipped:
+        outcome = f"skipped, already completed ({outcome})"
     return f"[sweep] run {done}{of} done: {name}  {outcome}  ({', '.join(where)})"
+
+
+def trained_before(config: DictConfig, sweep_dir: Path) -> bool:
+    """The run's record was completed before this sweep started: the run was skipped, not trained now."""
+    began = _read_plan(sweep_dir).get("started")
+    record = Path(str(config.hydra.runtime.output_dir)) / "metrics.json"
+    try:
+        return isinstance(began, (int, float)) and record.stat().st_mtime < began
+    except OSError:
+        return False
 
 
 def outcome(job_return: JobReturn) -> str:
@@ -165,11 +193,17 @@ class SweepProgress(Callback):
         for handler in logging.getLogger().handlers:  # Hydra configured the job's logging just before
             if type(handler) is logging.StreamHandler:
                 handler.addFilter(_QuietSteps())
-        _say(lambda: started_line(Path(config.hydra.sweep.dir), _name(config)))
+        run_dir = Path(str(config.hydra.runtime.output_dir)).absolute()
+        _say(lambda: started_line(Path(config.hydra.sweep.dir), _name(config), run_dir))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if _in_sweep(config):
-            _say(lambda: finished_line(Path(config.hydra.sweep.dir), _name(config), outcome(job_return)))
+        if not _in_sweep(config):
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        value = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
+        scored = isinstance(value, (int, float)) and not math.isnan(value)
+        skipped = scored and trained_before(config, sweep_dir)
+        _say(lambda: finished_line(sweep_dir, _name(config), outcome(job_return), skipped))
 
 
 def _in_sweep(config: DictConfig) -> bool:

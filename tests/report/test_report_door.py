@@ -619,7 +619,9 @@ def test_a_plot_an_earlier_report_wrote_and_this_one_does_not_is_removed(
     (small_sweep / "notes.txt").write_text("mine\n")
     assert run_main([str(small_sweep), "--reference", "group"], capsys)[0] == 0
     assert (small_sweep / "difference_to_group.png").is_file()
-    assert run_main([str(small_sweep), "--reference", "batch_independent_none"], capsys)[0] == 2  # refused: kept
+    assert (
+        run_main([str(small_sweep), "--reference", "batch_independent_none"], capsys)[0] == 2
+    )  # refused: kept
     assert (small_sweep / "difference_to_group.png").is_file()
     assert run_main([str(small_sweep)], capsys)[0] == 0  # the default reference, instance: no runs, no plot
     assert not (small_sweep / "difference_to_group.png").exists()

@@ -18,3 +18,56 @@ def test_a_killed_sweeps_leftover_worker_never_counts_past_the_total(tmp_path: P
     progress._append(tmp_path, "end norm=instance")  # and one this sweep never started
     line = progress.finished_line(tmp_path, "norm=group", "y")
     assert line.startswith("[sweep] run 2 of 2 done: norm=group  y  (100 %"), line
+
+
+def test_runs_skipped_as_completed_are_named_and_left_out_of_the_eta(tmp_path: Path, monkeypatch) -> None:
+    """A resumed sweep skips its completed runs in a second each: counted in the rate, they made the ETA a
+    fraction of the time left."""
+    import json
+    import os
+
+    from omegaconf import OmegaConf
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    progress.start(tmp_path, 4)
+    done_run = tmp_path / "norm=batch"
+    done_run.mkdir()
+    (done_run / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    os.utime(done_run / "metrics.json", (900.0, 900.0))  # completed before this sweep started
+    config = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(done_run)}}})
+    assert progress.trained_before(config, tmp_path)
+    for name in ("norm=batch", "norm=group"):
+        progress.started_line(tmp_path, name)
+    clock[0] = 1001.0
+    line = progress.finished_line(tmp_path, "norm=batch", "val_dice=0.7000", skipped=True)
+    assert "run 1 of 4 done: norm=batch  skipped, already completed (val_dice=0.7000)" in line
+    assert "ETA" not in line  # nothing trained yet: no rate to go on
+    clock[0] = 1061.0  # the first run that trained took a minute
+    line = progress.finished_line(tmp_path, "norm=group", "val_dice=0.8000")
+    assert line.endswith("(50 %, 1 min elapsed, ETA 2 min)"), line  # 61 s per trained run, 2 left
+    fresh = tmp_path / "norm=instance"
+    fresh.mkdir()
+    (fresh / "metrics.json").write_text("{}")  # written now: trained in this sweep
+    config = OmegaConf.create({"hydra": {"runtime": {"output_dir": str(fresh)}}})
+    assert not progress.trained_before(config, tmp_path)
+
+
+def test_the_end_of_sweep_count_is_of_the_runs_this_sweep_started(tmp_path: Path) -> None:
+    """A narrower sweep over a folder of a wider one counted every run there as its own ("12 skipped" after
+    launching 8)."""
+    import json
+
+    from norm_experiments.sweep.callback import sweep_status
+
+    progress.start(tmp_path, 2)
+    for seed in range(3):
+        run = tmp_path / f"seed={seed}"
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({"status": "completed" if seed else "interrupted"}))
+    for seed in (1, 2):
+        progress.started_line(tmp_path, f"seed={seed}", (tmp_path / f"seed={seed}").absolute())
+    ran = progress.launched(tmp_path)
+    assert ran == {(tmp_path / "seed=1").absolute(), (tmp_path / "seed=2").absolute()}
+    assert sweep_status(tmp_path, 0.0, ran) == {"completed": 2}
+    assert sweep_status(tmp_path, 0.0) == {"completed": 2, "interrupted": 1}
