@@ -23,6 +23,9 @@ from typing import Any
 from norm_experiments import safe_io
 
 FILENAME = "metrics.json"
+# In a run folder: "process PID on HOST" of the process that holds (or last held) the folder's flock
+# (training/run_folder.py); the report reads it to tell a run still training from one that was killed.
+LOCK = ".lock"
 
 
 class Status(str, Enum):

@@ -37,7 +37,7 @@ CELL_FIELDS = (
 )
 
 # Order in which run statuses are listed in a cell.
-STATUS_ORDER = ("completed", "failed", "diverged", "interrupted", "running")
+STATUS_ORDER = ("completed", "failed", "diverged", "interrupted", "stopped", "running")
 
 EVAL_MODE_LABELS = {
     "running": "running stats",
@@ -119,9 +119,15 @@ class Cell:
 
 
 def outcome(run: Run, metric: str) -> tuple[str, str | None]:
-    """(status, reason). A 'completed' run with no finite metric counts as failed: it has no result."""
+    """(status, reason). A 'completed' run with no finite metric counts as failed: it has no result; a
+    'running' one whose process has ended is 'stopped'."""
     if run.completed and run.value(metric) is None:
         return "failed", f"status completed but '{metric}' is missing or not finite"
+    if run.gone:
+        return "stopped", (
+            f"its record says running, but {run.gone}, which held its folder, has ended (killed?); the same "
+            "command continues it from its last checkpoint"
+        )
     return run.status, run.error
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import socket
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,14 @@ class Run:
     @property
     def completed(self) -> bool:
         return self.status == run_record.Status.COMPLETED
+
+    @cached_property
+    def gone(self) -> str | None:
+        """For a record that says running: 'process N on HOST', when the process that held its folder was of
+        this machine and no longer exists (the run was killed); else None (still running, or cannot tell)."""
+        if self.status != run_record.Status.RUNNING:
+            return None
+        return _holder_gone(self.path.parent)
 
     @property
     def norm(self) -> str:
@@ -176,6 +187,30 @@ def _is_integral(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+_HOLDER = re.compile(r"process (\d{1,9}) on (\S{1,255})")
+
+
+def _holder_gone(run_dir: Path) -> str | None:
+    """The run folder's lock holder ('process N on HOST') when it is a process of this machine that has ended:
+    the operating system released its lock, so it is not training. None when the lock names another machine,
+    is unreadable, or its process exists (a reused PID errs towards 'running'). Reads the file, never locks it:
+    a report must not make a starting run find its folder busy."""
+    try:
+        text = safe_io.read_text(run_dir / run_record.LOCK, 512).strip()
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    found = _HOLDER.fullmatch(text)
+    if found is None or found.group(2) != socket.gethostname():
+        return None
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return text
+    except (OSError, OverflowError):  # PermissionError: it exists, as another user's
+        return None
+    return None
 
 
 def find_metrics_files(sweep_dir: Path) -> list[Path]:

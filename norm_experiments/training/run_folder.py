@@ -30,7 +30,7 @@ RUN_CONFIG = (
 
 
 OVERRIDES = "overrides.yaml"  # in .hydra/: the run's command-line overrides, which resume= replays
-LOCK = ".lock"  # holds the PID and host of the process that holds (or last held) the folder's lock
+LOCK = run_record.LOCK  # holds the PID and host of the process that holds (or last held) the folder's lock
 
 
 class RunFolderBusy(UserError):

@@ -219,3 +219,26 @@ def test_hd95_verdicts_are_read_with_lower_is_better(tmp_path, write_run) -> Non
         line for line in markdown.splitlines() if line.startswith("Batch statistics (and PreciseBN) minus")
     ]
     assert "better / worse = entirely above / below 0;" in gap  # the gap compares Dice: higher is better
+
+
+def test_a_run_whose_process_has_ended_is_stopped_not_running(tmp_path, write_run) -> None:
+    """kill -9 leaves a record saying running; its folder's lock names the process, which is gone."""
+    import socket
+
+    for seed in range(2):
+        write_run(tmp_path, "batch", 1, seed, 0.6)
+    killed = write_run(tmp_path, "group", 1, 0, None, status="running").parent
+    alive = write_run(tmp_path, "group", 1, 1, None, status="running").parent
+    other = write_run(tmp_path, "group", 1, 2, None, status="running").parent
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a process id that has just ended
+    host = socket.gethostname()
+    (killed / ".lock").write_text(f"process {child.pid} on {host}\n")
+    (alive / ".lock").write_text(f"process {os.getpid()} on {host}\n")
+    (other / ".lock").write_text(f"process {child.pid} on another-machine\n")  # cannot tell: running
+    markdown = build_report([tmp_path]).markdown
+    assert "1 stopped, 2 running" in markdown
+    assert (
+        f"its record says running, but process {child.pid} on {host}, which held its folder, has ended (killed?)"
+        in markdown
+    )
