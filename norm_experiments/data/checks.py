@@ -339,6 +339,12 @@ def _labels_example(info: DatasetInfo, undeclared: set[int]) -> str:
     """For a folder (classes from data.labels): the override that declares the values found, names to edit."""
     if info.layout != "folder":
         return ""
+    values = set(info.labels) | undeclared
+    if values != set(range(len(values))):  # e.g. a 0/255 mask: classes must be 0..K-1
+        return (
+            "; data.labels cannot declare them: the classes must be the consecutive values 0..K-1, so remap the "
+            "label files to those (a 0/255 mask: 255 -> 1)"
+        )
     names = {**{v: f"class{v}" for v in undeclared}, **info.labels}
     pairs = ",".join(f"{v}:{names[v]}" for v in sorted(names))
     return f"; e.g. 'data.labels={{{pairs}}}'"

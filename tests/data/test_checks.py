@@ -359,3 +359,21 @@ def test_a_training_case_without_foreground_is_said_once_not_at_every_draw(caplo
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "4", result.stderr
     assert "Num foregrounds" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("value", [255, -1])
+def test_label_values_that_cannot_be_classes_ask_for_a_remap_not_a_declaration(make_dataset, value):
+    """A 0/255 mask: the example override declaring 255 was refused in turn (classes are 0..K-1)."""
+    root = make_dataset("folder")
+    for path in sorted((root / "labels").iterdir()):
+        img = nib.load(path)
+        data = np.asarray(img.dataobj).astype(np.int16)
+        data[data > 0] = value
+        nib.save(nib.Nifti1Image(data, img.affine), path)
+    cases, info = find_cases("folder", root)
+    message = expect_error(cases, info, rf"label values \{{{value}\}} are not among the declared classes")
+    assert "e.g. 'data.labels=" not in message
+    assert message.endswith(
+        "data.labels cannot declare them: the classes must be the consecutive values 0..K-1, so remap the label "
+        "files to those (a 0/255 mask: 255 -> 1)"
+    )
