@@ -24,7 +24,7 @@ from norm_experiments.config import CONFIG_DIR, hydra_quote, path_argument, regi
 from norm_experiments.errors import UserError
 
 # Hydra flags after which Hydra alone decides what happens (help, printing the config, shell completion,
-# another config folder or name): the command line is left to Hydra.
+# another config path or name): the command line is left to Hydra. --config-dir is checked with its folder.
 _HYDRA_ONLY_FLAGS = (
     "--help",
     "-h",
@@ -39,8 +39,6 @@ _HYDRA_ONLY_FLAGS = (
     "-cp",
     "--config-name",
     "-cn",
-    "--config-dir",
-    "-cd",
     "--package",
     "-p",
 )
@@ -114,9 +112,10 @@ def check_command_line(
         return
     if any(arg.lstrip("+").startswith("hydra.searchpath=") for arg in argv):
         return  # config folders of the user's own (plug-ins outside configs/): their options are Hydra's to find
-    overrides = [arg for arg in argv if arg not in _MULTIRUN_FLAGS]
+    config_dirs, rest = _config_dir_args(argv)
+    overrides = [arg for arg in rest if arg not in _MULTIRUN_FLAGS]
     multirun = any(arg in _MULTIRUN_FLAGS for arg in argv)
-    _check(overrides, config_name, validate, validate_run, multirun)
+    _check(overrides, config_name, validate, validate_run, multirun, config_dirs)
 
 
 # Hydra runs one of these at a time; two of them end in its ValueError and a traceback.
@@ -163,17 +162,35 @@ def _check_config_dirs(argv: list[str]) -> None:
             raise UserError(f"{flag} {value}: no such folder (from {Path.cwd()})")
 
 
+def _config_dir_args(argv: list[str]) -> tuple[list[Path], list[str]]:
+    """(the --config-dir folders, the arguments without them and their values)."""
+    dirs, rest, skip = [], [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        flag, eq, value = arg.partition("=")
+        if flag in ("--config-dir", "-cd"):
+            if not eq:
+                value, skip = (argv[i + 1] if i + 1 < len(argv) else ""), True
+            dirs.append(Path(value).expanduser().absolute())
+            continue
+        rest.append(arg)
+    return dirs, rest
+
+
 def _check(
     overrides: list[str],
     config_name: str,
     validate: Validate | None,
     validate_run: Validate | None,
     multirun: bool,
+    config_dirs: list[Path] = (),  # type: ignore[assignment]
 ) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    loader = _config_loader()
+    loader = _config_loader(config_dirs)
     parsed = []
     for arg in overrides:
         try:
@@ -183,7 +200,7 @@ def _check(
     parsed = [o for o in parsed if not _is_glob(o)]  # a glob picks existing options by itself
     groups = [o for o in parsed if _is_group(loader, o)]
     for override in groups:
-        _check_group_option(loader, override)
+        _check_group_option(loader, override, config_dirs)
     first = [_with_value(o, _values(o)[0]) for o in parsed]
     try:
         composed = _compose(loader, config_name, first)
@@ -196,6 +213,7 @@ def _check(
                 _check_key(base, override.key_or_group, override.input_line or "")
         raise
     _check_hydra_keys(parsed)
+    _check_norm_name(composed)
     _check_launcher(composed, multirun)
     _check_sweep_folder(composed, multirun)
     _check_study(composed, overrides, multirun, loader)
@@ -208,20 +226,36 @@ def _check(
         _validate(validate_run, composed)
 
 
+def _check_norm_name(cfg: DictConfig) -> None:
+    """norm.name names the norm file that was chosen; set to another norm, the options of one met the name of
+    the other, and the error blamed an option ("norm.options.momentum: not an option of norm 'group')."""
+    chosen = cfg.hydra.runtime.choices.get("norm") if "hydra" in cfg else None
+    name = cfg.get("norm", {}).get("name") if isinstance(cfg.get("norm"), DictConfig) else None
+    if chosen and name is not None and str(name) != str(chosen).rsplit("/", 1)[-1]:
+        raise UserError(
+            f"norm.name={name}: the norm is chosen with norm={name} (norm.name is set by the chosen file, here "
+            f"norm={chosen}, and must stay its name)"
+        )
+
+
 def _validate(validate: Validate, cfg: DictConfig) -> None:
     """The app's own checks on the config without Hydra's node (whose run-time values do not exist yet)."""
     validate(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
 
 
-def _config_loader():
-    """Hydra's config loader over configs/ and the installed plugins' configs, as `hydra.main` builds it."""
+def _config_loader(config_dirs: list[Path] = ()):  # type: ignore[assignment]
+    """Hydra's config loader over configs/ and the installed plugins' configs, as `hydra.main` builds it, with
+    the --config-dir folders first (as Hydra puts them)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
     from hydra.core.plugins import Plugins
 
     register_resolvers()
     Plugins.instance()  # registers the launchers' and sweepers' configs (hydra/launcher=joblib, ...)
-    return ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONFIG_DIR)))
+    search_path = create_config_search_path(str(CONFIG_DIR))
+    for folder in config_dirs:
+        search_path.prepend("command-line", f"file://{folder}")
+    return ConfigLoaderImpl(config_search_path=search_path)
 
 
 def _is_group(loader, override) -> bool:
@@ -259,12 +293,18 @@ def _grammar(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _check_group_option(loader, override) -> None:
+def _check_group_option(loader, override, config_dirs: list[Path] = ()) -> None:  # type: ignore[assignment]
     group = override.key_or_group
     options = loader.get_group_options(group)
     for value in _values(override):
         if value is None or override.is_delete() or value in options:
             continue
+        misplaced = [d / f"{value}.yaml" for d in config_dirs if (d / f"{value}.yaml").is_file()]
+        if misplaced:  # sweeps.md: a group's options lie in a folder named after the group
+            raise UserError(
+                f"{group}={value}: {misplaced[0]} lies in the --config-dir folder itself, where Hydra does not "
+                f"look for {group} options: move it to {misplaced[0].parent / group / misplaced[0].name}"
+            )
         close = difflib.get_close_matches(str(value), options, n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         raise UserError(f"{group}={value}: no such option; {hint}The options: {', '.join(options)}")

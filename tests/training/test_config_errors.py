@@ -77,6 +77,8 @@ def test_a_wrong_option_key_or_value_is_one_line_exit_2_and_no_folder(
         # the sweep's folder is outputs/sweeps/<name>: ../x would be outputs/x
         (["-m", "seed=0", "name=../escape"], "name: must be a folder name under outputs/sweeps/"),
         (["-m", "seed=0", "name=/tmp/mine"], "no leading '/'), got '/tmp/mine'"),
+        # the options of one norm checked against another's name blamed an option
+        (["norm=group", "norm.name=batch"], "norm.name=batch: the norm is chosen with norm=batch"),
     ],
 )
 def test_command_line_problems_name_the_closest_valid_names(argv: list[str], needle: str) -> None:
@@ -457,3 +459,30 @@ def test_a_config_dir_sweep_gets_the_sweep_folder_checks_from_its_first_callback
         "model.pt",
         "multirun.yaml",
     ]
+
+
+def test_a_config_dir_experiment_is_checked_with_its_folder(tmp_path: Path) -> None:
+    """--config-dir DIR: Hydra's three-line refusal and exit 1 before, for a misspelt or misplaced preset."""
+    from norm_experiments.command_line import command_line_problem
+    from norm_experiments.config import validate_config
+
+    preset = "# @package _global_\nname: mine\ntrainer:\n  samples: 8\n"
+    (tmp_path / "mine.yaml").write_text(preset)
+    problem = command_line_problem(
+        ["--config-dir", str(tmp_path), "experiment=mine"], "train", validate_config
+    )
+    assert problem == (
+        f"experiment=mine: {tmp_path / 'mine.yaml'} lies in the --config-dir folder itself, where Hydra does not "
+        f"look for experiment options: move it to {tmp_path / 'experiment' / 'mine.yaml'}"
+    )
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text(preset.replace("8", "-1"))
+    assert command_line_problem(
+        [f"--config-dir={tmp_path}", "experiment=mine"], "train", validate_config
+    ) == ("trainer.samples: must be a whole number >= 1, got -1")
+    (tmp_path / "experiment" / "mine.yaml").write_text(preset)
+    assert command_line_problem(["-cd", str(tmp_path), "experiment=mine"], "train", validate_config) is None
+    problem = command_line_problem(
+        ["--config-dir", str(tmp_path), "experiment=mien"], "train", validate_config
+    )
+    assert problem is not None and problem.startswith("experiment=mien: no such option; did you mean mine")
