@@ -2,6 +2,7 @@
 
     python scripts/plan_study.py PILOT_SWEEP_DIR --experiment norm_sweep_quick
     python scripts/plan_study.py PILOT_SWEEP_DIR --experiment norm_sweep_quick --cases 6,8,12 --looks 6,10,14
+    python scripts/plan_study.py PILOT_SWEEP_DIR --config-dir DIR --experiment my_study   # DIR/experiment/my_study.yaml
 
 Reads the declared questions of a preset (its hydra.sweeper.study), estimates each question's difference and
 variance components (seed, case, seed x case) from the pilot's runs (the questions' cells must be in the
@@ -37,15 +38,19 @@ from norm_experiments.report.sequential import Design, parse_design, seeds_to_de
 from norm_experiments.report.simulate import simulate, truth_from
 
 
-def preset_design(experiment: str) -> Design:
+def preset_design(experiment: str, config_dir: Path | None = None) -> Design:
+    """The study design a preset declares: one of configs/experiment/, or of DIR/experiment/ (--config-dir DIR,
+    as norm-exp-train takes it)."""
     from hydra.errors import HydraException
 
     register_resolvers()
+    search = [f"hydra.searchpath=[file://{config_dir.expanduser().absolute()}]"] if config_dir else []
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
-            cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+            cfg = compose("train", overrides=[*search, f"experiment={experiment}"], return_hydra_config=True)
         except HydraException:
-            options = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+            folders = [CONFIG_DIR / "experiment", *([config_dir / "experiment"] if config_dir else [])]
+            options = sorted(p.stem for folder in folders for p in folder.glob("*.yaml"))
             raise UserError(
                 f"--experiment {experiment}: no such preset; the options: {', '.join(options)}"
             ) from None
@@ -80,6 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("pilot", type=Path, help="a finished sweep with the questions' cells")
     parser.add_argument("--experiment", required=True, help="the preset whose questions to size")
     parser.add_argument(
+        "--config-dir",
+        type=Path,
+        default=None,
+        help="a folder of your own presets, DIR/experiment/NAME.yaml (as norm-exp-train --config-dir DIR)",
+    )
+    parser.add_argument(
         "--cases", default="", help="validation cases to try, e.g. 6,8,12 (default: the pilot's)"
     )
     parser.add_argument(
@@ -89,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cases = positive_ints(args.cases, "--cases", minimum=2) if args.cases else ()
     looks = [candidate_looks(text) for text in args.looks]
-    design = preset_design(args.experiment)
+    if args.config_dir is not None and not args.config_dir.expanduser().is_dir():
+        raise UserError(f"--config-dir {args.config_dir}: no such folder")
+    design = preset_design(args.experiment, args.config_dir)
     analysis = analyze(collect([args.pilot]))
     summary = analysis.conditions[0]
     rows, truths, pilot_cases = [], [], 0

@@ -34,6 +34,7 @@ def _main():
             ["--experiment", "nosuch"],
             "error: --experiment nosuch: no such preset; the options: norm_study_gpu, ",
         ),
+        (["--config-dir", "/no/such/folder"], "error: --config-dir /no/such/folder: no such folder"),
     ],
 )
 def test_a_wrong_argument_is_one_line_and_exit_2(args: list[str], line: str, tmp_path: Path, capsys) -> None:
@@ -43,3 +44,16 @@ def test_a_wrong_argument_is_one_line_and_exit_2(args: list[str], line: str, tmp
     out, err = capsys.readouterr()
     assert stop.value.code == 2 and err.startswith(line) and err.count("\n") == 1, err
     assert out == ""
+
+
+def test_a_preset_of_your_own_config_dir_is_sized(tmp_path: Path) -> None:
+    """sweeps.md: a study of your own lives in DIR/experiment/; the script read only configs/experiment/."""
+    spec = importlib.util.spec_from_file_location("plan_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    preset = SCRIPT.parents[1] / "configs" / "experiment" / "norm_sweep_quick.yaml"
+    (tmp_path / "experiment").mkdir()
+    text = preset.read_text().replace("looks: [5, 11, 17]", "looks: [4, 8]")
+    (tmp_path / "experiment" / "my_study.yaml").write_text(text)
+    design = module.preset_design("my_study", tmp_path)
+    assert design.looks == (4, 8) and len(design.questions) == 5
