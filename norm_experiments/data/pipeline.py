@@ -210,13 +210,15 @@ def _check_resampled_size(cases: list[Case], prep: Preprocessing, num_channels: 
     for case in cases:
         header = nib.load(str(case.images[0]))  # the header only
         zooms = np.sqrt((header.affine[:3, :3] ** 2).sum(axis=0))
-        size = [1, 1, 1]
+        size, axes = [1, 1, 1], []
         for axis, (ras_axis, _flip) in enumerate(nib.orientations.io_orientation(header.affine)):
             target = prep.target_spacing[int(ras_axis)]
             size[int(ras_axis)] = max(1, round(header.shape[axis] * float(zooms[axis]) / target))
+            axes.append((int(header.shape[axis]), size[int(ras_axis)]))
         total += math.prod(size) * (num_channels + 1) * 4
         if math.prod(size) > math.prod(largest[1]):
             largest = (case.name, size)
+        _check_not_shrunk(case, prep, axes, zooms)
     memory = available_memory()
     if total > memory:
         name, size = largest
@@ -225,6 +227,24 @@ def _check_resampled_size(cases: list[Case], prep: Preprocessing, num_channels: 
             f"{total / 2**30:.3g} GiB of memory ({name}: {'x'.join(map(str, size))} voxels), more than this "
             f"machine's {memory / 2**30:.3g} GiB of available memory; spacings are in mm"
         )
+
+
+# A case resampled to fewer voxels than this along an axis that had at least MIN_SHRUNK_FROM holds no anatomy
+# any more: a spacing in other units (an affine in metres, or data.target_spacing in metres), not a choice.
+MIN_RESAMPLED_AXIS = 4
+MIN_SHRUNK_FROM = 16
+
+
+def _check_not_shrunk(case: Case, prep: Preprocessing, axes: list[tuple[int, int]], zooms) -> None:  # noqa: ANN001
+    """`axes`: (voxels in the file, voxels resampled) per axis of the file."""
+    if all(new >= MIN_RESAMPLED_AXIS or old < MIN_SHRUNK_FROM for old, new in axes):
+        return
+    spacing = ", ".join(f"{z:.3g}" for z in zooms[: len(axes)])
+    raise UserError(
+        f"data.target_spacing={prep.target_spacing}: resampled to it, case {case.name} shrinks from "
+        f"{'x'.join(str(old) for old, _ in axes)} to {'x'.join(str(new) for _, new in axes)} voxels; its file "
+        f"says ({spacing}) mm per voxel: spacings are in mm (an affine written in metres?)"
+    )
 
 
 def _check_preprocessed(train: list[Volume], val: list[Volume], cases: list[Case], info: DatasetInfo) -> None:

@@ -275,3 +275,25 @@ def test_class_absent_from_every_validation_case_is_left_out_of_the_mean(
     assert metrics["val_dice_per_class"]["class2"] is None and metrics["val_hd95_per_class"]["class2"] is None
     assert metrics["val_dice"] == pytest.approx(metrics["val_dice_per_class"]["class1"])
     assert metrics["val_hd95"] == pytest.approx(metrics["val_hd95_per_class"]["class1"])
+
+
+def test_target_spacing_in_mm_over_files_in_metres_names_the_spacing_not_the_labels(
+    pristine: Path, tmp_path
+) -> None:
+    """Affines in metres with a mm target: every case shrank to about one voxel, and the error blamed the labels
+    ("the training split has no foreground voxel")."""
+
+    metres = tmp_path / "metres"
+    shutil.copytree(pristine, metres)
+    for path in sorted(metres.rglob("*.nii.gz")):
+        img = nib.load(path)
+        affine = img.affine.copy()
+        affine[:3, :3] /= 1000
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), path)
+    cfg = compose_config([*SMOKE, f"data.root={metres}", "data.target_spacing=[1.5,1.5,1.5]"])
+    with pytest.raises(UserError) as err:
+        load_data(cfg.data)
+    assert str(err.value).startswith(
+        "data.target_spacing=[1.5, 1.5, 1.5]: resampled to it, case synth_000 shrinks from 24x24x24 to 1x1x1 "
+        "voxels; its file says (0.0015, 0.0015, 0.002) mm per voxel: spacings are in mm"
+    ), str(err.value)
