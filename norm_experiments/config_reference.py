@@ -77,11 +77,12 @@ def option_files() -> dict[str, list[Path]]:
     return {group: sorted(paths, key=lambda p: (p.stem, str(p))) for group, paths in found.items()}
 
 
-def defaults() -> dict[str, object]:
-    """Every key's value in the composed default config (interpolations left as written)."""
+def defaults(overrides: tuple[str, ...] = ()) -> dict[str, object]:
+    """Every key's value in the composed default config (with `overrides`: e.g. another data option),
+    interpolations left as written."""
     register_resolvers()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train")
+        cfg = compose("train", overrides=list(overrides))
     plain = OmegaConf.to_container(cfg, resolve=False)
     values: dict[str, object] = {}
     for key in full_schema():
@@ -160,9 +161,11 @@ def meanings(files: dict[str, list[Path]]) -> dict[str, str]:
     for group, paths in files.items():
         ordered = sorted(paths, key=lambda p: p.stem != chosen.get(group))
         for path in ordered:
+            # another option's comment may hold only for it ("the folder that holds images/"): named so
+            where = "" if path.stem == chosen.get(group) else f"{group}={path.stem}: "
             for key, text in yaml_comments(path, f"{group}.").items():
                 if not text.lower().startswith("not used"):
-                    comments.setdefault(key, text)
+                    comments.setdefault(key, where + text)
     for key, text in schema_comments().items():
         comments.setdefault(key, text)
     return comments
@@ -173,12 +176,47 @@ def schema_comments() -> dict[str, str]:
     return dict(re.findall(r'^\s*"([a-z_.]+)": .*#\s*(.+)$', source, flags=re.MULTILINE))
 
 
+def data_option_defaults(files: dict[str, list[Path]]) -> dict[str, dict[str, list[str]]]:
+    """For the data keys whose default depends on the data option: key -> {value shown: [options]}."""
+    by_option = {
+        p.stem: defaults((f"data={p.stem}",))
+        for p in files["data"]
+        if (CONFIG_DIR / "data" / p.name).is_file()
+    }
+    found: dict[str, dict[str, list[str]]] = {}
+    for key in full_schema():
+        if not key.startswith("data."):
+            continue
+        values: dict[str, list[str]] = {}
+        for option, composed in by_option.items():
+            if key in composed:
+                values.setdefault(_show(composed[key]), []).append(option)
+        if len(values) > 1:
+            found[key] = values
+    return found
+
+
+def _per_option(default: str, values: dict[str, list[str]]) -> str:
+    """'`none` (data=synthetic); `auto`: data=folder, msd, ...' (the default's option first)."""
+    chosen = default_options().get("data", ("", ""))[0]
+    parts = [f"`{default}` (data={chosen})"]
+    for value, options in values.items():
+        others = [o for o in options if o != chosen]
+        if others and value != default:
+            shown = "required" if value == "???" else f"`{value}`"  # OmegaConf's mark of a missing value
+            parts.append(f"{shown}: data={', '.join(others)}")
+    return "; ".join(parts)
+
+
 def keys_table(files: dict[str, list[Path]]) -> str:
     comments = meanings(files)
     composed, elsewhere = defaults(), option_values(files)
+    per_option = data_option_defaults(files)
     rows = ["| key | accepts | default | meaning |", "| --- | --- | --- | --- |"]
     for key in full_schema():
         default = f"`{_show(composed[key])}`" if key in composed else elsewhere.get(key, "(set by the code)")
+        if key in per_option and key in composed:
+            default = _per_option(_show(composed[key]), per_option[key])
         rows.append(
             f"| `{key}` | {_cell(accepted(key))} | {_cell(default)} | {_cell(comments.get(key, ''))} |"
         )
