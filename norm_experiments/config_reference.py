@@ -157,15 +157,19 @@ def meanings(files: dict[str, list[Path]]) -> dict[str, str]:
     """Each key's comment: train.yaml's, else the default option's, else another option's (not one that says
     the key is unused there), else the comment beside it in config_schema.py."""
     chosen = {group: option for group, (option, _) in default_options().items()}
+    in_default = set(defaults())
     comments = yaml_comments(CONFIG_DIR / "train.yaml", "")
     for group, paths in files.items():
         ordered = sorted(paths, key=lambda p: p.stem != chosen.get(group))
         for path in ordered:
-            # another option's comment may hold only for it ("the folder that holds images/"): named so
-            where = "" if path.stem == chosen.get(group) else f"{group}={path.stem}: "
+            # for a key the default config has, another option's comment may hold only for that option ("the
+            # folder that holds images/"): named so
+            other = path.stem != chosen.get(group)
             for key, text in yaml_comments(path, f"{group}.").items():
                 if not text.lower().startswith("not used"):
-                    comments.setdefault(key, where + text)
+                    comments.setdefault(
+                        key, f"{group}={path.stem}: {text}" if other and key in in_default else text
+                    )
     for key, text in schema_comments().items():
         comments.setdefault(key, text)
     return comments
