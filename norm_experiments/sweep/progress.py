@@ -10,10 +10,12 @@ study sweeper adds each look's runs when it launches them).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -23,9 +25,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from norm_experiments.errors import USER_ERROR_EXIT
+from norm_experiments.errors import USER_ERROR_EXIT, UserError
 
 PLAN = ".progress.json"  # {"started": unix time, "total": runs}: written by the sweep's main process
+SWEEP_LOCK = ".sweep.lock"  # flock held by the sweep's main process; says "process PID on HOST"
 EVENTS = ".progress.log"  # "start NAME" / "end NAME" lines, appended by the runs
 
 
@@ -174,6 +177,27 @@ class _QuietSteps(logging.Filter):
         return record.levelno > logging.INFO or getattr(record, "status_line", False)
 
 
+def hold_sweep_lock(sweep_dir: Path) -> int:
+    """An exclusive flock on the sweep folder's lock file, held (the returned descriptor open) until the sweep's
+    process ends; UserError naming the holder when another sweep holds it. Two sweeps of one folder at once
+    truncated each other's progress file and ran into each other's run folders (a refused run reported as
+    failed, exit 0)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sweep_dir / SWEEP_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(
+            f"{sweep_dir} is in use by the sweep of {holder}: one sweep at a time per sweep folder; wait for it to "
+            "end (the same command then finishes what it left), stop it, or use another name="
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
+
+
 class SweepProgress(Callback):
     """Hydra callback (configs/hydra/default.yaml): the sweep's progress lines."""
 
@@ -181,11 +205,22 @@ class SweepProgress(Callback):
         from norm_experiments.command_line import sweep_folder_problem
 
         problem = sweep_folder_problem(config)  # before Hydra's sweeper writes multirun.yaml
+        if problem is None:
+            try:
+                self.lock = hold_sweep_lock(Path(config.hydra.sweep.dir))
+            except (UserError, OSError) as err:
+                problem = str(err) if isinstance(err, UserError) else f"cannot lock the sweep folder: {err}"
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
         if config.hydra.sweeper.get("study") is None:  # the study sweeper starts it once its checks pass
             start(Path(config.hydra.sweep.dir), sweep_size(config))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        lock = getattr(self, "lock", None)
+        if lock is not None:  # a later sweep in this same process (a test, a notebook) may take the folder
+            os.close(lock)
+            self.lock = None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _in_sweep(config):

@@ -71,3 +71,23 @@ def test_the_end_of_sweep_count_is_of_the_runs_this_sweep_started(tmp_path: Path
     assert ran == {(tmp_path / "seed=1").absolute(), (tmp_path / "seed=2").absolute()}
     assert sweep_status(tmp_path, 0.0, ran) == {"completed": 2}
     assert sweep_status(tmp_path, 0.0) == {"completed": 2, "interrupted": 1}
+
+
+def test_a_second_sweep_of_the_same_folder_is_refused_naming_the_first(tmp_path: Path) -> None:
+    """Two sweeps of one folder at once truncated each other's progress and ran into each other's runs."""
+    import os
+    import socket
+
+    import pytest
+
+    from norm_experiments.errors import UserError
+
+    first = progress.hold_sweep_lock(tmp_path)
+    with pytest.raises(UserError) as err:
+        progress.hold_sweep_lock(tmp_path)
+    assert str(err.value).startswith(
+        f"{tmp_path} is in use by the sweep of process {os.getpid()} on {socket.gethostname()}: one sweep at a "
+        "time per sweep folder"
+    )
+    os.close(first)  # the first sweep ends: the folder is free again
+    os.close(progress.hold_sweep_lock(tmp_path))
