@@ -210,7 +210,7 @@ def _check(
             if override not in groups and not (
                 override.is_add() or override.is_force_add() or override.is_delete()
             ):
-                _check_key(base, override.key_or_group, override.input_line or "")
+                _check_key(base, override.key_or_group, override.input_line or "", config_name)
         raise
     _check_hydra_keys(parsed)
     _check_norm_name(composed)
@@ -310,7 +310,11 @@ def _check_group_option(loader, override, config_dirs: list[Path] = ()) -> None:
         raise UserError(f"{group}={value}: no such option; {hint}The options: {', '.join(options)}")
 
 
-def _check_key(cfg: DictConfig, key: str, arg: str) -> None:
+# The command whose --help lists the keys of each root config.
+COMMANDS = {"train": "norm-exp-train", "check": "norm-exp-check", "explain": "norm-exp-explain"}
+
+
+def _check_key(cfg: DictConfig, key: str, arg: str, config_name: str = "train") -> None:
     """A key set without `+` must exist: name the closest keys that do."""
     from omegaconf.errors import MissingMandatoryValue
 
@@ -325,7 +329,8 @@ def _check_key(cfg: DictConfig, key: str, arg: str) -> None:
         keys = [k for k in keys if not k.startswith("hydra.")]
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    raise UserError(f"{arg}: {key} is not a key of the config{hint} (norm-exp-train --help lists them)")
+    command = COMMANDS.get(config_name, "norm-exp-train")
+    raise UserError(f"{arg}: {key} is not a key of the config{hint} ({command} --help lists them)")
 
 
 def _key_paths(node: Any, prefix: str = "") -> Iterator[str]:
