@@ -441,3 +441,17 @@ def test_an_interrupted_run_has_its_hparams_row_without_an_end(interrupted: Path
     assert start.hparams["norm"].string_value == record["norm"]
     assert start.hparams["seed"].string_value == str(record["seed"])
     assert start.hparams["batch_size"].string_value == str(record["batch_size"])
+
+
+def test_a_whole_pickled_network_is_refused_then_read_for_its_weights_once_trusted(tmp_path: Path) -> None:
+    """torch.save(net): the refusal says trust_weights=true loads it; trusted, it then said "holds no model
+    weights (found Sequential)"."""
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2))
+    torch.save(net, tmp_path / "whole.pt")
+    with pytest.raises(
+        UserError, match=r"whole\.pt: refused: it needs torch\.nn\..*add trust=true to load it"
+    ):
+        ckpt.load_weights(tmp_path / "whole.pt", trust_flag="trust=true")
+    weights = ckpt.load_weights(tmp_path / "whole.pt", trust=True)
+    assert set(weights) == set(net.state_dict())
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
