@@ -435,3 +435,15 @@ def test_a_folder_or_fifo_under_a_nifti_name_is_named_as_such(make_dataset, kind
     what = "a folder" if kind == "folder" else r"a FIFO \(named pipe\)"
     with pytest.raises(UserError, match=rf"^images/{NAMES[0]}\.nii\.gz: {what}, not a NIfTI file$"):
         find_cases("folder", root)
+
+
+def test_nnunet_file_ending_other_than_the_files_is_named(make_dataset):
+    """ "file_ending": ".nii" over .nii.gz files said only "no training cases found in imagesTr"."""
+    root = make_dataset("nnunet")
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".nii"}))
+    with pytest.raises(UserError) as err:
+        find_cases("nnunet", root)
+    assert str(err.value) == (
+        f"{root / 'dataset.json'}: 'file_ending' is '.nii', but the images in imagesTr/ end in .nii.gz"
+    )
