@@ -207,6 +207,8 @@ def full_disk_problem(folder: Path) -> str | None:
         info = os.statvfs(path)
     except OSError:
         return None  # nothing known: the write itself will say
+    if info.f_blocks == 0:  # /sys, /proc: a kernel's view, no storage (its "0 bytes free" is no full disk)
+        return f"{path}: a filesystem that stores no files (like /sys or /proc); choose a folder on a disk"
     free = info.f_bavail * info.f_frsize
     if free < MIN_FREE_BYTES:
         return f"{path}: the disk is full (ENOSPC: {free} bytes free); free some space and run again"

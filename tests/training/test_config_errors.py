@@ -486,3 +486,13 @@ def test_a_config_dir_experiment_is_checked_with_its_folder(tmp_path: Path) -> N
         ["--config-dir", str(tmp_path), "experiment=mien"], "train", validate_config
     )
     assert problem is not None and problem.startswith("experiment=mien: no such option; did you mean mine")
+
+
+def test_a_run_folder_under_sys_is_no_full_disk() -> None:
+    """/sys and /proc report 0 bytes free: they store nothing; "the disk is full" sent users to free space."""
+    from norm_experiments.config import output_dir_problem
+
+    assert output_dir_problem(["hydra.run.dir=/sys/x"]) == (
+        "hydra.run.dir=/sys/x: /sys: a filesystem that stores no files (like /sys or /proc); choose a folder on "
+        "a disk"
+    )
