@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import pkgutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,6 +29,19 @@ from norm_experiments.errors import UserError
 # configs/ beside the package (config.CONFIG_DIR; repeated here so that the registries import nothing above
 # them).
 PROJECT_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+# Plug-ins outside the package: modules to import (comma-separated) before any registry is read, so that the
+# command-line tools find them (NORM_EXP_PLUGINS=my_norms,lab.layouts norm-exp-train norm=mine ...).
+PLUGINS_ENV = "NORM_EXP_PLUGINS"
+
+
+def load_outside_plugins() -> None:
+    """Import the modules NORM_EXP_PLUGINS names (each registers its records when imported); UserError naming
+    a module that cannot be imported."""
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise UserError(f"{PLUGINS_ENV}: cannot import {name} ({type(err).__name__}: {err})") from None
 
 
 class Record(Protocol):
@@ -79,11 +93,13 @@ class Registry(Generic[R]):
         return record
 
     def load_all(self) -> None:
-        """Import every module of the package once, so every built-in plug-in has registered itself."""
+        """Import every module of the package once, so every built-in plug-in has registered itself, and the
+        modules NORM_EXP_PLUGINS names (plug-ins outside the package)."""
         package = importlib.import_module(self.package)
         for module in pkgutil.iter_modules(package.__path__):
             if not module.name.startswith("_"):
                 importlib.import_module(f"{self.package}.{module.name}")
+        load_outside_plugins()
 
     def records(self) -> dict[str, R]:
         """Every registered plug-in, by name, in alphabetical order."""

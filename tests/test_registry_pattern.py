@@ -336,3 +336,33 @@ def test_a_new_norm_model_and_layout_are_in_the_report(plugins: Path, tmp_path: 
     assert len(report.collection.runs) == 18 and not report.collection.unreadable
     assert {run.data["dataset"] for run in report.collection.runs} == {"scans"}
     assert "pair_group [model=tiny]" in report.markdown
+
+
+@pytest.mark.slow
+def test_an_outside_norm_trains_through_the_command_line(plugins: Path, tmp_path: Path) -> None:
+    """own_model.md: "import its module before the config is checked" had no way on the command line;
+    NORM_EXP_PLUGINS names the module, and a module that cannot be imported is one line."""
+    import os
+    import subprocess
+
+    from tests.helpers import SMOKE, metrics_of
+
+    def run(
+        plugins_env: str,
+    ) -> subprocess.CompletedProcess:  # a fresh interpreter: PYTHONPATH as a user sets it
+        env = {**os.environ, "NORM_EXP_PLUGINS": plugins_env, "PYTHONPATH": str(tmp_path / "modules")}
+        command = [sys.executable, "-m", "norm_experiments.train", *args]
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    args = [
+        *SMOKE,
+        "norm=pair_group",
+        f"hydra.searchpath=[file://{plugins}]",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = run("plugin_norm")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert metrics_of(tmp_path / "run")["norm"] == "pair_group"
+    broken = run("plugin_norm,no_such_module")
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert "error: NORM_EXP_PLUGINS: cannot import no_such_module (ModuleNotFoundError" in broken.stderr

@@ -393,7 +393,9 @@ def _find_nnunet(root: Path, labels: dict | None) -> tuple[list[Case], DatasetIn
             continue  # not an image of this dataset (other ending, stray file)
         by_case.setdefault(match["case"], {})[int(match["channel"])] = file
     if not by_case:
-        other = sorted({e for f in _visible_files(images_dir, root) for e in NIFTI_ENDINGS if f.name.endswith(e)})
+        other = sorted(
+            {e for f in _visible_files(images_dir, root) for e in NIFTI_ENDINGS if f.name.endswith(e)}
+        )
         if other and ending not in other:  # e.g. "file_ending": ".nii" over .nii.gz files
             raise UserError(
                 f"{path}: 'file_ending' is {ending!r}, but the images in imagesTr/ end in {', '.join(other)}"
