@@ -386,11 +386,18 @@ def _sweep_folder(cfg: DictConfig, multirun: bool) -> Path | None:
         return None
 
 
+def _holds_files_of_its_own(folder: Path) -> bool:
+    """Anything but a sweep's bookkeeping (a sweep refused before Hydra wrote multirun.yaml leaves its lock)."""
+    from norm_experiments.sweep.progress import BOOKKEEPING
+
+    return any(path.name not in BOOKKEEPING for path in folder.iterdir())
+
+
 def _check_sweep_folder(cfg: DictConfig, multirun: bool) -> None:
     folder = _sweep_folder(cfg, multirun)
     if folder is None:
         return
-    if folder.is_dir() and not (folder / SWEEP_MARKER).exists() and any(folder.iterdir()):
+    if folder.is_dir() and not (folder / SWEEP_MARKER).exists() and _holds_files_of_its_own(folder):
         raise UserError(
             f"hydra.sweep.dir={folder}: the folder holds files but no {SWEEP_MARKER}, so it is not a sweep's; "
             "its files would be replaced by the sweep's report: choose a new or empty folder"

@@ -40,7 +40,9 @@ def load_outside_plugins() -> None:
     for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
         try:
             importlib.import_module(name)
-        except ImportError as err:
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any error of the user's module (syntax, a name): one line
             raise UserError(f"{PLUGINS_ENV}: cannot import {name} ({type(err).__name__}: {err})") from None
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -26,6 +28,19 @@ FILENAME = "metrics.json"
 # In a run folder: "process PID on HOST" of the process that holds (or last held) the folder's flock
 # (training/run_folder.py); the report reads it to tell a run still training from one that was killed.
 LOCK = ".lock"
+HOLDER = re.compile(r"process (\d{1,9}) on (\S{1,255})")
+
+
+def holder_line() -> str:
+    """What a lock file says about the process holding it (this one)."""
+    return f"process {os.getpid()} on {socket.gethostname()}"
+
+
+def read_holder(text: str) -> str:
+    """A lock file's holder as a refusal may print it: its line when it is one of ours, else "another process"
+    (the file lies in a folder that may be someone else's: its text is not printed as it is)."""
+    text = text.strip()
+    return text if HOLDER.fullmatch(text) else "another process"
 
 
 class Status(str, Enum):

@@ -17,7 +17,7 @@ from norm_experiments.report.analysis import DEFAULT_REFERENCE, Analysis, analyz
 from norm_experiments.report.collect import Collection, collect
 from norm_experiments.report.primary import read_study
 from norm_experiments.report.primary_text import console_lines
-from norm_experiments.report.publish import MANIFEST, publish, stage_manifest, staging, stale_files
+from norm_experiments.report.publish import publish, staging
 from norm_experiments.report.verdicts import DEFAULT_MARGIN
 
 __all__ = ["Report", "build_report", "file_names", "write_report"]
@@ -158,8 +158,6 @@ def write_report(
             (stage / markdown_path.name).write_text(markdown, encoding="utf-8")
         moves = [(stage / name, path) for name, path in final.items()]
         ours = [path.name for path in [*final.values(), markdown_path] if path.parent == out_dir]
-        stale = stale_files(out_dir, ours)
-        moves.append((stage_manifest(stage, out_dir, ours), out_dir / MANIFEST))
-        publish(moves + [(stage / markdown_path.name, markdown_path)], lock_dir=out_dir, stale=stale)
+        publish(moves + [(stage / markdown_path.name, markdown_path)], lock_dir=out_dir, written=ours)
     files = {**final, markdown_path.name: markdown_path}
     return Report(collection, analysis, markdown, out_dir, files)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import socket
 from collections import defaultdict
 from collections.abc import Iterable
@@ -189,9 +188,6 @@ def _is_integral(value: Any) -> bool:
     return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
 
 
-_HOLDER = re.compile(r"process (\d{1,9}) on (\S{1,255})")
-
-
 def _holder_gone(run_dir: Path) -> str | None:
     """The run folder's lock holder ('process N on HOST') when it is a process of this machine that has ended:
     the operating system released its lock, so it is not training. None when the lock names another machine,
@@ -201,7 +197,7 @@ def _holder_gone(run_dir: Path) -> str | None:
         text = safe_io.read_text(run_dir / run_record.LOCK, 512).strip()
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    found = _HOLDER.fullmatch(text)
+    found = run_record.HOLDER.fullmatch(text)
     if found is None or found.group(2) != socket.gethostname():
         return None
     try:

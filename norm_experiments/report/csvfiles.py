@@ -89,6 +89,7 @@ def _results_row(summary: Summary, cell: Cell) -> dict[str, str]:
         "n_failed": str(cell.n_failed),
         "n_running": str(counts["running"]),
         "n_interrupted": str(counts["interrupted"]),
+        "n_stopped": str(counts["stopped"]),  # its record says running, its process has ended
         "seeds_completed": " ".join(str(s) for s in sorted(cell.by_seed)),
     }
     line.update(_interval_columns(summary.metric, cell.metric))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -45,16 +46,23 @@ def staging(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def publish(moves: list[tuple[Path, Path]], lock_dir: Path, stale: tuple[str, ...] = ()) -> None:
+def publish(moves: list[tuple[Path, Path]], lock_dir: Path, written: list[str] | None = None) -> None:
     """Rename every (staged, final) pair in order under the lock; put the document last, since it links the
-    others. Then remove `stale`: files an earlier report wrote into lock_dir that this one no longer makes
-    (a plot of a reference no longer asked for), which would sit there looking current. Files get the
+    others. With `written` (the names this report puts into lock_dir), under the same lock: the manifest is
+    replaced by those names, and the plots an earlier report listed that this one no longer makes (a difference
+    plot of a reference no longer asked for) are removed: they would sit there looking current. Files get the
     permissions a new file gets from the umask (mkstemp-like folders are 0700)."""
     mode = 0o666 & ~_umask()
     with locked(lock_dir):
+        stale = stale_plots(lock_dir, written) if written is not None else ()
         for staged, final in moves:
             os.chmod(staged, mode)
             os.replace(staged, final)
+        if written is not None:
+            manifest = lock_dir / f".{MANIFEST}.tmp"
+            manifest.write_text(json.dumps(sorted(set(written)), indent=1), encoding="utf-8")
+            os.chmod(manifest, mode)
+            os.replace(manifest, lock_dir / MANIFEST)
         for name in stale:
             path = lock_dir / name
             if path.is_file() and not path.is_symlink():
@@ -78,15 +86,11 @@ def written_before(out_dir: Path) -> set[str]:
     return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
 
-def stale_files(out_dir: Path, names: list[str]) -> tuple[str, ...]:
-    """The files out_dir's manifest lists that a report writing `names` no longer makes (plain names only)."""
-    return tuple(
-        sorted(n for n in written_before(out_dir) - set(names) if n == Path(n).name and n != MANIFEST)
-    )
+# The plots a report may make (report/__init__.py); only these are ever removed as stale: the manifest lies in a
+# folder that may be someone else's, and may name any file.
+PLOTS = re.compile(r"(dice_vs_batch_size|bn_eval_gap|learning_curves|difference_to_[A-Za-z0-9_.-]+)\.png")
 
 
-def stage_manifest(stage: Path, out_dir: Path, names: list[str]) -> Path:
-    """The manifest of out_dir after this report: the names it wrote (earlier ones are removed), staged."""
-    path = stage / MANIFEST
-    path.write_text(json.dumps(sorted(set(names)), indent=1), encoding="utf-8")
-    return path
+def stale_plots(out_dir: Path, names: list[str]) -> tuple[str, ...]:
+    """The plots out_dir's manifest lists that a report writing `names` no longer makes."""
+    return tuple(sorted(n for n in written_before(out_dir) - set(names) if PLOTS.fullmatch(n)))

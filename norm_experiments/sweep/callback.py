@@ -31,7 +31,7 @@ def sweep_status(sweep_dir: Path, started: float, only: set[Path] | None = None)
     untouched since `started` count as skipped."""
     counts: Counter = Counter()
     for path in sorted(sweep_dir.rglob(run_record.FILENAME)):
-        if only is not None and path.parent.absolute() not in only:
+        if only is not None and Path(os.path.abspath(path.parent)) not in only:  # abspath: "a/../b" as b
             continue
         status = run_record.status_of(run_record.read(path.parent) or {"status": "unreadable"}) or "unknown"
         if status == run_record.Status.COMPLETED and path.stat().st_mtime < started:

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,13 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from norm_experiments import run_record
 from norm_experiments.errors import USER_ERROR_EXIT, UserError
 
 PLAN = ".progress.json"  # {"started": unix time, "total": runs}: written by the sweep's main process
 SWEEP_LOCK = ".sweep.lock"  # flock held by the sweep's main process; says "process PID on HOST"
-EVENTS = ".progress.log"  # "start NAME" / "end NAME" lines, appended by the runs
+EVENTS = ".progress.log"  # "dir PATH", "start NAME", "skip NAME", "end NAME" lines, appended by the runs
+BOOKKEEPING = (PLAN, EVENTS, SWEEP_LOCK)  # a folder holding only these is still an empty one to a new sweep
 
 
 def start(sweep_dir: Path, total: int | None) -> None:
@@ -88,7 +89,7 @@ def launched(sweep_dir: Path) -> set[Path] | None:
         lines = (sweep_dir / EVENTS).read_text().splitlines()
     except OSError:
         return None
-    return {Path(line[4:]) for line in lines if line.startswith("dir ")}
+    return {Path(os.path.abspath(line[4:])) for line in lines if line.startswith("dir ")}
 
 
 def duration(seconds: float) -> str:
@@ -135,7 +136,7 @@ def finished_line(sweep_dir: Path, name: str, outcome: str, skipped: bool = Fals
 def trained_before(config: DictConfig, sweep_dir: Path) -> bool:
     """The run's record was completed before this sweep started: the run was skipped, not trained now."""
     began = _read_plan(sweep_dir).get("started")
-    record = Path(str(config.hydra.runtime.output_dir)) / "metrics.json"
+    record = Path(str(config.hydra.runtime.output_dir)) / run_record.FILENAME
     try:
         return isinstance(began, (int, float)) and record.stat().st_mtime < began
     except OSError:
@@ -178,8 +179,8 @@ class _QuietSteps(logging.Filter):
 
 
 def hold_sweep_lock(sweep_dir: Path) -> int:
-    """An exclusive flock on the sweep folder's lock file, held (the returned descriptor open) until the sweep's
-    process ends; UserError naming the holder when another sweep holds it. Two sweeps of one folder at once
+    """An exclusive flock on the sweep folder's lock file, held while the returned descriptor is open (the
+    sweep's end closes it); UserError naming the holder when another sweep holds it. Two sweeps of one folder at once
     truncated each other's progress file and ran into each other's run folders (a refused run reported as
     failed, exit 0)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -187,14 +188,17 @@ def hold_sweep_lock(sweep_dir: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        holder = run_record.read_holder(os.read(fd, 512).decode(errors="replace"))
         os.close(fd)
         raise UserError(
             f"{sweep_dir} is in use by the sweep of {holder}: one sweep at a time per sweep folder; wait for it to "
             "end (the same command then finishes what it left), stop it, or use another name="
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{run_record.holder_line()}\n".encode())
+    except OSError:
+        pass  # a full disk: the lock holds without the line (as a run folder's does)
     return fd
 
 
@@ -228,7 +232,7 @@ class SweepProgress(Callback):
         for handler in logging.getLogger().handlers:  # Hydra configured the job's logging just before
             if type(handler) is logging.StreamHandler:
                 handler.addFilter(_QuietSteps())
-        run_dir = Path(str(config.hydra.runtime.output_dir)).absolute()
+        run_dir = Path(os.path.abspath(str(config.hydra.runtime.output_dir)))
         _say(lambda: started_line(Path(config.hydra.sweep.dir), _name(config), run_dir))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:

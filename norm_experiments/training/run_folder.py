@@ -9,7 +9,6 @@ import fcntl
 import functools
 import os
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +55,7 @@ def locked(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = run_record.read_holder(handle.read(512))
             handle.close()
             handle = None
     if distributed.any_rank(distributed.is_main() and handle is None):
@@ -79,7 +78,7 @@ def _write_holder(handle) -> None:
     the line is lost, but nothing is left in a buffer that would fail again when the file closes."""
     try:
         handle.truncate(0)
-        os.write(handle.fileno(), f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        os.write(handle.fileno(), f"{run_record.holder_line()}\n".encode())
     except OSError:
         pass  # the lock holds without the line
 

@@ -623,6 +623,9 @@ def test_a_plot_an_earlier_report_wrote_and_this_one_does_not_is_removed(
         run_main([str(small_sweep), "--reference", "batch_independent_none"], capsys)[0] == 2
     )  # refused: kept
     assert (small_sweep / "difference_to_group.png").is_file()
+    # A manifest may be someone else's: naming a file a report never makes does not get it removed.
+    manifest = small_sweep / ".norm-exp-report.json"
+    manifest.write_text(json.dumps([*json.loads(manifest.read_text()), "notes.txt"]))
     assert run_main([str(small_sweep)], capsys)[0] == 0  # the default reference, instance: no runs, no plot
     assert not (small_sweep / "difference_to_group.png").exists()
     assert "difference_to_group.png" not in (small_sweep / "report.md").read_text()

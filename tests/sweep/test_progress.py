@@ -91,3 +91,34 @@ def test_a_second_sweep_of_the_same_folder_is_refused_naming_the_first(tmp_path:
     )
     os.close(first)  # the first sweep ends: the folder is free again
     os.close(progress.hold_sweep_lock(tmp_path))
+
+
+def test_the_end_count_holds_for_a_sweep_folder_named_with_dot_dot(tmp_path: Path) -> None:
+    """hydra.sweep.dir=../sw: Hydra records each run's folder without the '..', the folder walk kept it."""
+    import json
+    import os
+
+    from norm_experiments.sweep.callback import sweep_status
+
+    (tmp_path / "x").mkdir()
+    sweep = tmp_path / "x" / ".." / "sw"
+    progress.start(sweep, 1)
+    run = sweep / "seed=0"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    progress.started_line(sweep, "seed=0", Path(os.path.abspath(run)))  # as Hydra's runtime.output_dir
+    assert sweep_status(sweep, 0.0, progress.launched(sweep)) == {"completed": 1}
+
+
+def test_a_folder_left_with_only_a_refused_sweeps_lock_is_still_empty(tmp_path: Path) -> None:
+    """A sweep refused after taking its lock, before Hydra wrote multirun.yaml, left .sweep.lock behind: the
+    next sweep was refused as "a folder that holds files but no multirun.yaml"."""
+    import os
+
+    from norm_experiments.command_line import _holds_files_of_its_own
+
+    os.close(progress.hold_sweep_lock(tmp_path))
+    progress.start(tmp_path, 2)
+    assert not _holds_files_of_its_own(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert _holds_files_of_its_own(tmp_path)
