@@ -186,15 +186,15 @@ def summarize_condition(
     for run in runs:
         grouped[(labels[run], run.batch_size)].append(run)
     seeds = sorted({r.seed for r in runs})
-    # A row split off by a setting (e.g. another budget: "group [samples_budget=2400]") expects the seeds run
-    # with that setting, in any row, not those run with other settings.
+    # A cell expects the seeds run with its row's setting in any row: a row split off by a setting (another
+    # budget: "group [samples_budget=2400]") those run with it, a plain row those of the plain rows.
     setting_seeds: dict[str, set[int]] = defaultdict(set)
     for run in runs:
         setting_seeds[_setting(labels[run])].add(run.seed)
     cells = {}
     for key, group in grouped.items():
         kept = one_per_seed(group, notes)
-        expected = len(setting_seeds[_setting(key[0])]) if _setting(key[0]) else len(seeds)
+        expected = len(setting_seeds[_setting(key[0])])
         cells[key] = make_cell(key[0], kept, metric, len(kept) if own_seeds else expected)
     rows = sorted({row for row, _ in cells})
     bn_rows = sorted({c.row for c in cells.values() if any(r.is_bn_family for r in c.runs)})

@@ -194,6 +194,14 @@ def test_a_reference_split_by_a_setting_is_named_not_called_missing(tmp_path, wr
     )
     rows = table_rows(report.table)
     assert rows["instance [samples_budget=320]"] == ["0.700 ± 0.000"]  # seeds 0-1 run, none missing
+    # A plain row beside them expects the seeds of the plain rows, not the split rows' seeds.
+    plain = tmp_path / "c"
+    for seed in range(2):
+        write_run(plain, "batch", 1, seed, 0.5, run_id=f"c{seed}")
+    for seed in range(5):
+        write_run(plain, "group", 1, seed, 0.6, samples_budget=999, run_id=f"g{seed}")
+        write_run(plain, "group", 1, seed, 0.7, samples_budget=111, subdir=f"g111/{seed}", run_id=f"h{seed}")
+    assert table_rows(build_report([plain]).table)["batch"] == ["0.500 ± 0.000"]
     assert rows["batch [samples_budget=16]"] == ["0.600 ± 0.000 (n=2/3)"]  # seed 2 ran for instance only
 
 
