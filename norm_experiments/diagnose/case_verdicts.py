@@ -204,12 +204,24 @@ def instance_verdict(checked: Checked, gaps: CaseGaps) -> list[str]:
         lines.append("Score at least 2 validation cases (data.val_cases or data.val_fraction) for a verdict.")
     elif own.verdict == Verdict.BETTER:
         lines.append(
-            "Eval mode LOSES accuracy: train with track_running_stats=false (the default of norm=instance), "
-            "so that model.eval() normalizes as training did."
+            "Eval mode LOSES accuracy. The same weights score the own-statistics row when those layers normalize "
+            "each window by itself at inference: set track_running_stats=False on them (or load the weights "
+            "without their running_mean and running_var into a network built without running statistics); "
+            "nothing needs retraining."
         )
-    elif own.verdict in (Verdict.EQUIVALENT, Verdict.WORSE):
+    elif own.verdict == Verdict.EQUIVALENT:
         lines.append(
-            "Eval mode scores no lower than each window's own statistics: fine in model.eval() on this data."
+            f"Eval mode is equivalent to each window's own statistics within ±{gaps.family.margin} Dice: fine in "
+            "model.eval() on this data."
+        )
+    elif own.verdict == Verdict.WORSE:
+        lines.append(
+            "Eval mode scores higher than each window's own statistics: fine in model.eval() on this data."
+        )
+    else:
+        lines.append(
+            "Neither is shown better or equivalent on these cases (inconclusive): score more validation cases "
+            "for a verdict."
         )
     line = power_line(gaps)
     return lines + ([line] if line else [])

@@ -155,7 +155,7 @@ def _referenced(config: object, reference: str) -> object:
     for part in reference.split(separator) if separator else [reference]:
         if isinstance(node, dict):
             node = node.get(part)
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        elif isinstance(node, list) and part.isascii() and part.isdecimal() and int(part) < len(node):
             node = node[int(part)]
         else:
             return None

@@ -163,7 +163,7 @@ def load_weights(path: Path, trust: bool = False, trust_flag: str = TRUST_FLAG) 
     refused with a UserError naming that type and `trust_flag` (the caller's opt-in, which sets trust)."""
     saved = _load(path, trust, trust_flag, "it holds no weights this project can read")
     if isinstance(saved, torch.nn.Module):  # a whole network, pickled (torch.save(net)): only trust opens one
-        saved = {k: v.detach() for k, v in saved.state_dict().items()}
+        saved = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in saved.state_dict().items()}
         check_tensors(path, saved)
     if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
         saved = saved["model"]

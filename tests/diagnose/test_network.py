@@ -64,6 +64,7 @@ def test_bundle_ids_with_paths_and_monai_special_keys(tmp_path: Path) -> None:
     for bad, needle in (
         ({"in_channels": "@sizes::inputs::7"}, "refers to no plain value"),
         ({"in_channels": "@sizes::nothing"}, "refers to no plain value"),
+        ({"in_channels": "@sizes::inputs::²"}, "refers to no plain value"),  # a digit int() refuses
         ({"_disabled_": True}, r"network_def\._disabled_=True: changes what the bundle builds"),
         ({"_mode_": "callable"}, r"network_def\._mode_=callable: changes what the bundle builds"),
     ):
