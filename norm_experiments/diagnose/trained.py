@@ -57,6 +57,7 @@ class Window:
 class Measured:
     layers: list[str]
     windows: list[Window] = field(default_factory=list)
+    intervals: dict[str, tuple[float, float]] | None = None  # rho_intervals at rho_level, once computed
 
 
 def starts(size: int, window: int) -> list[int]:
@@ -150,32 +151,69 @@ def rank_correlation(a: list[float], b: list[float]) -> float:
     return float(stats.spearmanr(np.asarray(a), np.asarray(b)).statistic)
 
 
-BOOTSTRAP_DRAWS = 1000
+# Draws per layer in each tail of a Bonferroni-corrected interval: at 1000 draws and 10 layers each tail held 2.5
+# draws, and the interval was the extreme draws. So the draws grow with the layers.
+DRAWS_PER_TAIL = 25
 BOOTSTRAP_SEED = 0  # the same run gives the same intervals
+# Resampling fewer volumes than this gives intervals too narrow to claim a direction (a percentile bootstrap over
+# 2-4 clusters): no interval then.
+MIN_VOLUMES = 5
+
+
+def bootstrap_draws(level: float) -> int:
+    return max(1000, math.ceil(DRAWS_PER_TAIL / ((1 - level) / 2)))
 
 
 def rho_intervals(found: Measured, level: float) -> dict[str, tuple[float, float]]:
     """Per layer, a percentile interval for Spearman's rho (mean gap vs change of prediction) from a bootstrap that
     resamples whole volumes (the windows of one volume share its anatomy and scanner, so resampling windows would
-    claim too much). (nan, nan) with fewer than 2 volumes or where the draws give no rho."""
+    claim too much). (nan, nan) with fewer than MIN_VOLUMES volumes or where the draws give no rho."""
     cases = sorted({w.case for w in found.windows})
-    if len(cases) < 2:
+    if len(cases) < MIN_VOLUMES or not found.layers:
         return {n: (math.nan, math.nan) for n in found.layers}
-    by_case = {c: [w for w in found.windows if w.case == c] for c in cases}
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    draws: dict[str, list[float]] = {n: [] for n in found.layers}
-    for _ in range(BOOTSTRAP_DRAWS):
-        windows = [w for i in rng.integers(len(cases), size=len(cases)) for w in by_case[cases[i]]]
-        changed = [w.changed for w in windows]
-        for name in found.layers:
-            rho = rank_correlation([w.mean_gap[name] for w in windows], changed)
-            if not math.isnan(rho):
-                draws[name].append(rho)
-    tail = 100 * (1 - level) / 2
-    return {
-        n: tuple(float(v) for v in np.percentile(d, [tail, 100 - tail])) if d else (math.nan, math.nan)  # type: ignore[misc]
-        for n, d in draws.items()
+    # Per volume: its windows' gaps at every layer (windows x layers) and their change of prediction.
+    gaps = {
+        c: np.array([[w.mean_gap[n] for n in found.layers] for w in found.windows if w.case == c])
+        for c in cases
     }
+    moved = {c: np.array([w.changed for w in found.windows if w.case == c]) for c in cases}
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    draws = []
+    for _ in range(bootstrap_draws(level)):
+        picked = [cases[i] for i in rng.integers(len(cases), size=len(cases))]
+        draws.append(
+            _spearman_columns(
+                np.concatenate([gaps[c] for c in picked]), np.concatenate([moved[c] for c in picked])
+            )
+        )
+    rhos = np.array(draws)  # draws x layers; nan where a side was constant
+    tail = 100 * (1 - level) / 2
+    found_intervals = {}
+    for j, name in enumerate(found.layers):
+        column = rhos[:, j][~np.isnan(rhos[:, j])]
+        found_intervals[name] = (
+            tuple(float(v) for v in np.percentile(column, [tail, 100 - tail]))
+            if column.size
+            else (math.nan, math.nan)
+        )
+    return found_intervals  # type: ignore[return-value]
+
+
+def _spearman_columns(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each column of x with y (average ranks for ties, as scipy's); nan for a constant side."""
+    rx = stats.rankdata(x, axis=0)
+    ry = stats.rankdata(y)
+    rx, ry = rx - rx.mean(axis=0), ry - ry.mean()
+    denominator = np.sqrt((rx**2).sum(axis=0) * (ry**2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, (rx * ry[:, None]).sum(axis=0) / denominator, np.nan)
+
+
+def layer_intervals(found: Measured) -> dict[str, tuple[float, float]]:
+    """rho_intervals at rho_level, computed once per measurement (both tables and the sentences read them)."""
+    if found.intervals is None:
+        found.intervals = rho_intervals(found, rho_level(found))
+    return found.intervals
 
 
 def rho_level(found: Measured) -> float:
@@ -191,7 +229,7 @@ def layer_table(found: Measured) -> str:
     """Per layer: mean and var gap over windows, and their rank correlation with the change of prediction."""
     changed = [w.changed for w in found.windows]
     level = rho_level(found)
-    intervals = rho_intervals(found, level)
+    intervals = layer_intervals(found)
     rows = []
     for name in found.layers:
         means = [w.mean_gap[name] for w in found.windows]
@@ -214,7 +252,7 @@ def layer_table(found: Measured) -> str:
         "gaps: mean over channels, then over windows; ρ: Spearman's rank correlation over windows with the share "
         "of the window's voxels whose class changes between running and own statistics; interval: "
         f"{100 * level:.1f} % each (95 % over the {len(found.layers)} layers together), percentiles of "
-        f"{BOOTSTRAP_DRAWS} bootstrap draws of whole volumes",
+        f"{bootstrap_draws(level)} bootstrap draws of whole volumes (none with fewer than {MIN_VOLUMES} volumes)",
     )
 
 
@@ -284,7 +322,7 @@ def conclusion(found: Measured) -> list[str]:
     ]
     ranked = sorted((rhos[n], n) for n in found.layers if not math.isnan(rhos[n]))
     if ranked:
-        lines.append(trend_sentence(found, rhos, rho_intervals(found, rho_level(found))))
+        lines.append(trend_sentence(found, rhos, layer_intervals(found)))
     lines.append(
         f"- {100 * _mean(changed):.1f} % of all voxels change class between running and own statistics."
     )
@@ -307,7 +345,7 @@ def trend_sentence(found: Measured, rhos: dict[str, float], intervals: dict[str,
     less = [n for n in found.layers if intervals[n][1] < 0]
     more = [n for n in found.layers if intervals[n][0] > 0]
     open_ = [n for n in found.layers if intervals[n][0] <= 0 <= intervals[n][1]]
-    rest = len(found.layers) - len(less) - len(more) - len(open_)  # no interval (fewer than 2 volumes)
+    rest = len(found.layers) - len(less) - len(more) - len(open_)  # no interval
     ranked = sorted((rhos[n], n) for n in found.layers if not math.isnan(rhos[n]))
     (low_rho, low_name), (high_rho, high_name) = ranked[0], ranked[-1]
     parts = []
@@ -325,7 +363,8 @@ def trend_sentence(found: Measured, rhos: dict[str, float], intervals: dict[str,
         )
     if rest:
         parts.append(
-            f"at {rest} of {len(found.layers)} layers no direction is shown (no interval: fewer than 2 volumes)"
+            f"at {rest} of {len(found.layers)} layers no direction is shown (no interval: fewer than {MIN_VOLUMES} "
+            "volumes, or a side without spread)"
         )
     return (
         f"- Across the {len(found.windows)} windows of {len({w.case for w in found.windows})} volumes, "

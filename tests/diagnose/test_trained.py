@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -190,9 +191,17 @@ def test_the_rank_correlation_interval_resamples_volumes_and_the_trend_is_stated
     assert "at 1 of 2 layers the windows with the larger gap change their prediction more" in sentence
     assert "at 1 of 2 layers the direction is inconclusive (the interval includes 0)" in sentence
     assert "less" not in sentence
-    # One volume: nothing to resample, no interval, and no direction claimed.
-    one = Measured(["a"], windows_of("only", [0.1, 0.2, 0.3], [0.1, 0.2, 0.3]))
-    assert all(math.isnan(v) for v in rho_intervals(one, 0.95)["a"])
-    assert "no direction is shown (no interval: fewer than 2 volumes)" in trend_sentence(
-        one, {"a": 1.0}, rho_intervals(one, 0.95)
+    # The vectorized rho of a draw is scipy's: the whole sample as one draw.
+    from norm_experiments.diagnose.trained import _spearman_columns, bootstrap_draws
+
+    x = np.array([[w.mean_gap["a"], w.mean_gap["b"]] for w in found.windows])
+    y = np.array([w.changed for w in found.windows])
+    np.testing.assert_allclose(_spearman_columns(x, y), [rhos["a"], rhos["b"]], rtol=1e-12)
+    assert bootstrap_draws(level) == 2000  # 25 draws in each 1.25 % tail
+    # Four volumes (fewer than five): too few to resample, no interval, no direction claimed.
+    few = Measured(["a"], [w for w in found.windows if w.case in ("case0", "case2", "case4", "case6")])
+    assert all(math.isnan(v) for v in rho_intervals(few, 0.95)["a"])
+    assert (
+        "no direction is shown (no interval: fewer than 5 volumes, or a side without spread)"
+        in trend_sentence(few, {"a": 1.0}, rho_intervals(few, 0.95))
     )
