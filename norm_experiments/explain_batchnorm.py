@@ -326,7 +326,9 @@ def explain_trained(cfg: DictConfig, run_dir: Path) -> None:
     )
     changed = changed_from_run(run_dir, cfg)
     if changed:
-        print(f"Not the run's own (given on the command line): {'; '.join(changed)}.")
+        print(
+            f"Not the run's own (its run_config.yaml says otherwise: given here, or a default since changed): {'; '.join(changed)}."
+        )
     found = trained.measure(run.model, run.data.val, window, run.num_classes)
     print("\n" + trained.layer_table(found))
     print("\n" + trained.content_table(found))

@@ -92,30 +92,27 @@ def _flatten(node: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: node}
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
+def config_diff(old: dict, new: dict, only: set[str] | None = None) -> list[str]:
     """Human-readable differences between two resolved configs, as 'key: old -> new', values spelt as typed
     (true, null, [16, 16, 16]). Execution-only keys (run_names.EXECUTION_KEYS: trainer.force_resume, ...) are
-    left out: they do not make a run's config another one."""
+    left out: they do not make a run's config another one. With `only`, just those keys."""
     a, b = _flatten(old), _flatten(new)
     return [
         f"{k}: {typed(a.get(k, '<absent>'))} -> {typed(b.get(k, '<absent>'))}"
-        for k in sorted(a.keys() | b.keys())
+        for k in sorted(a.keys() | b.keys() if only is None else only)
         if a.get(k) != b.get(k) and not _execution_only(k)
     ]
 
 
 def changed_from_run(run_dir: Path, cfg: DictConfig) -> list[str]:
     """The keys of `cfg` that both configs hold and that differ from the run's own (its run_config.yaml), as
-    'key: run's -> now': what a command given a run folder was told to change. Empty when the file is unreadable."""
+    'key: run's -> now'. Empty when the file is unreadable."""
     old = _saved_config(run_dir / RUN_CONFIG) if (run_dir / RUN_CONFIG).exists() else None
     if not old:
         return []
-    a, b = _flatten(old), _flatten(OmegaConf.to_container(cfg, resolve=True))
-    return [
-        line
-        for line in config_diff(old, OmegaConf.to_container(cfg, resolve=True))
-        if line.split(":")[0] in a.keys() & b.keys()
-    ]  # type: ignore[arg-type]
+    new = OmegaConf.to_container(cfg, resolve=True)
+    shared = _flatten(old).keys() & _flatten(new).keys()  # type: ignore[arg-type]
+    return config_diff(old, new, only=shared)  # type: ignore[arg-type]
 
 
 def _execution_only(key: str) -> bool:

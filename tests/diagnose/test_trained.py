@@ -124,7 +124,11 @@ def test_the_command_on_a_trained_run(tmp_path, synthetic_cache):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "in windows of [8, 8, 8]." in result.stdout
-    assert "Not the run's own (given on the command line): data.patch_size: [" in result.stdout
+    assert (
+        "Not the run's own (its run_config.yaml says otherwise: given here, or a default since changed): "
+        in result.stdout
+    )
+    assert "data.patch_size: [" in result.stdout
     assert "-> [8, 8, 8]." in result.stdout
     missing = run_cli(
         [f"trained={tmp_path / 'nothing'}"], cwd=tmp_path, module="norm_experiments.explain", env=env
