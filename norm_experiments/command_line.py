@@ -112,7 +112,8 @@ def check_command_line(
         return
     if any(arg.lstrip("+").startswith("hydra.searchpath=") for arg in argv):
         return  # config folders of the user's own (plug-ins outside configs/): their options are Hydra's to find
-    config_dirs, rest = _config_dir_args(argv)
+    typed_dirs, rest = _config_dir_args(argv)
+    config_dirs = [Path(d).expanduser().absolute() for d in typed_dirs]
     overrides = [arg for arg in rest if arg not in _MULTIRUN_FLAGS]
     multirun = any(arg in _MULTIRUN_FLAGS for arg in argv)
     _check(overrides, config_name, validate, validate_run, multirun, config_dirs)
@@ -152,18 +153,14 @@ _COMPLETION_ACTIONS = ("install=", "uninstall=", "query=")
 def _check_config_dirs(argv: list[str]) -> None:
     """--config-dir DIR (docs/howto/sweeps.md: your own experiment files) names an existing folder, relative
     to the current one as Hydra reads it; Hydra's own refusal is three lines and exit status 1."""
-    for i, arg in enumerate(argv):
-        flag, _, value = arg.partition("=")
-        if flag not in ("--config-dir", "-cd"):
-            continue
-        if not value and i + 1 < len(argv):
-            value = argv[i + 1]
-        if value and not Path(value).expanduser().is_dir():
-            raise UserError(f"{flag} {value}: no such folder (from {Path.cwd()})")
+    for typed in _config_dir_args(argv)[0]:
+        if not Path(typed).expanduser().is_dir():
+            raise UserError(f"--config-dir {typed}: no such folder (from {Path.cwd()})")
 
 
-def _config_dir_args(argv: list[str]) -> tuple[list[Path], list[str]]:
-    """(the --config-dir folders, the arguments without them and their values)."""
+def _config_dir_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(the --config-dir folder as typed, in a list: Hydra takes the last one given; the arguments without the
+    flags and their values)."""
     dirs, rest, skip = [], [], False
     for i, arg in enumerate(argv):
         if skip:
@@ -173,10 +170,10 @@ def _config_dir_args(argv: list[str]) -> tuple[list[Path], list[str]]:
         if flag in ("--config-dir", "-cd"):
             if not eq:
                 value, skip = (argv[i + 1] if i + 1 < len(argv) else ""), True
-            dirs.append(Path(value).expanduser().absolute())
+            dirs.append(value)
             continue
         rest.append(arg)
-    return dirs, rest
+    return dirs[-1:], rest
 
 
 def _check(

@@ -21,7 +21,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from norm_experiments.config import CONFIG_DIR, register_resolvers
+from norm_experiments.config import CONFIG_DIR, hydra_quote, register_resolvers
 from norm_experiments.errors import (
     OneLineParser,
     UserError,
@@ -41,16 +41,21 @@ from norm_experiments.report.simulate import simulate, truth_from
 def preset_design(experiment: str, config_dir: Path | None = None) -> Design:
     """The study design a preset declares: one of configs/experiment/, or of DIR/experiment/ (--config-dir DIR,
     as norm-exp-train takes it)."""
-    from hydra.errors import HydraException
-
     register_resolvers()
-    search = [f"hydra.searchpath=[file://{config_dir.expanduser().absolute()}]"] if config_dir else []
+    folder = config_dir.expanduser().absolute() if config_dir else None
+    search = [f"hydra.searchpath=[{hydra_quote(f'file://{folder}')}]"] if folder else []
+    folders = [CONFIG_DIR / "experiment", *([folder / "experiment"] if folder else [])]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         try:
             cfg = compose("train", overrides=[*search, f"experiment={experiment}"], return_hydra_config=True)
-        except HydraException:
-            folders = [CONFIG_DIR / "experiment", *([config_dir / "experiment"] if config_dir else [])]
-            options = sorted(p.stem for folder in folders for p in folder.glob("*.yaml"))
+        except Exception as err:  # noqa: BLE001 - Hydra's, OmegaConf's or YAML's refusal of the preset: one line
+            found = [f / f"{experiment}.yaml" for f in folders if (f / f"{experiment}.yaml").is_file()]
+            if found:  # the preset is there: the error is in it (its YAML, a key, an override)
+                first = next(
+                    (line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__
+                )
+                raise UserError(f"--experiment {experiment}: {found[-1]}: {first}") from None
+            options = sorted(p.stem for f in folders for p in f.glob("*.yaml"))
             raise UserError(
                 f"--experiment {experiment}: no such preset; the options: {', '.join(options)}"
             ) from None
