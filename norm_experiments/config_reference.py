@@ -201,14 +201,16 @@ def data_option_defaults(files: dict[str, list[Path]]) -> dict[str, dict[str, li
 
 
 def _per_option(default: str, values: dict[str, list[str]]) -> str:
-    """'`none` (data=synthetic); `auto`: data=folder, msd, ...' (the default's option first)."""
+    """'`none`: data=synthetic (default); `auto`: data=folder, msd, ...': each value with the options that give
+    it, the default's first."""
     chosen = default_options().get("data", ("", ""))[0]
-    parts = [f"`{default}` (data={chosen})"]
-    for value, options in values.items():
-        others = [o for o in options if o != chosen]
-        if others and value != default:
-            shown = "required" if value == "???" else f"`{value}`"  # OmegaConf's mark of a missing value
-            parts.append(f"{shown}: data={', '.join(others)}")
+    parts = []
+    for value, options in sorted(values.items(), key=lambda item: item[0] != default):
+        names = ", ".join(
+            f"{o} (default)" if o == chosen else o for o in sorted(options, key=lambda o: o != chosen)
+        )
+        shown = "required" if value == "???" else f"`{value}`"  # ???: OmegaConf's mark of a missing value
+        parts.append(f"{shown}: data={names}")
     return "; ".join(parts)
 
 
