@@ -354,18 +354,15 @@ def print_results(
     print("\n" + score_table(checked, num_val))
     for c in first.absent:
         print(f"class {checked.class_names[c - 1]} ({c}) is absent from every validation volume: not scored")
-    if checked.instance_layers:
-        gaps = compare_modes(checked.scores, margin, ("own",))
-        print("\nVerdict:\n" + "\n".join(instance_verdict(checked, gaps)))
-        repaired = handle_repaired(target, None, None)
-        if repaired:
-            print(repaired)
-        return
-    if precise is None:
-        print(
-            "\nNo BatchNorm layer with running statistics in this network: model.eval() uses no statistics "
-            "averaged during training, so there is no BatchNorm train/eval gap to check."
-        )
+    if precise is None:  # no BatchNorm: nothing PreciseBN could repair
+        if checked.instance_layers:
+            gaps = compare_modes(checked.scores, margin, ("own",))
+            print("\nVerdict:\n" + "\n".join(instance_verdict(checked, gaps)))
+        else:
+            print(
+                "\nNo BatchNorm layer with running statistics in this network: model.eval() uses no statistics "
+                "averaged during training, so there is no BatchNorm train/eval gap to check."
+            )
         repaired = handle_repaired(target, None, None)
         if repaired:
             print(repaired)

@@ -195,6 +195,8 @@ def _check(
         except HydraException as err:
             raise UserError(f"{arg}: {_first_line(err)}") from None
     parsed = [o for o in parsed if not _is_glob(o)]  # a glob picks existing options by itself
+    for override in parsed:
+        _check_duplicate_keys(override)
     groups = [o for o in parsed if _is_group(loader, o)]
     for override in groups:
         _check_group_option(loader, override, config_dirs)
@@ -221,6 +223,31 @@ def _check(
             _validate(validate, _compose(loader, config_name, variant))
     if validate_run is not None and not _is_multirun(composed, multirun):
         _validate(validate_run, composed)
+
+
+def _check_duplicate_keys(override) -> None:  # noqa: ANN001 - Hydra's Override
+    """A dictionary value that names a key twice ('data.labels={0:bg,1:fg,1:x}'): Hydra keeps the last one
+    silently, so a class the user named is gone."""
+    text = override.input_line or ""
+    if "{" not in text or not isinstance(override.value(), dict):
+        return
+    body = text[text.index("{") + 1 : text.rindex("}")] if "}" in text else ""
+    keys, depth, item = [], 0, ""
+    for char in body + ",":  # the top-level items: commas inside a nested list or dict do not split
+        if char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        if char == "," and depth == 0:
+            keys.append(item.split(":", 1)[0].strip().strip("'\""))
+            item = ""
+        else:
+            item += char
+    twice = sorted({k for k in keys if keys.count(k) > 1 and k})
+    if twice:
+        raise UserError(
+            f"{text}: the key {twice[0]} is given twice; each key once (Hydra would keep the last)"
+        )
 
 
 def _check_norm_name(cfg: DictConfig) -> None:

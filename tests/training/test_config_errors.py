@@ -79,6 +79,8 @@ def test_a_wrong_option_key_or_value_is_one_line_exit_2_and_no_folder(
         (["-m", "seed=0", "name=/tmp/mine"], "no leading '/'), got '/tmp/mine'"),
         # the options of one norm checked against another's name blamed an option
         (["norm=group", "norm.name=batch"], "norm.name=batch: the norm is chosen with norm=batch"),
+        # Hydra keeps the last of a key given twice: the class named first was gone without a word
+        (["data.labels={0:bg,1:fg,1:x}"], "data.labels={0:bg,1:fg,1:x}: the key 1 is given twice"),
     ],
 )
 def test_command_line_problems_name_the_closest_valid_names(argv: list[str], needle: str) -> None:
