@@ -176,3 +176,51 @@ def test_a_dice_of_zero_is_a_result_not_a_failure() -> None:
     assert outcome(done) == "val_dice=0.0000"
     none = JobReturn(status=JobStatus.COMPLETED, _return_value=sweep_value({"val_dice": None}))
     assert outcome(none) == "failed (its metrics.json says why)"
+
+
+def test_ctrl_c_on_a_joblib_sweep_saves_every_run_in_progress_and_starts_no_other(tmp_path: Path) -> None:
+    """Ctrl-C reaches the sweep and its workers at once; the sweep's main process now waits for the runs to save
+    (sweep/stopping.py) before joblib kills its workers. Both runs in progress end interrupted with a checkpoint,
+    the two queued runs never start, and the sweep exits with status 3. A real process group and SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [
+        sys.executable,
+        "-m",
+        "norm_experiments.train",
+        "-m",
+        "experiment=smoke",
+        "name=stop",
+        "norm=batch,instance",
+        "data.batch_size=1,2",
+        "trainer.num_threads=1",
+        "trainer.samples=6400",  # minutes: stopped long before the end
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "stop"
+    deadline = time.monotonic() + 180
+    while len(list(sweep_dir.rglob("events.out.tfevents.*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)  # both runs are training (they log from their first step)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 3, output[-3000:]
+    records = {p.parent: json.loads(p.read_text()) for p in sweep_dir.rglob("metrics.json")}
+    assert len(records) == 2, output[-3000:]  # the queued runs never started
+    for run_dir, record in records.items():
+        assert record["status"] == "interrupted", (run_dir, record["status"], output[-3000:])
+        assert (run_dir / "checkpoint.pt").is_file()
+    assert "Traceback" not in output
