@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +182,7 @@ def _check(
     validate: Validate | None,
     validate_run: Validate | None,
     multirun: bool,
-    config_dirs: list[Path] = (),  # type: ignore[assignment]
+    config_dirs: Sequence[Path] = (),
 ) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -267,7 +267,7 @@ def _validate(validate: Validate, cfg: DictConfig) -> None:
     validate(OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
 
 
-def _config_loader(config_dirs: list[Path] = ()):  # type: ignore[assignment]
+def _config_loader(config_dirs: Sequence[Path] = ()):
     """Hydra's config loader over configs/ and the installed plugins' configs, as `hydra.main` builds it, with
     the --config-dir folders first (as Hydra puts them)."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -317,7 +317,7 @@ def _grammar(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _check_group_option(loader, override, config_dirs: list[Path] = ()) -> None:  # type: ignore[assignment]
+def _check_group_option(loader, override, config_dirs: Sequence[Path] = ()) -> None:
     group = override.key_or_group
     options = loader.get_group_options(group)
     for value in _values(override):

@@ -290,8 +290,8 @@ def content_table(found: Measured) -> str:
             _or_none(gap, "{:.2f}σ"),
             _or_none(100 * changed, "{:.1f} %"),
             _or_none(running, "{:.3f}"),
+            _or_none(own, "{:.3f}"),
         ]
-        + [_or_none(own, "{:.3f}")]
         for label, n, gap, changed, running, own in content_rows(found)
     ]
     return table(

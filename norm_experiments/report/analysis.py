@@ -164,8 +164,8 @@ def _did_you_mean(given: str, names: list[str]) -> str:
 
 
 def _setting(row: str) -> str:
-    """The bracketed settings of a row label ("samples_budget=2400]" of "group [samples_budget=2400]"), or ''."""
-    return row.partition(" [")[2]
+    """The bracketed settings of a row label ("samples_budget=2400" of "group [samples_budget=2400]"), or ''."""
+    return row.partition(" [")[2].removesuffix("]")
 
 
 def summarize_condition(

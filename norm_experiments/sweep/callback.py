@@ -76,8 +76,9 @@ class SweepReport(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         ran = launched(sweep_dir)
-        counts = sweep_status(sweep_dir, self.started, ran or None)
-        others = sum(sweep_status(sweep_dir, self.started).values()) - sum(counts.values()) if ran else 0
+        every = sweep_status(sweep_dir, self.started)
+        counts = sweep_status(sweep_dir, self.started, ran) if ran else every
+        others = sum(every.values()) - sum(counts.values())
         more = (
             f"; the folder holds {others} more run(s) of earlier sweeps, which its report includes"
             if others
