@@ -73,6 +73,15 @@ class Volume:
     def label(self) -> torch.Tensor:
         return plain_tensor(self.item["label"])
 
+    @property
+    def own(self) -> tuple[slice, ...]:
+        """The voxels of the case itself in the (D, H, W) volume: padding to the patch (data.pad_to_patch) adds
+        voxels that are no part of it, which scores leave out. SpatialPad's symmetric split: the smaller half
+        before."""
+        shape = tuple(self.item["image"].shape[1:])
+        unpadded = self.item.get(UNPADDED, shape)
+        return tuple(slice((s - u) // 2, (s - u) // 2 + u) for s, u in zip(shape, unpadded))
+
 
 def plain_tensor(x) -> torch.Tensor:
     """A plain torch.Tensor (MONAI's MetaTensor carries metadata the model does not need, at a cost per op)."""
@@ -160,8 +169,17 @@ def deterministic_transforms(data_cfg: DictConfig, prep: Preprocessing) -> Compo
     if prep.target_spacing is not None:
         steps.append(Spacingd(KEYS, pixdim=prep.target_spacing, mode=("bilinear", "nearest")))
     if data_cfg.pad_to_patch:
+        steps.append(_record_unpadded_shape)
         steps.append(SpatialPadd(KEYS, spatial_size=list(data_cfg.patch_size)))
     return Compose(steps)
+
+
+UNPADDED = "unpadded_shape"  # a cached item's spatial shape before padding to the patch
+
+
+def _record_unpadded_shape(item: dict) -> dict:
+    """The case's own extent, kept beside the padded volume: scores count only its voxels (Volume.own)."""
+    return {**item, UNPADDED: tuple(int(s) for s in item["image"].shape[1:])}
 
 
 def _cache(cases: list[Case], info: DatasetInfo, transform: Compose, parallel: int) -> list[Volume]:

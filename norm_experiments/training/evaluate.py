@@ -206,7 +206,7 @@ class Extras:
         self.lcc_totals = torch.zeros(self.volumes, 3, self.num_classes - 1, dtype=torch.float64)
 
     def add(self, i: int, vol: Volume, pred: torch.Tensor, label: torch.Tensor, window: list[int]) -> None:
-        image = vol.image[0].float().cpu().numpy()
+        image = vol.image[0].float().cpu()[vol.own].numpy()
         self.errors[i] = torch.from_numpy(
             errors.case_errors(pred.numpy(), label.numpy(), image, vol.spacing, window)
         )
@@ -239,13 +239,14 @@ def score_each_volume(
                 image, inf.roi_size, inf.sw_batch_size, stoppable(model), overlap=inf.overlap, mode="gaussian"
             )
         # Scores in host memory: one-hot tensors (classes x volume) could exhaust a GPU's memory.
-        pred = logits.argmax(dim=1)[0].cpu()
-        label = vol.label[0].long().cpu()
+        own = vol.own  # the case's voxels: padding to the patch is no part of it
+        pred = logits.argmax(dim=1)[0].cpu()[own]
+        label = vol.label[0].long().cpu()[own]
         totals[i] = volume_scores(pred, label, num_classes, vol.spacing if surface else None)
         if extras is not None:
             extras.add(i, vol, pred, label, inf.roi_size)
         if example is None:
-            example = (vol.image[0].cpu(), label, pred)
+            example = (vol.image[0].cpu()[own], label, pred)
     return totals, example
 
 

@@ -162,3 +162,38 @@ def test_norm_exp_check_reads_the_dynunet_planned_for_anisotropic_voxels(dynunet
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "model=dynunet" in result.stdout and "Verdict:" in result.stdout
+
+
+def test_scores_count_the_cases_own_voxels_not_the_padding(tmp_path: Path) -> None:
+    """A volume smaller than the patch is padded (data.pad_to_patch): a model that predicts a class everywhere,
+    the padding included, was scored over the padded volume (its padding counted as false positives)."""
+    import contextlib
+
+    import torch
+
+    from norm_experiments.data.pipeline import Volume, voxel_spacing
+    from norm_experiments.training.evaluate import DICE, Inference, score_each_volume
+
+    root = odd_geometry_dataset(tmp_path / "data", crop=(20, 12, 24))
+    data_cfg = OmegaConf.create({"pad_to_patch": True, "patch_size": [16, 16, 16]})
+    prep = Preprocessing(channel_intensity=["none"], ct_statistics={}, target_spacing=None)
+    label_path = sorted(root.glob("labelsTr/*.nii.gz"))[0]
+    item = deterministic_transforms(data_cfg, prep)(
+        {"image": [str(root / "imagesTr" / label_path.name)], "label": str(label_path)}
+    )
+    vol = Volume("case", item, voxel_spacing(item["image"]))
+    padded = tuple(item["image"].shape[1:])
+    own = tuple(s.stop - s.start for s in vol.own)
+    assert padded != own and sorted(own) == [12, 20, 24]  # the source's extent, reoriented
+    assert vol.label[0][vol.own].sum() == vol.label[0].sum()  # the padding holds no label
+
+    def everywhere_class_1(windows: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(windows.shape[0], 3, *windows.shape[2:])
+        logits[:, 1] = 1.0
+        return logits
+
+    inf = Inference([16, 16, 16], 2, 0.25, torch.device("cpu"), contextlib.nullcontext)
+    totals, _ = score_each_volume(everywhere_class_1, [vol], 3, inf)
+    truth = int((vol.label[0] == 1).sum())
+    expected = 2 * truth / (truth + int(np.prod(own)))  # over the case's own voxels
+    assert float(totals[0, DICE, 0]) == pytest.approx(expected, rel=1e-6)
