@@ -203,8 +203,16 @@ def to_source_grid(
     grid (`source_affine`, `shape`); voxels outside the preprocessed grid get 0."""
     to_grid = np.linalg.inv(grid) @ np.asarray(source_affine, dtype=np.float64)  # source voxel -> grid voxel
     values = labels.cpu().numpy().astype(np.uint8)
+    # grid-constant: a source voxel that lands a rounding error outside the grid's first or last row (an oblique
+    # affine: -1e-13) takes that row's value; "constant" gave it 0 and blanked a whole face of the map.
     return ndimage.affine_transform(
-        values, to_grid[:3, :3], offset=to_grid[:3, 3], output_shape=shape, order=0, mode="constant", cval=0
+        values,
+        to_grid[:3, :3],
+        offset=to_grid[:3, 3],
+        output_shape=shape,
+        order=0,
+        mode="grid-constant",
+        cval=0,
     )
 
 

@@ -197,3 +197,31 @@ def test_scores_count_the_cases_own_voxels_not_the_padding(tmp_path: Path) -> No
     truth = int((vol.label[0] == 1).sum())
     expected = 2 * truth / (truth + int(np.prod(own)))  # over the case's own voxels
     assert float(totals[0, DICE, 0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_oblique_grid_maps_back_without_losing_a_face(tmp_path: Path) -> None:
+    """A rotated affine: the pipeline's grid maps back onto the source a rounding error off its first row, which
+    mode="constant" filled with 0, blanking a whole slice of every saved map."""
+    root = odd_geometry_dataset(tmp_path / "data", crop=(20, 22, 18))
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    label_path = sorted(root.glob("labelsTr/*.nii.gz"))[0]
+    for path in (label_path, root / "imagesTr" / label_path.name):
+        img = nib.load(str(path))
+        affine = img.affine.copy()
+        affine[:3, :3] = rotation @ affine[:3, :3]
+        affine[:3, 3] = (-10.0, 5.0, 3.0)
+        data = np.asarray(img.dataobj)
+        if path == label_path:
+            data = np.ones_like(data)  # every voxel class 1: a blanked face shows as zeros
+        nib.save(nib.Nifti1Image(data, affine), str(path))
+    data_cfg = OmegaConf.create({"pad_to_patch": True, "patch_size": [16, 16, 16]})
+    prep = Preprocessing(channel_intensity=["none"], ct_statistics={}, target_spacing=None)
+    item = deterministic_transforms(data_cfg, prep)(
+        {"image": [str(root / "imagesTr" / label_path.name)], "label": str(label_path)}
+    )
+    source = nib.load(str(label_path))
+    back = to_source_grid(
+        item["label"][0].as_tensor(), item["label"].affine.numpy(), source.affine, source.shape
+    )
+    assert np.array_equal(back, np.asarray(source.dataobj).astype(np.uint8))
