@@ -65,6 +65,7 @@ from norm_experiments.plugins import closest
 
 DEFAULT_TIMEOUT = 30.0  # seconds: a download that receives less than MIN_PROGRESS in that time gives up
 MIN_PROGRESS = 1024  # bytes per DEFAULT_TIMEOUT (or --timeout) seconds: less is a stalled download
+MAX_TIMEOUT_S = 86400.0  # a day: an "inf" overflowed the alarm
 _MD5 = re.compile(r"[0-9a-fA-F]{32}")
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,12 @@ def fetch_msd(
         raise UserError(
             f"{target}: exists but holds no dataset.json (not a fetched task); remove it and run again"
         )
-    work = make_work_folder(target.parent, target.name, any_name=True)  # killed fetches' removed first
+    try:
+        work = make_work_folder(target.parent, target.name, any_name=True)  # killed fetches' removed first
+    except OSError as err:
+        raise UserError(
+            f"{target.parent}: cannot create the folder to fetch into ({safe_io.os_reason(err)})"
+        ) from None
     try:
         archive = _obtain(source or url, (md5 or published_md5).lower(), work, timeout)
         dataset = _extract(archive, work / "extract", task)
@@ -416,8 +422,15 @@ def _fetch(argv: list[str] | None) -> None:
     if problem:
         raise UserError(problem)
     args = _parser().parse_args(argv)
-    if not args.timeout > 0:
-        raise UserError(f"--timeout {args.timeout:g}: must be a positive number of seconds")
+    if not 0 < args.timeout <= MAX_TIMEOUT_S:  # the alarm (setitimer) takes no more than a year or so
+        raise UserError(
+            f"--timeout {args.timeout:g}: must be a positive number of seconds, at most {MAX_TIMEOUT_S:g}"
+        )
+    if args.url:
+        try:
+            urlparse(args.url)
+        except ValueError as err:
+            raise UserError(f"--url {args.url}: not a URL or path ({err})") from None
     cache_root = args.cache_dir or default_cache_root()
     fetched = fetch_msd(args.task, cache_root, args.url, args.md5, args.timeout)
     if fetched.already:

@@ -353,3 +353,27 @@ def test_a_preset_with_its_own_cache_dir_names_it_in_the_fetch_command(tmp_path:
         f"data=msd_spleen: dataset not found at {other / 'msd' / 'Task09_Spleen'}; run: norm-exp-fetch msd "
         f"Task09_Spleen --cache-dir '{other}'"
     )
+
+
+def test_odd_arguments_and_an_unusable_cache_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Each was a traceback and exit 1: an infinite --timeout (the alarm overflowed), a malformed URL, a cache
+    whose msd entry is a file, a cache that cannot be created."""
+    md5 = "0123456789abcdef0123456789abcdef"
+    (tmp_path / "filecache").mkdir()
+    (tmp_path / "filecache" / "msd").write_text("not a folder")
+    cases = [
+        (["--timeout", "inf"], "error: --timeout inf: must be a positive number of seconds, at most 86400"),
+        (
+            ["--url", "http://[::1", "--md5", md5],
+            "error: --url http://[::1: not a URL or path (Invalid IPv6 URL)",
+        ),
+        (
+            ["--cache-dir", str(tmp_path / "filecache"), "--url", str(tmp_path / "x.tar"), "--md5", md5],
+            f"error: {tmp_path / 'filecache' / 'msd'}: cannot create the folder to fetch into (EEXIST",
+        ),
+    ]
+    for args, line in cases:
+        code, _, err = fetch(["msd", TASK, *args], capsys)
+        assert code == 2 and one_error_line(err).startswith(line), (args, err)
