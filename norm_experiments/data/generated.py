@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import nibabel as nib
 import numpy as np
 
+from norm_experiments import run_record
 from norm_experiments.data import registry as layouts_registry
 from norm_experiments.data.workdirs import make_work_folder, remove_abandoned
 from norm_experiments.errors import UserError
@@ -102,6 +103,7 @@ def _generate_temp(parent: Path, prefix: str, gen: Generator, layout: str, any_n
     `prefix`, or in a cache folder with any_name, of any dataset)."""
     tmp = make_work_folder(parent, prefix, any_name=any_name)
     try:
+        os.chmod(tmp, 0o777 & ~run_record.current_umask())  # mkdtemp's 0700 would stay the dataset's mode
         _write_into(tmp, gen, layout)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +134,9 @@ def generate_dataset(out_dir: Path, gen: Generator, layout: str = "msd") -> Path
     The files are written into a temporary folder beside out_dir and renamed into place at the end, so an
     interrupted run never leaves a half dataset at out_dir. Refuses an existing non-empty out_dir.
     """
-    out_dir = Path(out_dir).expanduser()
+    out_dir = Path(
+        os.path.abspath(Path(out_dir).expanduser())
+    )  # ".": the folder itself, renamed into by name
     if layout not in layouts_registry.writable():
         raise UserError(f"layout '{layout}' is not one of {', '.join(layouts_registry.writable())}")
     if out_dir.exists() and not out_dir.is_dir():
@@ -144,13 +148,27 @@ def generate_dataset(out_dir: Path, gen: Generator, layout: str = "msd") -> Path
     except OSError as err:  # an unwritable or full parent folder
         raise UserError(f"{out_dir}: cannot write the dataset there ({err.strerror or err})") from None
     try:
-        os.rename(tmp, out_dir)  # replaces an empty out_dir atomically; fails if it filled up meanwhile
+        if out_dir.is_dir():  # the user's empty folder (perhaps their shell's own): filled, not replaced
+            _move_contents(tmp, out_dir)
+        else:
+            os.rename(tmp, out_dir)  # atomic: a folder with dataset.json is complete
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
             f"{out_dir}: could not move the generated dataset into place ({err.strerror})"
         ) from None
     return out_dir
+
+
+def _move_contents(tmp: Path, out_dir: Path) -> None:
+    """Every entry of tmp into out_dir, dataset.json last (its presence says the dataset is complete); a folder
+    renamed over would leave a shell in out_dir in a deleted folder, seeing nothing."""
+    entries = sorted(tmp.iterdir(), key=lambda path: path.name == "dataset.json")
+    for entry in entries:
+        if (out_dir / entry.name).exists():  # filled up meanwhile
+            raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(out_dir / entry.name))
+        os.rename(entry, out_dir / entry.name)
+    tmp.rmdir()
 
 
 def ensure_generated(cache_root: Path, gen: Generator) -> Path:

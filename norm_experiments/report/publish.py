@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from norm_experiments import run_record
+
 STAGING_PREFIX = ".report-staging-"
 # In a folder the report writes into: the names of the files norm-exp-report put there, so that a later report
 # replaces only those (a user's own results.csv in an --out folder is refused, not replaced).
@@ -52,7 +54,7 @@ def publish(moves: list[tuple[Path, Path]], lock_dir: Path, written: list[str] |
     replaced by those names, and the plots an earlier report listed that this one no longer makes (a difference
     plot of a reference no longer asked for) are removed: they would sit there looking current. Files get the
     permissions a new file gets from the umask (mkstemp-like folders are 0700)."""
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~run_record.current_umask()
     with locked(lock_dir):
         stale = stale_plots(lock_dir, written) if written is not None else ()
         for staged, final in moves:
@@ -67,12 +69,6 @@ def publish(moves: list[tuple[Path, Path]], lock_dir: Path, written: list[str] |
             path = lock_dir / name
             if path.is_file() and not path.is_symlink():
                 path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def written_before(out_dir: Path) -> set[str]:

@@ -149,3 +149,25 @@ def test_an_infinite_spacing_or_a_huge_shape_is_one_line(tmp_path):
             f"error: synthetic data: {line}"
         ]
         assert not (tmp_path / "x").exists()
+
+
+def test_the_current_folder_and_its_permissions(tmp_path, monkeypatch):
+    """`norm-exp-synth .` in an empty folder said "could not move the generated dataset into place (Device or
+    resource busy)"; and every dataset folder came out 0700 (mkdtemp's), whatever the umask, unreadable to
+    another user or a shared NORM_EXP_CACHE."""
+    import os
+    import stat
+
+    here = tmp_path / "here"
+    here.mkdir(mode=0o755)
+    monkeypatch.chdir(here)
+    old = os.umask(0o022)
+    try:
+        synth_cli.main([".", "--cases", "2", "--shape", "16", "16", "16"])
+    finally:
+        os.umask(old)
+    assert (here / "dataset.json").is_file() and len(find_cases("msd", here)[0]) == 2
+    assert Path.cwd().samefile(here)  # filled, not replaced: a shell there sees the dataset without cd
+    assert sorted(p.name for p in Path(".").iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
+    assert stat.S_IMODE(here.stat().st_mode) == 0o755
+    assert stat.S_IMODE((here / "imagesTr").stat().st_mode) == 0o755
