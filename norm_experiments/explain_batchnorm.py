@@ -308,6 +308,13 @@ def explain_trained(cfg: DictConfig, run_dir: Path) -> None:
             f"trained={run_dir}: the run has no {ckpt.FINAL_WEIGHTS} (it is written when the run completes); "
             "this measures a finished run's network"
         )
+    changed = changed_from_run(run_dir, cfg)
+    norm_changed = [line for line in changed if line.startswith(("norm.", "model."))]
+    if norm_changed:  # the weights are the run's network's: another norm or model cannot hold them
+        raise UserError(
+            f"trained={run_dir}: {norm_changed[0]} given here; trained= measures the run's own network: leave "
+            "norm= and model= out"
+        )
     run = build(cfg, make_plan(cfg))
     if not run.plan.spec.bn_family:
         raise UserError(
@@ -324,7 +331,6 @@ def explain_trained(cfg: DictConfig, run_dir: Path) -> None:
         f"Explaining the trained network of {run_dir} ({run.plan.spec.name}, batch size {cfg.data.batch_size}, "
         f"seed {cfg.seed}) on {len(run.data.val)} validation volumes, in windows of {list(window)}."
     )
-    changed = changed_from_run(run_dir, cfg)
     if changed:
         print(
             f"Not the run's own (its run_config.yaml says otherwise: given here, or a default since changed): {'; '.join(changed)}."

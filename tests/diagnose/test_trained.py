@@ -124,6 +124,16 @@ def test_the_command_on_a_trained_run(tmp_path, synthetic_cache):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "in windows of [8, 8, 8]." in result.stdout
+    # Another norm given here: named as given, not as the run's ("its norm is group" of a BatchNorm run).
+    other = run_cli(
+        [f"trained={tmp_path / 'run'}", "norm=group"],
+        cwd=tmp_path,
+        module="norm_experiments.explain",
+        env=env,
+    )
+    assert_clean_failure(
+        other, "norm.name: batch -> group given here; trained= measures the run's own network"
+    )
     assert (
         "Not the run's own (its run_config.yaml says otherwise: given here, or a default since changed): "
         in result.stdout
