@@ -171,7 +171,7 @@ def _obtain(source: str, md5: str, work: Path, timeout: float) -> Path:
             raise UserError(f"{local}: archive not found")
         _say(f"checking the MD5 of {local}")
         if not check_hash(local, md5, "md5"):
-            raise UserError(_md5_message(str(local), md5))
+            raise UserError(_md5_message(str(local), md5, local=True))
         return local
     archive = work / (PurePosixPath(urlparse(source).path).name or "archive")
     _say(f"downloading {source} (MD5 {md5}) ...")
@@ -253,7 +253,12 @@ def _say(line: str) -> None:
         pass
 
 
-def _md5_message(source: str, md5: str) -> str:
+def _md5_message(source: str, md5: str, local: bool = False) -> str:
+    if local:  # a file of the user's: nothing was downloaded, nothing to retry
+        return (
+            f"{source}: MD5 differs from the expected {md5} (a corrupt or different archive); nothing was "
+            "fetched: check the file, or pass --md5 for an archive you trust"
+        )
     return (
         f"{source}: MD5 differs from the expected {md5} (a corrupt or different archive); nothing was kept: run "
         "the same command to download it again, or pass --md5 for an archive you trust"

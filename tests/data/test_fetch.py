@@ -377,3 +377,14 @@ def test_odd_arguments_and_an_unusable_cache_are_one_line(
     for args, line in cases:
         code, _, err = fetch(["msd", TASK, *args], capsys)
         assert code == 2 and one_error_line(err).startswith(line), (args, err)
+
+
+def test_a_local_archive_with_another_md5_is_not_told_to_download_again(
+    archive: Path, cache: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, _, err = fetch(["msd", TASK, "--url", str(archive), "--md5", "0" * 32], capsys)
+    line = one_error_line(err)
+    assert code == 2 and line.endswith(
+        "nothing was fetched: check the file, or pass --md5 for an archive you trust"
+    )
+    assert "download" not in line
