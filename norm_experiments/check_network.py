@@ -170,6 +170,8 @@ def repaired_target(cfg: DictConfig, weights_path: Path) -> Path | None:
     """write_repaired as a path that may be written: never the input, never an existing file."""
     if cfg.write_repaired is None:
         return None
+    if not str(cfg.write_repaired).strip():
+        raise UserError("write_repaired=: empty; give a new file")
     target = Path(str(cfg.write_repaired)).expanduser()
     if target.resolve() == weights_path.resolve():
         raise UserError(f"write_repaired={target}: that is the input weights; choose a new file")
@@ -316,6 +318,10 @@ def predictions_target(cfg: DictConfig) -> Path | None:
     check started with the same folder is refused instead of mixing its maps into the first one's."""
     if cfg.save_predictions is None:
         return None
+    if not str(
+        cfg.save_predictions
+    ).strip():  # Path("") is ".": the current folder, which it is not asked for
+        raise UserError("save_predictions=: empty; give a new folder")
     folder = Path(str(cfg.save_predictions)).expanduser()
     busy = UserError(f"save_predictions={folder}: another check is writing there; choose a new one")
     if (folder / CLAIM).exists():

@@ -43,3 +43,16 @@ def test_a_failed_check_leaves_no_empty_folder_and_keeps_a_users_files(tmp_path:
     with pytest.raises(UserError, match="exists and is not an empty folder"):
         target(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "x"
+
+
+def test_an_empty_folder_or_file_name_is_named_empty(tmp_path) -> None:
+    """save_predictions= (empty) became "." and was refused as "exists and is not an empty folder"."""
+    import pytest
+
+    from norm_experiments.check_network import repaired_target
+    from norm_experiments.errors import UserError
+
+    with pytest.raises(UserError, match=r"^save_predictions=: empty; give a new folder$"):
+        predictions_target(OmegaConf.create({"save_predictions": ""}))
+    with pytest.raises(UserError, match=r"^write_repaired=: empty; give a new file$"):
+        repaired_target(OmegaConf.create({"write_repaired": ""}), tmp_path / "w.pt")
