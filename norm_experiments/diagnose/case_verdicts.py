@@ -146,10 +146,18 @@ def power_line(gaps: CaseGaps) -> str | None:
     alpha = gaps.family.alpha_each
     detect = max(detectable_difference(c.estimate, alpha) for c in tested)  # type: ignore[arg-type]
     confirm = max(confirmable_margin(c.estimate, alpha) for c in tested)  # type: ignore[arg-type]
-    return (
-        f"What {len(gaps.cases)} cases can show: a true gap of {detect:.3f} Dice is found with 80% power, and "
-        f"equivalence within ±{confirm:.3f} is shown with 80% power when there is no gap."
+    n = len(gaps.cases)
+    if detect >= 1:  # a Dice difference lies within ±1: no gap there is can be found with this many cases
+        return (
+            f"What {n} cases can show: nothing; no gap a Dice can have (at most 1) is found with 80% power at this "
+            "spread. Score more validation cases (data.val_cases or data.val_fraction), better 10 or more."
+        )
+    equivalence = (
+        f"equivalence within ±{confirm:.3f} is shown with 80% power when there is no gap"
+        if confirm < 1
+        else "no equivalence margin below 1 can be shown"
     )
+    return f"What {n} cases can show: a true gap of {detect:.3f} Dice is found with 80% power, and {equivalence}."
 
 
 def verdict(checked: Checked, gaps: CaseGaps, repaired: str | None) -> list[str]:

@@ -180,3 +180,15 @@ def test_repaired_weights_only_beyond_the_margin(tmp_path: Path, precise_shift: 
     assert ("written to" in sentence) == written
     if not written:
         assert "written only when PreciseBN is better and gains more than the margin (0.02 Dice)" in sentence
+
+
+def test_two_cases_with_a_wide_spread_claim_no_gap_beyond_one_dice() -> None:
+    """2 validation cases: "a true gap of 4.574 Dice is found with 80% power", a gap no Dice can have."""
+    from norm_experiments.diagnose.case_verdicts import power_line
+
+    c = checked([0.2, 0.8], [0.2, 0.8], [0.9, 0.3])
+    line = power_line(compare_modes(c.scores, 0.02))
+    assert line is not None and line.startswith("What 2 cases can show: nothing; no gap a Dice can have")
+    wide = checked(BASE, BASE, offsets(BASE, 0.0, 0.02))
+    line = power_line(compare_modes(wide.scores, 0.02))
+    assert line is not None and "a true gap of 0.0" in line and "equivalence within ±0.0" in line
