@@ -24,8 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="norm-exp-report",
         description="Summarize sweeps of batch size x norm x seed: which norm to use at which batch size.",
         epilog=(
-            "Writes report.md (tables with intervals and verdicts, the reading, plots), results.csv (one row "
-            "per cell), runs.csv (one row per run) and the PNG plots into --out (default: the first SWEEP_DIR), "
+            "Writes report.md (tables with intervals and verdicts, the reading, plots), report.html (the same, "
+            "one self-contained file), results.csv (one row per cell), runs.csv (one row per run), summary.json "
+            "(per-case scores) and the PNG plots into --out (default: the first SWEEP_DIR), "
             "or, with --doc, the markdown to that file and the rest into the folder beside it; prints the main "
             "table. Exit status: 0 done, 2 a mistake (one error: line)."
         ),

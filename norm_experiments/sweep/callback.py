@@ -130,7 +130,10 @@ def end_of_sweep_report(sweep_dir: Path) -> None:
         sys.exit(status)
     try:
         print(report.table)
-        print(f"report: {sweep_dir / 'report.md'} (results.csv, runs.csv and plots beside it)")
+        print(
+            f"report: {sweep_dir / 'report.md'} (report.html, results.csv, runs.csv, summary.json and plots "
+            "beside it)"
+        )
         sys.stdout.flush()
     except StdoutError as err:  # the report is written; only its table could not be shown
         print(f"error: {err}", file=sys.stderr)
