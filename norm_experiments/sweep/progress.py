@@ -217,22 +217,10 @@ class SweepProgress(Callback):
         if problem:
             print(f"error: {problem}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
-        if "joblib" in str(
-            config.hydra.launcher.get("_target_", "")
-        ):  # runs in worker processes: they save first
-            from norm_experiments.sweep.stopping import GraceOnStop
-
-            sweep_dir = Path(config.hydra.sweep.dir)
-            self.grace = GraceOnStop(lambda: launched(sweep_dir) or set())
-            self.grace.install()
         if config.hydra.sweeper.get("study") is None:  # the study sweeper starts it once its checks pass
             start(Path(config.hydra.sweep.dir), sweep_size(config))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        grace = getattr(self, "grace", None)
-        if grace is not None:
-            grace.restore()
-            self.grace = None
         lock = getattr(self, "lock", None)
         if lock is not None:  # a later sweep in this same process (a test, a notebook) may take the folder
             os.close(lock)
