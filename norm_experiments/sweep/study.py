@@ -124,7 +124,34 @@ def plan_study(
         check_sides(design, config_loader.get_group_options("norm"))
     grid = make_grid(design, overrides, BasicSweeper.split_arguments(overrides, None)[0])
     check_grid(design, grid, config)
+    check_modes_scored(design, config)
     return design, grid
+
+
+# The trainer switch a run needs to score each evaluation mode a question may ask for.
+MODE_SWITCHES = {
+    "batch": "trainer.eval_modes",
+    "precise": "trainer.eval_modes",
+    "batch_alone": "trainer.remedy_modes",
+    "precise_more": "trainer.remedy_modes",
+}
+
+
+def check_modes_scored(design: Design, config: Any) -> None:
+    """Every evaluation mode a question asks for is one the runs score: eval=precise_more without
+    trainer.remedy_modes=true ran the study to its seed cap with that question "untestable"."""
+    for q in design.questions:
+        for name, side in (("a", q.a), ("b", q.b)):
+            switch = MODE_SWITCHES.get(side.eval)
+            if (
+                switch is not None
+                and config is not None
+                and not OmegaConf.select(config, switch, default=False)
+            ):
+                raise UserError(
+                    f"hydra.sweeper.study.questions.{q.name}.{name}.eval={side.eval}: the runs score it only "
+                    f"with {switch}=true (it is false here)"
+                )
 
 
 def check_sides(design: Design, norm_options: list[str]) -> None:

@@ -421,6 +421,12 @@ def test_a_study_question_names_a_norm_option_and_a_mode_that_norm_has(tmp_path:
         "model.eval() scores it) or model_lcc; the others are BatchNorm's"
     )
     assert problem(f"+{question}.eval=model_lcc") is None
+    # A remedy mode the runs score only with trainer.remedy_modes=true ran to the seed cap, "untestable".
+    gap = "hydra.sweeper.study.questions.eval_gap_bs1.a"
+    assert problem(f"{gap}.eval=precise_more", "trainer.remedy_modes=false") == (
+        f"{gap}.eval=precise_more: the runs score it only with trainer.remedy_modes=true (it is false here)"
+    )
+    assert problem(f"{gap}.eval=precise_more") is None  # the preset scores the remedies
     assert not (tmp_path / "sweep").exists()
 
 
