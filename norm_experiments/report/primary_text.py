@@ -116,7 +116,8 @@ def console_lines(primary: Primary) -> list[str]:
     for found in primary.answers:
         # The metric named: `norm-exp-report --metric val_hd95` prints these Dice questions above HD95 tables.
         q = found.question
-        lines.append(f"  {q.name}: {verdict_text(found)}, {metric_word(q)} {difference_text(found)}")
+        look = f", look {_look_text(found.final, primary)}" if found.final is not None else ""
+        lines.append(f"  {q.name}: {verdict_text(found)}, {metric_word(q)} {difference_text(found)}{look}")
         if not found.decided:
             lines.append(f"    power: {power_text(found, primary.design)}")
     lines.append(f"  {stop_text(primary)}")
