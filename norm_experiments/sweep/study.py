@@ -265,7 +265,7 @@ class StudySweeper(BasicSweeper):
             returns.append(self.launcher.launch(batch, initial_job_idx=job_index))
             job_index, done = job_index + len(batch), seeds
             self._seconds_per_job = (time.monotonic() - look_started) / max(len(batch), 1)
-            primaries = self._answer(sweep_dir, design)
+            primaries = self._answer(sweep_dir, design, k)
             if primaries and all(p.all_decided for p in primaries):
                 stopped = STOP_DECIDED
                 break
@@ -300,10 +300,12 @@ class StudySweeper(BasicSweeper):
         )  # fmt: skip
         return True
 
-    def _answer(self, sweep_dir: Path, design: Design) -> list:
-        """The declared questions at the looks taken so far, printed one line each."""
+    def _answer(self, sweep_dir: Path, design: Design, taken: int) -> list:
+        """The declared questions at the looks taken so far (the last one `taken`), printed one line each: as
+        they stood at that look, also on a rerun whose folder already holds the runs of later looks."""
         from norm_experiments.report.analysis import analyze
         from norm_experiments.report.collect import collect
+        from norm_experiments.report.sequential import Answer
 
         try:
             analysis = analyze(collect([sweep_dir]), design=design)
@@ -312,8 +314,9 @@ class StudySweeper(BasicSweeper):
             return []
         for primary in analysis.primary:
             for found in primary.answers:
-                look = found.final
-                state = "open" if not found.decided else f"decided at look {look.k + 1}"
+                so_far = Answer(found.question, [look for look in found.looks if look.k <= taken])
+                look = so_far.final
+                state = "open" if not so_far.decided else f"decided at look {look.k + 1}"
                 interval = look.interval if look else None
                 shown = (
                     f"{look.estimate.mean:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else "-"

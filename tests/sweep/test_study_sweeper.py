@@ -101,6 +101,13 @@ def test_the_same_command_again_trains_nothing_and_answers_the_same(study) -> No
     assert "skipped (already completed)" in again.stdout + again.stderr
     pick = lambda out: out[out.index("Declared questions:") : out.index("| norm |")]  # noqa: E731
     assert pick(again.stdout) == pick(first.stdout)
+    # The lines after each look answer as they stood at that look, not with the later looks' runs the folder
+    # already holds.
+    import re
+
+    line = re.compile(r"\] +\w+: \w+ [-+]\d\.\d{3} \[.*\] \((?:open|decided at look \d)\)")
+    looks_first = line.findall(first.stdout + first.stderr)
+    assert looks_first and line.findall(again.stdout + again.stderr) == looks_first
 
 
 def test_a_swept_seed_or_a_cell_the_grid_lacks_is_one_line(study) -> None:
