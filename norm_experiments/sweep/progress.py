@@ -29,7 +29,9 @@ from norm_experiments.errors import USER_ERROR_EXIT, UserError
 
 PLAN = ".progress.json"  # {"started": unix time, "total": runs}: written by the sweep's main process
 SWEEP_LOCK = ".sweep.lock"  # flock held by the sweep's main process; says "process PID on HOST"
-EVENTS = ".progress.log"  # "dir PATH", "start NAME", "skip NAME", "end NAME" lines, appended by the runs
+EVENTS = (
+    ".progress.log"  # "dir PATH", "at TIME NAME", "start NAME", "skip NAME", "end NAME": appended by the runs
+)
 BOOKKEEPING = (PLAN, EVENTS, SWEEP_LOCK)  # a folder holding only these is still an empty one to a new sweep
 
 
@@ -69,6 +71,26 @@ def _append(sweep_dir: Path, line: str) -> None:
         os.close(fd)
 
 
+def _first_trained_start(sweep_dir: Path) -> float | None:
+    """When the first run of this sweep that was not skipped started ("at TIME NAME" lines): a resumed sweep's
+    ETA is timed from there, not through the seconds it spent skipping its completed runs."""
+    try:
+        lines = (sweep_dir / EVENTS).read_text().splitlines()
+    except OSError:
+        return None
+    skipped = {line[5:] for line in lines if line.startswith("skip ")}
+    times = []
+    for line in lines:
+        if line.startswith("at "):
+            stamp, _, name = line[3:].partition(" ")
+            try:
+                if name not in skipped:
+                    times.append(float(stamp))
+            except ValueError:
+                continue
+    return min(times) if times else None
+
+
 def _counts(sweep_dir: Path) -> tuple[int, int, int]:
     """(runs started, runs finished, runs finished without training: skipped) so far in this sweep."""
     try:
@@ -104,6 +126,7 @@ def duration(seconds: float) -> str:
 def started_line(sweep_dir: Path, name: str, run_dir: Path | None = None) -> str:
     if run_dir is not None:  # which folders this sweep ran: its end counts those, not every run in the folder
         _append(sweep_dir, f"dir {run_dir}")
+    _append(sweep_dir, f"at {time.time():.3f} {name}")
     _append(sweep_dir, f"start {name}")
     started, done, _ = _counts(sweep_dir)
     total = _read_plan(sweep_dir).get("total")
@@ -126,8 +149,9 @@ def finished_line(sweep_dir: Path, name: str, outcome: str, skipped: bool = Fals
     where = [f"{100 * done / total:.0f} %"] if total else []
     if elapsed is not None:
         where.append(f"{duration(elapsed)} elapsed")
-        if total and done < total and done > skips:
-            where.append(f"ETA {duration(elapsed / (done - skips) * (total - done))}")
+        first = _first_trained_start(sweep_dir)
+        if total and done < total and done > skips and first is not None:
+            where.append(f"ETA {duration((time.time() - first) / (done - skips) * (total - done))}")
     if skipped:
         outcome = f"skipped, already completed ({outcome})"
     return f"[sweep] run {done}{of} done: {name}  {outcome}  ({', '.join(where)})"

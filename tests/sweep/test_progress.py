@@ -122,3 +122,18 @@ def test_a_folder_left_with_only_a_refused_sweeps_lock_is_still_empty(tmp_path: 
     assert not _holds_files_of_its_own(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")
     assert _holds_files_of_its_own(tmp_path)
+
+
+def test_the_eta_of_a_resumed_sweep_is_timed_from_its_first_trained_run(tmp_path: Path, monkeypatch) -> None:
+    """21 skipped runs took 13 s; timed over them, the ETA said 2 min with 12 s left."""
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    progress.start(tmp_path, 6)
+    for i in range(3):  # three completed runs, skipped slowly (100 s in all)
+        progress.started_line(tmp_path, f"seed={i}")
+        clock[0] += 100 / 3
+        progress.finished_line(tmp_path, f"seed={i}", "val_dice=0.5", skipped=True)
+    progress.started_line(tmp_path, "seed=3")  # trained: 30 s
+    clock[0] += 30
+    line = progress.finished_line(tmp_path, "seed=3", "val_dice=0.6")
+    assert line.endswith("(67 %, 2 min elapsed, ETA 60 s)"), line  # 30 s per trained run, 2 left
