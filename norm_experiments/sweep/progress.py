@@ -29,9 +29,8 @@ from norm_experiments.errors import USER_ERROR_EXIT, UserError
 
 PLAN = ".progress.json"  # {"started": unix time, "total": runs}: written by the sweep's main process
 SWEEP_LOCK = ".sweep.lock"  # flock held by the sweep's main process; says "process PID on HOST"
-EVENTS = (
-    ".progress.log"  # "dir PATH", "at TIME NAME", "start NAME", "skip NAME", "end NAME": appended by the runs
-)
+# Lines appended by the runs: "dir PATH", "at TIME NAME", "start NAME", "skip NAME", "end NAME".
+EVENTS = ".progress.log"
 BOOKKEEPING = (PLAN, EVENTS, SWEEP_LOCK)  # a folder holding only these is still an empty one to a new sweep
 
 
