@@ -134,9 +134,8 @@ def generate_dataset(out_dir: Path, gen: Generator, layout: str = "msd") -> Path
     The files are written into a temporary folder beside out_dir and renamed into place at the end, so an
     interrupted run never leaves a half dataset at out_dir. Refuses an existing non-empty out_dir.
     """
-    out_dir = Path(
-        os.path.abspath(Path(out_dir).expanduser())
-    )  # ".": the folder itself, renamed into by name
+    # By its absolute name: "." has neither a parent to write beside nor a name to move into.
+    out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
     if layout not in layouts_registry.writable():
         raise UserError(f"layout '{layout}' is not one of {', '.join(layouts_registry.writable())}")
     if out_dir.exists() and not out_dir.is_dir():
