@@ -569,5 +569,9 @@ def _compose(loader, config_name: str, overrides: list[str]) -> DictConfig:
 
 
 def _first_line(err: BaseException) -> str:
+    """Hydra's message in one line: its first line, with the next where the first only announces it ("...
+    ConfigKeyError raised while composing config:" then "Key 'n_jobs' not in 'BasicLauncherConf'")."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

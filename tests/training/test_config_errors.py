@@ -81,6 +81,8 @@ def test_a_wrong_option_key_or_value_is_one_line_exit_2_and_no_folder(
         (["norm=group", "norm.name=batch"], "norm.name=batch: the norm is chosen with norm=batch"),
         # Hydra keeps the last of a key given twice: the class named first was gone without a word
         (["data.labels={0:bg,1:fg,1:x}"], "data.labels={0:bg,1:fg,1:x}: the key 1 is given twice"),
+        # Hydra's first line only announced its error ("... raised while composing config:"): the next says what
+        (["experiment=norm_sweep_quick", "hydra/launcher=basic"], "Key 'n_jobs' not in 'BasicLauncherConf'"),
     ],
 )
 def test_command_line_problems_name_the_closest_valid_names(argv: list[str], needle: str) -> None:
