@@ -8,6 +8,7 @@ never copied from the file, so the report and the sweeper that decided when to s
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from norm_experiments import safe_io
 from norm_experiments.errors import UserError
 from norm_experiments.report.cells import Cell
 from norm_experiments.report.power import POWER, decide_probability, detectable_difference, power_two_sided
-from norm_experiments.report.questions import Side, side_scores
+from norm_experiments.report.questions import Question, Side, side_scores
 from norm_experiments.report.sequential import (
     Answer,
     Design,
@@ -43,7 +44,8 @@ class StudyFile:
     path: Path
     design: Design
     stopped: str | None = None  # one of STOPS; None: still running, interrupted, or not said
-    minutes: float | None = None
+    minutes: float | None = None  # wall time of the sweep so far, every invocation of its command together
+    seconds_per_run: float | None = None  # the last look's pace: wall seconds per run it trained
 
 
 def read_study(sweep_dirs: list[Path]) -> StudyFile | None:
@@ -61,12 +63,12 @@ def read_study(sweep_dirs: list[Path]) -> StudyFile | None:
             raise UserError(f"{path}: not a JSON object")
         design = parse_design(raw.get("design"), f"{path}: design")
         stopped = raw.get("stopped")
-        minutes = raw.get("minutes")
         study = StudyFile(
             path,
             design,
             stopped if stopped in STOPS else None,  # a file's own words never reach the document
-            float(minutes) if isinstance(minutes, (int, float)) and not isinstance(minutes, bool) else None,
+            _duration(raw.get("minutes")),
+            _duration(raw.get("seconds_per_run")),
         )
         if found is not None and found.design != design:
             raise UserError(f"{found.path} and {path} declare different studies: report them separately")
@@ -74,9 +76,27 @@ def read_study(sweep_dirs: list[Path]) -> StudyFile | None:
     return found
 
 
-def write_study(sweep_dir: Path, design: Design, stopped: str | None, minutes: float | None) -> None:
+def _duration(value: object) -> float | None:
+    """A time read from study.json: a finite, non-negative number, else None (not known)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
+
+
+def write_study(
+    sweep_dir: Path,
+    design: Design,
+    stopped: str | None,
+    minutes: float | None,
+    seconds_per_run: float | None = None,
+) -> None:
     """Write study.json atomically (a crash leaves the previous file, never half of one)."""
-    body = {"design": design.as_dict(), "stopped": stopped, "minutes": minutes}
+    body = {
+        "design": design.as_dict(),
+        "stopped": stopped,
+        "minutes": minutes,
+        "seconds_per_run": seconds_per_run,
+    }
     path = Path(sweep_dir) / STUDY_FILE
     tmp = path.with_name(f".{STUDY_FILE}.tmp")
     tmp.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
@@ -109,6 +129,19 @@ def finished_seeds(cells: list[Cell | None]) -> set[int]:
     return set.intersection(*per_cell) if per_cell else set()
 
 
+def batch_size_notes(questions: list[Question]) -> list[str]:
+    """A question across batch sizes reads more than the batch: the budget (trainer.samples patches, or
+    trainer.steps steps) gives its two sides different numbers of optimizer steps or of patches, and
+    optim.lr_scaling different learning rates. Said where the study starts and in the report."""
+    return [
+        f"{q.name} compares batch size {q.a.batch_size} with {q.b.batch_size}: the two sides train to the same "
+        "budget with different numbers of optimizer steps (or patches) and learning rates, so its verdict "
+        "reads those with the batch size"
+        for q in questions
+        if q.a.batch_size != q.b.batch_size
+    ]
+
+
 def answer_all(design: Design, cells: dict[tuple[str, int], Cell], condition: str = "") -> Primary:
     """Every declared question at the looks its own cells' finished runs allow (a decided question's cells
     are not run again, so the looks of the others go further)."""
@@ -118,6 +151,7 @@ def answer_all(design: Design, cells: dict[tuple[str, int], Cell], condition: st
 
     answers, notes, taken = [], [], 0
     for q in design.questions:
+        notes += batch_size_notes([q])
         for side in (q.a, q.b):
             if cell(side) is None:
                 notes.append(f"{q.name}: no runs of {side.label()} in this sweep")

@@ -6,7 +6,7 @@ verdict does not say.
 
 from __future__ import annotations
 
-from norm_experiments.report.primary import Primary, power_text
+from norm_experiments.report.primary import STOP_TIME, Primary, power_text
 from norm_experiments.report.questions import Question
 from norm_experiments.report.sequential import Answer, Look
 from norm_experiments.report.tables import NO_DATA, markdown_table, verdict_word
@@ -77,6 +77,8 @@ def stop_text(primary: Primary) -> str:
     if primary.all_decided:
         return f"{taken}; every question is decided."
     reason = primary.stopped or NOT_STOPPED
+    if reason == STOP_TIME:  # the cap counts every invocation of the command: rerun alone, it stops again
+        reason += " (the same command with a larger hydra.sweeper.study.max_minutes takes the next look)"
     return f"{taken}; {sum(not a.decided for a in primary.answers)} question(s) open; the sweep stopped: {reason}."
 
 

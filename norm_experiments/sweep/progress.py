@@ -104,6 +104,12 @@ def _counts(sweep_dir: Path) -> tuple[int, int, int]:
     return len(started), len(ended), len(skipped)
 
 
+def trained_runs(sweep_dir: Path) -> int:
+    """Runs of this sweep that ended after training (or failing), not skipped as already completed."""
+    _, ended, skipped = _counts(sweep_dir)
+    return ended - skipped
+
+
 def launched(sweep_dir: Path) -> set[Path] | None:
     """The run folders this sweep started (None: not recorded, e.g. the events file is gone)."""
     try:

@@ -208,6 +208,21 @@ def design_change_problem(sweep_dir: Path, design: Design) -> str | None:
     )
 
 
+def earlier_spending(sweep_dir: Path) -> tuple[float, float]:
+    """(minutes, seconds per trained run) the sweep's earlier invocations spent, from its study.json; (0, 0)
+    for a new sweep, or one with no finished runs yet."""
+    from norm_experiments.report.primary import read_study
+    from norm_experiments.run_record import FILENAME
+
+    try:
+        before = read_study([sweep_dir])
+    except UserError:  # unreadable: this invocation writes a new one
+        return 0.0, 0.0
+    if before is None or not any(sweep_dir.rglob(FILENAME)):
+        return 0.0, 0.0
+    return before.minutes or 0.0, before.seconds_per_run or 0.0
+
+
 class StudySweeper(BasicSweeper):
     """Hydra sweeper: the grid of `params`, seeds added look by look (see the module doc)."""
 
@@ -228,6 +243,10 @@ class StudySweeper(BasicSweeper):
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
+        from norm_experiments.report.primary import batch_size_notes
+
+        for note in batch_size_notes(design.questions):
+            log.warning("study: %s", note)
         return self._run_looks(design, combos)
 
     def _prepare(self, arguments: list[str]) -> tuple[Design, list[list[str]]]:
@@ -244,18 +263,28 @@ class StudySweeper(BasicSweeper):
         sweep_dir = Path(self.config.hydra.sweep.dir)
         write_multirun_yaml(self.config)
         progress.start(sweep_dir, None)
-        self._replace_design(sweep_dir, design)
+        # The time cap is the sweep's, not the command's: a rerun (after a crash, or after the cap stopped it)
+        # counts the minutes its earlier invocations spent, and starts from their pace.
+        spent, self._seconds_per_job = earlier_spending(sweep_dir)
         started = time.monotonic()
+
+        def minutes_now() -> float:
+            return spent + (time.monotonic() - started) / 60
+
+        self._write(sweep_dir, design, None, round(spent, 2))
         returns, job_index, done, stopped = [], 0, 0, STOP_LAST_LOOK
         combos = grid
         for k, seeds in enumerate(design.looks):
-            minutes = (time.monotonic() - started) / 60
             jobs = len(combos) * (seeds - done)
-            if k and design.max_minutes is not None and self._over_time(design, k, jobs, minutes):
+            if (
+                k
+                and design.max_minutes is not None
+                and self._over_time(design, k, jobs, minutes_now(), spent)
+            ):
                 stopped = STOP_TIME
                 break
             batch = [[*combo, f"seed={s}"] for s in range(done, seeds) for combo in combos]
-            look_started = time.monotonic()
+            look_started, trained_before = time.monotonic(), progress.trained_runs(sweep_dir)
             log.info(
                 "look %d of %d: seeds %d-%d of %d cells (%d runs)",
                 k + 1, len(design.looks), done, seeds - 1, len(combos), len(batch),
@@ -264,39 +293,44 @@ class StudySweeper(BasicSweeper):
             progress.add_runs(sweep_dir, len(batch))
             returns.append(self.launcher.launch(batch, initial_job_idx=job_index))
             job_index, done = job_index + len(batch), seeds
-            self._seconds_per_job = (time.monotonic() - look_started) / max(len(batch), 1)
+            trained = progress.trained_runs(sweep_dir) - trained_before
+            if trained:  # a look whose runs were all finished before (a rerun) says nothing of the pace
+                self._seconds_per_job = (time.monotonic() - look_started) / trained
+            self._write(sweep_dir, design, None, round(minutes_now(), 2), self._seconds_per_job)
             primaries = self._answer(sweep_dir, design, k)
             if primaries and all(p.all_decided for p in primaries):
                 stopped = STOP_DECIDED
                 break
             combos = still_needed(grid, design, primaries, self.config)
-        self._write(sweep_dir, design, stopped, round((time.monotonic() - started) / 60, 2))
+        self._write(sweep_dir, design, stopped, round(minutes_now(), 2), self._seconds_per_job)
         log.info("study stopped: %s", stopped)
         return returns
 
-    def _replace_design(self, sweep_dir: Path, design: Design) -> None:
-        """Write the design before the first run: a resumed study's own, or one whose time cap changed (a
-        changed design over finished runs was refused in `sweep`: design_change_problem)."""
-        self._write(sweep_dir, design, None, None)
-
     @staticmethod
-    def _write(sweep_dir: Path, design: Design, stopped: str | None, minutes: float | None) -> None:
+    def _write(
+        sweep_dir: Path, design: Design, stopped: str | None, minutes: float, seconds_per_run: float = 0.0
+    ) -> None:
+        """study.json after every look (a crash keeps the minutes spent), and before the first run: a resumed
+        study's own design, or one whose time cap changed (a changed design over finished runs was refused in
+        `sweep`: design_change_problem)."""
         from norm_experiments.report.primary import write_study
 
         try:
-            write_study(sweep_dir, design, stopped, minutes)
+            write_study(sweep_dir, design, stopped, minutes, round(seconds_per_run, 2) or None)
         except OSError as err:  # a full disk, a read-only folder: one line, not Hydra's traceback
             print(f"error: cannot write {sweep_dir / 'study.json'}: {err.strerror or err}", file=sys.stderr)
             sys.exit(USER_ERROR_EXIT)
 
-    def _over_time(self, design: Design, k: int, jobs: int, minutes: float) -> bool:
-        """Would look k end after the cap? (its jobs at the pace of the previous look's)"""
+    def _over_time(self, design: Design, k: int, jobs: int, minutes: float, earlier: float) -> bool:
+        """Would look k end after the cap? (its jobs at the pace of the last look that trained runs)"""
         next_minutes = self._seconds_per_job * jobs / 60
         if minutes + next_minutes <= design.max_minutes:  # type: ignore[operator]
             return False
+        before = f", {earlier:.1f} of them before this command" if earlier else ""
         log.info(
-            "time cap: look %d would end at about %.1f min, after the cap of %g min",
-            k + 1, minutes + next_minutes, design.max_minutes,
+            "time cap: look %d would end at about %.1f min of sweep%s, after the cap of %g min; the same "
+            "command with a larger hydra.sweeper.study.max_minutes takes it",
+            k + 1, minutes + next_minutes, before, design.max_minutes,
         )  # fmt: skip
         return True
 

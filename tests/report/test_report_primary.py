@@ -146,3 +146,27 @@ def test_the_power_line_states_the_dice_reference_gap_for_dice_only(tmp_path, wr
     text = power_text(in_mm, primary.design)
     assert text.startswith("80 % for a difference of ") and " mm (exact noncentral t" in text
     assert "0.05" not in text
+
+
+def test_a_question_across_batch_sizes_is_named_as_reading_the_budget_too(tmp_path, write_run):
+    """A question comparing batch 1 with batch 8 was answered like any other: its verdict reads the optimizer
+    steps and learning rate the budget gives each batch size too, and the report now says so."""
+    across = {
+        "looks": [3],
+        "questions": {
+            "bs1_vs_bs8": {"a": {"norm": "batch", "batch_size": 1}, "b": {"norm": "batch", "batch_size": 8}},
+            "bn_vs_in": {"a": {"norm": "batch", "batch_size": 1}, "b": {"norm": "instance", "batch_size": 1}},
+        },
+    }
+    for seed in range(3):
+        for norm, bs, dice in (("batch", 1, 0.6), ("batch", 8, 0.7), ("instance", 1, 0.65)):
+            scores = {"c1": dice + 0.01 * seed, "c2": dice}
+            write_run(tmp_path, norm, bs, seed, sum(scores.values()) / 2, per_case=per_case({"running": scores}))
+    write_study(tmp_path, parse_design(across, "test"), "seed cap: the last look was taken", 1.0)
+    report = build_report([tmp_path])
+    (primary,) = report.analysis.primary
+    assert primary.notes == [
+        "bs1_vs_bs8 compares batch size 1 with 8: the two sides train to the same budget with different numbers "
+        "of optimizer steps (or patches) and learning rates, so its verdict reads those with the batch size"
+    ]
+    assert "- Note: bs1_vs_bs8 compares batch size 1 with 8:" in report.markdown

@@ -170,3 +170,36 @@ def test_a_finished_studys_design_cannot_be_changed_but_its_time_cap_can(study) 
     assert capped.returncode == 0, capped.stderr[-3000:]
     assert "skipped (already completed)" in capped.stdout + capped.stderr
     assert json.loads((copy / "study.json").read_text())["design"]["max_minutes"] == 30
+
+
+def test_the_time_cap_counts_every_invocation_of_the_command(study) -> None:
+    """A study stopped by its time cap, run again: it took the next look at once, timed from a look whose runs
+    were all skipped, so the cap held for no rerun. Now the minutes of earlier invocations count (study.json),
+    the rerun stops again saying how to go on, and a larger cap takes the look."""
+    cwd, args, _ = study
+    sweep_dir = cwd / "outputs" / "sweeps" / "study"
+    capped = cwd / "outputs" / "sweeps" / "study_time_cap"
+    shutil.copytree(sweep_dir, capped)
+    for record in list(capped.rglob("metrics.json")):  # as the cap left it: look 1 (seeds 0-1) only
+        if json.loads(record.read_text())["seed"] == 2:
+            shutil.rmtree(record.parent)
+    study_file = json.loads((capped / "study.json").read_text())
+    study_file.update(stopped="time cap", minutes=5.0, seconds_per_run=30.0)
+    (capped / "study.json").write_text(json.dumps(study_file))
+    folder = f"hydra.sweep.dir={capped}"
+
+    again = run_cli([*args, "hydra.sweeper.study.max_minutes=6", folder], cwd=cwd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout + again.stderr
+    assert "time cap: look 2 would end at about 6.0 min of sweep, 5.0 of them before this command" in out
+    assert "the same command with a larger hydra.sweeper.study.max_minutes takes the next look" in out
+    assert seeds_by_cell(capped) == {"batch@1": [0, 1], "instance@1": [0, 1], "group@1": [0, 1]}
+    written = json.loads((capped / "study.json").read_text())
+    assert written["stopped"] == "time cap" and written["minutes"] >= 5.0 and written["seconds_per_run"] == 30.0
+
+    larger = run_cli([*args, "hydra.sweeper.study.max_minutes=30", folder], cwd=cwd)
+    assert larger.returncode == 0, larger.stderr[-3000:]
+    assert seeds_by_cell(capped) == {"batch@1": [0, 1], "instance@1": [0, 1, 2], "group@1": [0, 1, 2]}
+    written = json.loads((capped / "study.json").read_text())
+    assert written["stopped"] == "seed cap: the last look was taken" and written["minutes"] > 5.0
+    assert 0 < written["seconds_per_run"] < 30.0  # the pace of the two runs this look trained
