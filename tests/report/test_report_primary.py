@@ -161,7 +161,9 @@ def test_a_question_across_batch_sizes_is_named_as_reading_the_budget_too(tmp_pa
     for seed in range(3):
         for norm, bs, dice in (("batch", 1, 0.6), ("batch", 8, 0.7), ("instance", 1, 0.65)):
             scores = {"c1": dice + 0.01 * seed, "c2": dice}
-            write_run(tmp_path, norm, bs, seed, sum(scores.values()) / 2, per_case=per_case({"running": scores}))
+            write_run(
+                tmp_path, norm, bs, seed, sum(scores.values()) / 2, per_case=per_case({"running": scores})
+            )
     write_study(tmp_path, parse_design(across, "test"), "seed cap: the last look was taken", 1.0)
     report = build_report([tmp_path])
     (primary,) = report.analysis.primary

@@ -195,7 +195,9 @@ def test_the_time_cap_counts_every_invocation_of_the_command(study) -> None:
     assert "the same command with a larger hydra.sweeper.study.max_minutes takes the next look" in out
     assert seeds_by_cell(capped) == {"batch@1": [0, 1], "instance@1": [0, 1], "group@1": [0, 1]}
     written = json.loads((capped / "study.json").read_text())
-    assert written["stopped"] == "time cap" and written["minutes"] >= 5.0 and written["seconds_per_run"] == 30.0
+    assert (
+        written["stopped"] == "time cap" and written["minutes"] >= 5.0 and written["seconds_per_run"] == 30.0
+    )
 
     larger = run_cli([*args, "hydra.sweeper.study.max_minutes=30", folder], cwd=cwd)
     assert larger.returncode == 0, larger.stderr[-3000:]
