@@ -22,8 +22,8 @@ register_resolvers()
 
 ALPHA = 0.05
 STUDIES = 2000
-# Variance components like those of the quick study's batch-1 questions (scripts/plan_study.py on a pilot):
-# seed-to-seed SD 0.034, case-to-case SD 0.043, seed x case SD 0.014 (Dice).
+# Variance components of the simulated studies (Dice): seed-to-seed SD 0.034, case-to-case SD 0.043, seed x case
+# SD 0.014 (the quick study's batch-1 questions have larger seed SDs: docs/explanation/statistics.md).
 PILOT = dict(var_seed=0.034**2, var_case=0.043**2, var_e=0.014**2)
 
 
