@@ -54,7 +54,15 @@ def analyze_with_study(collection: Collection, metric: str, reference: str, marg
     study = read_study(collection.sweep_dirs)
     if study is None:
         return analyze(collection, metric, reference, margin)
-    return analyze(collection, metric, reference, margin, design=study.design, stopped=study.stopped)
+    return analyze(
+        collection,
+        metric,
+        reference,
+        margin,
+        design=study.design,
+        stopped=study.stopped,
+        minutes=study.minutes,
+    )
 
 
 def build_report(

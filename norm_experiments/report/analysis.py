@@ -251,6 +251,7 @@ def analyze(
     margin: float = DEFAULT_MARGIN,
     design: Design | None = None,
     stopped: str | None = None,
+    minutes: float | None = None,
 ) -> Analysis:
     """Split the runs by condition and summarize each; with a study design, answer its declared questions in
     each condition too. UserError for an unknown metric, a batch-dependent reference, or a margin that is
@@ -271,6 +272,6 @@ def analyze(
     if design is not None:
         for summary in conditions:
             primary = answer_all(design, summary.cells, summary.condition)
-            primary.stopped = stopped
+            primary.stopped, primary.minutes = stopped, minutes
             analysis.primary.append(primary)
     return analysis

@@ -74,11 +74,13 @@ def results_rows(analysis: Analysis) -> list[dict[str, str]]:
             for bs in summary.batch_sizes:
                 cell = summary.cell(row, bs)
                 if cell is not None:
-                    rows.append(_results_row(summary, cell))
+                    rows.append(_results_row(summary, cell, analysis.reference))
     return rows
 
 
-def _results_row(summary: Summary, cell: Cell) -> dict[str, str]:
+def _results_row(summary: Summary, cell: Cell, reference: str) -> dict[str, str]:
+    """`reference`: the analysis's reference norm, which names the difference columns also in a condition
+    without its runs (their cells are then empty; the columns were named minus_None)."""
     counts = cell.status_counts
     line = {
         "condition": summary.condition,
@@ -96,7 +98,7 @@ def _results_row(summary: Summary, cell: Cell) -> dict[str, str]:
     line.update(_interval_columns("val_hd95", cell.hd95))
     for mode in summary.eval_modes:
         line.update(_interval_columns(f"eval_{mode}", cell.eval_modes.get(mode)))
-    line.update(_test_columns(f"minus_{summary.reference}", summary.delta(cell.row, cell.batch_size)))
+    line.update(_test_columns(f"minus_{reference}", summary.delta(cell.row, cell.batch_size)))
     for mode in ("batch", "precise"):
         gap = next(
             (

@@ -112,6 +112,7 @@ class Primary:
     answers: list[Answer]
     n_looks: int  # looks taken: the most any question's finished seeds allow
     stopped: str | None = None
+    minutes: float | None = None  # the sweep's wall time, every invocation of its command (study.json)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -166,8 +167,10 @@ def power_text(found: Answer, design: Design) -> str:
     """What the design could detect at the look that decided (or the last look), and, for an open question,
     how many seeds deciding it would take."""
     look = found.final
-    if look is None or look.estimate is None:
-        return "no look yet: fewer than 2 seeds on both sides"
+    if look is None:
+        return f"no look yet: look 1 needs {design.looks[0]} seeds finished on both sides"
+    if look.estimate is None:
+        return f"untestable at look {look.k + 1}: fewer than 2 seeds scored on both sides"
     est, q = look.estimate, found.question
     detect = detectable_difference(est.se, est.df, look.level)
     unit = "" if q.metric == "val_dice" else " mm"
@@ -184,7 +187,8 @@ def power_text(found: Answer, design: Design) -> str:
     need = seeds_to_decide(est, design.level(last), q.margin)
     chance = decide_probability(est.mean, *projected(est, design.looks[last]), design.level(last), q.margin)
     if need is None:
-        more = "more than 200 seeds: the validation cases limit it (more cases, or a larger margin)"
+        # Not "a larger margin": chosen after seeing the results it would void the error rates.
+        more = "more than 200 seeds: the validation cases limit it (a new study with more validation cases)"
     else:
         more = f"about {need} seeds in all at the last look's level"
     return (

@@ -75,11 +75,20 @@ def stop_text(primary: Primary) -> str:
     looks = primary.design.looks
     taken = f"{primary.n_looks} of {len(looks)} look(s) had all their seeds finished"
     if primary.all_decided:
-        return f"{taken}; every question is decided."
+        return f"{taken}; every question is decided.{_time_text(primary)}"
     reason = primary.stopped or NOT_STOPPED
     if reason == STOP_TIME:  # the cap counts every invocation of the command: rerun alone, it stops again
         reason += " (the same command with a larger hydra.sweeper.study.max_minutes takes the next look)"
-    return f"{taken}; {sum(not a.decided for a in primary.answers)} question(s) open; the sweep stopped: {reason}."
+    open_ = sum(not a.decided for a in primary.answers)
+    return f"{taken}; {open_} question(s) open; the sweep stopped: {reason}.{_time_text(primary)}"
+
+
+def _time_text(primary: Primary) -> str:
+    """' The sweep ran 13.2 min (cap 14 min).': study.json's minutes, every invocation of the command."""
+    if primary.minutes is None:
+        return ""
+    cap = primary.design.max_minutes
+    return f" The sweep ran {primary.minutes:.1f} min" + (f" (cap {cap:g} min)." if cap else ".")
 
 
 def sentence(found: Answer) -> str:
@@ -91,7 +100,7 @@ def sentence(found: Answer) -> str:
     unit = "" if q.metric == "val_dice" else " mm"
     return (
         f"`{q.name}` ({q.text}): **{verdict_text(found)}**; {metric_word(q)} of {q.a.label()} minus {q.b.label()}: "
-        f"{difference_text(found)}{unit} {where}."
+        f"{difference_text(found)}{unit} {where}; equivalence margin ±{q.margin:g}{unit}."
     )
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from norm_experiments.errors import UserError
 from norm_experiments.report.cells import CASE_MEASURES, EVAL_MODE_LABELS, LOWER_IS_BETTER, Cell, outcome
 from norm_experiments.report.model import Scores
+from norm_experiments.report.verdicts import HD95_MARGIN
 
 # model: what model.eval() scores (running statistics for BatchNorm); model_lcc: the same predictions with
 # each class's largest connected component kept (post-processing); batch, precise: BatchNorm's other modes.
@@ -106,7 +107,9 @@ def _side(raw: Any, where: str) -> Side:
     if how == "running":  # the same scores as model.eval() for a BatchNorm-family norm
         how = "model"
     if how not in EVALS:
-        raise UserError(f"{where}.eval: must be one of {', '.join(EVALS)}, got {how!r}"[:300])
+        close = difflib.get_close_matches(str(how), EVALS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"{where}.eval: must be one of {', '.join(EVALS)}, got {how!r}{hint}"[:300])
     return Side(row, batch_size, how)
 
 
@@ -126,7 +129,8 @@ def parse_question(name: Any, raw: Any, default_margin: float, where: str) -> Qu
     metric = raw.get("metric", "val_dice")
     if metric not in METRICS:
         raise UserError(f"{here}.metric: must be one of {', '.join(METRICS)}, got {metric!r}"[:300])
-    margin = raw.get("margin", default_margin)
+    # The study's margin is the Dice default; an HD95 question without one takes the report's, in mm.
+    margin = raw.get("margin", default_margin if metric == "val_dice" else HD95_MARGIN)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < math.inf:
         raise UserError(f"{here}.margin: must be a positive number, got {margin!r}"[:300])
     a, b = _side(raw.get("a"), f"{here}.a"), _side(raw.get("b"), f"{here}.b")

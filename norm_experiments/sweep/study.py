@@ -21,6 +21,7 @@ import difflib
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,11 +72,18 @@ def make_grid(design: Design, overrides: list, combos: list[list[str]]) -> list[
     return [[f"norm={norm}", f"data.batch_size={bs}", *combo] for norm, bs in cells for combo in combos]
 
 
-def check_grid(design: Design, grid: list[list[str]], config: Any) -> None:
-    """Every question's sides must be cells the grid runs (a plain norm name and a batch size)."""
+def check_grid(design: Design, grid: list[list[str]], config: Any, in_params: set[str] = frozenset()) -> None:
+    """Every question's sides must be cells the grid runs (a plain norm name and a batch size). `in_params`:
+    the grid keys hydra.sweeper.params sets (the fix is there), not the command line (training one cell)."""
     cells = {cell_of(combo, config) for combo in grid}
     norms, sizes = {n for n, _ in cells}, {b for _, b in cells}
-    alone = "; to train one cell of this study alone, add hydra.mode=RUN"
+    if in_params & {"norm", "data.batch_size"}:
+        alone = (
+            "; add it to hydra.sweeper.params, or leave norm and data.batch_size out of params (the sweep then "
+            "runs the cells the questions compare)"
+        )
+    else:
+        alone = "; to train one cell of this study alone, add hydra.mode=RUN"
     for q in design.questions:
         for name, side in (("a", q.a), ("b", q.b)):
             where = f"hydra.sweeper.study.questions.{q.name}.{name}"
@@ -113,6 +121,7 @@ def plan_study(
 
     raw = OmegaConf.to_container(study, resolve=True) if OmegaConf.is_config(study) else study
     design = parse_design(raw, "hydra.sweeper.study")
+    in_params = {str(k).lstrip("+~") for k in (params or {})}
     params = [f"{k}={v}" for k, v in (params or {}).items()] + list(arguments)
     overrides = OverridesParser.create(config_loader=config_loader).parse_overrides(params)
     if any(o.get_key_element().lstrip("+~") == "seed" for o in overrides):
@@ -123,7 +132,7 @@ def plan_study(
     if config_loader is not None:
         check_sides(design, config_loader.get_group_options("norm"))
     grid = make_grid(design, overrides, BasicSweeper.split_arguments(overrides, None)[0])
-    check_grid(design, grid, config)
+    check_grid(design, grid, config, in_params)
     check_modes_scored(design, config)
     return design, grid
 
@@ -152,6 +161,20 @@ def check_modes_scored(design: Design, config: Any) -> None:
                     f"hydra.sweeper.study.questions.{q.name}.{name}.eval={side.eval}: the runs score it only "
                     f"with {switch}=true (it is false here)"
                 )
+            if side.eval == "batch_alone" and config is not None and _batch_windows(config) == 1:
+                raise UserError(
+                    f"hydra.sweeper.study.questions.{q.name}.{name}.eval=batch_alone: with one window per "
+                    "forward (trainer.batch_stats_windows=1) eval=batch already is each window alone, and the "
+                    "runs do not score batch_alone apart: ask for eval=batch"
+                )
+
+
+def _batch_windows(config: Any) -> int | None:
+    """Windows per forward in the runs' eval=batch (training/evaluate.py: batch_stats_windows, else
+    sw_batch_size); batch_alone is scored only when that is more than one."""
+    windows = OmegaConf.select(config, "trainer.batch_stats_windows", default=None)
+    windows = windows or OmegaConf.select(config, "trainer.sw_batch_size", default=None)
+    return int(windows) if isinstance(windows, int) else None
 
 
 def check_sides(design: Design, norm_options: list[str]) -> None:
@@ -204,7 +227,8 @@ def design_change_problem(sweep_dir: Path, design: Design) -> str | None:
     return (
         f"hydra.sweep.dir={sweep_dir}: its runs were made under the design in {before.path}, and this command "
         f"changes {said}; a study's design is fixed before its first run (changed after seeing results, it "
-        "would void the error rates): run the new design in a new folder (name=NEW)"
+        "would void the error rates): run the new design in a new folder (name=NEW, or hydra.sweep.dir=NEW where "
+        "the command sets the folder)"
     )
 
 
@@ -246,7 +270,7 @@ class StudySweeper(BasicSweeper):
         from norm_experiments.report.primary import batch_size_notes
 
         for note in batch_size_notes(design.questions):
-            log.warning("study: %s", note)
+            log.warning("hydra.sweeper.study.questions.%s", note)
         return self._run_looks(design, combos)
 
     def _prepare(self, arguments: list[str]) -> tuple[Design, list[list[str]]]:
@@ -254,8 +278,6 @@ class StudySweeper(BasicSweeper):
         return plan_study(self.study, self.params, arguments, self.config, self.hydra_context.config_loader)
 
     def _run_looks(self, design: Design, grid: list[list[str]]) -> list:
-        from norm_experiments.report.primary import STOP_DECIDED, STOP_LAST_LOOK, STOP_TIME
-
         assert self.config is not None and self.launcher is not None
         from norm_experiments.sweep.callback import write_multirun_yaml
 
@@ -272,6 +294,27 @@ class StudySweeper(BasicSweeper):
             return spent + (time.monotonic() - started) / 60
 
         self._write(sweep_dir, design, None, round(spent, 2))
+        try:
+            returns, stopped = self._take_looks(design, grid, sweep_dir, minutes_now, spent)
+        except BaseException:  # Ctrl-C, a launcher's failure: keep the minutes this command spent
+            self._write(sweep_dir, design, None, round(minutes_now(), 2), self._seconds_per_job)
+            raise
+        self._write(sweep_dir, design, stopped, round(minutes_now(), 2), self._seconds_per_job)
+        log.info("study stopped: %s", stopped)
+        return returns
+
+    def _take_looks(
+        self,
+        design: Design,
+        grid: list[list[str]],
+        sweep_dir: Path,
+        minutes_now: Callable[[], float],
+        spent: float,
+    ) -> tuple[list, str]:
+        """The looks, until every question is decided, the last look or the time cap; (returns, why it stopped)."""
+        from norm_experiments.report.primary import STOP_DECIDED, STOP_LAST_LOOK, STOP_TIME
+
+        assert self.launcher is not None
         returns, job_index, done, stopped = [], 0, 0, STOP_LAST_LOOK
         combos = grid
         for k, seeds in enumerate(design.looks):
@@ -302,9 +345,7 @@ class StudySweeper(BasicSweeper):
                 stopped = STOP_DECIDED
                 break
             combos = still_needed(grid, design, primaries, self.config)
-        self._write(sweep_dir, design, stopped, round(minutes_now(), 2), self._seconds_per_job)
-        log.info("study stopped: %s", stopped)
-        return returns
+        return returns, stopped
 
     @staticmethod
     def _write(

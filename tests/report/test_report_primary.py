@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from norm_experiments.report import build_report
-from norm_experiments.report.primary import read_study, write_study
+from norm_experiments.report.primary import power_text, read_study, write_study
 from norm_experiments.report.questions import Question, Side
 from norm_experiments.report.sequential import Design, parse_design
 from norm_experiments.report.verdicts import Verdict
@@ -74,6 +74,28 @@ def test_a_look_waits_for_all_its_seeds(tmp_path, write_run):
     report = build_report([sweep(tmp_path, write_run, range(4))])
     (primary,) = report.analysis.primary
     assert primary.n_looks == 1 and all(a.final.k == 0 for a in primary.answers)
+
+
+def test_a_study_says_its_wall_time_its_margins_and_why_a_question_has_no_look(tmp_path, write_run):
+    """The sweep's minutes (every invocation of its command) were in study.json only; no question's margin was
+    shown; "no look yet" blamed 2 seeds on each side for a look that needs 3."""
+    sweep(tmp_path, write_run, range(5))
+    study_file = json.loads((tmp_path / "study.json").read_text())
+    study_file["design"]["max_minutes"] = 14
+    (tmp_path / "study.json").write_text(json.dumps({**study_file, "minutes": 12.34}))
+    report = build_report([tmp_path])
+    assert "the sweep stopped: seed cap: the last look was taken. The sweep ran 12.3 min (cap 14 min)." in (
+        report.markdown
+    )
+    assert "at look 1 (3 seeds); equivalence margin ±0.02." in report.markdown
+
+    two = tmp_path / "two_seeds"
+    sweep(two, write_run, range(2))
+    (primary,) = build_report([two]).analysis.primary
+    assert (
+        power_text(primary.answers[0], primary.design)
+        == "no look yet: look 1 needs 3 seeds finished on both sides"
+    )
 
 
 @pytest.mark.parametrize(
@@ -172,3 +194,14 @@ def test_a_question_across_batch_sizes_is_named_as_reading_the_budget_too(tmp_pa
         "of optimizer steps (or patches) and learning rates, so its verdict reads those with the batch size"
     ]
     assert "- Note: bs1_vs_bs8 compares batch size 1 with 8:" in report.markdown
+
+
+def test_results_csv_names_the_reference_columns_even_without_reference_runs(tmp_path, write_run):
+    """A sweep without the reference norm's runs wrote columns named minus_None_mean, minus_None_verdict..."""
+    from norm_experiments.report.csvfiles import results_rows
+
+    for seed in range(2):
+        write_run(tmp_path, "batch", 1, seed, 0.6 + 0.01 * seed)
+    rows = results_rows(build_report([tmp_path]).analysis)
+    assert rows and all(row["minus_instance_verdict"] == "" for row in rows)
+    assert not any("None" in key for row in rows for key in row)

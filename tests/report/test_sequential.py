@@ -137,6 +137,36 @@ def test_parse_design_names_the_wrong_key():
     for raw, needle in cases:
         with pytest.raises(UserError, match=needle.replace("(", r"\(")):
             parse_design(raw, "study")
+    with pytest.raises(
+        UserError, match="got 'runing'; did you mean 'batch_alone'|got 'modle'; did you mean 'model'"
+    ):
+        parse_design(
+            {
+                **good,
+                "questions": {
+                    "q": {**good["questions"]["q"], "b": {**good["questions"]["q"]["b"], "eval": "modle"}}
+                },
+            },
+            "study",
+        )
+
+
+def test_an_hd95_question_without_a_margin_takes_the_reports_mm_margin_not_the_dice_one():
+    """A val_hd95 question that set no margin got the study's Dice margin, 0.02 mm: "equivalent" asked within a
+    fiftieth of a millimetre. It takes the report's HD95 margin (1 mm); the Dice questions keep the study's."""
+    sides = {
+        "a": {"norm": "instance", "batch_size": 1, "eval": "model_lcc"},
+        "b": {"norm": "instance", "batch_size": 1},
+    }
+    design = parse_design(
+        {
+            "looks": [3, 5],
+            "margin": 0.03,
+            "questions": {"hd": {**sides, "metric": "val_hd95"}, "dice": sides},
+        },
+        "study",
+    )
+    assert [q.margin for q in design.questions] == [1.0, 0.03]
 
 
 def test_the_quick_study_declares_valid_questions_in_few_looks():

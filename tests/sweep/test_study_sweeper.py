@@ -133,7 +133,7 @@ def test_a_refused_study_leaves_a_finished_ones_files_as_they_were(study, tmp_pa
     grid = "hydra.sweeper.params={norm: 'batch,instance', data.batch_size: '1'}"
     result = run_cli([*args, grid], cwd=cwd)
     assert_clean_failure(result, "hydra.sweeper.study.questions.group_vs_instance.a.norm=group")
-    assert "add hydra.mode=RUN" in result.stderr
+    assert "add it to hydra.sweeper.params" in result.stderr
     assert {name: (sweep_dir / name).read_bytes() for name in kept} == before
     # Our preset, refused before Hydra starts: nothing in its folder changes.
     finished = tmp_path / "outputs" / "sweeps" / "norm_sweep_quick"

@@ -429,6 +429,22 @@ def test_a_study_question_names_a_norm_option_and_a_mode_that_norm_has(tmp_path:
         f"{gap}.eval=precise_more: the runs score it only with trainer.remedy_modes=true (it is false here)"
     )
     assert problem(f"{gap}.eval=precise_more") is None  # the preset scores the remedies
+    # With one window per forward, eval=batch is each window alone and batch_alone is never scored apart: the
+    # study ran all its looks to an "untestable" question.
+    assert problem(f"{gap}.eval=batch_alone", "trainer.batch_stats_windows=1") == (
+        f"{gap}.eval=batch_alone: with one window per forward (trainer.batch_stats_windows=1) eval=batch already "
+        "is each window alone, and the runs do not score batch_alone apart: ask for eval=batch"
+    )
+    assert problem(f"{gap}.eval=batch_alone") is None
+    # A question's cell missing from the preset's params: the fix is params, not hydra.mode=RUN.
+    params = "hydra.sweeper.params={norm: 'batch,instance', data.batch_size: '1,8'}"
+    assert problem(params).endswith(
+        "add it to hydra.sweeper.params, or leave norm and data.batch_size out of params (the sweep then runs "
+        "the cells the questions compare)"
+    )
+    assert problem("norm=batch,instance").endswith(
+        "to train one cell of this study alone, add hydra.mode=RUN"
+    )
     assert not (tmp_path / "sweep").exists()
 
 
