@@ -161,11 +161,11 @@ def write_report(
         with _naming(html_path, stage):
             embedded = {str(links[caption]): path for caption, path in figures.items()}
             html_report.write_html(markdown, embedded, stage / html_path.name)
-        final[html_path.name] = html_path
         with _naming(markdown_path, stage):
             (stage / markdown_path.name).write_text(markdown, encoding="utf-8")
         moves = [(stage / name, path) for name, path in final.items()]
-        ours = [path.name for path in [*final.values(), markdown_path] if path.parent == out_dir]
-        publish(moves + [(stage / markdown_path.name, markdown_path)], lock_dir=out_dir, written=ours)
-    files = {**final, markdown_path.name: markdown_path}
+        documents = [(stage / html_path.name, html_path), (stage / markdown_path.name, markdown_path)]
+        ours = [path.name for path in [*final.values(), html_path, markdown_path] if path.parent == out_dir]
+        publish(moves + documents, lock_dir=out_dir, written=ours, documents=len(documents))
+    files = {**final, html_path.name: html_path, markdown_path.name: markdown_path}
     return Report(collection, analysis, markdown, out_dir, files)

@@ -414,10 +414,13 @@ class Run:
         with phase("the record"):
             stop_point_all_ranks()
         extra["wall_time_s"] = time.perf_counter() - started
-        record = self.write_record(Status.COMPLETED, **extra)
+        record = self.record(Status.COMPLETED, **extra)
+        # TensorBoard's copy first, on disk before the record: once the record says completed, the same command
+        # finds nothing to do, so a kill between the two lost the Final/ scalars and the HParams end for good.
         log_hparams(writer, record)  # the HParams view reads the Validation/ scalars
         log_final_scores(writer, record, self.state.step)
-        return record
+        writer.flush()
+        return records.write_record(self, record)
 
     def stopped(self, where: str) -> None:
         """After SIGTERM/SIGINT: save a checkpoint and say so in the record, on every rank in step. `where`:

@@ -117,7 +117,11 @@ def batch_stats_windows(run: Run) -> int | None:
 
 
 def write_run(run: Run, status: Status, error: str | None = None, **extra: object) -> dict:
-    record = of_run(run, status, error, **extra)
+    return write_record(run, of_run(run, status, error, **extra))
+
+
+def write_record(run: Run, record: dict) -> dict:
+    """Write a record of_run built (the main rank only); UserError naming the file when it cannot."""
     if distributed.is_main():
         try:
             run_record.write(run.run_dir, record)

@@ -67,10 +67,35 @@ def locked(run_dir: Path) -> Iterator[None]:
     try:
         if handle is not None:
             _write_holder(handle)
+            remove_abandoned_writes(run_dir)
         yield
     finally:
         if handle is not None:
             handle.close()  # closing the file releases the lock
+
+
+# The files a run writes atomically (run_record.write_atomic: ".NAME.XXXXXXXX.tmp" beside NAME). A process killed
+# during a write leaves its temporary file behind: a whole checkpoint, for a kill during a checkpoint save.
+_ATOMIC_TMP = re.compile(
+    r"\.("
+    + "|".join(
+        re.escape(n) for n in (run_record.FILENAME, ckpt.CHECKPOINT, ckpt.BEST_WEIGHTS, ckpt.FINAL_WEIGHTS)
+    )
+    + r")\.[A-Za-z0-9_]{8}\.tmp"
+)
+
+
+def remove_abandoned_writes(run_dir: Path) -> None:
+    """Remove the temporary files of writes a killed process left in run_dir. Called with the folder's lock
+    held: no other process of ours is writing there."""
+    try:
+        entries = list(os.scandir(run_dir))
+    except OSError:
+        return
+    for entry in entries:
+        if _ATOMIC_TMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def _write_holder(handle) -> None:

@@ -178,6 +178,53 @@ def test_a_full_disk_leaves_the_previous_report(small_sweep, tmp_path, monkeypat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing new, nothing half-written
 
 
+def test_a_report_killed_among_its_renames_leaves_no_document_of_the_old_report(
+    small_sweep, tmp_path, monkeypatch
+) -> None:
+    """The renames are one per file: killed among them, a report left results.csv of the new report beside
+    report.md of the old one, nothing marking it stale. The old documents are removed first, the new ones renamed
+    last: such a folder has no document until the report is run again."""
+    publish = sys.modules["norm_experiments.report.publish"]  # the module (the package exports its function)
+    out = tmp_path / "out"
+    report_main([str(small_sweep), "--out", str(out)])
+    renamed, real = [], os.replace
+
+    def killed_after_two(src, dst):
+        if len(renamed) == 2:
+            raise KeyboardInterrupt  # the process dies here
+        renamed.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(publish.os, "replace", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        report_main([str(small_sweep), "--out", str(out), "--reference", "group"])
+    monkeypatch.undo()
+    names = {p.name for p in out.iterdir()}
+    assert "results.csv" in names and not {"report.md", "report.html"} & names
+    report_main([str(small_sweep), "--out", str(out), "--reference", "group"])  # run again: whole again
+    assert {"report.md", "report.html", "results.csv"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_killed_reports_staging_folder_is_removed_by_the_next_report(small_sweep, tmp_path) -> None:
+    """Each report killed while writing left its staging folder (copies of the report and plots) for good."""
+    out = tmp_path / "out"
+    out.mkdir()
+    abandoned, fresh, live = (out / f"{STAGING_PREFIX}{name}" for name in ("killed", "fresh", "live"))
+    for folder in (abandoned, fresh, live):
+        folder.mkdir()
+        (folder / "report.md").write_text("old")
+    an_hour_ago = time.time() - 3600
+    for folder in (abandoned, live):
+        os.utime(folder, (an_hour_ago, an_hour_ago))
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another report is still writing into it
+    try:
+        report_main([str(small_sweep), "--out", str(out)])
+    finally:
+        os.close(fd)
+    assert not abandoned.exists() and fresh.exists() and live.exists()
+
+
 def test_a_reference_split_by_a_setting_is_named_not_called_missing(tmp_path, write_run) -> None:
     """Two sweeps of other budgets merged: the reference's runs are split into rows, and the reading says so."""
     for seed in range(2):

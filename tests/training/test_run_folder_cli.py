@@ -308,3 +308,21 @@ def test_a_completed_run_of_another_config_lists_only_what_changes_the_run(tmp_p
     assert_clean_failure(result, "holds a completed run of a different config (trainer.samples: 8 -> 16)")
     assert "force_resume" not in result.stderr, result.stderr
     assert metrics_of(run_dir) == record
+
+
+def test_the_temporary_files_of_writes_a_killed_run_left_are_removed_when_the_folder_is_locked_again(
+    tmp_path: Path,
+) -> None:
+    """A run killed during a checkpoint save left `.checkpoint.pt.XXXXXXXX.tmp` (a whole checkpoint) for good; each
+    kill during a save added one. Whoever locks the folder next removes ours, and only ours."""
+    ours = [".checkpoint.pt.2b57e2l2.tmp", ".metrics.json.kkorg23l.tmp", ".model.pt.a_b1c2d3.tmp"]
+    kept = [".notes.txt.2b57e2l2.tmp", "checkpoint.pt", ".metrics.json.short.tmp"]
+    for name in ours + kept:
+        (tmp_path / name).write_bytes(b"x" * 64)
+    (tmp_path / "elsewhere.pt").write_bytes(b"keep")
+    os.symlink(tmp_path / "elsewhere.pt", tmp_path / ".best_model.pt.zzzzzzzz.tmp")  # a link: not ours
+    with locked(tmp_path):
+        pass
+    left = {p.name for p in tmp_path.iterdir()}
+    assert not left & set(ours)
+    assert set(kept) | {"elsewhere.pt", ".best_model.pt.zzzzzzzz.tmp"} <= left

@@ -102,3 +102,40 @@ def test_training_scalars_and_diagnostics_go_to_their_groups(tmp_path: Path) -> 
         "bn_stats/encoder.0.mean_gap": [(8, 0.5)],
         "batchrenorm/encoder.0.r_max": [(8, 1.5)],
     }
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_final_scores_before_the_record_says_completed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Killed just after metrics.json said completed, a run lost its Final/ scalars and the HParams end for good:
+    they were written after the record, and the same command finds a completed run and does nothing. Here the
+    process dies as the completed record is written: TensorBoard's copy is already on disk."""
+    from norm_experiments.training import record as records
+    from norm_experiments.training.loop import train
+    from tests.helpers import compose_config
+
+    written = records.write_record
+
+    def die_at_completed(run, record: dict) -> dict:
+        if record["status"] == "completed":
+            raise RuntimeError("killed while writing the completed record")
+        return written(run, record)
+
+    monkeypatch.setattr(records, "write_record", die_at_completed)
+    cfg = compose_config(
+        ["experiment=smoke", "trainer.samples=4", "trainer.validations=1", "trainer.num_threads=1"]
+    )
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        train(cfg, tmp_path)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert {"Final/dice_mean", "Final/hd95_mean"} <= set(acc.Tags()["scalars"])
+    ends = [tag for tag in acc.summary_metadata if "session_end_info" in str(plugin_data(acc, tag))]
+    assert ends, "the HParams session end is written before the record"
+
+
+def plugin_data(acc: EventAccumulator, tag: str) -> plugin_data_pb2.HParamsPluginData:
+    data = plugin_data_pb2.HParamsPluginData()
+    data.ParseFromString(acc.SummaryMetadata(tag).plugin_data.content)
+    return data
